@@ -1,0 +1,182 @@
+"""Selection layer: exact and bucketed approximate top-k.
+
+``distk.topk`` validates its arguments, picks the bucket parameters, and calls the op
+``distk::bucketed_topk_indices`` (registered with ``torch.library.custom_op`` so that
+``torch.compile(fullgraph=True)`` traces through it). The op dispatches on the device:
+
+* CUDA tensors: the Triton kernel (``distk/selection/triton_kernel.py``);
+* CPU tensors: the OpenMP C++ kernel (``distk/selection/cpu_kernel.py``), built on first
+  use; where it cannot be built, the plain-PyTorch reference with a one-time warning;
+* ``DISTK_TOPK_BACKEND=reference|cpu|triton`` forces one (for tests and benchmarks).
+
+Every backend returns the same positions as ``reference.py`` (which defines the order,
+NaN and padding rules); the second stage is shared.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from distk.selection.recall import (
+    DEFAULT_RECALL_TARGET,
+    check_recall_target,
+    choose_buckets,
+    expected_recall,
+)
+from distk.selection.reference import (
+    bucket_candidates_reference,
+    positions_of,
+    second_stage,
+)
+
+__all__ = [
+    "DEFAULT_RECALL_TARGET",
+    "bucket_candidates",
+    "choose_buckets",
+    "expected_recall",
+    "resolve_buckets",
+    "topk",
+]
+
+METHODS = ("bucketed", "exact")
+BACKENDS = ("auto", "reference", "cpu", "triton")
+
+
+def _backend() -> str:
+    backend = os.environ.get("DISTK_TOPK_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"DISTK_TOPK_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
+                      interleaved: bool = True, by_magnitude: bool = True) -> torch.Tensor:
+    """First stage on a 2-D ``x``: composite keys ``(rows, buckets, kept)``, each bucket's
+    top entries sorted descending (see ``reference.py`` for the key encoding)."""
+    backend = _backend()
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "cpu"
+    if backend == "triton":
+        from distk.selection.triton_kernel import bucket_candidates_triton
+
+        return bucket_candidates_triton(x, buckets, k_per_bucket, interleaved, by_magnitude)
+    if backend == "cpu" and x.device.type == "cpu":
+        from distk.selection.cpu_kernel import bucket_candidates_cpu
+
+        result = bucket_candidates_cpu(x, buckets, k_per_bucket, interleaved, by_magnitude)
+        if result is not None:
+            return result
+    return bucket_candidates_reference(x, buckets, k_per_bucket, interleaved, by_magnitude)
+
+
+@torch.library.custom_op("distk::bucketed_topk_indices", mutates_args=())
+def bucketed_topk_indices(x: torch.Tensor, k: int, buckets: int, k_per_bucket: int,
+                          interleaved: bool, by_magnitude: bool) -> torch.Tensor:
+    """Positions ``(rows, k)`` int64 of the bucketed top-k of a contiguous 2-D ``x``."""
+    if k == 0:
+        return torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)
+    candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude)
+    if candidates.shape[1] * candidates.shape[2] == k:
+        # No second stage needed: every candidate is selected; only the order remains.
+        flat = candidates.reshape(candidates.shape[0], -1)
+        return positions_of(torch.sort(flat, dim=-1, descending=True).values)
+    return second_stage(candidates, k)
+
+
+@bucketed_topk_indices.register_fake
+def _(x, k, buckets, k_per_bucket, interleaved, by_magnitude):
+    return x.new_empty((x.shape[0], k), dtype=torch.int64)
+
+
+def resolve_buckets(n: int, k: int, buckets: int | None = None,
+                    k_per_bucket: int | None = None,
+                    recall_target: float | None = None) -> tuple[int, int]:
+    """The ``(buckets, k_per_bucket)`` that ``distk.topk`` uses for these arguments.
+
+    Both given: used as they are (``buckets * k_per_bucket`` must be at least ``k``).
+    Otherwise the missing ones are chosen by :func:`choose_buckets` for
+    ``recall_target`` (default :data:`DEFAULT_RECALL_TARGET`).
+    """
+    if buckets is not None and (isinstance(buckets, bool) or not isinstance(buckets, int)
+                                or not 1 <= buckets <= n):
+        raise ValueError(f"buckets must be an integer in [1, n={n}], got {buckets!r}")
+    if k_per_bucket is not None and (isinstance(k_per_bucket, bool)
+                                     or not isinstance(k_per_bucket, int) or k_per_bucket < 1):
+        raise ValueError(f"k_per_bucket must be an integer >= 1, got {k_per_bucket!r}")
+    target = DEFAULT_RECALL_TARGET if recall_target is None else check_recall_target(recall_target)
+    if buckets is not None and k_per_bucket is not None:
+        if buckets * min(k_per_bucket, math.ceil(n / buckets)) < k:
+            raise ValueError(
+                f"buckets * k_per_bucket must be at least k: buckets={buckets}, "
+                f"k_per_bucket={k_per_bucket} give {buckets * k_per_bucket} candidates "
+                f"(each bucket holds at most {math.ceil(n / buckets)}), k={k}"
+            )
+        return buckets, k_per_bucket
+    return choose_buckets(n, k, target, buckets=buckets, k_per_bucket=k_per_bucket)
+
+
+def topk(x: torch.Tensor, k: int, dim: int = -1, method: str = "bucketed",
+         by_magnitude: bool = True, buckets: int | None = None,
+         k_per_bucket: int | None = None, interleaved: bool = True,
+         recall_target: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` entries of ``x`` along ``dim``, exactly or by bucketed approximation.
+
+    Args:
+        x: floating tensor (fp32, fp16, bf16, fp64), any leading shape; selection is
+            per row along ``dim``.
+        k: number of entries to keep, ``0 <= k <= x.shape[dim]``.
+        dim: dimension to select along.
+        method: ``"bucketed"`` (approximate, fast) or ``"exact"`` (``torch.topk``).
+        by_magnitude: rank by ``|x|`` (gradient sparsification) or by ``x``.
+        buckets, k_per_bucket: bucket parameters; missing ones are chosen for
+            ``recall_target`` by :func:`choose_buckets`.
+        interleaved: element ``i`` goes to bucket ``i % buckets`` (default) rather than
+            contiguous blocks; interleaving is robust to correlated neighbours.
+        recall_target: expected fraction of the true top-k to return, in (0, 1];
+            default :data:`DEFAULT_RECALL_TARGET` (0.95) when no bucket parameters are
+            given. ``1.0`` makes the bucketed method exact.
+
+    Returns:
+        ``(values, indices)``, each of shape ``x.shape`` with ``dim`` replaced by ``k``:
+        the signed values of ``x`` at the selected int64 indices, sorted by descending
+        score (ties: lower index first). NaN ranks above every number, as in
+        ``torch.topk``; ``+-inf`` rank by their value (or magnitude).
+
+    Raises:
+        ValueError: naming the argument and its allowed range, for a bad ``k``,
+            ``method``, ``buckets``, ``k_per_bucket``, ``recall_target`` or a
+            non-floating ``x``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor (fp32, fp16, bf16, fp64), "
+                         f"got dtype {x.dtype}")
+    if x.layout != torch.strided:
+        raise ValueError(f"x must be a dense (strided) tensor, got layout {x.layout}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}], got {dim}")
+    n = x.shape[dim]
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"k must be an integer in [0, n={n}] (n = x.shape[{dim}]), got {k!r}")
+    if recall_target is not None:
+        check_recall_target(recall_target)
+
+    if method == "exact":
+        score = x.abs() if by_magnitude else x
+        indices = torch.topk(score, k, dim=dim).indices
+        return torch.gather(x, dim, indices), indices
+
+    buckets, k_per_bucket = resolve_buckets(n, k, buckets, k_per_bucket, recall_target)
+    moved = x.movedim(dim, -1)
+    flat = moved.reshape(-1, n).contiguous()
+    indices = bucketed_topk_indices(flat, k, buckets, k_per_bucket, interleaved, by_magnitude)
+    indices = indices.reshape(*moved.shape[:-1], k).movedim(-1, dim)
+    return torch.gather(x, dim, indices), indices

@@ -1,0 +1,146 @@
+"""Recall model of bucketed top-k and the choice of (buckets, k_per_bucket).
+
+The model (Key et al. 2024, DESIGN.md section 1): if the top items land in buckets at
+random, the i-th largest item (0-based) survives the first stage when fewer than
+``k_per_bucket`` of the ``i`` items larger than it share its bucket, so
+
+    R(k, b, k_b) = (1/k) * sum_{i=0}^{k-1} P[Binomial(i, 1/b) <= k_b - 1].
+
+The second stage is exact, so the recall of the whole selection is that of the first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_RECALL_TARGET = 0.95
+"""Recall target used by ``distk.topk`` when neither ``buckets``/``k_per_bucket`` nor
+``recall_target`` is given."""
+
+MAX_CHOSEN_K_PER_BUCKET = 16
+"""Largest ``k_per_bucket`` that :func:`choose_buckets` considers (explicit values may be
+larger)."""
+
+# Cost model, in units of "one streaming read of one input element". Calibrated on this
+# project's CPU kernel (benchmarks/topk.py): the first pass costs about one read per
+# element plus a little per kept slot; the second stage is an exact top-k over the
+# candidates, which costs tens of reads per candidate (torch.topk on 2^26 floats takes
+# ~90x the time of x.sum() here).
+_PASS_COST_PER_ELEMENT = 1.0
+_PASS_COST_PER_SLOT = 0.02
+_STAGE2_COST_PER_CANDIDATE = 40.0
+
+
+def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_recall_target(recall_target: object) -> float:
+    if (isinstance(recall_target, bool) or not isinstance(recall_target, (int, float))
+            or not 0.0 < float(recall_target) <= 1.0):
+        raise ValueError(f"recall_target must be a number in (0, 1], got {recall_target!r}")
+    return float(recall_target)
+
+
+def expected_recall(n: int, k: int, buckets: int, k_per_bucket: int) -> float:
+    """Expected fraction of the true top-``k`` of ``n`` items that bucketed top-k returns.
+
+    ``buckets`` buckets each keep their ``k_per_bucket`` largest items. Exact (1.0) when
+    there is one bucket, when ``k_per_bucket >= k`` or when every bucket keeps all of
+    its items; otherwise the binomial model above.
+    """
+    _check_positive_int("n", n)
+    _check_positive_int("k", k, minimum=0)
+    _check_positive_int("buckets", buckets)
+    _check_positive_int("k_per_bucket", k_per_bucket)
+    if k > n:
+        raise ValueError(f"k must be in [0, n={n}], got {k}")
+    if k == 0 or buckets == 1 or k_per_bucket >= k or k_per_bucket >= math.ceil(n / buckets):
+        return 1.0
+    p = 1.0 / buckets
+    log_p, log_q = math.log(p), math.log1p(-p)
+    total = 0.0
+    chunk = 1 << 18
+    j = torch.arange(k_per_bucket, dtype=torch.float64)
+    for start in range(0, k, chunk):
+        i = torch.arange(start, min(k, start + chunk), dtype=torch.float64)[:, None]
+        # P[Binomial(i, p) = j] for j < k_per_bucket, zero where j > i.
+        log_pmf = (torch.lgamma(i + 1) - torch.lgamma(j + 1) - torch.lgamma((i - j).clamp(min=0) + 1)
+                   + j * log_p + (i - j) * log_q)
+        pmf = torch.where(j <= i, log_pmf.exp(), torch.zeros((), dtype=torch.float64))
+        total += pmf.sum().item()
+    return min(1.0, total / k)
+
+
+def _min_buckets_for(n: int, k: int, k_per_bucket: int, recall_target: float) -> int | None:
+    """Smallest bucket count meeting the target with this k_per_bucket (None: none does)."""
+    lo = max(1, math.ceil(k / k_per_bucket))
+    hi = n
+    if expected_recall(n, k, hi, k_per_bucket) < recall_target:
+        return None
+    if expected_recall(n, k, lo, k_per_bucket) >= recall_target:
+        return lo
+    while hi - lo > 1:  # recall grows with the bucket count
+        mid = (lo + hi) // 2
+        if expected_recall(n, k, mid, k_per_bucket) >= recall_target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def selection_cost(n: int, buckets: int, k_per_bucket: int) -> float:
+    """Modelled cost of bucketed selection, in element reads (see the constants above)."""
+    candidates = buckets * min(k_per_bucket, math.ceil(n / buckets))
+    stage2 = _STAGE2_COST_PER_CANDIDATE * candidates if buckets > 1 else 0.0
+    return n * (_PASS_COST_PER_ELEMENT + _PASS_COST_PER_SLOT * k_per_bucket) + stage2
+
+
+def choose_buckets(n: int, k: int, recall_target: float = DEFAULT_RECALL_TARGET,
+                   *, buckets: int | None = None,
+                   k_per_bucket: int | None = None) -> tuple[int, int]:
+    """Cheapest ``(buckets, k_per_bucket)`` whose expected recall meets ``recall_target``.
+
+    Tries every ``k_per_bucket`` in 1..16 (or the one given), finds the fewest buckets
+    that reach the target under :func:`expected_recall`, and returns the pair with the
+    lowest :func:`selection_cost`. Passing ``buckets`` fixes the bucket count and picks
+    the smallest ``k_per_bucket`` that reaches the target. ``recall_target=1.0`` always
+    yields an exact selection (one bucket keeping k items).
+    """
+    _check_positive_int("n", n)
+    _check_positive_int("k", k, minimum=0)
+    recall_target = check_recall_target(recall_target)
+    if k > n:
+        raise ValueError(f"k must be in [0, n={n}], got {k}")
+    if k == 0:
+        return 1, 1
+    if buckets is not None:
+        _check_positive_int("buckets", buckets)
+        if buckets > n:
+            raise ValueError(f"buckets must be in [1, n={n}], got {buckets}")
+        if k_per_bucket is not None:
+            return buckets, _check_positive_int("k_per_bucket", k_per_bucket)
+        kb = max(1, math.ceil(k / buckets))
+        while kb < k and expected_recall(n, k, buckets, kb) < recall_target:
+            kb += 1
+        return buckets, kb
+    if recall_target >= 1.0:
+        return 1, k
+    options = ([k_per_bucket] if k_per_bucket is not None
+               else range(1, MAX_CHOSEN_K_PER_BUCKET + 1))
+    best: tuple[float, int, int] | None = None
+    for kb in options:
+        _check_positive_int("k_per_bucket", kb)
+        b = _min_buckets_for(n, k, kb, recall_target)
+        if b is None:
+            continue
+        cost = selection_cost(n, b, kb)
+        if best is None or cost < best[0]:
+            best = (cost, b, kb)
+    if best is None:
+        return 1, k
+    return best[1], best[2]
