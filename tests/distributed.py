@@ -92,7 +92,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                     time.sleep(0.5)
                     if queue.empty():
                         codes = {i: p.exitcode for i, p in enumerate(procs)}
-                        raise RuntimeError(f"a rank died without reporting: exit codes {codes}")
+                        raise RuntimeError(
+                            f"a rank died without reporting: exit codes {codes}") from None
                 continue
             if ok:
                 results[rank] = payload

@@ -27,7 +27,9 @@ from distk.selection.recall import (
     expected_recall,
 )
 from distk.selection.reference import (
+    PAD_KEY,
     bucket_candidates_reference,
+    order_keys,
     positions_of,
     second_stage,
 )
@@ -53,23 +55,56 @@ def _backend() -> str:
 
 
 def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
-                      interleaved: bool = True, by_magnitude: bool = True) -> torch.Tensor:
+                      interleaved: bool = True, by_magnitude: bool = True,
+                      floor: torch.Tensor | None = None) -> torch.Tensor:
     """First stage on a 2-D ``x``: composite keys ``(rows, buckets, kept)``, each bucket's
-    top entries sorted descending (see ``reference.py`` for the key encoding)."""
+    top entries sorted descending (see ``reference.py`` for the key encoding and
+    ``floor``)."""
     backend = _backend()
     if backend == "auto":
         backend = "triton" if x.is_cuda else "cpu"
     if backend == "triton":
         from distk.selection.triton_kernel import bucket_candidates_triton
 
-        return bucket_candidates_triton(x, buckets, k_per_bucket, interleaved, by_magnitude)
+        return bucket_candidates_triton(x, buckets, k_per_bucket, interleaved, by_magnitude,
+                                        floor)
     if backend == "cpu" and x.device.type == "cpu":
         from distk.selection.cpu_kernel import bucket_candidates_cpu
 
-        result = bucket_candidates_cpu(x, buckets, k_per_bucket, interleaved, by_magnitude)
+        result = bucket_candidates_cpu(x, buckets, k_per_bucket, interleaved, by_magnitude,
+                                       floor)
         if result is not None:
             return result
-    return bucket_candidates_reference(x, buckets, k_per_bucket, interleaved, by_magnitude)
+    return bucket_candidates_reference(x, buckets, k_per_bucket, interleaved, by_magnitude,
+                                       floor)
+
+
+_FLOOR_MIN_N = 1 << 15
+_FLOOR_BLOCKS, _FLOOR_BLOCK = 64, 256
+
+
+def _score_floor(x: torch.Tensor, k: int, buckets: int, k_per_bucket: int,
+                 by_magnitude: bool) -> torch.Tensor | None:
+    """Per-row score key that at least ~2k/recall entries exceed, from a sample.
+
+    Entries at or below it cannot reach the final top-k as long as each row still has k
+    candidates above it (checked by the caller, which redoes failing rows without a
+    floor), so the first stage can skip them: most of the per-bucket insertions happen
+    on such entries. The result never changes, only the work.
+    """
+    rows, n = x.shape
+    if n < _FLOOR_MIN_N:
+        return None
+    recall = expected_recall(n, k, buckets, k_per_bucket)
+    samples = _FLOOR_BLOCKS * _FLOOR_BLOCK
+    starts = torch.linspace(0, n - _FLOOR_BLOCK, _FLOOR_BLOCKS, device=x.device).long()
+    cols = (starts[:, None] + torch.arange(_FLOOR_BLOCK, device=x.device)).flatten()
+    # Sample entries expected above the floor: those of global rank 2k/recall, plus slack.
+    above = int(samples * 2 * k / (max(recall, 0.05) * n)) + 16
+    if above >= samples:
+        return None
+    keys = order_keys(x[:, cols], by_magnitude)
+    return torch.kthvalue(keys, samples - above, dim=-1).values
 
 
 @torch.library.custom_op("distk::bucketed_topk_indices", mutates_args=())
@@ -78,7 +113,15 @@ def bucketed_topk_indices(x: torch.Tensor, k: int, buckets: int, k_per_bucket: i
     """Positions ``(rows, k)`` int64 of the bucketed top-k of a contiguous 2-D ``x``."""
     if k == 0:
         return torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)
-    candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude)
+    kept = min(k_per_bucket, -(-x.shape[1] // buckets))
+    floor = (_score_floor(x, k, buckets, k_per_bucket, by_magnitude)
+             if buckets * kept > k else None)
+    candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude, floor)
+    if floor is not None:
+        short = (candidates != PAD_KEY).sum(dim=(1, 2)) < k
+        if bool(short.any()):
+            candidates[short] = bucket_candidates(x[short], buckets, k_per_bucket, interleaved,
+                                                  by_magnitude)
     if candidates.shape[1] * candidates.shape[2] == k:
         # No second stage needed: every candidate is selected; only the order remains.
         flat = candidates.reshape(candidates.shape[0], -1)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 DEFAULT_RECALL_TARGET = 0.95
 """Recall target used by ``distk.topk`` when neither ``buckets``/``k_per_bucket`` nor
 ``recall_target`` is given."""
@@ -61,19 +59,19 @@ def expected_recall(n: int, k: int, buckets: int, k_per_bucket: int) -> float:
         raise ValueError(f"k must be in [0, n={n}], got {k}")
     if k == 0 or buckets == 1 or k_per_bucket >= k or k_per_bucket >= math.ceil(n / buckets):
         return 1.0
+    # Closed form of the sum: sum_i P[Bin(i, p) = j] = P[Bin(k, p) > j] / p (the (j+1)-th
+    # success of a Bernoulli(p) sequence comes within k trials), so
+    #     R = (b / k) * E[min(X, k_b)],  X ~ Binomial(k, 1/b),
+    # i.e. b buckets each keep min(X, k_b) of the X top items that land in them.
+    # O(k_b) terms instead of O(k * k_b).
     p = 1.0 / buckets
     log_p, log_q = math.log(p), math.log1p(-p)
-    total = 0.0
-    chunk = 1 << 18
-    j = torch.arange(k_per_bucket, dtype=torch.float64)
-    for start in range(0, k, chunk):
-        i = torch.arange(start, min(k, start + chunk), dtype=torch.float64)[:, None]
-        # P[Binomial(i, p) = j] for j < k_per_bucket, zero where j > i.
-        log_pmf = (torch.lgamma(i + 1) - torch.lgamma(j + 1) - torch.lgamma((i - j).clamp(min=0) + 1)
-                   + j * log_p + (i - j) * log_q)
-        pmf = torch.where(j <= i, log_pmf.exp(), torch.zeros((), dtype=torch.float64))
-        total += pmf.sum().item()
-    return min(1.0, total / k)
+    expected_kept = float(k_per_bucket)
+    for j in range(min(k_per_bucket, k + 1)):
+        log_pmf = (math.lgamma(k + 1) - math.lgamma(j + 1) - math.lgamma(k - j + 1)
+                   + j * log_p + (k - j) * log_q)
+        expected_kept -= (k_per_bucket - j) * math.exp(log_pmf)
+    return min(1.0, buckets * expected_kept / k)
 
 
 def _min_buckets_for(n: int, k: int, k_per_bucket: int, recall_target: float) -> int | None:

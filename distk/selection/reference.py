@@ -68,13 +68,20 @@ def bucket_positions(n: int, buckets: int, interleaved: bool,
 
 
 def bucket_candidates_reference(x: torch.Tensor, buckets: int, k_per_bucket: int,
-                                interleaved: bool = True,
-                                by_magnitude: bool = True) -> torch.Tensor:
+                                interleaved: bool = True, by_magnitude: bool = True,
+                                floor: torch.Tensor | None = None) -> torch.Tensor:
     """First stage: ``(rows, buckets, min(k_per_bucket, ceil(n/buckets)))`` composite keys
-    of each bucket's top entries, sorted descending; padding slots hold ``PAD_KEY``."""
+    of each bucket's top entries, sorted descending; padding slots hold ``PAD_KEY``.
+
+    ``floor`` (optional, ``(rows,)`` int32 score keys): entries whose score key is not
+    above their row's floor are treated as padding. ``distk.topk`` uses it to skip work
+    on entries that cannot reach the final top-k (and checks that they could not)."""
     rows, n = x.shape
     pos = bucket_positions(n, buckets, interleaved, x.device)
     keys = composite_keys(x, by_magnitude)
+    if floor is not None:
+        below = (keys >> 32) <= floor.to(torch.int64)[:, None]
+        keys = torch.where(below, torch.full_like(keys, PAD_KEY), keys)
     gathered = keys[:, pos.clamp(min=0)]
     gathered = torch.where(pos >= 0, gathered, torch.full_like(gathered, PAD_KEY))
     kept = min(k_per_bucket, pos.shape[1])

@@ -1,0 +1,247 @@
+// First stage of bucketed top-k on the CPU: every bucket keeps its k_per_bucket largest
+// entries, reading the input once. Behaviour is defined by distk/selection/reference.py;
+// this file must produce the same composite keys.
+//
+// Layout of the work: for interleaved buckets, row t of the (L, buckets) view is a
+// contiguous slice, so each thread streams its share of every row and compares a block
+// of keys against the per-bucket thresholds with SIMD; the rare entry that beats its
+// bucket's threshold is inserted into that bucket's small sorted list. Contiguous
+// buckets stream each bucket against one scalar threshold.
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <vector>
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int32_t kPadKey32 = INT32_MIN;      // below every real key (see reference.py)
+constexpr int64_t kPadKey64 = INT64_MIN;
+constexpr int kBlock = 32;                     // entries compared per SIMD block
+
+// Other dtypes (fp16, fp64) are converted to fp32 by the caller, as the reference does.
+enum DType { kFloat32 = 0, kBFloat16 = 1 };
+
+inline uint32_t bits_of(const float* __restrict x, int64_t i) {
+    uint32_t b; std::memcpy(&b, x + i, 4); return b;
+}
+inline uint32_t bits_of(const uint16_t* x, int64_t i) {  // bfloat16
+    return static_cast<uint32_t>(x[i]) << 16;
+}
+
+template <bool kMagnitude>
+inline int32_t key_of(uint32_t bits) {
+    const int32_t sbits = static_cast<int32_t>(bits);
+    int32_t key = kMagnitude ? (sbits & 0x7fffffff) : (sbits ^ ((sbits >> 31) & 0x7fffffff));
+    return ((bits & 0x7fffffffu) > 0x7f800000u) ? INT32_MAX : key;   // NaN ranks largest
+}
+
+inline int64_t composite(int32_t key, uint32_t pos) {
+    if (key == kPadKey32) return kPadKey64;
+    return static_cast<int64_t>((static_cast<uint64_t>(static_cast<int64_t>(key)) << 32)
+                                | (0xffffffffull - pos));
+}
+
+// Bit j of the result is set when entry j of the kBlock entries at src beats its
+// threshold. This is the hot loop; most blocks return 0.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+template <bool kMagnitude>
+inline __m512i keys16(__m512i bits) {
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+    const __m512i abs_bits = _mm512_and_si512(bits, abs_mask);
+    __m512i key = kMagnitude ? abs_bits
+        : _mm512_xor_si512(bits, _mm512_and_si512(_mm512_srai_epi32(bits, 31), abs_mask));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(abs_bits, _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_mov_epi32(key, nan, abs_mask);
+}
+inline __m512i load_bits(const float* src) { return _mm512_loadu_si512(src); }
+inline __m512i load_bits(const uint16_t* src) {
+    return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(src))), 16);
+}
+template <typename T, bool kMagnitude>
+inline uint32_t block_mask(const T* src, const int32_t* thr) {
+    const __m512i k0 = keys16<kMagnitude>(load_bits(src));
+    const __m512i k1 = keys16<kMagnitude>(load_bits(src + 16));
+    return static_cast<uint32_t>(_mm512_cmpgt_epi32_mask(k0, _mm512_loadu_si512(thr)))
+         | (static_cast<uint32_t>(_mm512_cmpgt_epi32_mask(k1, _mm512_loadu_si512(thr + 16))) << 16);
+}
+template <typename T, bool kMagnitude>
+inline uint32_t block_mask(const T* src, int32_t thr) {
+    const __m512i t = _mm512_set1_epi32(thr);
+    const __m512i k0 = keys16<kMagnitude>(load_bits(src));
+    const __m512i k1 = keys16<kMagnitude>(load_bits(src + 16));
+    return static_cast<uint32_t>(_mm512_cmpgt_epi32_mask(k0, t))
+         | (static_cast<uint32_t>(_mm512_cmpgt_epi32_mask(k1, t)) << 16);
+}
+#else
+template <typename T, bool kMagnitude>
+inline uint32_t block_mask(const T* __restrict src, const int32_t* __restrict thr) {
+    int32_t keys[kBlock];
+    int any = 0;
+    #pragma omp simd reduction(|:any)
+    for (int j = 0; j < kBlock; ++j) {
+        keys[j] = key_of<kMagnitude>(bits_of(src, j));
+        any |= keys[j] > thr[j];
+    }
+    if (!any) return 0;
+    uint32_t mask = 0;
+    for (int j = 0; j < kBlock; ++j) mask |= static_cast<uint32_t>(keys[j] > thr[j]) << j;
+    return mask;
+}
+template <typename T, bool kMagnitude>
+inline uint32_t block_mask(const T* __restrict src, int32_t thr) {
+    int32_t keys[kBlock];
+    int any = 0;
+    #pragma omp simd reduction(|:any)
+    for (int j = 0; j < kBlock; ++j) {
+        keys[j] = key_of<kMagnitude>(bits_of(src, j));
+        any |= keys[j] > thr;
+    }
+    if (!any) return 0;
+    uint32_t mask = 0;
+    for (int j = 0; j < kBlock; ++j) mask |= static_cast<uint32_t>(keys[j] > thr) << j;
+    return mask;
+}
+#endif
+
+// The kept entries of one bucket: composite keys sorted descending, so that one
+// insertion touches one cache line. Returns the bucket's new threshold (the key part of
+// its last slot, never below the row's floor): an entry must have a strictly larger key
+// to enter, so equal keys keep the earlier entry, as the reference orders them.
+inline int32_t insert(int64_t* slots, int kept, int32_t key, uint32_t pos, int32_t floor) {
+    const int64_t c = composite(key, pos);
+    int i = kept - 1;
+    while (i > 0 && slots[i - 1] < c) { slots[i] = slots[i - 1]; --i; }
+    slots[i] = c;
+    return std::max(floor, static_cast<int32_t>(slots[kept - 1] >> 32));
+}
+
+template <typename T, bool kMagnitude>
+void interleaved_chunk(const T* row, int64_t n, int64_t buckets, int64_t j0, int64_t j1,
+                       int kept, int32_t floor, int64_t* out) {
+    const int64_t width = j1 - j0;
+    std::vector<int32_t> thr(width, floor);
+    int64_t* slots = out + j0 * kept;        // written in place: bucket j's slots
+    std::fill(slots, slots + width * kept, kPadKey64);
+    const int64_t length = (n + buckets - 1) / buckets;
+    for (int64_t t = 0; t < length; ++t) {
+        const int64_t base = t * buckets;
+        const int64_t hi = std::min(j1, n - base);
+        for (int64_t jb = j0; jb < hi; jb += kBlock) {
+            const int64_t je = std::min(jb + kBlock, hi);
+            if (je - jb == kBlock) {
+                uint32_t mask = block_mask<T, kMagnitude>(row + base + jb, &thr[jb - j0]);
+                while (mask) {
+                    const int64_t j = jb + __builtin_ctz(mask);
+                    mask &= mask - 1;
+                    const int32_t key = key_of<kMagnitude>(bits_of(row, base + j));
+                    const int64_t w = j - j0;
+                    // Lanes are distinct buckets: an insertion cannot change another
+                    // lane's threshold, so the mask stays valid.
+                    thr[w] = insert(slots + w * kept, kept, key, static_cast<uint32_t>(base + j), floor);
+                }
+                continue;
+            }
+            for (int64_t j = jb; j < je; ++j) {
+                const int32_t key = key_of<kMagnitude>(bits_of(row, base + j));
+                const int64_t w = j - j0;
+                if (key > thr[w])
+                    thr[w] = insert(slots + w * kept, kept, key, static_cast<uint32_t>(base + j), floor);
+            }
+        }
+    }
+}
+
+template <typename T, bool kMagnitude>
+void contiguous_bucket(const T* row, int64_t n, int64_t buckets, int64_t j, int kept,
+                       int32_t floor, int64_t* out) {
+    const int64_t start = j * n / buckets, end = (j + 1) * n / buckets;
+    int64_t* slots = out + j * kept;
+    std::fill(slots, slots + kept, kPadKey64);
+    int32_t thr = floor;
+    for (int64_t ib = start; ib < end; ib += kBlock) {
+        const int64_t ie = std::min(ib + kBlock, end);
+        if (ie - ib == kBlock) {
+            uint32_t mask = block_mask<T, kMagnitude>(row + ib, thr);
+            // One bucket: each insertion raises the threshold, so re-check every candidate.
+            while (mask) {
+                const int64_t i = ib + __builtin_ctz(mask);
+                mask &= mask - 1;
+                const int32_t key = key_of<kMagnitude>(bits_of(row, i));
+                if (key > thr) thr = insert(slots, kept, key, static_cast<uint32_t>(i), floor);
+            }
+            continue;
+        }
+        for (int64_t i = ib; i < ie; ++i) {
+            const int32_t key = key_of<kMagnitude>(bits_of(row, i));
+            if (key > thr) thr = insert(slots, kept, key, static_cast<uint32_t>(i), floor);
+        }
+    }
+}
+
+template <typename T, bool kMagnitude>
+void run(const T* x, int64_t rows, int64_t n, int64_t row_stride, int64_t buckets, int kept,
+         bool interleaved, const int32_t* floors, int64_t* out, int threads) {
+    if (interleaved) {
+        // Each thread streams whole contiguous segments of every row (tiling the buckets
+        // into cache-sized chunks measured slower: the strided reads miss the TLB).
+        const int64_t min_width = 256;
+        int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, buckets / min_width));
+        if (rows >= threads) chunks = 1;
+        const int64_t width = (buckets + chunks - 1) / chunks;
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < chunks; ++c) {
+                const int64_t j0 = c * width, j1 = std::min(buckets, j0 + width);
+                if (j0 < j1)
+                    interleaved_chunk<T, kMagnitude>(x + r * row_stride, n, buckets, j0, j1, kept,
+                                                     floors ? floors[r] : kPadKey32,
+                                                     out + r * buckets * kept);
+            }
+    } else {
+        #pragma omp parallel for schedule(dynamic, 16) num_threads(threads) collapse(2)
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < buckets; ++j)
+                contiguous_bucket<T, kMagnitude>(x + r * row_stride, n, buckets, j, kept,
+                                                 floors ? floors[r] : kPadKey32,
+                                                 out + r * buckets * kept);
+    }
+}
+
+template <typename T>
+void dispatch_magnitude(const void* x, int64_t rows, int64_t n, int64_t row_stride,
+                        int64_t buckets, int kept, bool interleaved, bool by_magnitude,
+                        const int32_t* floors, int64_t* out, int threads) {
+    const T* data = static_cast<const T*>(x);
+    if (by_magnitude) run<T, true>(data, rows, n, row_stride, buckets, kept, interleaved, floors, out, threads);
+    else run<T, false>(data, rows, n, row_stride, buckets, kept, interleaved, floors, out, threads);
+}
+
+}  // namespace
+
+extern "C" {
+
+// floors: null, or one int32 key per row; entries whose key is not above their row's
+// floor are ignored (see reference.py). Returns 0 on success, -1 for an unsupported dtype.
+int distk_bucket_candidates(const void* x, int dtype, int64_t rows, int64_t n,
+                            int64_t row_stride, int64_t buckets, int64_t kept,
+                            int interleaved, int by_magnitude, const int32_t* floors,
+                            int64_t* out, int threads) {
+    const int k = static_cast<int>(kept);
+    switch (dtype) {
+        case kFloat32:
+            dispatch_magnitude<float>(x, rows, n, row_stride, buckets, k, interleaved, by_magnitude, floors, out, threads);
+            return 0;
+        case kBFloat16:
+            dispatch_magnitude<uint16_t>(x, rows, n, row_stride, buckets, k, interleaved, by_magnitude, floors, out, threads);
+            return 0;
+        default:
+            return -1;
+    }
+}
+
+}  // extern "C"
