@@ -11,6 +11,7 @@ rank's traceback; a rank that does not finish within ``timeout`` seconds fails t
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -44,7 +45,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # Pickle here: tensors put on a multiprocessing queue travel as shared-memory
+        # handles that vanish when this process exits before the parent reads them.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - the traceback is shipped to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -96,7 +99,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                             f"a rank died without reporting: exit codes {codes}") from None
                 continue
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 failures.append(f"--- rank {rank} ---\n{payload}")
                 break
