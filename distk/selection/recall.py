@@ -29,6 +29,10 @@ larger)."""
 _PASS_COST_PER_ELEMENT = 1.0
 _PASS_COST_PER_SLOT = 0.02
 _STAGE2_COST_PER_CANDIDATE = 40.0
+# The kernels compare 32 adjacent buckets per SIMD step (CPU) or per program (Triton):
+# with fewer buckets per row the first pass runs scalar, about 8x slower per element.
+_SIMD_BUCKETS = 32
+_SCALAR_PASS_FACTOR = 8.0
 
 
 def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -95,7 +99,10 @@ def selection_cost(n: int, buckets: int, k_per_bucket: int) -> float:
     """Modelled cost of bucketed selection, in element reads (see the constants above)."""
     candidates = buckets * min(k_per_bucket, math.ceil(n / buckets))
     stage2 = _STAGE2_COST_PER_CANDIDATE * candidates if buckets > 1 else 0.0
-    return n * (_PASS_COST_PER_ELEMENT + _PASS_COST_PER_SLOT * k_per_bucket) + stage2
+    per_element = _PASS_COST_PER_ELEMENT + _PASS_COST_PER_SLOT * k_per_bucket
+    if buckets < min(n, _SIMD_BUCKETS):
+        per_element *= _SCALAR_PASS_FACTOR
+    return n * per_element + stage2
 
 
 def choose_buckets(n: int, k: int, recall_target: float = DEFAULT_RECALL_TARGET,

@@ -1,0 +1,36 @@
+"""Communication layer: wire format of selected entries and sparse collectives.
+
+* :mod:`distk.comm.wire`: :class:`WireFormat` packs ``(indices, values)`` into bytes
+  (int32/16-bit absolute indices or implicit-bucket offsets; values in the tensor's
+  dtype or bf16/fp16);
+* :mod:`distk.comm.cost`: bytes per rank of each exchange scheme and the choice;
+* :mod:`distk.comm.exchange`: :func:`sparse_allreduce`, :func:`exchange` (all-gather,
+  reduce-scatter and dense schemes, metadata checks across ranks) and
+  :func:`check_same_config`.
+
+This layer knows nothing of models: it moves ``(indices, values)`` of flat tensors.
+"""
+
+from distk.comm.cost import SCHEMES, choose_scheme, scheme_bytes
+from distk.comm.exchange import (
+    ExchangeResult,
+    RankMismatchError,
+    check_same_config,
+    dense_allreduce_bytes,
+    exchange,
+    sparse_allreduce,
+)
+from distk.comm.wire import WireFormat
+
+__all__ = [
+    "SCHEMES",
+    "ExchangeResult",
+    "RankMismatchError",
+    "WireFormat",
+    "check_same_config",
+    "choose_scheme",
+    "dense_allreduce_bytes",
+    "exchange",
+    "scheme_bytes",
+    "sparse_allreduce",
+]

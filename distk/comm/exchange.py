@@ -1,0 +1,462 @@
+"""Sparse collectives: sum every rank's selected entries into one dense tensor.
+
+Every call first all-gathers a small int64 metadata row per rank (sizes, ``k``, scheme,
+dtypes, wire encoding, a key tag, a non-finite flag, and the reduce-scatter routing
+counts). If the ranks disagree, every rank raises :class:`RankMismatchError` naming the
+field and each rank's value, instead of hanging in a collective of mismatched sizes.
+
+Schemes (see :mod:`distk.comm.cost` for their byte counts):
+
+* ``"allgather"``: one all-gather of every rank's packed entries, then a scatter-add in
+  rank order 0..P-1 into a zero tensor; every rank does the same arithmetic on the same
+  bytes, so every rank holds bitwise the same result.
+* ``"reduce_scatter"``: entries are routed (one all-to-all) to the rank owning their
+  contiguous shard of ``[0, numel)``; each owner sums what it received in source-rank
+  order, then the summed shards are all-gathered, each as its sparse union of touched
+  positions or as the dense shard, whichever is smaller. No entry is dropped (no
+  re-sparsification), so when values travel in the accumulation dtype the result is
+  bitwise that of ``"allgather"``; with bf16/fp16 values the summed shard travels in
+  that dtype too (one extra rounding).
+* ``"dense"``: all-reduce of the densified selection in the value dtype (the summation
+  order is the backend's, so it matches the others up to floating-point rounding).
+
+Tensors go over the wire on the device the backend needs: CUDA for NCCL, CPU otherwise
+(CUDA inputs on gloo are staged through the CPU); results come back on the input's device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distk.comm.cost import (
+    META_FIELDS,
+    SCHEMES,
+    choose_scheme,
+    meta_bytes,
+    scheme_bytes,
+    shard_size,
+)
+from distk.comm.wire import DTYPE_CODES, WireFormat, decode_indices, encode_indices
+
+__all__ = [
+    "ExchangeResult",
+    "RankMismatchError",
+    "check_same_config",
+    "exchange",
+    "sparse_allreduce",
+]
+
+_PROTOCOL = 0x64697374  # "dist": bumps when the metadata layout changes
+_META_NAMES = ("protocol version", "numel", "k", "exchange scheme", "value dtype",
+               "index encoding", "buckets", "k_per_bucket", "interleaved", "key tag",
+               "non-finite flag", "output dtype")
+_NONFINITE_FIELD = 10
+_CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+assert len(_META_NAMES) == META_FIELDS
+
+
+class RankMismatchError(ValueError):
+    """Ranks called a collective with different sizes or options (raised on every rank)."""
+
+
+@dataclass
+class ExchangeResult:
+    """Outcome of :func:`exchange`.
+
+    Attributes:
+        output: dense ``(numel,)`` sum (or average) of every rank's entries, in the
+            output dtype on the input's device; ``None`` when some rank flagged a
+            non-finite gradient (see ``nonfinite_ranks``).
+        scheme: the scheme used.
+        bytes_sent: bytes this rank transmitted (metadata included), counted as in
+            :mod:`distk.comm.cost` with the real sizes.
+        payload_bytes: bytes of this rank's own packed entries.
+        union_per_shard: largest number of distinct selected positions in one of the
+            ``P`` shards (measured by the reduce-scatter scheme, or by the all-gather scheme
+            when asked); ``None`` when not measured.
+        nonfinite_ranks: ranks that flagged a non-finite gradient.
+        seconds: wall time of the exchange.
+    """
+
+    output: torch.Tensor | None
+    scheme: str
+    bytes_sent: int
+    payload_bytes: int
+    union_per_shard: float | None = None
+    nonfinite_ranks: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _world(group: Any) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _comm_device(group: Any, like: torch.Tensor) -> torch.device:
+    """Device the backend exchanges on: CUDA for NCCL, the CPU otherwise."""
+    backend = str(dist.get_backend(group))
+    if like.is_cuda and "nccl" in backend:
+        return like.device
+    if backend == "nccl":
+        raise ValueError(f"the NCCL backend needs CUDA tensors, got a tensor on {like.device}")
+    return torch.device("cpu")
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, inp, group=group)
+
+
+def _accumulation_dtype(value_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(value_dtype, torch.float32), out_dtype)
+
+
+def _check_metadata(rows: torch.Tensor) -> None:
+    """Raise the same :class:`RankMismatchError` on every rank if the rows disagree."""
+    problems = []
+    for col, name in enumerate(_META_NAMES):
+        if col == _NONFINITE_FIELD:
+            continue
+        column = rows[:, col].tolist()
+        if any(v != column[0] for v in column):
+            if name in ("value dtype", "output dtype"):
+                column = [str(_CODE_DTYPES.get(v, v)).replace("torch.", "") for v in column]
+            elif name == "exchange scheme":
+                column = [SCHEMES[v] if 0 <= v < len(SCHEMES) else v for v in column]
+            per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(column))
+            problems.append(f"{name} ({per_rank})")
+    if problems:
+        raise RankMismatchError(
+            "distk.comm: ranks disagree on " + "; ".join(problems) + ". Every rank must call "
+            "the exchange with the same tensor sizes, k, key and options, in the same order.")
+
+
+def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, group: Any = None,
+             average: bool = True, wire: WireFormat | None = None, scheme: str = "allgather",
+             out_dtype: torch.dtype | None = None, tag: int = 0, nonfinite: bool = False,
+             union_hint: float | None = None, measure_union: bool = False) -> ExchangeResult:
+    """Sum (or average) every rank's selected entries into a dense tensor; collective.
+
+    Args:
+        indices: ``(k,)`` integer positions in ``[0, numel)``, distinct within a rank
+            (duplicates are summed; on CUDA in an unspecified order); ``None``: ``values``
+            is the whole dense tensor, exchanged with the ``"dense"`` scheme (``k = numel``).
+        values: ``(k,)`` values at those positions.
+        numel: size of the dense result; must be the same on every rank.
+        group: process group (``None`` = the default group; no initialised group =
+            a single process).
+        average: divide the sum by the world size.
+        wire: wire format (``None`` = absolute indices, values in ``values.dtype``).
+        scheme: ``"allgather"``, ``"reduce_scatter"``, ``"dense"`` or ``"auto"`` (the
+            cheapest under :func:`distk.comm.cost.scheme_bytes`).
+        out_dtype: dtype of the result (default: ``values.dtype``).
+        tag: integer that must match across ranks (the compressor passes a key digest, so
+            calls made in different orders are caught).
+        nonfinite: this rank's gradient had NaN/Inf; if any rank sets it, no data is
+            exchanged and ``output`` is ``None`` on every rank.
+        union_hint: expected largest distinct-position count per shard (cost model).
+        measure_union: with ``"allgather"``, also measure ``union_per_shard``.
+
+    Raises:
+        RankMismatchError: on every rank, when the ranks' sizes or options differ.
+        ValueError: for malformed arguments.
+    """
+    started = time.perf_counter()
+    dense_input = indices is None
+    if dense_input:
+        if values.dim() != 1 or values.numel() != numel:
+            raise ValueError(f"with indices=None, values must be the dense ({numel},) tensor, "
+                             f"got shape {tuple(values.shape)}")
+        indices = torch.empty(0, dtype=torch.int64, device=values.device)
+        scheme = "dense"
+    elif indices.dim() != 1 or values.dim() != 1 or indices.shape != values.shape:
+        raise ValueError(f"indices and values must be 1-D of the same length, got shapes "
+                         f"{tuple(indices.shape)} and {tuple(values.shape)}")
+    if indices.dtype not in (torch.int16, torch.int32, torch.int64):
+        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+    if not values.is_floating_point():
+        raise ValueError(f"values must be floating point, got {values.dtype}")
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
+        raise ValueError(f"numel must be an integer >= 1, got {numel!r}")
+    k = values.numel()
+    if wire is None:
+        wire = WireFormat(numel, k, values.dtype)
+    if wire.numel != numel or wire.k != k:
+        raise ValueError(f"wire format is for numel={wire.numel}, k={wire.k}; got "
+                         f"numel={numel}, k={k}")
+    out_dtype = values.dtype if out_dtype is None else out_dtype
+    if out_dtype not in DTYPE_CODES:
+        raise ValueError(f"out_dtype must be one of {list(DTYPE_CODES)}, got {out_dtype}")
+    rank, world = _world(group)
+    if scheme == "auto":
+        scheme = choose_scheme(numel, k, world, wire.index_bytes, wire.value_bytes, union_hint)
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be 'auto' or one of {SCHEMES}, got {scheme!r}")
+    out_device = values.device
+    acc_dtype = _accumulation_dtype(wire.value_dtype, out_dtype)
+    indices = indices.to(torch.int64)
+    payload_bytes = numel * wire.value_bytes if dense_input else wire.payload_bytes
+
+    if world == 1:
+        if nonfinite:
+            return ExchangeResult(None, scheme, 0, payload_bytes, nonfinite_ranks=[0],
+                                  seconds=time.perf_counter() - started)
+        sent_values = values.to(wire.value_dtype).to(acc_dtype)
+        if dense_input:
+            result = sent_values.clone()  # never alias the caller's tensor
+        else:
+            result = torch.zeros(numel, dtype=acc_dtype, device=out_device)
+            result.index_add_(0, indices, sent_values)
+        return ExchangeResult(result.to(out_dtype), scheme, 0, payload_bytes,
+                              seconds=time.perf_counter() - started)
+
+    device = _comm_device(group, values)
+    indices, values = indices.to(device), values.to(device)
+    shard = shard_size(numel, world)
+    counts = (torch.bincount(indices // shard, minlength=world) if scheme == "reduce_scatter"
+              else torch.zeros(world, dtype=torch.int64, device=device))
+    header = torch.tensor(
+        [_PROTOCOL, numel, k, SCHEMES.index(scheme), DTYPE_CODES[wire.value_dtype],
+         -1 if dense_input else wire.index_code, wire.buckets or 0,
+         wire.k_per_bucket or 0, int(wire.interleaved), tag,
+         int(nonfinite), DTYPE_CODES[out_dtype]], dtype=torch.int64, device=device)
+    meta = torch.cat([header, counts.to(torch.int64)])
+    rows = torch.empty(world * meta.numel(), dtype=torch.int64, device=device)
+    _all_gather(rows, meta, group)
+    rows = rows.view(world, -1).cpu()
+    _check_metadata(rows)
+    bytes_sent = meta_bytes(world)
+    flagged = [r for r in range(world) if rows[r, _NONFINITE_FIELD].item()]
+    if flagged:
+        return ExchangeResult(None, scheme, bytes_sent, payload_bytes,
+                              nonfinite_ranks=flagged, seconds=time.perf_counter() - started)
+
+    union = None
+    if scheme == "allgather":
+        result, sent, union = _allgather(indices, values, wire, world, group, acc_dtype,
+                                         measure_union)
+    elif scheme == "reduce_scatter":
+        routing = rows[:, META_FIELDS:]
+        result, sent, union = _reduce_scatter(indices, values, wire, rank, world, group,
+                                              acc_dtype, routing)
+    else:
+        result, sent = _dense(None if dense_input else indices, values, wire, world, group,
+                              acc_dtype)
+    if average:
+        result /= world
+    return ExchangeResult(result.to(device=out_device, dtype=out_dtype), scheme,
+                          bytes_sent + sent, payload_bytes, union_per_shard=union,
+                          seconds=time.perf_counter() - started)
+
+
+def _largest_shard_union(touched: torch.Tensor, world: int) -> float:
+    shard = shard_size(touched.numel(), world)
+    padded = torch.zeros(shard * world, dtype=torch.int32, device=touched.device)
+    padded[: touched.numel()] = touched.to(torch.int32)
+    return float(padded.view(world, shard).sum(dim=1).max().item())
+
+
+def _allgather(indices, values, wire, world, group, acc_dtype, measure_union):
+    payload = wire.pack(indices, values)
+    gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
+    _all_gather(gathered, payload, group)
+    all_indices, all_values = wire.unpack(gathered.view(world, -1))
+    result = torch.zeros(wire.numel, dtype=acc_dtype, device=payload.device)
+    for source in range(world):  # fixed order: bitwise-identical sums on every rank
+        result.index_add_(0, all_indices[source], all_values[source].to(acc_dtype))
+    union = None
+    if measure_union:
+        touched = torch.zeros(wire.numel, dtype=torch.bool, device=payload.device)
+        touched[all_indices.reshape(-1)] = True
+        union = _largest_shard_union(touched, world)
+    return result, (world - 1) * payload.numel(), union
+
+
+def _dense(indices, values, wire, world, group, acc_dtype):
+    if indices is None:
+        dense = values.to(wire.value_dtype, copy=True)
+    else:
+        dense = torch.zeros(wire.numel, dtype=wire.value_dtype, device=values.device)
+        dense.index_add_(0, indices, values.to(wire.value_dtype))
+    dist.all_reduce(dense, group=group)
+    sent = 2 * (world - 1) * shard_size(wire.numel, world) * wire.value_bytes
+    return dense.to(acc_dtype), sent
+
+
+def _pack_rows(local: torch.Tensor, values: torch.Tensor, index_dtype: torch.dtype,
+               value_dtype: torch.dtype) -> torch.Tensor:
+    """``(n, value_bytes + index_bytes)`` uint8 rows, one per entry (for all-to-all)."""
+    n = local.numel()
+    value_part = values.to(value_dtype).contiguous().view(torch.uint8).view(n, -1)
+    index_part = encode_indices(local, index_dtype).view(torch.uint8).view(n, -1)
+    return torch.cat([value_part, index_part], dim=1)
+
+
+def _unpack_rows(rows: torch.Tensor, index_dtype: torch.dtype,
+                 value_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    value_bytes = value_dtype.itemsize
+    # A fresh, offset-0 copy of each column block can always be viewed as the wider dtype.
+    fresh = dict(memory_format=torch.contiguous_format)
+    values = rows[:, :value_bytes].clone(**fresh).view(value_dtype).view(-1)
+    local = decode_indices(rows[:, value_bytes:].clone(**fresh).view(index_dtype).view(-1))
+    return local, values
+
+
+def _reduce_scatter(indices, values, wire, rank, world, group, acc_dtype, routing):
+    device = values.device
+    numel = wire.numel
+    shard = shard_size(numel, world)
+    shard_wire = WireFormat(shard, 0, wire.value_dtype)  # index dtype for shard-local offsets
+    index_dtype = shard_wire.index_dtype
+    entry = index_dtype.itemsize + wire.value_bytes
+
+    # Phase 1: route every entry to the owner of its shard (one all-to-all).
+    owner = indices // shard
+    order = torch.argsort(owner, stable=True)
+    send = _pack_rows(indices[order] - owner[order] * shard, values[order], index_dtype,
+                      wire.value_dtype).reshape(-1)
+    send_counts = routing[rank].tolist()
+    recv_counts = routing[:, rank].tolist()
+    recv = torch.empty(sum(recv_counts) * entry, dtype=torch.uint8, device=device)
+    dist.all_to_all_single(recv, send, output_split_sizes=[c * entry for c in recv_counts],
+                           input_split_sizes=[c * entry for c in send_counts], group=group)
+    sent = sum(c for r, c in enumerate(send_counts) if r != rank) * entry
+
+    # Owners sum in source-rank order (the same arithmetic as the all-gather scheme).
+    my_start = rank * shard
+    my_len = max(0, min(numel, my_start + shard) - my_start)
+    local, received = _unpack_rows(recv.view(-1, entry), index_dtype, wire.value_dtype)
+    shard_sum = torch.zeros(my_len, dtype=acc_dtype, device=device)
+    touched = torch.zeros(my_len, dtype=torch.bool, device=device)
+    start = 0
+    for count in recv_counts:
+        part = slice(start, start + count)
+        shard_sum.index_add_(0, local[part], received[part].to(acc_dtype))
+        start += count
+    touched[local] = True
+    union = touched.nonzero().view(-1)
+
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    _all_gather(sizes, torch.tensor([union.numel()], dtype=torch.int64, device=device), group)
+    sizes_list = sizes.tolist()
+    largest = max(sizes_list)
+    sent += (world - 1) * 8
+
+    # Phase 2: gather the summed shards back, sparse or dense, whichever is smaller.
+    result = torch.zeros(shard * world, dtype=acc_dtype, device=device)
+    if largest * entry < shard * wire.value_bytes:
+        gather_wire = WireFormat(shard, largest, wire.value_dtype)
+        padded_index = torch.zeros(largest, dtype=torch.int64, device=device)
+        padded_value = torch.zeros(largest, dtype=wire.value_dtype, device=device)
+        padded_index[: union.numel()] = union
+        padded_value[: union.numel()] = shard_sum[union].to(wire.value_dtype)
+        payload = gather_wire.pack(padded_index, padded_value)
+        gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=device)
+        _all_gather(gathered, payload, group)
+        owner_index, owner_value = gather_wire.unpack(gathered.view(world, -1))
+        for source, size in enumerate(sizes_list):
+            result[source * shard + owner_index[source, :size]] = \
+                owner_value[source, :size].to(acc_dtype)
+        sent += (world - 1) * payload.numel()
+    else:
+        mine = torch.zeros(shard, dtype=wire.value_dtype, device=device)
+        mine[:my_len] = shard_sum.to(wire.value_dtype)
+        gathered = torch.empty(world * shard, dtype=wire.value_dtype, device=device)
+        _all_gather(gathered, mine, group)
+        result.copy_(gathered.to(acc_dtype))
+        sent += (world - 1) * shard * wire.value_bytes
+    return result[:numel], sent, float(largest)
+
+
+def sparse_allreduce(indices: torch.Tensor, values: torch.Tensor, numel: int,
+                     group: Any = None, average: bool = True, *, scheme: str = "allgather",
+                     value_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense ``(numel,)`` sum (``average=True``: mean) over ranks of each rank's entries.
+
+    Collective: every rank calls it with the same ``numel`` and the same number of
+    entries ``k``; otherwise every rank raises :class:`RankMismatchError`. The default
+    all-gather scheme scatter-adds the ranks' entries in rank order, so every rank holds
+    bitwise the same tensor.
+
+    Args:
+        indices: ``(k,)`` distinct integer positions in ``[0, numel)``.
+        values: ``(k,)`` floating values at those positions.
+        numel: size of the result.
+        group: process group (``None`` = default; no initialised group = one process).
+        average: divide by the world size.
+        scheme: ``"allgather"``, ``"reduce_scatter"``, ``"dense"`` or ``"auto"``.
+        value_dtype: dtype of values on the wire (default: ``values.dtype``).
+
+    Returns:
+        The dense result, in ``values.dtype`` on ``values.device``.
+    """
+    indices = indices.reshape(-1)
+    values = values.reshape(-1)
+    wire = WireFormat(numel, indices.numel(), value_dtype or values.dtype)
+    return exchange(indices, values, numel, group=group, average=average, wire=wire,
+                    scheme=scheme, out_dtype=values.dtype).output
+
+
+def dense_allreduce_bytes(numel: int, world_size: int, itemsize: int = 4) -> int:
+    """Bytes one rank transmits in a ring all-reduce of ``numel`` entries (fp32 default)."""
+    if world_size <= 1:
+        return 0
+    return 2 * (world_size - 1) * shard_size(numel, world_size) * itemsize
+
+
+def _config_digest(config: dict[str, Any]) -> int:
+    text = json.dumps(config, sort_keys=True, default=str)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+
+
+def check_same_config(config: dict[str, Any] | Any, group: Any = None) -> None:
+    """Check that every rank holds the same configuration; collective.
+
+    ``config`` is a dict (or an object with ``to_dict()``, such as ``SparsityConfig``).
+    A digest is all-gathered; only when digests differ are the full configs gathered, to
+    name the differing keys.
+
+    Raises:
+        RankMismatchError: on every rank, naming each differing key and its value per rank.
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    rank, world = _world(group)
+    if world == 1:
+        return
+    device = torch.device("cpu")
+    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    digest = torch.tensor([_config_digest(config)], dtype=torch.int64, device=device)
+    digests = torch.empty(world, dtype=torch.int64, device=device)
+    _all_gather(digests, digest, group)
+    digests = digests.tolist()
+    if all(d == digests[0] for d in digests):
+        return
+    configs: list[Any] = [None] * world
+    dist.all_gather_object(configs, config, group=group)
+    keys = sorted({key for c in configs for key in c}, key=str)
+    missing = object()
+    lines = []
+    for key in keys:
+        column = [c.get(key, missing) for c in configs]
+        if any(v != column[0] for v in column):
+            per_rank = ", ".join(f"rank {r}: {'<missing>' if v is missing else repr(v)}"
+                                 for r, v in enumerate(column))
+            lines.append(f"{key} ({per_rank})")
+    raise RankMismatchError("distk: the sparsity config differs across ranks: "
+                            + "; ".join(lines or ["(unrepresentable difference)"]))
+
+
+def modelled_bytes(numel: int, k: int, world_size: int, wire: WireFormat) -> dict[str, int]:
+    """:func:`distk.comm.cost.scheme_bytes` for a wire format."""
+    return scheme_bytes(numel, k, world_size, wire.index_bytes, wire.value_bytes)
+

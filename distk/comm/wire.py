@@ -1,0 +1,230 @@
+"""Wire format of selected entries: how ``(indices, values)`` become bytes and back.
+
+A rank's payload is one flat ``uint8`` buffer holding two sections, the one with the
+larger element size first, so that both can be viewed in place without copies:
+
+* **values**: in the wire value dtype (the tensor's dtype, or a configured bf16/fp16);
+* **indices**, in one of three encodings (:class:`WireFormat` picks the smallest):
+
+  - ``"absolute"``: the position itself, as int32 (int64 once ``numel >= 2^31``, 16-bit
+    while ``numel <= 65536``);
+  - ``"bucket_offset"``: when the selection is bucketed with no second stage, every
+    bucket sends exactly ``k_per_bucket`` entries, in bucket order, so entry ``j``
+    belongs to bucket ``j // k_per_bucket`` and only its offset inside the bucket travels
+    (16-bit while buckets hold at most 65536 elements). Interleaved buckets: position
+    ``p`` is offset ``p // buckets`` of bucket ``p % buckets``; contiguous buckets:
+    bucket ``j`` starts at ``j * numel // buckets`` (the balanced split of
+    ``distk.selection.reference.bucket_positions``).
+
+16-bit indices are stored as int16 holding ``index - 32768`` (torch has no general
+uint16 arithmetic), covering 0..65535.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "DTYPE_CODES",
+    "WireFormat",
+    "bucket_offsets",
+    "decode_indices",
+    "encode_indices",
+    "index_dtype_for",
+    "positions_from_offsets",
+]
+
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 1,
+    torch.float64: 2,
+    torch.float16: 3,
+    torch.bfloat16: 4,
+}
+"""Small integer codes of the value dtypes, exchanged in metadata to check agreement."""
+
+_UINT16_LIMIT = 1 << 16
+_INT16_BIAS = 1 << 15
+_INT32_LIMIT = 1 << 31
+
+
+def index_dtype_for(limit: int) -> torch.dtype:
+    """Narrowest index dtype for values in ``[0, limit)``."""
+    if limit <= _UINT16_LIMIT:
+        return torch.int16
+    if limit <= _INT32_LIMIT:
+        return torch.int32
+    return torch.int64
+
+
+def encode_indices(indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int64 indices in range for ``dtype`` -> ``dtype`` (16-bit: biased by -32768)."""
+    if dtype == torch.int16:
+        return (indices - _INT16_BIAS).to(torch.int16)
+    return indices.to(dtype)
+
+
+def decode_indices(encoded: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`encode_indices`, as int64."""
+    if encoded.dtype == torch.int16:
+        return encoded.to(torch.int64) + _INT16_BIAS
+    return encoded.to(torch.int64)
+
+
+def _bucket_starts(numel: int, buckets: int, device: torch.device) -> torch.Tensor:
+    bucket = torch.arange(buckets, device=device, dtype=torch.int64)
+    return bucket * numel // buckets
+
+
+def bucket_offsets(positions: torch.Tensor, numel: int, buckets: int, k_per_bucket: int,
+                   interleaved: bool) -> torch.Tensor:
+    """Offsets inside their buckets of ``positions`` listed in bucket order (``... , k``)."""
+    if interleaved:
+        return positions // buckets
+    k = positions.shape[-1]
+    bucket = torch.arange(k, device=positions.device) // k_per_bucket
+    return positions - _bucket_starts(numel, buckets, positions.device)[bucket]
+
+
+def positions_from_offsets(offsets: torch.Tensor, numel: int, buckets: int,
+                           k_per_bucket: int, interleaved: bool) -> torch.Tensor:
+    """Inverse of :func:`bucket_offsets` (int64 positions, same shape)."""
+    k = offsets.shape[-1]
+    bucket = torch.arange(k, device=offsets.device) // k_per_bucket
+    if interleaved:
+        return offsets * buckets + bucket
+    return offsets + _bucket_starts(numel, buckets, offsets.device)[bucket]
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """Layout of one rank's ``k`` selected entries of a tensor of ``numel`` entries.
+
+    Args:
+        numel: entries in the (flat) tensor.
+        k: entries each rank sends.
+        value_dtype: dtype of values on the wire.
+        buckets, k_per_bucket: set both to use implicit bucket ids (requires
+            ``buckets * k_per_bucket == k`` and at least ``k_per_bucket`` entries in every
+            bucket, i.e. a bucketed selection with no second stage); ``None`` = absolute
+            indices.
+        interleaved: bucket layout (see the module docstring).
+    """
+
+    numel: int
+    k: int
+    value_dtype: torch.dtype
+    buckets: int | None = None
+    k_per_bucket: int | None = None
+    interleaved: bool = True
+
+    def __post_init__(self) -> None:
+        if self.numel < 1:
+            raise ValueError(f"numel must be >= 1, got {self.numel}")
+        if not 0 <= self.k <= self.numel:
+            raise ValueError(f"k must be in [0, numel={self.numel}], got {self.k}")
+        if self.value_dtype not in DTYPE_CODES:
+            raise ValueError(f"value_dtype must be one of {list(DTYPE_CODES)}, "
+                             f"got {self.value_dtype}")
+        if (self.buckets is None) != (self.k_per_bucket is None):
+            raise ValueError("set both buckets and k_per_bucket (bucket-offset indices) "
+                             f"or neither, got buckets={self.buckets}, "
+                             f"k_per_bucket={self.k_per_bucket}")
+        if self.buckets is not None and not self.bucket_packable(
+                self.numel, self.k, self.buckets, self.k_per_bucket):
+            raise ValueError(
+                f"bucket-offset indices need buckets * k_per_bucket == k and at least "
+                f"k_per_bucket entries per bucket: numel={self.numel}, k={self.k}, "
+                f"buckets={self.buckets}, k_per_bucket={self.k_per_bucket}")
+
+    @staticmethod
+    def bucket_packable(numel: int, k: int, buckets: int, k_per_bucket: int) -> bool:
+        """Whether a bucketed selection with these parameters has no second stage, so
+        that its entries can travel with implicit bucket ids."""
+        return (buckets >= 1 and k_per_bucket >= 1 and buckets * k_per_bucket == k
+                and numel // buckets >= k_per_bucket)
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether indices travel as offsets inside implicit buckets."""
+        return self.buckets is not None
+
+    @property
+    def bucket_size(self) -> int:
+        """Largest number of entries in one bucket (``numel`` when not bucketed)."""
+        return math.ceil(self.numel / self.buckets) if self.bucketed else self.numel
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """Dtype of indices on the wire."""
+        return index_dtype_for(self.bucket_size)
+
+    @property
+    def index_bytes(self) -> int:
+        return self.index_dtype.itemsize
+
+    @property
+    def value_bytes(self) -> int:
+        return self.value_dtype.itemsize
+
+    @property
+    def entry_bytes(self) -> int:
+        """Bytes per selected entry (index + value)."""
+        return self.index_bytes + self.value_bytes
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of one rank's packed entries."""
+        return self.k * self.entry_bytes
+
+    @property
+    def index_code(self) -> int:
+        """Small integer describing the index encoding (exchanged to check agreement)."""
+        return (2 if self.bucketed else 0) * 8 + self.index_bytes
+
+    def _sections(self) -> tuple[tuple[str, int, int], ...]:
+        value_len = self.k * self.value_bytes
+        index_len = self.k * self.index_bytes
+        if self.value_bytes >= self.index_bytes:
+            return (("values", 0, value_len), ("indices", value_len, value_len + index_len))
+        return (("indices", 0, index_len), ("values", index_len, index_len + value_len))
+
+    def pack(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``(k,)`` int64 positions and ``(k,)`` values -> ``(payload_bytes,)`` uint8.
+
+        With bucket offsets, ``indices`` must list the buckets in order, ``k_per_bucket``
+        entries each (as ``distk.selection.bucket_candidates`` returns them).
+        """
+        if indices.shape != (self.k,) or values.shape != (self.k,):
+            raise ValueError(f"pack expects indices and values of shape ({self.k},), got "
+                             f"{tuple(indices.shape)} and {tuple(values.shape)}")
+        if self.bucketed:
+            indices = bucket_offsets(indices, self.numel, self.buckets, self.k_per_bucket,
+                                     self.interleaved)
+        parts = {
+            "indices": encode_indices(indices, self.index_dtype).view(torch.uint8),
+            "values": values.to(self.value_dtype).contiguous().view(torch.uint8),
+        }
+        return torch.cat([parts[name] for name, _, _ in self._sections()])
+
+    def unpack(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(..., payload_bytes)`` uint8 -> int64 positions and values, each ``(..., k)``."""
+        if payload.dtype != torch.uint8 or payload.shape[-1] != self.payload_bytes:
+            raise ValueError(f"unpack expects uint8 payloads of {self.payload_bytes} bytes, "
+                             f"got {payload.dtype} of shape {tuple(payload.shape)}")
+        payload = payload if payload.stride(-1) == 1 else payload.contiguous()
+        out = {}
+        for name, start, stop in self._sections():
+            dtype = self.index_dtype if name == "indices" else self.value_dtype
+            section = payload[..., start:stop]
+            try:
+                out[name] = section.view(dtype)
+            except RuntimeError:  # unaligned row stride or offset: view a fresh copy
+                out[name] = section.clone(memory_format=torch.contiguous_format).view(dtype)
+        indices = decode_indices(out["indices"])
+        if self.bucketed:
+            indices = positions_from_offsets(indices, self.numel, self.buckets,
+                                             self.k_per_bucket, self.interleaved)
+        return indices, out["values"]

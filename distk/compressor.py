@@ -1,0 +1,421 @@
+"""``GradientCompressor``: error feedback, selection and sparse exchange of gradients.
+
+One compressor serves every integration (DDP hook, FSDP hook, DeepSpeed): they hand it
+flat gradient buckets under stable keys and write back what it returns. Per key it keeps
+
+* the **residual** (error feedback): everything computed but not yet sent, added to the
+  next gradient. Values that travel in bf16/fp16 leave their rounding error here too;
+* the **velocity** (DGC momentum correction, when ``cfg.momentum > 0``);
+* a **step counter** driving ``dense_steps`` and the density warm-up.
+
+One call of :meth:`GradientCompressor.step` for a key::
+
+    g = grad (non-finite entries zeroed under nonfinite="zero"), clipped to clip_norm
+    u = momentum * u + g                  (momentum > 0; else u = g)
+    acc = residual + u                    (error_feedback; else acc = u)
+    sel = top-k of |acc| (bucketed or exact), k from the schedule
+    update = average over ranks of the sent entries (dense, same shape/dtype as grad)
+    residual = acc - sent                 (sent = acc[sel] rounded to the wire dtype)
+    u[sel] = 0                            (DGC momentum factor masking)
+
+Conservation (error feedback, full-precision wire, exact arithmetic): over any number of
+steps, ``world * sum(updates) + sum over ranks of residuals == sum over ranks and steps
+of (clipped) gradients``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import zlib
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import distk
+from distk.comm import WireFormat, dense_allreduce_bytes, exchange
+from distk.comm.exchange import _world
+from distk.config import SparsityConfig
+from distk.selection import bucket_candidates, resolve_buckets
+from distk.selection.reference import positions_of
+
+__all__ = ["GradientCompressor", "NonFiniteGradientError"]
+
+STATE_VERSION = 1
+"""Version of the :meth:`GradientCompressor.state_dict` layout."""
+
+MAX_PACKED_K_PER_BUCKET = 1024
+"""Largest ``k_per_bucket`` used for a selection with no second stage (recall 0.9875)."""
+
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient held NaN or Inf under ``nonfinite="raise"`` (raised on every rank)."""
+
+
+@functools.lru_cache(maxsize=64)
+def poisson_limit_recall(k_per_bucket: int) -> float:
+    """Recall of bucketed top-k with ``k / k_per_bucket`` buckets as ``k`` grows large.
+
+    Bucket loads become Poisson: ``R = E[min(X, m)] / m`` with ``X ~ Poisson(m)``,
+    ``m = k_per_bucket``. Finite ``k`` recall is slightly higher, so this is a safe bound.
+    """
+    m = float(k_per_bucket)
+    x = torch.arange(0, int(20 * m + 100), dtype=torch.float64)
+    log_pmf = -m + x * math.log(m) - torch.lgamma(x + 1)
+    return float((log_pmf.exp() * x.clamp(max=m)).sum() / m)
+
+
+@functools.lru_cache(maxsize=64)
+def packed_k_per_bucket(recall_target: float) -> int | None:
+    """Smallest ``k_per_bucket`` whose large-``k`` recall (:func:`poisson_limit_recall`,
+    increasing in ``k_per_bucket``) reaches ``recall_target``; ``None`` above
+    :data:`MAX_PACKED_K_PER_BUCKET`."""
+    if poisson_limit_recall(MAX_PACKED_K_PER_BUCKET) < recall_target:
+        return None
+    lo, hi = 0, MAX_PACKED_K_PER_BUCKET  # recall(lo) < target <= recall(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if poisson_limit_recall(mid) >= recall_target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How to select and send ``k`` of ``numel`` entries (cached per size)."""
+
+    k: int
+    buckets: int | None
+    k_per_bucket: int | None
+    packed: bool  # bucketed with no second stage: implicit bucket ids on the wire
+
+    def wire(self, numel: int, value_dtype: torch.dtype, interleaved: bool) -> WireFormat:
+        if self.packed:
+            return WireFormat(numel, self.k, value_dtype, self.buckets, self.k_per_bucket,
+                              interleaved)
+        return WireFormat(numel, self.k, value_dtype)
+
+
+def _key_tag(key: Hashable) -> int:
+    """Digest of a key that is the same in every process (0 when its repr is not stable)."""
+    if isinstance(key, (str, int, float, bytes, tuple)):
+        return zlib.crc32(repr(key).encode()) & 0x7FFFFFFF
+    return 0
+
+
+class GradientCompressor:
+    """Sparsify, exchange and average gradients with error feedback.
+
+    Args:
+        cfg: a :class:`~distk.SparsityConfig` (or a dict for ``SparsityConfig.from_dict``).
+        group: process group (``None`` = default; no initialised group = one process).
+
+    Step counters: each key counts its own :meth:`step` calls (0-based ``step`` in the
+    stats); ``dense_steps``, the warm-up and the stats/recall intervals follow that count.
+    :meth:`begin_step` only advances ``iteration`` (reported as ``stats["iteration"]``),
+    for integrations that know where a training step starts.
+    """
+
+    def __init__(self, cfg: SparsityConfig | dict[str, Any] | None = None,
+                 group: Any = None) -> None:
+        self.cfg = cfg if isinstance(cfg, SparsityConfig) else SparsityConfig.from_dict(cfg)
+        self.group = group
+        self.iteration = 0
+        self.stats: dict[str, Any] = {}
+        self.totals: dict[str, Any] = self._zero_totals()
+        self._residuals: dict[Hashable, torch.Tensor] = {}
+        self._momenta: dict[Hashable, torch.Tensor] = {}
+        self._steps: dict[Hashable, int] = {}
+        self._overlap: dict[Hashable, float] = {}
+        self._plans: dict[tuple[int, int], _Plan] = {}
+
+    @staticmethod
+    def _zero_totals() -> dict[str, Any]:
+        return {"steps": 0, "skipped": 0, "bytes_sent": 0, "dense_bytes": 0,
+                "selection_seconds": 0.0, "comm_seconds": 0.0}
+
+    # -- public API ----------------------------------------------------------------------
+
+    def begin_step(self) -> None:
+        """Mark the start of a training iteration (advances ``iteration``)."""
+        self.iteration += 1
+
+    def residual(self, key: Hashable) -> torch.Tensor:
+        """Residual kept for ``key``: flat, float32 (float64 for fp64 gradients).
+
+        Raises ``KeyError`` for a key that has no residual yet (before its first sparse
+        step, or with ``error_feedback=False``)."""
+        if key not in self._residuals:
+            raise KeyError(f"no residual for key {key!r} (known keys: {list(self._residuals)})")
+        return self._residuals[key]
+
+    def step_count(self, key: Hashable) -> int:
+        """Number of completed :meth:`step` calls for ``key``."""
+        return self._steps.get(key, 0)
+
+    def reset(self, key: Hashable | None = None) -> None:
+        """Forget residual, velocity and step count of ``key`` (``None``: of every key)."""
+        keys = list(self._steps.keys() | self._residuals.keys()) if key is None else [key]
+        for name in keys:
+            for table in (self._residuals, self._momenta, self._steps, self._overlap):
+                table.pop(name, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Residuals, velocities, step counters and totals (plain tensors/ints; torch.save)."""
+        return {
+            "version": STATE_VERSION,
+            "config": self.cfg.to_dict(),
+            "iteration": self.iteration,
+            "steps": dict(self._steps),
+            "residuals": {k: v.detach().clone() for k, v in self._residuals.items()},
+            "momenta": {k: v.detach().clone() for k, v in self._momenta.items()},
+            "overlap": dict(self._overlap),
+            "totals": dict(self.totals),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (tensors move to each gradient's device on use)."""
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"compressor state version must be {STATE_VERSION}, got {version!r}")
+        self.iteration = int(state.get("iteration", 0))
+        self._steps = {k: int(v) for k, v in state["steps"].items()}
+        self._residuals = {k: v.detach().clone() for k, v in state["residuals"].items()}
+        self._momenta = {k: v.detach().clone() for k, v in state["momenta"].items()}
+        self._overlap = dict(state.get("overlap", {}))
+        self.totals = {**self._zero_totals(), **state.get("totals", {})}
+
+    def step(self, grad: torch.Tensor, key: Hashable) -> torch.Tensor:
+        """Add the residual, select, exchange; return the update averaged over ranks.
+
+        Collective: every rank calls it with the same key and numel, in the same order.
+
+        Args:
+            grad: this rank's gradient (any shape; fp32, fp64, fp16 or bf16).
+            key: stable name of the tensor (e.g. a bucket index or parameter name).
+
+        Returns:
+            The averaged update, same shape, dtype and device as ``grad``.
+
+        Raises:
+            NonFiniteGradientError: on every rank, when some rank's gradient holds NaN/Inf
+                under ``nonfinite="raise"``.
+            distk.comm.RankMismatchError: on every rank, when ranks disagree on numel, k,
+                key or options.
+        """
+        if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
+            raise ValueError(f"grad must be a floating-point tensor, got "
+                             f"{getattr(grad, 'dtype', type(grad).__name__)}")
+        cfg = self.cfg
+        flat = grad.detach().reshape(-1)
+        numel = flat.numel()
+        step = self._steps.get(key, 0)
+        stats_step = step % cfg.stats_interval == 0
+        state_dtype = torch.promote_types(grad.dtype, torch.float32)
+        value_dtype = cfg.wire_dtype or grad.dtype
+        _, world = _world(self.group)
+        if numel == 0:
+            self._steps[key] = step + 1
+            return grad.detach().clone()
+
+        started = time.perf_counter()
+        g = flat.to(state_dtype, copy=True)
+        nonfinite = False
+        if cfg.nonfinite == "zero":
+            g = torch.where(torch.isfinite(g), g, torch.zeros((), dtype=state_dtype,
+                                                              device=g.device))
+        else:
+            nonfinite = not bool(torch.isfinite(g).all())
+        if cfg.clip_norm is not None and not nonfinite:
+            norm = torch.linalg.vector_norm(g)
+            g *= torch.clamp(cfg.clip_norm / (norm + 1e-12), max=1.0)
+        velocity = None
+        if cfg.momentum > 0 and not nonfinite:
+            velocity = self._state(self._momenta, key, numel, state_dtype, g.device)
+            velocity = velocity * cfg.momentum + g
+            g = velocity
+        residual = self._residuals.get(key) if cfg.error_feedback else None
+        if residual is not None:
+            residual = self._check_state(residual, key, numel, state_dtype, g.device)
+            acc = g + residual if not nonfinite else g
+        else:
+            acc = g
+
+        dense = cfg.is_dense_step(numel, step)
+        recall = None
+        if dense:
+            k = numel
+            positions = None
+            values = acc
+            wire = WireFormat(numel, numel, value_dtype)
+            plan = None
+            scheme = "dense"
+        else:
+            plan = self._plan(numel, cfg.k_at(numel, step))
+            k = plan.k
+            wire = plan.wire(numel, value_dtype, cfg.interleaved)
+            if nonfinite:  # nothing will be sent; keep the metadata consistent
+                positions = torch.zeros(k, dtype=torch.int64, device=acc.device)
+            else:
+                positions = self._select(acc, plan)
+            values = acc[positions]
+            scheme = cfg.exchange
+            if (not nonfinite and cfg.method == "bucketed" and cfg.recall_interval
+                    and step % cfg.recall_interval == 0):
+                recall = self._recall(acc, positions)
+        if stats_step and acc.is_cuda:
+            torch.cuda.synchronize(acc.device)
+        selection_seconds = time.perf_counter() - started
+
+        measure = (not dense and cfg.exchange == "auto" and world > 2)
+        hint = None
+        if measure and key in self._overlap:
+            hint = self._overlap[key] * min(world * k, numel) / world
+        result = exchange(positions, values, numel, group=self.group, average=True, wire=wire,
+                          scheme=scheme, out_dtype=state_dtype, tag=_key_tag(key),
+                          nonfinite=nonfinite, union_hint=hint, measure_union=measure)
+        self._steps[key] = step + 1
+        if result.nonfinite_ranks:
+            if cfg.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"non-finite gradient (NaN or Inf) at step {step} for key {key!r} on "
+                    f"rank(s) {result.nonfinite_ranks}; set SparsityConfig.nonfinite to "
+                    f"'skip' (drop the step on every rank) or 'zero' (treat entries as 0)")
+            self._record(key, step, numel, 0, scheme, result, selection_seconds, world,
+                         stats_step, recall, plan, wire, skipped=True)
+            return torch.zeros_like(grad)
+
+        # What this rank actually sent (rounded to the wire dtype) leaves the residual.
+        sent = values.to(value_dtype).to(state_dtype)
+        if cfg.error_feedback:
+            if dense:
+                new_residual = acc - sent
+            else:
+                # acc is a fresh tensor owned here, except when it is the velocity itself.
+                new_residual = acc.clone() if acc is velocity else acc
+                new_residual[positions] = values - sent
+            self._residuals[key] = new_residual
+        if velocity is not None:
+            if dense:
+                velocity.zero_()
+            else:
+                velocity[positions] = 0
+            self._momenta[key] = velocity
+        self._record(key, step, numel, k, result.scheme, result, selection_seconds, world,
+                     stats_step, recall, plan, wire, skipped=False)
+        return result.output.to(grad.dtype).view(grad.shape)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _state(self, table: dict, key: Hashable, numel: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+        if key not in table:
+            return torch.zeros(numel, dtype=dtype, device=device)
+        return self._check_state(table[key], key, numel, dtype, device)
+
+    @staticmethod
+    def _check_state(tensor: torch.Tensor, key: Hashable, numel: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+        if tensor.numel() != numel:
+            raise ValueError(
+                f"key {key!r} had {tensor.numel()} entries in an earlier step and has {numel} "
+                f"now; keys must name tensors of fixed size (call reset({key!r}) after a "
+                f"layout change)")
+        return tensor.to(device=device, dtype=dtype)
+
+    def _plan(self, numel: int, k: int) -> _Plan:
+        cached = self._plans.get((numel, k))
+        if cached is None:
+            cached = self._plans[(numel, k)] = self._make_plan(numel, k)
+        return cached
+
+    def _make_plan(self, numel: int, k: int) -> _Plan:
+        cfg = self.cfg
+        if cfg.method == "exact" or k >= numel:
+            return _Plan(k, None, None, False)
+        minimum = packed_k_per_bucket(cfg.recall_target)
+        if cfg.buckets is None and cfg.k_per_bucket is None and minimum is not None:
+            # Prefer a selection with no second stage: every bucket sends k_per_bucket
+            # entries, so bucket ids stay implicit on the wire and no merge is needed.
+            # Recall grows with k_per_bucket, so any value >= `minimum` meets the target.
+            if cfg.k is None:
+                # Density-derived k: round up to buckets * k_per_bucket (adds < buckets,
+                # i.e. less than k / minimum entries).
+                buckets = max(1, k // minimum)
+                k_per_bucket = math.ceil(k / buckets)
+                if buckets * k_per_bucket <= numel:
+                    return _Plan(buckets * k_per_bucket, buckets, k_per_bucket, True)
+            else:
+                for k_per_bucket in range(min(minimum, k), min(k, 4 * minimum) + 1):
+                    if k % k_per_bucket == 0:
+                        return _Plan(k, k // k_per_bucket, k_per_bucket, True)
+        buckets, k_per_bucket = resolve_buckets(numel, k, cfg.buckets, cfg.k_per_bucket,
+                                                cfg.recall_target)
+        packed = WireFormat.bucket_packable(numel, k, buckets, k_per_bucket)
+        return _Plan(k, buckets, k_per_bucket, packed)
+
+    def _select(self, acc: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        cfg = self.cfg
+        if plan.packed:
+            keys = bucket_candidates(acc.view(1, -1), plan.buckets, plan.k_per_bucket,
+                                     cfg.interleaved, True)
+            return positions_of(keys).reshape(-1)
+        method = "exact" if plan.buckets is None else cfg.method
+        _, positions = distk.topk(acc, plan.k, method=method, buckets=plan.buckets,
+                                  k_per_bucket=plan.k_per_bucket, interleaved=cfg.interleaved,
+                                  recall_target=cfg.recall_target)
+        return positions
+
+    @staticmethod
+    def _recall(acc: torch.Tensor, positions: torch.Tensor) -> float:
+        k = positions.numel()
+        exact = torch.topk(acc.abs(), k, sorted=False).indices
+        chosen = torch.zeros(acc.numel(), dtype=torch.bool, device=acc.device)
+        chosen[positions] = True
+        return float(chosen[exact].sum().item()) / max(k, 1)
+
+    def _record(self, key, step, numel, k, scheme, result, selection_seconds, world,
+                stats_step, recall, plan, wire, skipped) -> None:
+        dense_bytes = dense_allreduce_bytes(numel, world, 4)
+        stats: dict[str, Any] = {
+            "key": key if isinstance(key, (str, int, float)) else repr(key),
+            "step": step,
+            "iteration": self.iteration,
+            "numel": numel,
+            "k": k,
+            "density": k / numel,
+            "scheme": scheme,
+            "skipped": skipped,
+            "bytes_sent": result.bytes_sent,
+            "payload_bytes": result.payload_bytes,
+            "dense_bytes": dense_bytes,
+            "compression": dense_bytes / result.bytes_sent if result.bytes_sent else 1.0,
+            "index_bytes": 0 if scheme == "dense" and k == numel else wire.index_bytes,
+            "value_bytes": wire.value_bytes,
+            "buckets": plan.buckets if plan else None,
+            "k_per_bucket": plan.k_per_bucket if plan else None,
+            "selection_seconds": selection_seconds,
+            "comm_seconds": result.seconds,
+        }
+        if stats_step:
+            residual = self._residuals.get(key)
+            stats["residual_norm"] = (0.0 if residual is None
+                                      else float(torch.linalg.vector_norm(residual).item()))
+        if recall is not None:
+            stats["recall"] = recall
+        if result.union_per_shard is not None and k:
+            self._overlap[key] = result.union_per_shard / (min(world * k, numel) / world)
+        self.stats = stats
+        totals = self.totals
+        totals["steps"] += 1
+        totals["skipped"] += int(skipped)
+        totals["bytes_sent"] += result.bytes_sent
+        totals["dense_bytes"] += dense_bytes
+        totals["selection_seconds"] += selection_seconds
+        totals["comm_seconds"] += result.seconds

@@ -1,0 +1,242 @@
+"""``SparsityConfig``: the one validated configuration of gradient sparsification.
+
+Every integration (DDP, FSDP, DeepSpeed's ``"distk"`` block, the ``distk-train`` CLI)
+builds one of these, so validation and the error messages live in one place. Build it
+directly (``SparsityConfig(density=0.01)``) or from a mapping
+(``SparsityConfig.from_dict({...})``): unknown keys and out-of-range values raise a
+``ValueError`` that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["SparsityConfig", "VALUE_DTYPES"]
+
+METHODS = ("bucketed", "exact", "dense")
+EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")
+NONFINITE_POLICIES = ("raise", "skip", "zero")
+VALUE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""Names accepted by ``SparsityConfig.value_dtype`` and the dtypes they stand for."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fail(key: str, value: object, allowed: str) -> None:
+    raise ValueError(f"SparsityConfig.{key} must be {allowed}, got {value!r}")
+
+
+@dataclass
+class SparsityConfig:
+    """Gradient sparsification settings shared by the compressor and every integration.
+
+    Selection size: ``k`` entries per tensor when ``k`` is set, else
+    ``round(density * numel)`` (at least 1). Tensors with fewer than ``min_numel``
+    entries, the first ``dense_steps`` steps and ``method="dense"`` use a dense
+    all-reduce through the same code path.
+    """
+
+    density: float = 0.01
+    """Fraction of entries each rank sends per tensor, in (0, 1]."""
+
+    k: int | None = None
+    """Fixed number of entries per tensor (overrides ``density``); ``None`` = use density.
+    Tensors smaller than ``k`` are sent whole."""
+
+    method: str = "bucketed"
+    """Selection: ``"bucketed"`` (approximate, fast), ``"exact"`` (``torch.topk``) or
+    ``"dense"`` (no selection: plain all-reduce baseline through the same code path)."""
+
+    recall_target: float = 0.95
+    """Expected recall of the bucketed selection against exact top-k, in (0, 1]; used to
+    choose the bucket parameters when ``buckets`` / ``k_per_bucket`` are not both given."""
+
+    buckets: int | None = None
+    """Number of buckets of the bucketed selection (``None`` = chosen for recall_target)."""
+
+    k_per_bucket: int | None = None
+    """Entries kept per bucket (``None`` = chosen for recall_target)."""
+
+    interleaved: bool = True
+    """Interleaved buckets (element ``i`` in bucket ``i % buckets``) rather than
+    contiguous blocks; robust to correlated neighbouring entries."""
+
+    error_feedback: bool = True
+    """Keep the unsent part of each tensor as a residual added to the next step's
+    gradient (needed for top-k SGD to converge to dense quality)."""
+
+    momentum: float = 0.0
+    """Momentum correction of Deep Gradient Compression, in [0, 1): accumulate velocity
+    ``u = momentum * u + g`` locally and sparsify the accumulated velocity. Use it with a
+    momentum-free optimizer (the momentum then lives here). 0 = off."""
+
+    clip_norm: float | None = None
+    """Local gradient clipping (DGC): each tensor's gradient is scaled down to this L2 norm
+    before it is accumulated. ``None`` = off; must be > 0."""
+
+    warmup_steps: int = 0
+    """Density warm-up length in steps: the density decays exponentially from
+    ``warmup_density`` to ``density`` over these steps (DGC). 0 = off."""
+
+    warmup_density: float = 0.25
+    """Density at step 0 of the warm-up, in (0, 1]; at least ``density``."""
+
+    dense_steps: int = 0
+    """Number of first steps (per tensor) exchanged dense; the DDP hook forces at least 1
+    while DDP rebuilds its buckets."""
+
+    value_dtype: str | None = None
+    """Dtype of values on the wire: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None``
+    (the gradient's dtype). The rounding error stays in the residual."""
+
+    min_numel: int = 1024
+    """Tensors with fewer entries than this are exchanged dense (sparse does not pay)."""
+
+    exchange: str = "auto"
+    """Exchange scheme: ``"auto"`` (cost model picks per call), ``"allgather"``,
+    ``"reduce_scatter"`` or ``"dense"`` (all-reduce of the densified selection)."""
+
+    nonfinite: str = "raise"
+    """Policy for NaN/Inf in a gradient: ``"raise"`` (error on every rank naming the step
+    and key), ``"skip"`` (the step's update is zero on every rank; residuals untouched)
+    or ``"zero"`` (non-finite entries count as 0)."""
+
+    stats_interval: int = 1
+    """Compute the costlier statistics (residual norm, synchronised timings) every this
+    many steps; >= 1."""
+
+    recall_interval: int = 50
+    """Every this many steps, measure the recall of the selection against exact top-k
+    (costs one exact top-k); 0 = never."""
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.density) or not 0.0 < self.density <= 1.0:
+            _fail("density", self.density, "a number in (0, 1]")
+        self.density = float(self.density)
+        if self.k is not None and (not _is_int(self.k) or self.k < 1):
+            _fail("k", self.k, "None or an integer >= 1")
+        if self.method not in METHODS:
+            _fail("method", self.method, f"one of {METHODS}")
+        if not _is_number(self.recall_target) or not 0.0 < self.recall_target <= 1.0:
+            _fail("recall_target", self.recall_target, "a number in (0, 1]")
+        self.recall_target = float(self.recall_target)
+        if self.buckets is not None and (not _is_int(self.buckets) or self.buckets < 1):
+            _fail("buckets", self.buckets, "None or an integer >= 1")
+        if self.k_per_bucket is not None and (not _is_int(self.k_per_bucket)
+                                              or self.k_per_bucket < 1):
+            _fail("k_per_bucket", self.k_per_bucket, "None or an integer >= 1")
+        for name in ("interleaved", "error_feedback"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "a bool (true or false)")
+        if not _is_number(self.momentum) or not 0.0 <= self.momentum < 1.0:
+            _fail("momentum", self.momentum, "a number in [0, 1)")
+        self.momentum = float(self.momentum)
+        if self.clip_norm is not None and (not _is_number(self.clip_norm)
+                                           or not 0.0 < self.clip_norm < math.inf):
+            _fail("clip_norm", self.clip_norm, "None or a finite number > 0")
+        for name in ("warmup_steps", "dense_steps", "min_numel", "recall_interval"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                _fail(name, getattr(self, name), "an integer >= 0")
+        if not _is_int(self.stats_interval) or self.stats_interval < 1:
+            _fail("stats_interval", self.stats_interval, "an integer >= 1")
+        if not _is_number(self.warmup_density) or not 0.0 < self.warmup_density <= 1.0:
+            _fail("warmup_density", self.warmup_density, "a number in (0, 1]")
+        self.warmup_density = float(self.warmup_density)
+        if self.warmup_steps > 0 and self.k is None and self.warmup_density < self.density:
+            _fail("warmup_density", self.warmup_density,
+                  f"at least density={self.density} (the warm-up decays towards density)")
+        if self.value_dtype is not None and self.value_dtype not in VALUE_DTYPES:
+            _fail("value_dtype", self.value_dtype, f"None or one of {tuple(VALUE_DTYPES)}")
+        if self.exchange not in EXCHANGES:
+            _fail("exchange", self.exchange, f"one of {EXCHANGES}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            _fail("nonfinite", self.nonfinite, f"one of {NONFINITE_POLICIES}")
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Names of every option, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SparsityConfig:
+        """Build from a mapping (a JSON block, CLI overrides...).
+
+        Raises:
+            ValueError: for a non-mapping, an unknown key (with the closest valid key
+                suggested) or an invalid value (naming key, value and what is allowed).
+        """
+        if d is None:
+            return cls()
+        if isinstance(d, SparsityConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"SparsityConfig.from_dict expects a dict, got {type(d).__name__}")
+        valid = cls.field_names()
+        for key in d:
+            if key not in valid:
+                close = difflib.get_close_matches(str(key), valid, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown SparsityConfig key {key!r}{hint} "
+                                 f"(valid keys: {', '.join(valid)})")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every option (JSON-serialisable; ``from_dict`` inverts it)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> SparsityConfig:
+        """A validated copy with some options changed."""
+        return dataclasses.replace(self, **changes)
+
+    # -- schedule -----------------------------------------------------------------------
+
+    @property
+    def wire_dtype(self) -> torch.dtype | None:
+        """``value_dtype`` as a ``torch.dtype`` (``None``: the gradient's dtype)."""
+        return None if self.value_dtype is None else VALUE_DTYPES[self.value_dtype]
+
+    def is_dense_step(self, numel: int, step: int) -> bool:
+        """Whether a tensor of ``numel`` entries goes dense at (0-based) ``step``."""
+        return self.method == "dense" or numel < self.min_numel or step < self.dense_steps
+
+    def density_at(self, numel: int, step: int) -> float:
+        """Fraction of the ``numel`` entries sent at (0-based) ``step``.
+
+        After the warm-up: ``k / numel`` (when ``k`` is set) or ``density``. During
+        warm-up (steps counted from the end of ``dense_steps``), it decays exponentially:
+        ``start * (target / start) ** (t / warmup_steps)`` with ``start`` the larger of
+        ``warmup_density`` and the target.
+        """
+        target = min(1.0, self.k / numel) if self.k is not None else self.density
+        t = step - self.dense_steps
+        if self.warmup_steps == 0 or t >= self.warmup_steps:
+            return target
+        start = max(self.warmup_density, target)
+        return start * (target / start) ** (max(t, 0) / self.warmup_steps)
+
+    def k_at(self, numel: int, step: int) -> int:
+        """Entries sent for a tensor of ``numel`` entries at (0-based) ``step``, in [1, numel]."""
+        if numel < 1:
+            raise ValueError(f"numel must be >= 1, got {numel}")
+        if self.k is not None and (self.warmup_steps == 0
+                                   or step - self.dense_steps >= self.warmup_steps):
+            return min(self.k, numel)
+        return max(1, min(numel, round(self.density_at(numel, step) * numel)))

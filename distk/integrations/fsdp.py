@@ -1,0 +1,322 @@
+"""FSDP integration: sparse gradient reduction for FSDP2 (``fully_shard``) and FSDP1.
+
+Usage::
+
+    # FSDP2
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    state = distk.fsdp.enable(model, distk.SparsityConfig(density=0.01))
+
+    # FSDP1
+    model = FullyShardedDataParallel(model, auto_wrap_policy=...)
+    state = distk.fsdp.enable(model, distk.SparsityConfig(density=0.01))
+
+How it works. FSDP reduces the gradient of each FSDP unit (an ``fully_shard``-ed module
+or an FSDP1 wrapper) as one flat buffer holding the *unsharded* gradients of all its
+parameters, padded so it splits into ``world_size`` equal shards, and keeps on each rank
+only that rank's shard of the average. distk replaces that reduction: the whole flat
+buffer goes through the one :class:`~distk.compressor.GradientCompressor` (selection on
+the unsharded gradient, so the top-k is global over the unit, with error feedback), the
+sparse exchange returns the rank-averaged dense update, and each rank keeps its shard.
+The residual of a unit is kept unsharded on every rank (memory: one extra unsharded
+gradient per unit, like DDP's residuals). Compressor key = the unit's module name.
+
+- FSDP2: a custom reduce-scatter (``FSDPModule.set_custom_reduce_scatter``) on every
+  FSDP module, with ``set_force_sum_reduction_for_comms(True)`` so FSDP always asks for
+  a SUM and applies its own divide factor afterwards (the custom comm then never has to
+  interpret AVG or PREMUL_SUM reductions).
+- FSDP1: ``FullyShardedDataParallel.register_comm_hook`` on the root, with one hook state
+  per FSDP unit so that each unit keeps its own residual.
+
+Refused (ValueError naming the configuration): HSDP / 2-D meshes in FSDP2 (the extra
+replicate all-reduce would run dense and unsparsified), FSDP1 hybrid strategies
+(HYBRID_SHARD, _HYBRID_SHARD_ZERO2: torch has no comm hook for them), FSDP2 modules
+with several parameter groups (per-parameter meshes), a model that is neither FSDP1
+nor FSDP2, or a model mixing both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, ShardingStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+try:  # the interface FSDPModule.set_custom_reduce_scatter documents (private path, torch 2.13)
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter as _ReduceScatterBase
+except ImportError:  # pragma: no cover - FSDP only duck-types allocate() and __call__
+    _ReduceScatterBase = object
+
+from distk.comm import check_same_config
+from distk.integrations._state import CompressionState, as_flat
+
+__all__ = ["FSDPCompressionState", "SparseReduceScatter", "enable"]
+
+_FSDP1_WRAPPED_PREFIX = "_fsdp_wrapped_module."
+_FSDP1_UNSUPPORTED = (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2)
+
+
+class FSDPCompressionState(CompressionState):
+    """State returned by :func:`enable` for FSDP1 and FSDP2 models.
+
+    See :class:`~distk.integrations._state.CompressionState` for ``compressor``,
+    ``stats``, ``iteration``, ``state_dict`` and ``load_state_dict``.
+
+    Attributes:
+        flavour: ``"fsdp2"`` or ``"fsdp1"``.
+        unit_names: the compressor keys, one per FSDP unit that owns parameters.
+    """
+
+    __slots__ = ("flavour", "unit_names")
+
+    def __init__(self, cfg: Any, process_group: dist.ProcessGroup | None,
+                 flavour: str, unit_names: Sequence[str]) -> None:
+        super().__init__(cfg, process_group, expected_keys=unit_names)
+        self.flavour = flavour
+        self.unit_names = tuple(unit_names)
+
+    def _extra_getstate(self) -> dict[str, Any]:
+        return {"flavour": self.flavour, "unit_names": self.unit_names}
+
+    def _extra_setstate(self, state: dict[str, Any]) -> None:
+        self.flavour = state["flavour"]
+        self.unit_names = tuple(state["unit_names"])
+
+    def reduce(self, unsharded: torch.Tensor, key: str) -> torch.Tensor:
+        """Average the flat unsharded gradient ``unsharded`` over ranks through the compressor.
+
+        Returns the averaged flat buffer (same numel and dtype as ``unsharded``).
+        """
+        self._begin_buffer(key)
+        averaged = self.compressor.step(as_flat(unsharded), key)
+        self._end_buffer(self.compressor.stats)
+        return averaged
+
+    def shard_of(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a flat buffer split into ``world_size`` equal chunks."""
+        world_size = self.world_size()
+        return full.view(world_size, -1)[dist.get_rank(self.process_group)]
+
+
+class SparseReduceScatter(_ReduceScatterBase):
+    """FSDP2 ``ReduceScatter`` comm that sparsifies the reduction of one FSDP module.
+
+    FSDP2 calls it with the flat reduce-scatter input (every parameter's padded
+    gradient, laid out as ``world_size`` rows, row ``r`` holding rank ``r``'s shards) and
+    an output of one row. The whole input is compressed under ``key``, exchanged, and
+    this rank's row of the result is written to the output. Compression works on the
+    input as a flat vector, so the row-major layout is irrelevant to selection.
+    """
+
+    def __init__(self, state: FSDPCompressionState, key: str) -> None:
+        self.state = state
+        self.key = key
+
+    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+        """A plain temporary buffer (the compressor's exchange allocates its own)."""
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
+                 group: dist.ProcessGroup, op: Any, async_op: bool = False) -> None:
+        """Reduce ``input_tensor`` over ``group`` into this rank's ``output_tensor``.
+
+        ``op`` is SUM (forced by :func:`enable`; FSDP divides afterwards) or AVG; the
+        compressor averages, so a SUM is the average times the group size (exact for
+        power-of-two group sizes; otherwise within an ulp of a true sum).
+        """
+        del async_op  # the exchange completes before returning; FSDP ignores the Work
+        state = self.state
+        if group.size() != state.world_size():
+            raise RuntimeError(
+                f"distk FSDP2 comm for module {self.key!r} was called on a group of size "
+                f"{group.size()}, but the compressor averages over {state.world_size()} ranks"
+            )
+        if op == dist.ReduceOp.SUM:
+            scale = float(group.size())
+        elif op == dist.ReduceOp.AVG:
+            scale = 1.0
+        else:
+            raise RuntimeError(
+                f"distk FSDP2 comm for module {self.key!r} got reduce op {op}; only SUM and "
+                "AVG are supported (distk.fsdp.enable sets set_force_sum_reduction_for_comms"
+                "(True); do not turn it off afterwards)"
+            )
+        averaged = state.reduce(input_tensor, self.key)
+        shard = state.shard_of(averaged)
+        if scale != 1.0:
+            torch.mul(shard, scale, out=output_tensor)
+        else:
+            output_tensor.copy_(shard)
+        return None
+
+
+def _fsdp1_hook(unit_state: _FSDP1UnitState, grad: torch.Tensor,
+                output: torch.Tensor | None = None) -> None:
+    """FSDP1 comm hook: average ``grad`` (NO_SHARD, in place) or write this rank's shard."""
+    averaged = unit_state.shared.reduce(grad, unit_state.key)
+    if output is None:
+        grad.copy_(averaged.view_as(grad))
+    else:
+        output.copy_(unit_state.shared.shard_of(averaged))
+
+
+class _FSDP1UnitState:
+    """Per-unit FSDP1 hook state: the shared state plus the unit's compressor key."""
+
+    __slots__ = ("shared", "key")
+
+    def __init__(self, shared: FSDPCompressionState, key: str) -> None:
+        self.shared = shared
+        self.key = key
+
+
+def _fsdp2_units(model: nn.Module) -> list[tuple[str, FSDPModule, list[nn.Parameter]]]:
+    """``(name, module, params)`` of each FSDPModule that directly manages parameters.
+
+    A module manages its parameters minus those of FSDPModules nested inside it.
+    """
+    units = []
+    for name, module in model.named_modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        nested = {
+            id(p)
+            for sub_name, sub in module.named_modules()
+            if sub_name and isinstance(sub, FSDPModule)
+            for p in sub.parameters()
+        }
+        owned = [p for p in module.parameters() if id(p) not in nested]
+        if owned:
+            units.append((name, module, owned))
+    return units
+
+
+def _enable_fsdp2(model: nn.Module, cfg: Any) -> FSDPCompressionState:
+    for method in ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms"):
+        if not hasattr(FSDPModule, method):
+            raise RuntimeError(
+                f"distk.fsdp.enable needs FSDPModule.{method}, which this torch "
+                f"({torch.__version__}) lacks; FSDP2 support is tested with torch 2.13"
+            )
+    units = _fsdp2_units(model)
+    if not units:
+        raise ValueError("distk.fsdp.enable: the FSDP2 model has no parameters to reduce")
+    meshes = []
+    for name, _, params in units:
+        for param in params:
+            mesh = getattr(param, "device_mesh", None)
+            if mesh is None:
+                raise ValueError(
+                    f"distk.fsdp.enable: a parameter of module {name or '<root>'!r} is not "
+                    "an FSDP2 DTensor; call enable after fully_shard"
+                )
+            if mesh.ndim != 1:
+                raise ValueError(
+                    f"distk.fsdp.enable: module {name or '<root>'!r} is sharded over a "
+                    f"{mesh.ndim}-D device mesh {tuple(mesh.mesh_dim_names or ())}; only a "
+                    "1-D mesh (plain FSDP) is supported, not HSDP or FSDP+TP"
+                )
+            if all(mesh is not seen for seen in meshes):
+                meshes.append(mesh)
+    groups = {tuple(dist.get_process_group_ranks(m.get_group())) for m in meshes}
+    if len(groups) != 1:
+        raise ValueError(
+            f"distk.fsdp.enable: FSDP2 modules are sharded over {len(groups)} different rank "
+            f"groups {sorted(groups)}; distk needs one data-parallel group"
+        )
+    group = meshes[0].get_group()
+    check_same_config(cfg, group)
+    names = [name or "<root>" for name, _, _ in units]
+    state = FSDPCompressionState(cfg, group, "fsdp2", names)
+    for (_, module, _), key in zip(units, names):
+        try:
+            module.set_custom_reduce_scatter(SparseReduceScatter(state, key))
+        except ValueError as err:
+            raise ValueError(
+                f"distk.fsdp.enable: module {key!r} cannot take a custom reduce-scatter: {err}"
+            ) from err
+        module.set_force_sum_reduction_for_comms(True)
+    return state
+
+
+def _enable_fsdp1(model: FSDP1, cfg: Any) -> FSDPCompressionState:
+    units = FSDP1.fsdp_modules(model)  # the model itself and every nested unit
+    for unit in units:
+        if unit.sharding_strategy in _FSDP1_UNSUPPORTED:
+            raise ValueError(
+                f"distk.fsdp.enable: FSDP1 sharding_strategy={unit.sharding_strategy.name} is "
+                "not supported (torch has no communication hook for hybrid strategies); use "
+                "FULL_SHARD, SHARD_GRAD_OP or NO_SHARD, or FSDP2"
+            )
+    named = {id(m): name for name, m in model.named_modules()}
+    # Units without a flat parameter (all parameters owned by nested units) never reduce.
+    # ``_handle`` is FSDP1's private handle attribute; tests/test_fsdp.py checks the seam.
+    owning = [u for u in units if getattr(u, "_handle", None) is not None]
+    keys = [named[id(u)].replace(_FSDP1_WRAPPED_PREFIX, "") or "<root>" for u in owning]
+    group = model.process_group
+    check_same_config(cfg, group)
+    state = FSDPCompressionState(cfg, group, "fsdp1", keys)
+    model.register_comm_hook(_FSDP1UnitState(state, "<unused>"), _fsdp1_hook)
+    # register_comm_hook gives every unit the same hook state; each unit needs its own key
+    # so that residuals are per unit. ``_comm_hook_state`` is the attribute FSDP1 passes to
+    # the hook (torch/distributed/fsdp/_runtime_utils.py); the seam is tested.
+    for unit, key in zip(owning, keys):
+        if not hasattr(unit, "_comm_hook_state"):
+            raise RuntimeError(
+                f"distk.fsdp.enable: this torch ({torch.__version__}) FSDP1 has no "
+                "_comm_hook_state; per-unit residuals cannot be set up"
+            )
+        unit._comm_hook_state = _FSDP1UnitState(state, key)
+    return state
+
+
+def enable(model: nn.Module, cfg: Any) -> FSDPCompressionState:
+    """Sparsify the gradient reduction of an FSDP2 (``fully_shard``) or FSDP1 model.
+
+    Args:
+        model: the root module after ``fully_shard`` (FSDP2; every FSDPModule inside is
+            set up), or the root ``FullyShardedDataParallel`` (FSDP1). Call before the
+            first backward pass.
+        cfg: a :class:`~distk.config.SparsityConfig` (or a dict for
+            ``SparsityConfig.from_dict``); must be the same on every rank (checked
+            collectively; a mismatch raises on every rank).
+
+    Returns:
+        The :class:`FSDPCompressionState` (``.compressor``, ``.stats``, ``state_dict()``,
+        ``load_state_dict()``). Residuals are unsharded and identical in shape on every
+        rank; each rank checkpoints its own (they differ: they hold what that rank did not
+        send).
+
+    Raises:
+        TypeError: ``model`` is neither FSDP2 nor FSDP1, or cfg has the wrong type.
+        ValueError: an unsupported configuration (HSDP or a 2-D mesh, FSDP1 hybrid
+            sharding, several FSDP2 parameter groups per module, FSDP1 and FSDP2 mixed),
+            or configs that differ across ranks.
+    """
+    from distk.config import SparsityConfig
+
+    if isinstance(cfg, dict):
+        cfg = SparsityConfig.from_dict(cfg)
+    if not isinstance(cfg, SparsityConfig):
+        raise TypeError(f"cfg must be a distk.SparsityConfig or a dict, got {type(cfg).__name__}")
+    has_fsdp2 = any(isinstance(m, FSDPModule) for m in model.modules())
+    has_fsdp1 = any(isinstance(m, FSDP1) for m in model.modules())
+    if has_fsdp1 and has_fsdp2:
+        raise ValueError("distk.fsdp.enable: the model mixes FSDP1 and FSDP2 modules")
+    if has_fsdp2:
+        return _enable_fsdp2(model, cfg)
+    if isinstance(model, FSDP1):
+        return _enable_fsdp1(model, cfg)
+    if has_fsdp1:
+        raise ValueError("distk.fsdp.enable: pass the root FullyShardedDataParallel module")
+    raise TypeError(
+        "distk.fsdp.enable expects a model sharded with torch.distributed.fsdp.fully_shard "
+        f"(FSDP2) or wrapped in FullyShardedDataParallel (FSDP1), got {type(model).__name__};"
+        " for DDP use distk.ddp.enable"
+    )

@@ -1,0 +1,214 @@
+"""The emulated slow network (launchers/netem.sh): namespaces, rate limit, launcher, teardown.
+
+Needs root and iproute2 (skipped otherwise). Every test uses its own namespace prefix, so
+it never touches a benchmark's ``distk-*`` namespaces, and a fixture tears down and checks
+that nothing is left behind, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NETEM = ROOT / "launchers" / "netem.sh"
+CHECK = ROOT / "launchers" / "netem_check.py"
+BENCHMARK_RANGE = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544
+
+
+def _check_module():
+    spec = importlib.util.spec_from_file_location("netem_check", CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _can_build_namespaces() -> str | None:
+    """Why namespaces cannot be built here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"needs '{tool}' (iproute2)"
+    probe = f"distk-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None if made.returncode == 0 else "'ip netns add' is not permitted here"
+
+
+_NETNS_MISSING = _can_build_namespaces()
+needs_netns = pytest.mark.skipif(_NETNS_MISSING is not None, reason=str(_NETNS_MISSING))
+
+
+def _namespaces(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines()
+            if line.split() and line.split()[0].startswith(prefix + "-")]
+
+
+@pytest.fixture
+def netem():
+    """Run netem.sh under a prefix of this test's own; always tear down and check."""
+    prefix = f"distk-test{os.getpid()}"
+    env = {**os.environ, "DISTK_NETEM_PREFIX": prefix, "PYTHONUNBUFFERED": "1"}
+
+    def run(*args: str, timeout: float = 25.0) -> subprocess.CompletedProcess:
+        proc = subprocess.Popen(["bash", str(NETEM), *args], env=env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGTERM first: the launcher's trap stops the ranks and tears down.
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=10)
+            pytest.fail(f"netem.sh {' '.join(args)} did not finish in {timeout}s:\n{err}")
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    run.prefix = prefix
+    try:
+        yield run
+    finally:
+        subprocess.run(["bash", str(NETEM), "down"], env=env, capture_output=True, timeout=30)
+    assert _namespaces(prefix) == [], "namespaces left behind"
+
+
+def test_rate_parsing_and_ring_model():
+    check = _check_module()
+    assert check.rate_bits_per_second("50mbit") == 50e6
+    assert check.rate_bits_per_second("1gbit") == 1e9
+    assert check.rate_bits_per_second("10mbps") == 80e6  # tc: bps = bytes per second
+    assert check.rate_bits_per_second("none") is None
+    with pytest.raises(ValueError, match="rate='fast'"):
+        check.rate_bits_per_second("fast")
+    # 2 ranks: each sends the whole tensor once; 64 MB at 1 Gbit/s = 0.512 s.
+    assert check.ring_allreduce_seconds(64_000_000, 2, 1e9) == pytest.approx(0.512)
+    assert check.ring_allreduce_seconds(64_000_000, 4, 1e9) == pytest.approx(0.768)
+
+
+@needs_netns
+def test_up_builds_limited_links_in_benchmark_range(netem):
+    result = netem("up", "3", "10mbit")
+    assert result.returncode == 0, result.stderr
+    prefix = netem.prefix
+    assert sorted(_namespaces(prefix)) == sorted(
+        [f"{prefix}-br", f"{prefix}-h0", f"{prefix}-h1", f"{prefix}-h2"])
+    for host in range(3):
+        ns = f"{prefix}-h{host}"
+        links = json.loads(subprocess.run(["ip", "-n", ns, "-j", "addr"], capture_output=True,
+                                          text=True, check=True).stdout)
+        by_name = {link["ifname"]: link for link in links}
+        assert "UP" in by_name["lo"]["flags"]
+        inet = [a["local"] for a in by_name["veth0"]["addr_info"] if a["family"] == "inet"]
+        assert inet == [f"198.18.0.{host + 1}"]
+        assert ipaddress.ip_address(inet[0]) in BENCHMARK_RANGE
+        qdisc = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev",
+                                "veth0"], capture_output=True, text=True, check=True).stdout
+        assert "tbf" in qdisc and "10Mbit" in qdisc
+        port = subprocess.run(["ip", "netns", "exec", f"{prefix}-br", "tc", "qdisc", "show",
+                               "dev", f"p{host}"], capture_output=True, text=True,
+                              check=True).stdout
+        assert "tbf" in port and "10Mbit" in port
+    # Namespaces left by an earlier run (no process inside) are replaced, not refused.
+    again = netem("up", "2", "20mbit")
+    assert again.returncode == 0 and "removing stale namespaces" in again.stderr
+    assert len(_namespaces(prefix)) == 3
+    assert netem("down").returncode == 0
+    assert _namespaces(prefix) == []
+
+
+@needs_netns
+def test_allreduce_is_rate_limited(netem):
+    # 3 MB all-reduced by 2 ranks: each sends 3 MB at 50 Mbit/s -> 0.48 s predicted; an
+    # unlimited veth does it in a few ms. At least half the prediction proves the limit
+    # applies (the upper side is left loose: the machine is shared).
+    result = netem("run", "--timeout", "40", "2", "50mbit", "--", sys.executable, str(CHECK),
+                   "--mb", "3", "--repeats", "1", "--min-ratio", "0.5", "--timeout", "30",
+                   timeout=50)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["correct"] and report["world_size"] == 2
+    assert report["predicted_seconds"] == pytest.approx(0.48)
+    assert report["seconds_median"] >= 0.5 * report["predicted_seconds"]
+
+
+@needs_netns
+def test_run_sets_rank_environment(netem):
+    script = ('echo "$RANK $WORLD_SIZE $LOCAL_RANK $MASTER_ADDR $GLOO_SOCKET_IFNAME"; '
+              'ip -o -4 addr show dev "$GLOO_SOCKET_IFNAME" | grep -c "198.18.0.$((RANK + 1))/"')
+    result = netem("run", "2", "1gbit", "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    lines = sorted(result.stdout.split("\n"))
+    assert "0 2 0 198.18.0.1 veth0" in lines and "1 2 0 198.18.0.1 veth0" in lines
+    assert lines.count("1") == 2  # each rank's interface carries its own address
+
+
+@needs_netns
+def test_failure_propagates_and_stops_other_ranks(netem):
+    marker = f"distk-netem-sleeper-{os.getpid()}"
+    script = f'if [ "$RANK" = 1 ]; then exit 3; fi; exec -a {marker} sleep 60'
+    start = time.monotonic()
+    result = netem("run", "3", "1gbit", "--", "bash", "-c", script)
+    assert result.returncode == 3, result.stderr
+    assert "host 1 exited with status 3" in result.stderr
+    assert time.monotonic() - start < 20  # the sleepers were stopped, not waited for
+    assert marker not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                        text=True).stdout
+    assert _namespaces(netem.prefix) == []
+
+
+@needs_netns
+def test_timeout_stops_everything(netem):
+    result = netem("run", "--timeout", "1", "2", "none", "--", "sleep", "60")
+    assert result.returncode == 124
+    assert "timeout after 1s" in result.stderr
+    assert _namespaces(netem.prefix) == []
+
+
+@needs_netns
+def test_interrupt_tears_down_and_busy_prefix_is_refused(netem):
+    env = {**os.environ, "DISTK_NETEM_PREFIX": netem.prefix}
+    proc = subprocess.Popen(["bash", str(NETEM), "run", "2", "1gbit", "--", "sleep", "60"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 15
+    while len(_namespaces(netem.prefix)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # let the ranks start
+    # A second run under the same prefix must refuse, not tear down the live one.
+    second = netem("up", "2", "1gbit")
+    assert second.returncode == 3 and "in use by running processes" in second.stderr
+    assert len(_namespaces(netem.prefix)) == 3 and proc.poll() is None
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130, err
+    assert _namespaces(netem.prefix) == []
+
+
+@needs_netns
+def test_bad_arguments_are_named(netem):
+    result = netem("up", "2", "fast")
+    assert result.returncode == 2 and "RATE=fast is invalid" in result.stderr
+    result = netem("up", "0", "1gbit")
+    assert result.returncode == 2 and "N=0 is invalid" in result.stderr
+    result = netem("run", "2", "1gbit", "sleep", "1")
+    assert result.returncode == 2 and "missing '--'" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root (to drop to an unprivileged user) and setpriv")
+def test_non_root_gets_a_clear_message():
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             "bash", str(NETEM), "up", "2", "1gbit"],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert "must run as root" in result.stderr
