@@ -52,6 +52,14 @@ MAX_PACKED_K_PER_BUCKET = 1024
 
 
 
+def _has_nonfinite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds NaN or +-Inf: one reduction, no tensor-sized allocation
+    (a finite tensor whose sum overflows is confirmed entry by entry)."""
+    if bool(torch.isfinite(tensor.sum())):
+        return False
+    return not bool(torch.isfinite(tensor).all())
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A gradient held NaN or Inf under ``nonfinite="raise"`` (raised on every rank)."""
 
@@ -147,13 +155,14 @@ class GradientCompressor:
         self.iteration += 1
 
     def residual(self, key: Hashable) -> torch.Tensor:
-        """Residual kept for ``key``: flat, float32 (float64 for fp64 gradients).
+        """A copy of the residual kept for ``key``: flat, float32 (float64 for fp64
+        gradients). (The compressor updates its own buffer in place at every step.)
 
         Raises ``KeyError`` for a key that has no residual yet (before its first sparse
         step, or with ``error_feedback=False``)."""
         if key not in self._residuals:
             raise KeyError(f"no residual for key {key!r} (known keys: {list(self._residuals)})")
-        return self._residuals[key]
+        return self._residuals[key].clone()
 
     def step_count(self, key: Hashable) -> int:
         """Number of completed :meth:`step` calls for ``key``."""
@@ -191,7 +200,8 @@ class GradientCompressor:
         self._overlap = dict(state.get("overlap", {}))
         self.totals = {**self._zero_totals(), **state.get("totals", {})}
 
-    def step(self, grad: torch.Tensor, key: Hashable) -> torch.Tensor:
+    def step(self, grad: torch.Tensor, key: Hashable,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """Add the residual, select, exchange; return the update averaged over ranks.
 
         Collective: every rank calls it with the same key and numel, in the same order.
@@ -199,6 +209,9 @@ class GradientCompressor:
         Args:
             grad: this rank's gradient (any shape; fp32, fp64, fp16 or bf16).
             key: stable name of the tensor (e.g. a bucket index or parameter name).
+            out: optional contiguous tensor shaped and typed like ``grad`` (``grad``
+                itself is allowed) that receives the update, sparing a numel-sized
+                allocation per step; the return value is then ``out``.
 
         Returns:
             The averaged update, same shape, dtype and device as ``grad``.
@@ -225,27 +238,44 @@ class GradientCompressor:
             return grad.detach().clone()
 
         started = time.perf_counter()
-        g = flat.to(state_dtype, copy=True)
+        # Few full passes over the gradient and no large allocation in steady state: the
+        # residual buffer itself accumulates the gradient (it is "acc" below) and keeps
+        # what is not sent, so nothing of numel size is allocated after the first step.
+        g = flat
         nonfinite = False
         if cfg.nonfinite == "zero":
-            g = torch.where(torch.isfinite(g), g, torch.zeros((), dtype=state_dtype,
-                                                              device=g.device))
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         else:
-            nonfinite = not bool(torch.isfinite(g).all())
+            nonfinite = _has_nonfinite(g)
         if cfg.clip_norm is not None and not nonfinite:
-            norm = torch.linalg.vector_norm(g)
-            g *= torch.clamp(cfg.clip_norm / (norm + 1e-12), max=1.0)
+            norm = torch.linalg.vector_norm(g, dtype=state_dtype)
+            g = g.to(state_dtype) * torch.clamp(cfg.clip_norm / (norm + 1e-12), max=1.0)
         velocity = None
         if cfg.momentum > 0 and not nonfinite:
-            velocity = self._state(self._momenta, key, numel, state_dtype, g.device)
-            velocity = velocity * cfg.momentum + g
+            velocity = self._momenta.get(key)
+            if velocity is None:
+                velocity = g.to(state_dtype, copy=True)
+            else:
+                velocity = self._check_state(velocity, key, numel, state_dtype, g.device)
+                velocity.mul_(cfg.momentum).add_(g)
             g = velocity
         residual = self._residuals.get(key) if cfg.error_feedback else None
         if residual is not None:
-            residual = self._check_state(residual, key, numel, state_dtype, g.device)
-            acc = g + residual if not nonfinite else g
+            acc = self._check_state(residual, key, numel, state_dtype, g.device)
+            if nonfinite:
+                pass  # a non-finite gradient never reaches the residual
+            elif cfg.nonfinite == "skip":
+                # Another rank may still call the step off: keep the residual intact
+                # until the exchange has succeeded.
+                acc = acc + g
+            else:
+                # In place. Should another rank raise for a non-finite gradient, this
+                # rank's gradient stays in its residual (delayed, not lost).
+                acc.add_(g)
+        elif cfg.error_feedback:
+            acc = g.to(state_dtype, copy=True)  # becomes the residual buffer
         else:
-            acc = g
+            acc = g.to(state_dtype)
 
         dense = cfg.is_dense_step(numel, step)
         recall = None
@@ -266,20 +296,27 @@ class GradientCompressor:
                 positions = self._select(acc, plan)
             values = acc[positions]
             scheme = cfg.exchange
-            if (not nonfinite and cfg.method == "bucketed" and cfg.recall_interval
-                    and step % cfg.recall_interval == 0):
-                recall = self._recall(acc, positions)
         if stats_step and acc.is_cuda:
             torch.cuda.synchronize(acc.device)
         selection_seconds = time.perf_counter() - started
+        # The recall diagnostic runs an exact top-k: not part of the selection's time.
+        if (not dense and not nonfinite and cfg.method == "bucketed" and cfg.recall_interval
+                and step % cfg.recall_interval == 0):
+            recall = self._recall(acc, positions)
 
         measure = (not dense and cfg.exchange == "auto" and world > 2)
         hint = None
         if measure and key in self._overlap:
             hint = self._overlap[key] * min(world * k, numel) / world
+        if out is not None and (out.shape != grad.shape or out.dtype != grad.dtype
+                                or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous tensor like grad ({tuple(grad.shape)}, "
+                             f"{grad.dtype}), got {tuple(out.shape)}, {out.dtype}")
+        direct = out is not None and out.dtype == state_dtype
         result = exchange(positions, values, numel, group=self.group, average=True, wire=wire,
                           scheme=scheme, out_dtype=state_dtype, tag=_key_tag(key),
-                          nonfinite=nonfinite, union_hint=hint, measure_union=measure)
+                          nonfinite=nonfinite, union_hint=hint, measure_union=measure,
+                          out=out.view(-1) if direct else None)
         self._steps[key] = step + 1
         if result.nonfinite_ranks:
             if cfg.nonfinite == "raise":
@@ -289,18 +326,15 @@ class GradientCompressor:
                     f"'skip' (drop the step on every rank) or 'zero' (treat entries as 0)")
             self._record(key, step, numel, 0, scheme, result, selection_seconds, world,
                          stats_step, recall, plan, wire, skipped=True)
-            return torch.zeros_like(grad)
+            return torch.zeros_like(grad) if out is None else out.zero_()
 
         # What this rank actually sent (rounded to the wire dtype) leaves the residual.
-        sent = values.to(value_dtype).to(state_dtype)
         if cfg.error_feedback:
             if dense:
-                new_residual = acc - sent
+                acc.sub_(values.to(value_dtype).to(state_dtype))
             else:
-                # acc is a fresh tensor owned here, except when it is the velocity itself.
-                new_residual = acc.clone() if acc is velocity else acc
-                new_residual[positions] = values - sent
-            self._residuals[key] = new_residual
+                acc[positions] = values - values.to(value_dtype).to(state_dtype)
+            self._residuals[key] = acc
         if velocity is not None:
             if dense:
                 velocity.zero_()
@@ -309,7 +343,10 @@ class GradientCompressor:
             self._momenta[key] = velocity
         self._record(key, step, numel, k, result.scheme, result, selection_seconds, world,
                      stats_step, recall, plan, wire, skipped=False)
-        return result.output.to(grad.dtype).view(grad.shape)
+        if direct:
+            return out
+        update = result.output.to(grad.dtype).view(grad.shape)
+        return update if out is None else out.copy_(update)
 
     # -- internals -----------------------------------------------------------------------
 

@@ -51,7 +51,8 @@ def _scenarios(rank, world):
             for step in range(STEPS):
                 grad = _integer_grad(rank, step)
                 grad_sum += grad
-                before = comp._residuals.get("w", torch.zeros(NUMEL, dtype=torch.float64))
+                before = (comp.residual("w") if "w" in comp._residuals
+                          else torch.zeros(NUMEL, dtype=torch.float64))
                 update = comp.step(grad, "w")
                 sent = grad + before - comp.residual("w")
                 sent_ok &= bool(torch.equal(update, _dense_average(sent, world)))

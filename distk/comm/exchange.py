@@ -142,7 +142,8 @@ def _check_metadata(rows: torch.Tensor) -> None:
 def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, group: Any = None,
              average: bool = True, wire: WireFormat | None = None, scheme: str = "allgather",
              out_dtype: torch.dtype | None = None, tag: int = 0, nonfinite: bool = False,
-             union_hint: float | None = None, measure_union: bool = False) -> ExchangeResult:
+             union_hint: float | None = None, measure_union: bool = False,
+             out: torch.Tensor | None = None) -> ExchangeResult:
     """Sum (or average) every rank's selected entries into a dense tensor; collective.
 
     Args:
@@ -164,6 +165,9 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
             exchanged and ``output`` is ``None`` on every rank.
         union_hint: expected largest distinct-position count per shard (cost model).
         measure_union: with ``"allgather"``, also measure ``union_per_shard``.
+        out: optional contiguous ``(numel,)`` tensor of ``out_dtype`` that receives the
+            result (``output`` is then ``out``); saves allocating a numel-sized tensor per
+            call. It may share memory with the caller's gradient but not with ``values``.
 
     Raises:
         RankMismatchError: on every rank, when the ranks' sizes or options differ.
@@ -195,6 +199,13 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
     out_dtype = values.dtype if out_dtype is None else out_dtype
     if out_dtype not in DTYPE_CODES:
         raise ValueError(f"out_dtype must be one of {list(DTYPE_CODES)}, got {out_dtype}")
+    if out is not None and (out.dtype != out_dtype or out.numel() != numel
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous tensor of {numel} {out_dtype} entries, got "
+                         f"{out.numel()} {out.dtype} (contiguous={out.is_contiguous()})")
+    # The result accumulates in `out` directly where dtype and device allow.
+    buffer = (out.view(-1) if out is not None and out.dtype == acc_dtype_of(wire, out_dtype)
+              and out.device == values.device else None)
     rank, world = _world(group)
     if scheme == "auto":
         scheme = choose_scheme(numel, k, world, wire.index_bytes, wire.value_bytes, union_hint)
@@ -211,11 +222,13 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
                                   seconds=time.perf_counter() - started)
         sent_values = values.to(wire.value_dtype).to(acc_dtype)
         if dense_input:
-            result = sent_values.clone()  # never alias the caller's tensor
+            result = (buffer.copy_(sent_values) if buffer is not None
+                      else sent_values.clone())  # never alias the caller's tensor
         else:
-            result = torch.zeros(numel, dtype=acc_dtype, device=out_device)
+            result = buffer.zero_() if buffer is not None else torch.zeros(
+                numel, dtype=acc_dtype, device=out_device)
             result.index_add_(0, indices, sent_values)
-        return ExchangeResult(result.to(out_dtype), scheme, 0, payload_bytes,
+        return ExchangeResult(_into(out, result.to(out_dtype)), scheme, 0, payload_bytes,
                               seconds=time.perf_counter() - started)
 
     device = _comm_device(group, values)
@@ -242,7 +255,7 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
     union = None
     if scheme == "allgather":
         result, sent, union = _allgather(indices, values, wire, world, group, acc_dtype,
-                                         measure_union)
+                                         measure_union, buffer)
     elif scheme == "reduce_scatter":
         routing = rows[:, META_FIELDS:]
         result, sent, union = _reduce_scatter(indices, values, wire, rank, world, group,
@@ -252,7 +265,7 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
                               acc_dtype)
     if average:
         result /= world
-    return ExchangeResult(result.to(device=out_device, dtype=out_dtype), scheme,
+    return ExchangeResult(_into(out, result.to(device=out_device, dtype=out_dtype)), scheme,
                           bytes_sent + sent, payload_bytes, union_per_shard=union,
                           seconds=time.perf_counter() - started)
 
@@ -264,12 +277,24 @@ def _largest_shard_union(touched: torch.Tensor, world: int) -> float:
     return float(padded.view(world, shard).sum(dim=1).max().item())
 
 
-def _allgather(indices, values, wire, world, group, acc_dtype, measure_union):
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    """``result`` written into ``out`` (when given and not already there)."""
+    if out is None or result.data_ptr() == out.data_ptr():
+        return result if out is None else out
+    return out.copy_(result.view_as(out))
+
+
+def acc_dtype_of(wire: WireFormat, out_dtype: torch.dtype) -> torch.dtype:
+    return _accumulation_dtype(wire.value_dtype, out_dtype)
+
+
+def _allgather(indices, values, wire, world, group, acc_dtype, measure_union, buffer=None):
     payload = wire.pack(indices, values)
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
     _all_gather(gathered, payload, group)
     all_indices, all_values = wire.unpack(gathered.view(world, -1))
-    result = torch.zeros(wire.numel, dtype=acc_dtype, device=payload.device)
+    result = (buffer.zero_() if buffer is not None and buffer.device == payload.device
+              else torch.zeros(wire.numel, dtype=acc_dtype, device=payload.device))
     for source in range(world):  # fixed order: bitwise-identical sums on every rank
         result.index_add_(0, all_indices[source], all_values[source].to(acc_dtype))
     union = None

@@ -143,9 +143,7 @@ def sparse_allreduce_hook(
                 "Raise SparsityConfig.dense_steps past the point where buckets change."
             )
         flat = as_flat(buffer)
-        averaged = state.compressor.step(flat, index)
-        if averaged.data_ptr() != flat.data_ptr():
-            flat.copy_(averaged)
+        state.compressor.step(flat, index, out=flat)
         stats = state.compressor.stats
     state._end_buffer(stats, last=bucket.is_last())
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()

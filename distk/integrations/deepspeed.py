@@ -248,11 +248,9 @@ class DeepSpeedCompressionState(CompressionState):
         """Replace ``grad`` in place by its sparse, error-compensated average over ranks."""
         flat = grad.view(-1) if grad.is_contiguous() else grad.contiguous().view(-1)
         self._begin_buffer(key)
-        averaged = self.compressor.step(flat, key)
+        self.compressor.step(flat, key, out=flat)
         if self.sum_gradients:
-            averaged = averaged * self.world_size()
-        if averaged.data_ptr() != flat.data_ptr() or self.sum_gradients:
-            flat.copy_(averaged)
+            flat.mul_(self.world_size())
         if flat.data_ptr() != grad.data_ptr():
             grad.copy_(flat.view_as(grad))
         self.exchanges += 1
