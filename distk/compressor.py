@@ -39,7 +39,7 @@ import distk
 from distk.comm import WireFormat, dense_allreduce_bytes, exchange
 from distk.comm.exchange import _world
 from distk.config import SparsityConfig
-from distk.selection import bucket_candidates, resolve_buckets
+from distk.selection import per_bucket_topk, resolve_buckets
 from distk.selection.reference import positions_of
 
 __all__ = ["GradientCompressor", "NonFiniteGradientError"]
@@ -58,6 +58,17 @@ def _has_nonfinite(tensor: torch.Tensor) -> bool:
     if bool(torch.isfinite(tensor.sum())):
         return False
     return not bool(torch.isfinite(tensor).all())
+
+
+def _fit_wire_range(values: torch.Tensor, value_dtype: torch.dtype,
+                    world: int) -> torch.Tensor:
+    """``values`` clamped to ``+-finfo(value_dtype).max / world`` when the wire dtype has a
+    smaller range than ``values`` (fp16, bf16 from fp32 state): no value, and no sum over
+    ``world`` ranks, can overflow to Inf on the wire. The excess stays in the residual."""
+    if torch.finfo(value_dtype).max >= torch.finfo(values.dtype).max:
+        return values
+    limit = torch.finfo(value_dtype).max / max(world, 1)
+    return values.clamp(-limit, limit)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -225,6 +236,10 @@ class GradientCompressor:
         if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
             raise ValueError(f"grad must be a floating-point tensor, got "
                              f"{getattr(grad, 'dtype', type(grad).__name__)}")
+        if grad.layout != torch.strided:
+            raise ValueError(f"grad must be a dense (strided) tensor, got layout {grad.layout}; "
+                             "sparse gradients (e.g. nn.Embedding(sparse=True)) are not "
+                             "supported")
         cfg = self.cfg
         flat = grad.detach().reshape(-1)
         numel = flat.numel()
@@ -313,7 +328,8 @@ class GradientCompressor:
             raise ValueError(f"out must be a contiguous tensor like grad ({tuple(grad.shape)}, "
                              f"{grad.dtype}), got {tuple(out.shape)}, {out.dtype}")
         direct = out is not None and out.dtype == state_dtype
-        result = exchange(positions, values, numel, group=self.group, average=True, wire=wire,
+        sent = _fit_wire_range(values, value_dtype, world)
+        result = exchange(positions, sent, numel, group=self.group, average=True, wire=wire,
                           scheme=scheme, out_dtype=state_dtype, tag=_key_tag(key),
                           nonfinite=nonfinite, union_hint=hint, measure_union=measure,
                           out=out.view(-1) if direct else None)
@@ -331,9 +347,9 @@ class GradientCompressor:
         # What this rank actually sent (rounded to the wire dtype) leaves the residual.
         if cfg.error_feedback:
             if dense:
-                acc.sub_(values.to(value_dtype).to(state_dtype))
+                acc.sub_(sent.to(value_dtype).to(state_dtype))
             else:
-                acc[positions] = values - values.to(value_dtype).to(state_dtype)
+                acc[positions] = values - sent.to(value_dtype).to(state_dtype)
             self._residuals[key] = acc
         if velocity is not None:
             if dense:
@@ -400,7 +416,7 @@ class GradientCompressor:
     def _select(self, acc: torch.Tensor, plan: _Plan) -> torch.Tensor:
         cfg = self.cfg
         if plan.packed:
-            keys = bucket_candidates(acc.view(1, -1), plan.buckets, plan.k_per_bucket,
+            keys = per_bucket_topk(acc.view(1, -1), plan.buckets, plan.k_per_bucket,
                                      cfg.interleaved, True)
             return positions_of(keys).reshape(-1)
         method = "exact" if plan.buckets is None else cfg.method

@@ -98,9 +98,9 @@ def _count_compressor_calls(state) -> list[int]:
     counter = [0]
     step = state.compressor.step
 
-    def counted(grad, key):
+    def counted(grad, key, **kwargs):
         counter[0] += 1
-        return step(grad, key)
+        return step(grad, key, **kwargs)
 
     state.compressor.step = counted
     return counter

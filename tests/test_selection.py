@@ -348,3 +348,17 @@ def test_gradient_flows_through_selected_values():
     values.sum().backward()
     expected = torch.zeros_like(x).scatter_(1, indices, 1.0)
     assert torch.equal(x.grad, expected)
+
+
+def test_per_bucket_topk_with_sampled_floor_equals_plain_first_stage():
+    # n >= 2^18: per_bucket_topk samples a floor; every bucket must still get its exact
+    # top k_per_bucket, including a row (all zeros but a few) that forces the redo path.
+    torch.manual_seed(8)
+    x = torch.randn(3, 1 << 18)
+    x[2] = 0.0
+    x[2, ::1000] = 1.0
+    for buckets, k_per_bucket in [(256, 64), (1000, 16), (64, 200)]:
+        for interleaved in (True, False):
+            want = bucket_candidates_reference(x, buckets, k_per_bucket, interleaved)
+            got = distk.selection.per_bucket_topk(x, buckets, k_per_bucket, interleaved)
+            assert torch.equal(got, want), (buckets, k_per_bucket, interleaved)

@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_RECALL_TARGET",
     "bucket_candidates",
     "choose_buckets",
+    "per_bucket_topk",
     "expected_recall",
     "resolve_buckets",
     "topk",
@@ -84,28 +85,53 @@ _FLOOR_MIN_N = 1 << 18
 _FLOOR_BLOCKS, _FLOOR_BLOCK = 64, 256
 
 
-def _score_floor(x: torch.Tensor, k: int, buckets: int, k_per_bucket: int,
+def _score_floor(x: torch.Tensor, above_fraction: float,
                  by_magnitude: bool) -> torch.Tensor | None:
-    """Per-row score key that at least ~2k/recall entries exceed, from a sample.
+    """Per-row score key that about ``above_fraction`` of the row's entries exceed,
+    estimated from a sample of 16 K entries; ``None`` when it would not save work.
 
-    Entries at or below it cannot reach the final top-k as long as each row still has k
-    candidates above it (checked by the caller, which redoes failing rows without a
-    floor), so the first stage can skip them: most of the per-bucket insertions happen
-    on such entries. The result never changes, only the work.
+    The first stage may skip entries at or below a floor when enough entries lie above
+    it; callers check that afterwards and redo failing rows without a floor, so a floor
+    changes the work, never the result. Most per-bucket insertions happen on entries
+    that a good floor rules out.
     """
     rows, n = x.shape
     if n < _FLOOR_MIN_N:
         return None
-    recall = expected_recall(n, k, buckets, k_per_bucket)
     samples = _FLOOR_BLOCKS * _FLOOR_BLOCK
+    above = int(samples * above_fraction) + 16  # slack for the sampling noise
+    if above >= samples // 4:
+        return None
     starts = torch.linspace(0, n - _FLOOR_BLOCK, _FLOOR_BLOCKS, device=x.device).long()
     cols = (starts[:, None] + torch.arange(_FLOOR_BLOCK, device=x.device)).flatten()
-    # Sample entries expected above the floor: those of global rank 2k/recall, plus slack.
-    above = int(samples * 2 * k / (max(recall, 0.05) * n)) + 16
-    if above >= samples:
-        return None
     keys = order_keys(x[:, cols], by_magnitude)
     return torch.kthvalue(keys, samples - above, dim=-1).values
+
+
+def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
+                    interleaved: bool = True, by_magnitude: bool = True) -> torch.Tensor:
+    """Every bucket's top ``k_per_bucket`` entries of a 2-D ``x``: the same composite keys
+    as :func:`bucket_candidates`, computed with a sampled floor where that saves work.
+
+    The floor aims at ``k_per_bucket + 6 sqrt(k_per_bucket) + 4`` entries above it per
+    bucket on average; a row where some bucket ends with an empty slot is redone
+    without it. Used for selections with no second stage (the compressor's wire format
+    with implicit bucket ids).
+    """
+    rows, n = x.shape
+    length = -(-n // buckets)
+    kept = min(k_per_bucket, length)
+    floor = None
+    if kept < length:
+        fraction = (kept + 6 * math.sqrt(kept) + 4) / (n / buckets)
+        floor = _score_floor(x, fraction, by_magnitude)
+    candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude, floor)
+    if floor is not None:
+        short = (candidates == PAD_KEY).flatten(1).any(dim=1)
+        if bool(short.any()):
+            candidates[short] = bucket_candidates(x[short], buckets, k_per_bucket, interleaved,
+                                                  by_magnitude)
+    return candidates
 
 
 @torch.library.custom_op("distk::bucketed_topk_indices", mutates_args=())
@@ -114,19 +140,22 @@ def bucketed_topk_indices(x: torch.Tensor, k: int, buckets: int, k_per_bucket: i
     """Positions ``(rows, k)`` int64 of the bucketed top-k of a contiguous 2-D ``x``."""
     if k == 0:
         return torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)
-    kept = min(k_per_bucket, -(-x.shape[1] // buckets))
-    floor = (_score_floor(x, k, buckets, k_per_bucket, by_magnitude)
-             if buckets * kept > k else None)
+    n = x.shape[1]
+    kept = min(k_per_bucket, -(-n // buckets))
+    if buckets * kept == k:
+        # No second stage: every candidate is selected; only the order remains.
+        candidates = per_bucket_topk(x, buckets, k_per_bucket, interleaved, by_magnitude)
+        flat = candidates.reshape(candidates.shape[0], -1)
+        return positions_of(torch.sort(flat, dim=-1, descending=True).values)
+    # A floor that about 2k / recall entries exceed: the k-th candidate lies above it.
+    recall = max(expected_recall(n, k, buckets, k_per_bucket), 0.05)
+    floor = _score_floor(x, 2 * k / (recall * n), by_magnitude)
     candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude, floor)
     if floor is not None:
         short = (candidates != PAD_KEY).sum(dim=(1, 2)) < k
         if bool(short.any()):
             candidates[short] = bucket_candidates(x[short], buckets, k_per_bucket, interleaved,
                                                   by_magnitude)
-    if candidates.shape[1] * candidates.shape[2] == k:
-        # No second stage needed: every candidate is selected; only the order remains.
-        flat = candidates.reshape(candidates.shape[0], -1)
-        return positions_of(torch.sort(flat, dim=-1, descending=True).values)
     return second_stage(candidates, k)
 
 

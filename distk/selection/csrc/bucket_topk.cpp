@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <functional>
 #include <vector>
 #include <omp.h>
 #if defined(__AVX512F__)
@@ -108,16 +109,37 @@ inline uint32_t block_mask(const T* __restrict src, int32_t thr) {
 }
 #endif
 
-// The kept entries of one bucket: composite keys sorted descending, so that one
-// insertion touches one cache line. Returns the bucket's new threshold (the key part of
-// its last slot, never below the row's floor): an entry must have a strictly larger key
-// to enter, so equal keys keep the earlier entry, as the reference orders them.
+// The kept entries of one bucket, as composite keys: up to kHeapFrom slots a list sorted
+// descending (one insertion touches one cache line); more slots a binary min-heap
+// (log(kept) moves per insertion instead of up to kept), sorted once at the end.
+// Returns the bucket's new threshold: the key part of its smallest kept key, never below
+// the row's floor. An entry must have a strictly larger key to enter, so equal keys keep
+// the earlier entry, as the reference orders them.
+constexpr int kHeapFrom = 12;
+
 inline int32_t insert(int64_t* slots, int kept, int32_t key, uint32_t pos, int32_t floor) {
     const int64_t c = composite(key, pos);
-    int i = kept - 1;
-    while (i > 0 && slots[i - 1] < c) { slots[i] = slots[i - 1]; --i; }
+    if (kept <= kHeapFrom) {
+        int i = kept - 1;
+        while (i > 0 && slots[i - 1] < c) { slots[i] = slots[i - 1]; --i; }
+        slots[i] = c;
+        return std::max(floor, static_cast<int32_t>(slots[kept - 1] >> 32));
+    }
+    int i = 0;  // c replaces the root (the smallest) and sinks
+    for (;;) {
+        int child = 2 * i + 1;
+        if (child >= kept) break;
+        if (child + 1 < kept && slots[child + 1] < slots[child]) ++child;
+        if (slots[child] >= c) break;
+        slots[i] = slots[child];
+        i = child;
+    }
     slots[i] = c;
-    return std::max(floor, static_cast<int32_t>(slots[kept - 1] >> 32));
+    return std::max(floor, static_cast<int32_t>(slots[0] >> 32));
+}
+
+inline void finish(int64_t* slots, int kept) {
+    if (kept > kHeapFrom) std::sort(slots, slots + kept, std::greater<int64_t>());
 }
 
 template <typename T, bool kMagnitude>
@@ -154,6 +176,7 @@ void interleaved_chunk(const T* row, int64_t n, int64_t buckets, int64_t j0, int
             }
         }
     }
+    for (int64_t w = 0; w < width; ++w) finish(slots + w * kept, kept);
 }
 
 template <typename T, bool kMagnitude>
@@ -181,6 +204,7 @@ void contiguous_bucket(const T* row, int64_t n, int64_t buckets, int64_t j, int 
             if (key > thr) thr = insert(slots, kept, key, static_cast<uint32_t>(i), floor);
         }
     }
+    finish(slots, kept);
 }
 
 template <typename T, bool kMagnitude>
