@@ -57,10 +57,11 @@ def _backend() -> str:
 
 def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
                       interleaved: bool = True, by_magnitude: bool = True,
-                      floor: torch.Tensor | None = None) -> torch.Tensor:
+                      floor: torch.Tensor | None = None, refill: bool = False) -> torch.Tensor:
     """First stage on a 2-D ``x``: composite keys ``(rows, buckets, kept)``, each bucket's
     top entries sorted descending (see ``reference.py`` for the key encoding and
-    ``floor``)."""
+    ``floor``). ``refill`` lets a backend redo, without the floor, a bucket left with an
+    empty slot (the CPU kernel does; callers still check the others)."""
     backend = _backend()
     if backend == "auto":
         backend = "triton" if x.is_cuda else "cpu"
@@ -73,7 +74,7 @@ def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
         from distk.selection.cpu_kernel import bucket_candidates_cpu
 
         result = bucket_candidates_cpu(x, buckets, k_per_bucket, interleaved, by_magnitude,
-                                       floor)
+                                       floor, refill)
         if result is not None:
             return result
     return bucket_candidates_reference(x, buckets, k_per_bucket, interleaved, by_magnitude,
@@ -125,7 +126,8 @@ def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
     if kept < length:
         fraction = (kept + 6 * math.sqrt(kept) + 4) / (n / buckets)
         floor = _score_floor(x, fraction, by_magnitude)
-    candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude, floor)
+    candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude, floor,
+                                   refill=True)
     if floor is not None:
         short = (candidates == PAD_KEY).flatten(1).any(dim=1)
         if bool(short.any()):

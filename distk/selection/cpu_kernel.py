@@ -61,7 +61,7 @@ def _build() -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     return library
 
 
@@ -81,9 +81,12 @@ def load() -> ctypes.CDLL | None:
 
 def bucket_candidates_cpu(x: torch.Tensor, buckets: int, k_per_bucket: int,
                           interleaved: bool = True, by_magnitude: bool = True,
-                          floor: torch.Tensor | None = None) -> torch.Tensor | None:
+                          floor: torch.Tensor | None = None,
+                          refill: bool = False) -> torch.Tensor | None:
     """First stage on a contiguous 2-D CPU tensor; same result as
-    ``reference.bucket_candidates_reference``. ``None`` when the kernel is unavailable."""
+    ``reference.bucket_candidates_reference``. ``None`` when the kernel is unavailable.
+    ``refill``: a bucket left with an empty slot under ``floor`` is redone without it
+    (then the result is that of no floor at all)."""
     library = load()
     if library is None:
         return None
@@ -102,7 +105,7 @@ def bucket_candidates_cpu(x: torch.Tensor, buckets: int, k_per_bucket: int,
     code = library.distk_bucket_candidates(
         x.data_ptr(), _DTYPE_CODES[x.dtype], rows, n, n, buckets, kept,
         int(interleaved), int(by_magnitude), None if floor is None else floor.data_ptr(),
-        out.data_ptr(), threads)
+        int(refill), out.data_ptr(), threads)
     if code != 0:
         raise RuntimeError(f"distk CPU kernel failed with code {code}")
     return out

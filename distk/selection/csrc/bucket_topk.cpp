@@ -144,7 +144,7 @@ inline void finish(int64_t* slots, int kept) {
 
 template <typename T, bool kMagnitude>
 void interleaved_chunk(const T* row, int64_t n, int64_t buckets, int64_t j0, int64_t j1,
-                       int kept, int32_t floor, int64_t* out) {
+                       int kept, int32_t floor, bool refill, int64_t* out) {
     const int64_t width = j1 - j0;
     std::vector<int32_t> thr(width, floor);
     int64_t* slots = out + j0 * kept;        // written in place: bucket j's slots
@@ -176,12 +176,24 @@ void interleaved_chunk(const T* row, int64_t n, int64_t buckets, int64_t j0, int
             }
         }
     }
-    for (int64_t w = 0; w < width; ++w) finish(slots + w * kept, kept);
+    for (int64_t w = 0; w < width; ++w) {
+        int64_t* s = slots + w * kept;
+        if (refill && floor != kPadKey32 && *std::min_element(s, s + kept) == kPadKey64) {
+            // Too few entries above the floor: redo this bucket without it.
+            std::fill(s, s + kept, kPadKey64);
+            int32_t t = kPadKey32;
+            for (int64_t p = j0 + w; p < n; p += buckets) {
+                const int32_t key = key_of<kMagnitude>(bits_of(row, p));
+                if (key > t) t = insert(s, kept, key, static_cast<uint32_t>(p), kPadKey32);
+            }
+        }
+        finish(s, kept);
+    }
 }
 
 template <typename T, bool kMagnitude>
 void contiguous_bucket(const T* row, int64_t n, int64_t buckets, int64_t j, int kept,
-                       int32_t floor, int64_t* out) {
+                       int32_t floor, bool refill, int64_t* out) {
     const int64_t start = j * n / buckets, end = (j + 1) * n / buckets;
     int64_t* slots = out + j * kept;
     std::fill(slots, slots + kept, kPadKey64);
@@ -204,12 +216,16 @@ void contiguous_bucket(const T* row, int64_t n, int64_t buckets, int64_t j, int 
             if (key > thr) thr = insert(slots, kept, key, static_cast<uint32_t>(i), floor);
         }
     }
+    if (refill && floor != kPadKey32 && *std::min_element(slots, slots + kept) == kPadKey64) {
+        contiguous_bucket<T, kMagnitude>(row, n, buckets, j, kept, kPadKey32, false, out);
+        return;  // redone without the floor (and finished) above
+    }
     finish(slots, kept);
 }
 
 template <typename T, bool kMagnitude>
 void run(const T* x, int64_t rows, int64_t n, int64_t row_stride, int64_t buckets, int kept,
-         bool interleaved, const int32_t* floors, int64_t* out, int threads) {
+         bool interleaved, const int32_t* floors, bool refill, int64_t* out, int threads) {
     if (interleaved) {
         // Each thread streams whole contiguous segments of every row (tiling the buckets
         // into cache-sized chunks measured slower: the strided reads miss the TLB).
@@ -223,7 +239,7 @@ void run(const T* x, int64_t rows, int64_t n, int64_t row_stride, int64_t bucket
                 const int64_t j0 = c * width, j1 = std::min(buckets, j0 + width);
                 if (j0 < j1)
                     interleaved_chunk<T, kMagnitude>(x + r * row_stride, n, buckets, j0, j1, kept,
-                                                     floors ? floors[r] : kPadKey32,
+                                                     floors ? floors[r] : kPadKey32, refill,
                                                      out + r * buckets * kept);
             }
     } else {
@@ -231,7 +247,7 @@ void run(const T* x, int64_t rows, int64_t n, int64_t row_stride, int64_t bucket
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t j = 0; j < buckets; ++j)
                 contiguous_bucket<T, kMagnitude>(x + r * row_stride, n, buckets, j, kept,
-                                                 floors ? floors[r] : kPadKey32,
+                                                 floors ? floors[r] : kPadKey32, refill,
                                                  out + r * buckets * kept);
     }
 }
@@ -239,10 +255,10 @@ void run(const T* x, int64_t rows, int64_t n, int64_t row_stride, int64_t bucket
 template <typename T>
 void dispatch_magnitude(const void* x, int64_t rows, int64_t n, int64_t row_stride,
                         int64_t buckets, int kept, bool interleaved, bool by_magnitude,
-                        const int32_t* floors, int64_t* out, int threads) {
+                        const int32_t* floors, bool refill, int64_t* out, int threads) {
     const T* data = static_cast<const T*>(x);
-    if (by_magnitude) run<T, true>(data, rows, n, row_stride, buckets, kept, interleaved, floors, out, threads);
-    else run<T, false>(data, rows, n, row_stride, buckets, kept, interleaved, floors, out, threads);
+    if (by_magnitude) run<T, true>(data, rows, n, row_stride, buckets, kept, interleaved, floors, refill, out, threads);
+    else run<T, false>(data, rows, n, row_stride, buckets, kept, interleaved, floors, refill, out, threads);
 }
 
 }  // namespace
@@ -250,18 +266,20 @@ void dispatch_magnitude(const void* x, int64_t rows, int64_t n, int64_t row_stri
 extern "C" {
 
 // floors: null, or one int32 key per row; entries whose key is not above their row's
-// floor are ignored (see reference.py). Returns 0 on success, -1 for an unsupported dtype.
+// floor are ignored (see reference.py). refill: a bucket left with an empty slot under a
+// floor is redone without it, so the floor never changes the result (per-bucket top-k).
+// Returns 0 on success, -1 for an unsupported dtype.
 int distk_bucket_candidates(const void* x, int dtype, int64_t rows, int64_t n,
                             int64_t row_stride, int64_t buckets, int64_t kept,
                             int interleaved, int by_magnitude, const int32_t* floors,
-                            int64_t* out, int threads) {
+                            int refill, int64_t* out, int threads) {
     const int k = static_cast<int>(kept);
     switch (dtype) {
         case kFloat32:
-            dispatch_magnitude<float>(x, rows, n, row_stride, buckets, k, interleaved, by_magnitude, floors, out, threads);
+            dispatch_magnitude<float>(x, rows, n, row_stride, buckets, k, interleaved, by_magnitude, floors, refill != 0, out, threads);
             return 0;
         case kBFloat16:
-            dispatch_magnitude<uint16_t>(x, rows, n, row_stride, buckets, k, interleaved, by_magnitude, floors, out, threads);
+            dispatch_magnitude<uint16_t>(x, rows, n, row_stride, buckets, k, interleaved, by_magnitude, floors, refill != 0, out, threads);
             return 0;
         default:
             return -1;
