@@ -50,6 +50,20 @@ def test_config_round_trip_and_overrides() -> None:
     assert load_config(None, ["sparsity.nonfinite=skip"]).sparsity.nonfinite == "skip"
 
 
+def test_momentum_correction_moves_sgd_momentum_into_sparse_compressors() -> None:
+    from distk.train.loop import momentum_placement
+
+    for mode in ("exact", "bucketed"):
+        cfg = momentum_placement(load_config(None, [f"sparsity.method={mode}"]))
+        assert (cfg.sparsity.momentum, cfg.train.beta1) == (0.9, 0.0)
+    unchanged = [load_config(None, ["sparsity.method=dense"]),
+                 load_config(None, ["train.optimizer=adamw", "train.lr=0.002"]),
+                 load_config(None, ["train.momentum_correction=false"]),
+                 load_config(None, ["sparsity.momentum=0.5"])]
+    for cfg in unchanged:
+        assert momentum_placement(cfg) == cfg
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("train.stpes=3", r"unknown config key 'train.stpes'; did you mean 'train.steps'"),
     ("trian.steps=3", r"unknown config key 'trian'; did you mean 'train'"),

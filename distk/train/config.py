@@ -144,6 +144,13 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the (communicated) gradient's global norm to this; 0 = off. >= 0."""
 
+    momentum_correction: bool = True
+    """Sparse modes under SGD move the momentum ``beta1`` from the optimizer into the
+    compressor (``sparsity.momentum``, Deep Gradient Compression's momentum correction:
+    velocity accumulates before selection, so unsent coordinates keep their momentum);
+    the dense mode keeps it in the optimizer. Ignored when ``sparsity.momentum`` is set
+    or the optimizer is AdamW."""
+
     eval_every: int = 100
     """Evaluate on the validation split every N steps (and always at the end); 0 = end only."""
 

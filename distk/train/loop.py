@@ -38,6 +38,7 @@ __all__ = [
     "format_result",
     "lr_at",
     "mode_config",
+    "momentum_placement",
     "resolve_device",
     "setup_distributed",
     "train",
@@ -187,6 +188,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
     """
     import distk
 
+    cfg = momentum_placement(cfg)
     run_dir = Path(run_dir)
     rank, world, device = dist.get_rank(), dist.get_world_size(), resolve_device(cfg)
     data = build_data(cfg, rank, world, device, corpus=corpus if corpus else build_corpus(cfg))
@@ -331,6 +333,17 @@ def corpus_summary(corpus: ByteCorpus) -> str:
     return (f"{corpus.train.numel():,}B train ({corpus.train_files} files) / "
             f"{corpus.val.numel():,}B val ({corpus.val_files} files) from {corpus.root} "
             f"[{corpus.fingerprint}]")
+
+
+def momentum_placement(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with SGD momentum moved into the compressor for sparse modes, when
+    ``train.momentum_correction`` asks (see its docstring); otherwise ``cfg``."""
+    sparse = cfg.sparsity.method != "dense"
+    if (not sparse or not cfg.train.momentum_correction or cfg.train.optimizer != "sgd"
+            or cfg.sparsity.momentum > 0 or cfg.train.beta1 == 0):
+        return cfg
+    return replace(cfg, sparsity=cfg.sparsity.replace(momentum=cfg.train.beta1),
+                   train=replace(cfg.train, beta1=0.0))
 
 
 def mode_config(cfg: TrainConfig, mode: str) -> TrainConfig:
