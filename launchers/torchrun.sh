@@ -13,4 +13,7 @@ if [ ! -x "$torchrun" ]; then
         exit 1
     }
 fi
+# torch 2.13: without this, ranks restarted by --max-restarts reuse the previous attempt's
+# gloo addresses from the shared rendezvous store and fail or hang (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 exec "$torchrun" --standalone --nproc_per_node "${NPROC:-2}" -m distk.train "$@"

@@ -6,13 +6,15 @@
 * :mod:`distk.comm.cost`: bytes per rank of each exchange scheme and the choice;
 * :mod:`distk.comm.exchange`: :func:`sparse_allreduce`, :func:`exchange` (all-gather,
   reduce-scatter and dense schemes, metadata checks across ranks) and
-  :func:`check_same_config`.
+  :func:`check_same_config`; a collective that fails because a peer rank died or stalled
+  past the process group's timeout raises :class:`CollectiveError`.
 
 This layer knows nothing of models: it moves ``(indices, values)`` of flat tensors.
 """
 
 from distk.comm.cost import SCHEMES, choose_scheme, scheme_bytes
 from distk.comm.exchange import (
+    CollectiveError,
     ExchangeResult,
     RankMismatchError,
     check_same_config,
@@ -24,6 +26,7 @@ from distk.comm.wire import WireFormat
 
 __all__ = [
     "SCHEMES",
+    "CollectiveError",
     "ExchangeResult",
     "RankMismatchError",
     "WireFormat",

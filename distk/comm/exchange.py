@@ -26,6 +26,7 @@ Tensors go over the wire on the device the backend needs: CUDA for NCCL, CPU oth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -46,6 +47,7 @@ from distk.comm.cost import (
 from distk.comm.wire import DTYPE_CODES, WireFormat, decode_indices, encode_indices
 
 __all__ = [
+    "CollectiveError",
     "ExchangeResult",
     "RankMismatchError",
     "check_same_config",
@@ -57,13 +59,37 @@ _PROTOCOL = 0x64697374  # "dist": bumps when the metadata layout changes
 _META_NAMES = ("protocol version", "numel", "k", "exchange scheme", "value dtype",
                "index encoding", "buckets", "k_per_bucket", "interleaved", "key tag",
                "non-finite flag", "output dtype")
-_NONFINITE_FIELD = 10
+_NONFINITE_FIELD = 10  # status flags of the rank: bit 0 non-finite, bit 1 bad indices
+_FLAG_NONFINITE = 1
+_FLAG_BAD_INDICES = 2
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 assert len(_META_NAMES) == META_FIELDS
 
 
 class RankMismatchError(ValueError):
     """Ranks called a collective with different sizes or options (raised on every rank)."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed on this rank: a peer rank exited (crash, kill, out of memory),
+    stalled past the process group's timeout, or the connection broke. The backend's
+    error is chained as ``__cause__``."""
+
+
+@contextlib.contextmanager
+def _collective(what: str, group: Any):
+    """Re-raise a backend failure inside the block as :class:`CollectiveError` with context."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as err:  # gloo/nccl errors, DistBackendError, timeouts
+        rank, world = _world(group)
+        raise CollectiveError(
+            f"distk.comm: {what} failed on rank {rank} of {world}: a peer rank probably "
+            "exited (crash, kill, out of memory) or stalled longer than the process group's "
+            "timeout (init_process_group(timeout=...)). Check the other ranks' logs and "
+            f"resume from the last checkpoint. Backend error: {err}") from err
 
 
 @dataclass
@@ -112,7 +138,8 @@ def _comm_device(group: Any, like: torch.Tensor) -> torch.device:
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, inp, group=group)
+    with _collective("an all-gather", group):
+        gather(out, inp, group=group)
 
 
 def _accumulation_dtype(value_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
@@ -215,6 +242,13 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
     acc_dtype = _accumulation_dtype(wire.value_dtype, out_dtype)
     indices = indices.to(torch.int64)
     payload_bytes = numel * wire.value_bytes if dense_input else wire.payload_bytes
+    bad_indices = False
+    if indices.numel():
+        lowest, highest = torch.aminmax(indices)
+        bad_indices = bool(lowest < 0) or bool(highest >= numel)
+    if bad_indices and world == 1:
+        raise ValueError(f"distk.comm: indices must lie in [0, numel={numel}), got values "
+                         f"from {int(lowest)} to {int(highest)}")
 
     if world == 1:
         if nonfinite:
@@ -234,20 +268,27 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
     device = _comm_device(group, values)
     indices, values = indices.to(device), values.to(device)
     shard = shard_size(numel, world)
-    counts = (torch.bincount(indices // shard, minlength=world) if scheme == "reduce_scatter"
+    counts = (torch.bincount(indices // shard, minlength=world)
+              if scheme == "reduce_scatter" and not bad_indices
               else torch.zeros(world, dtype=torch.int64, device=device))
     header = torch.tensor(
         [_PROTOCOL, numel, k, SCHEMES.index(scheme), DTYPE_CODES[wire.value_dtype],
          -1 if dense_input else wire.index_code, wire.buckets or 0,
          wire.k_per_bucket or 0, int(wire.interleaved), tag,
-         int(nonfinite), DTYPE_CODES[out_dtype]], dtype=torch.int64, device=device)
+         _FLAG_NONFINITE * int(nonfinite) + _FLAG_BAD_INDICES * int(bad_indices),
+         DTYPE_CODES[out_dtype]], dtype=torch.int64, device=device)
     meta = torch.cat([header, counts.to(torch.int64)])
     rows = torch.empty(world * meta.numel(), dtype=torch.int64, device=device)
     _all_gather(rows, meta, group)
     rows = rows.view(world, -1).cpu()
     _check_metadata(rows)
     bytes_sent = meta_bytes(world)
-    flagged = [r for r in range(world) if rows[r, _NONFINITE_FIELD].item()]
+    flags = rows[:, _NONFINITE_FIELD].tolist()
+    bad_ranks = [r for r in range(world) if flags[r] & _FLAG_BAD_INDICES]
+    if bad_ranks:  # raised on every rank, before any data moves
+        raise ValueError(f"distk.comm: indices out of range [0, numel={numel}) on rank(s) "
+                         f"{bad_ranks}")
+    flagged = [r for r in range(world) if flags[r] & _FLAG_NONFINITE]
     if flagged:
         return ExchangeResult(None, scheme, bytes_sent, payload_bytes,
                               nonfinite_ranks=flagged, seconds=time.perf_counter() - started)
@@ -311,7 +352,8 @@ def _dense(indices, values, wire, world, group, acc_dtype):
     else:
         dense = torch.zeros(wire.numel, dtype=wire.value_dtype, device=values.device)
         dense.index_add_(0, indices, values.to(wire.value_dtype))
-    dist.all_reduce(dense, group=group)
+    with _collective("a dense all-reduce", group):
+        dist.all_reduce(dense, group=group)
     sent = 2 * (world - 1) * shard_size(wire.numel, world) * wire.value_bytes
     return dense.to(acc_dtype), sent
 
@@ -351,8 +393,10 @@ def _reduce_scatter(indices, values, wire, rank, world, group, acc_dtype, routin
     send_counts = routing[rank].tolist()
     recv_counts = routing[:, rank].tolist()
     recv = torch.empty(sum(recv_counts) * entry, dtype=torch.uint8, device=device)
-    dist.all_to_all_single(recv, send, output_split_sizes=[c * entry for c in recv_counts],
-                           input_split_sizes=[c * entry for c in send_counts], group=group)
+    with _collective("an all-to-all", group):
+        dist.all_to_all_single(recv, send,
+                               output_split_sizes=[c * entry for c in recv_counts],
+                               input_split_sizes=[c * entry for c in send_counts], group=group)
     sent = sum(c for r, c in enumerate(send_counts) if r != rank) * entry
 
     # Owners sum in source-rank order (the same arithmetic as the all-gather scheme).
@@ -423,6 +467,8 @@ def sparse_allreduce(indices: torch.Tensor, values: torch.Tensor, numel: int,
     Returns:
         The dense result, in ``values.dtype`` on ``values.device``.
     """
+    if not values.is_floating_point():  # before WireFormat, which would name value_dtype
+        raise ValueError(f"values must be floating point, got {values.dtype}")
     indices = indices.reshape(-1)
     values = values.reshape(-1)
     wire = WireFormat(numel, indices.numel(), value_dtype or values.dtype)
@@ -467,7 +513,8 @@ def check_same_config(config: dict[str, Any] | Any, group: Any = None) -> None:
     if all(d == digests[0] for d in digests):
         return
     configs: list[Any] = [None] * world
-    dist.all_gather_object(configs, config, group=group)
+    with _collective("the config check's all-gather", group):
+        dist.all_gather_object(configs, config, group=group)
     keys = sorted({key for c in configs for key in c}, key=str)
     missing = object()
     lines = []

@@ -30,7 +30,8 @@ from distk.comm import dense_allreduce_bytes
 
 # Per-buffer statistics that add up over the buffers of one step.
 _SUMMED_STATS = (
-    "numel", "k", "bytes_sent", "dense_bytes", "selection_seconds", "comm_seconds",
+    "numel", "k", "bytes_sent", "dense_bytes", "accumulate_seconds", "selection_seconds",
+    "comm_seconds",
 )
 
 
@@ -96,7 +97,7 @@ def dense_stats(numel: int, element_size: int, world_size: int,
         "numel": numel, "k": numel, "density": 1.0, "scheme": "dense",
         "bytes_sent": dense_allreduce_bytes(numel, world_size, element_size),
         "dense_bytes": dense_allreduce_bytes(numel, world_size, 4),
-        "selection_seconds": 0.0, "comm_seconds": comm_seconds,
+        "accumulate_seconds": 0.0, "selection_seconds": 0.0, "comm_seconds": comm_seconds,
     }
 
 

@@ -107,14 +107,34 @@ class DDPCompressionState(CompressionState):
         self.local_iterations = 0
 
 
-def _dense_allreduce(state: DDPCompressionState, buffer: torch.Tensor) -> dict[str, Any]:
-    """Average ``buffer`` in place by a plain all-reduce; returns its stats."""
+def _dense_allreduce(state: DDPCompressionState, buffer: torch.Tensor,
+                     index: int) -> dict[str, Any]:
+    """Average ``buffer`` in place by a plain all-reduce; returns its stats.
+
+    Applies ``cfg.nonfinite`` like the compressor does: NaN/Inf survive the sum, so every
+    rank sees the same non-finite result and takes the same decision without another
+    collective ("zero" drops the entries locally before the sum)."""
+    from distk.compressor import NonFiniteGradientError
+
     start = time.perf_counter()
+    policy = state.cfg.nonfinite
+    if policy == "zero":
+        buffer.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     # Divide first, like DDP's default hook, so fp16 sums cannot overflow.
     buffer.div_(state.world_size())
     dist.all_reduce(buffer, group=state.process_group)
-    return dense_stats(buffer.numel(), buffer.element_size(), state.world_size(),
-                       time.perf_counter() - start)
+    stats = dense_stats(buffer.numel(), buffer.element_size(), state.world_size(),
+                        time.perf_counter() - start)
+    if policy != "zero" and not bool(torch.isfinite(buffer).all()):
+        if policy == "raise":
+            raise NonFiniteGradientError(
+                f"non-finite gradient (NaN or Inf) at step {state.iteration} (DDP's dense "
+                f"bucket-rebuild iteration) in DDP bucket {index} on at least one rank; set "
+                "SparsityConfig.nonfinite to 'skip' (drop the step on every rank) or 'zero' "
+                "(treat entries as 0)")
+        buffer.zero_()  # "skip": the step's update is zero on every rank
+        stats["skipped"] = True
+    return stats
 
 
 def sparse_allreduce_hook(
@@ -132,7 +152,7 @@ def sparse_allreduce_hook(
     buffer = bucket.buffer()
     state._begin_buffer(index)
     if state.local_iterations < _BUCKET_REBUILD_ITERATIONS:
-        stats = _dense_allreduce(state, buffer)
+        stats = _dense_allreduce(state, buffer, index)
     else:
         expected = state.bucket_numels.setdefault(index, buffer.numel())
         if expected != buffer.numel():
