@@ -134,9 +134,12 @@ def run_rank(rank: int, world: int, args: argparse.Namespace) -> list[dict[str, 
                                  value_dtype=args.value_dtype, recall_interval=10**9)
             compressor = GradientCompressor(cfg)
             selection, comm, recall = [], [], []
+            # The update lands in a preallocated buffer, as the DDP and DeepSpeed hooks
+            # write it into the gradient bucket itself.
+            update = torch.empty_like(grad)
 
-            def step(c=compressor, g=grad, sel=selection, com=comm, rec=recall):
-                c.step(g, "grad")
+            def step(c=compressor, g=grad, sel=selection, com=comm, rec=recall, out=update):
+                c.step(g, "grad", out=out)
                 sel.append(c.stats["selection_seconds"])
                 com.append(c.stats["comm_seconds"])
                 if "recall" in c.stats:

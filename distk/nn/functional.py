@@ -84,12 +84,12 @@ class _TopKActivation(torch.autograd.Function):
                                interleaved=interleaved)
         ctx.save_for_backward(indices)
         ctx.dim = dim
-        return torch.zeros_like(x).scatter(dim, indices, values)
+        return torch.zeros_like(x).scatter_(dim, indices, values)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (indices,) = ctx.saved_tensors
-        grad_x = torch.zeros_like(grad_out).scatter(
+        grad_x = torch.zeros_like(grad_out).scatter_(
             ctx.dim, indices, grad_out.gather(ctx.dim, indices))
         return grad_x, None, None, None, None, None, None, None
 

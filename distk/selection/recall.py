@@ -100,8 +100,11 @@ def selection_cost(n: int, buckets: int, k_per_bucket: int) -> float:
     candidates = buckets * min(k_per_bucket, math.ceil(n / buckets))
     stage2 = _STAGE2_COST_PER_CANDIDATE * candidates if buckets > 1 else 0.0
     per_element = _PASS_COST_PER_ELEMENT + _PASS_COST_PER_SLOT * k_per_bucket
-    if buckets < min(n, _SIMD_BUCKETS):
-        per_element *= _SCALAR_PASS_FACTOR
+    # Interleaved rows of `buckets` entries: the last (buckets % 32) run scalar.
+    scalar_share = 1.0 if buckets < _SIMD_BUCKETS else (buckets % _SIMD_BUCKETS) / buckets
+    if n <= _SIMD_BUCKETS:
+        scalar_share = 0.0
+    per_element *= 1.0 + (_SCALAR_PASS_FACTOR - 1.0) * scalar_share
     return n * per_element + stage2
 
 
