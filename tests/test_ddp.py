@@ -7,11 +7,9 @@ config checks. Models are tiny so that each distributed test takes seconds.
 
 from __future__ import annotations
 
-import functools
 import io
 import pickle
 
-import numpy as np
 import pytest
 import torch
 from distributed import run_distributed
@@ -36,37 +34,9 @@ PARITY_RTOL = 1e-6
 PARITY_ATOL = 1e-7
 
 
-def _portable(obj):
-    """Tensors -> numpy arrays, recursively: results cross the process boundary by plain
-    pickling (torch's shared-memory tensor passing breaks once the worker has exited)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().numpy().copy()
-    if isinstance(obj, dict):
-        return {key: _portable(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_portable(value) for value in obj)
-    return obj
-
-
-def _returns_portable(fn):
-    """Worker decorator: its result goes through :func:`_portable`."""
-    @functools.wraps(fn)
-    def wrapper(*args):
-        return _portable(fn(*args))
-    return wrapper
-
-
 def _run(fn, *args):
-    """run_distributed on WORLD ranks, with numpy results turned back into tensors."""
-    def back(obj):
-        if isinstance(obj, np.ndarray):
-            return torch.from_numpy(obj)
-        if isinstance(obj, dict):
-            return {key: back(value) for key, value in obj.items()}
-        if isinstance(obj, list | tuple):
-            return type(obj)(back(value) for value in obj)
-        return obj
-    return back(run_distributed(fn, WORLD, *args, timeout=TIMEOUT))
+    """run_distributed on WORLD ranks (results, tensors included, come back pickled)."""
+    return run_distributed(fn, WORLD, *args, timeout=TIMEOUT)
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -117,7 +87,6 @@ PARITY_CASES = [
 ]
 
 
-@_returns_portable
 def _parity_worker(rank: int, world: int) -> list[dict]:
     plain_params = {}
     results = []
@@ -155,7 +124,6 @@ def test_density_one_matches_plain_ddp() -> None:
         assert torch.equal(res0["sparse"], res1["sparse"])
 
 
-@_returns_portable
 def _sparse_training_worker(rank: int, world: int) -> dict:
     ddp = DDP(_model(), gradient_as_bucket_view=True)
     cfg = distk.SparsityConfig(density=0.03, method="bucketed", min_numel=64,
@@ -195,7 +163,6 @@ def test_sparse_training_loss_falls_and_replicas_stay_identical() -> None:
     assert torch.equal(results[0]["params"], results[1]["params"])
 
 
-@_returns_portable
 def _checkpoint_worker(rank: int, world: int) -> dict:
     # Differing configs across ranks must fail on every rank (checked collectively).
     mismatch = "no error"

@@ -11,7 +11,6 @@ import functools
 import io
 import pickle
 
-import numpy as np
 import pytest
 import torch
 from distributed import run_distributed
@@ -36,37 +35,9 @@ PARITY_RTOL = 1e-6
 PARITY_ATOL = 1e-7
 
 
-def _portable(obj):
-    """Tensors -> numpy arrays, recursively: results cross the process boundary by plain
-    pickling (torch's shared-memory tensor passing breaks once the worker has exited)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().numpy().copy()
-    if isinstance(obj, dict):
-        return {key: _portable(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_portable(value) for value in obj)
-    return obj
-
-
-def _returns_portable(fn):
-    """Worker decorator: its result goes through :func:`_portable`."""
-    @functools.wraps(fn)
-    def wrapper(*args):
-        return _portable(fn(*args))
-    return wrapper
-
-
 def _run(fn, *args):
-    """run_distributed on WORLD ranks, with numpy results turned back into tensors."""
-    def back(obj):
-        if isinstance(obj, np.ndarray):
-            return torch.from_numpy(obj)
-        if isinstance(obj, dict):
-            return {key: back(value) for key, value in obj.items()}
-        if isinstance(obj, list | tuple):
-            return type(obj)(back(value) for value in obj)
-        return obj
-    return back(run_distributed(fn, WORLD, *args, timeout=TIMEOUT))
+    """run_distributed on WORLD ranks (results, tensors included, come back pickled)."""
+    return run_distributed(fn, WORLD, *args, timeout=TIMEOUT)
 
 
 def _model(seed: int = 0) -> nn.Sequential:
@@ -135,7 +106,6 @@ def _full_params(model: nn.Module) -> torch.Tensor:
 FLAVOURS = ("fsdp2", "FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
 
-@_returns_portable
 def _parity_worker(rank: int, world: int) -> list[dict]:
     results = []
     for flavour, accumulate in [(f, a) for f in FLAVOURS for a in (1, 2)]:
@@ -169,7 +139,6 @@ def test_density_one_matches_plain_fsdp() -> None:
             assert res["stats"]["density"] == 1.0
 
 
-@_returns_portable
 def _sparse_training_worker(rank: int, world: int) -> dict:
     out = {}
     for flavour in ("fsdp2", "FULL_SHARD"):
@@ -213,7 +182,6 @@ def _training_results() -> list[dict]:
     return _run(_sparse_training_worker)
 
 
-@_returns_portable
 def _checkpoint_worker(rank: int, world: int) -> dict:
     cfg = distk.SparsityConfig(density=0.05, method="exact", min_numel=64)
     model = _fsdp2()
