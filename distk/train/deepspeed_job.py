@@ -31,15 +31,14 @@ import torch
 import torch.distributed as dist
 
 from distk.integrations.deepspeed import initialize, split_config
-from distk.logging import StatsLogger
 from distk.train.config import TrainConfig
 from distk.train.data import build_corpus, build_data
 from distk.train.loop import (
     RunResult,
     build_optimizer,
-    corpus_summary,
     format_result,
     lr_at,
+    open_run_logger,
     setup_distributed,
 )
 from distk.train.model import build_model, evaluate
@@ -125,19 +124,9 @@ def run(cfg: TrainConfig, ds_config_path: str | Path, *, resume: bool = False) -
             shutil.rmtree(ckpt, ignore_errors=True)
         dist.barrier()
 
-    logger = StatsLogger(
-        run_dir, total_steps=cfg.train.steps, initial_step=start_step,
-        config={**cfg.to_dict(), "deepspeed": ds_config}, wandb=cfg.logging.wandb,
-        wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
-        wandb_run_name=f"{cfg.name}-{mode}", progress=cfg.logging.progress,
-        jsonl=cfg.logging.jsonl, resume_from=start_step if start_step > 0 else None, rank=rank,
-    )
-    if start_step == 0:
-        logger.write(
-            f"[distk-train] deepspeed {mode} ranks={world} device={device} "
-            f"params={sum(p.numel() for p in model.parameters()):,} "
-            f"corpus={corpus_summary(data.corpus)}"
-        )
+    logger = open_run_logger(cfg, run_dir, start_step, rank, mode, f"deepspeed {mode}", model,
+                             data.corpus, world, device,
+                             config={**cfg.to_dict(), "deepspeed": ds_config})
 
     stop = cfg.train.stop_after or cfg.train.steps
     loss_stats = torch.zeros(2, dtype=torch.float64, device=device)

@@ -39,6 +39,7 @@ __all__ = [
     "lr_at",
     "mode_config",
     "momentum_placement",
+    "open_run_logger",
     "resolve_device",
     "setup_distributed",
     "train",
@@ -225,19 +226,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
         extra = payload["extra"]
 
     mode = cfg.sparsity.method
-    logger = StatsLogger(
-        run_dir, total_steps=cfg.train.steps, initial_step=start_step, config=cfg.to_dict(),
-        wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-        wandb_entity=cfg.logging.wandb_entity, wandb_run_name=f"{cfg.name}-{mode}",
-        wandb_group=wandb_group, progress=cfg.logging.progress, jsonl=cfg.logging.jsonl,
-        resume_from=start_step if start_step > 0 else None, rank=rank,
-    )
-    if start_step == 0:
-        logger.write(
-            f"[distk-train] mode={mode} ranks={world} device={device} "
-            f"params={sum(p.numel() for p in model.parameters()):,} "
-            f"corpus={corpus_summary(data.corpus)}"
-        )
+    logger = open_run_logger(cfg, run_dir, start_step, rank, mode, f"mode={mode}", model,
+                             data.corpus, world, device, wandb_group=wandb_group)
 
     stop = cfg.train.stop_after or cfg.train.steps
     loss_stats = torch.tensor([extra["loss_sum"], extra["loss_count"]], dtype=torch.float64,
@@ -326,6 +316,29 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
     if rank == 0:
         (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+def open_run_logger(cfg: TrainConfig, run_dir: Path, start_step: int, rank: int, mode: str,
+                    label: str, model: torch.nn.Module, corpus: ByteCorpus, world: int,
+                    device: torch.device, *, config: dict[str, Any] | None = None,
+                    wandb_group: str | None = None) -> StatsLogger:
+    """The run's :class:`StatsLogger` (wandb run ``<name>-<mode>``), with the opening line
+    ``[distk-train] <label> ranks=... params=... corpus=...`` on a fresh start."""
+    logger = StatsLogger(
+        run_dir, total_steps=cfg.train.steps, initial_step=start_step,
+        config=cfg.to_dict() if config is None else config,
+        wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+        wandb_entity=cfg.logging.wandb_entity, wandb_run_name=f"{cfg.name}-{mode}",
+        wandb_group=wandb_group, progress=cfg.logging.progress, jsonl=cfg.logging.jsonl,
+        resume_from=start_step if start_step > 0 else None, rank=rank,
+    )
+    if start_step == 0:
+        logger.write(
+            f"[distk-train] {label} ranks={world} device={device} "
+            f"params={sum(p.numel() for p in model.parameters()):,} "
+            f"corpus={corpus_summary(corpus)}"
+        )
+    return logger
 
 
 def corpus_summary(corpus: ByteCorpus) -> str:
