@@ -230,8 +230,9 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous tensor of {numel} {out_dtype} entries, got "
                          f"{out.numel()} {out.dtype} (contiguous={out.is_contiguous()})")
+    acc_dtype = _accumulation_dtype(wire.value_dtype, out_dtype)
     # The result accumulates in `out` directly where dtype and device allow.
-    buffer = (out.view(-1) if out is not None and out.dtype == acc_dtype_of(wire, out_dtype)
+    buffer = (out.view(-1) if out is not None and out.dtype == acc_dtype
               and out.device == values.device else None)
     rank, world = _world(group)
     if scheme == "auto":
@@ -239,7 +240,6 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be 'auto' or one of {SCHEMES}, got {scheme!r}")
     out_device = values.device
-    acc_dtype = _accumulation_dtype(wire.value_dtype, out_dtype)
     indices = indices.to(torch.int64)
     payload_bytes = numel * wire.value_bytes if dense_input else wire.payload_bytes
     bad_indices = False
@@ -323,10 +323,6 @@ def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
     if out is None or result.data_ptr() == out.data_ptr():
         return result if out is None else out
     return out.copy_(result.view_as(out))
-
-
-def acc_dtype_of(wire: WireFormat, out_dtype: torch.dtype) -> torch.dtype:
-    return _accumulation_dtype(wire.value_dtype, out_dtype)
 
 
 def _allgather(indices, values, wire, world, group, acc_dtype, measure_union, buffer=None):
