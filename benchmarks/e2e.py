@@ -20,7 +20,7 @@ at or below the target (an upper bound: evaluations are ``--eval-every`` steps a
 Before each rate's runs, a 64 MB gloo all-reduce measures what the emulated link really
 delivers (on a small CPU machine a high rate such as 10gbit is capped by the CPU).
 
-Root only (network namespaces). Not a test: the full run takes about an hour on 2 cores.
+Root only (network namespaces). Not a test: each rate takes several minutes on 2 cores.
 
     sudo .venv/bin/python benchmarks/e2e.py --quick      # 2 ranks, tiny model, 1 rate
     sudo .venv/bin/python benchmarks/e2e.py              # 4 ranks, 25.5M params, 1 and 10 Gbit/s
@@ -63,14 +63,17 @@ METHODS: dict[str, list[str]] = {
 # moving 100 MB of fp32 gradients over a 1 Gbit/s link costs more than computing them.
 FULL_CONFIG: dict[str, Any] = {
     "model": {"n_layer": 2, "n_head": 8, "d_model": 1024, "context": 64},
-    # The training job's own optimizer settings (SGD, lr 0.3, momentum correction in the
-    # sparse modes); a shorter learning-rate warm-up for the short run.
-    "train": {"batch_size": 2, "lr_warmup_steps": 10, "eval_windows": 64, "num_threads": 1},
+    # The training job's optimizer (SGD with momentum; momentum correction in the sparse
+    # modes) at lr 0.1: at the job's default 0.3 dense training of this model spikes. A
+    # short warm-up, then a constant rate (min_lr_ratio 1): a longer run's curve extends
+    # a shorter one, so methods may run different step counts (--steps-factor).
+    "train": {"batch_size": 2, "lr": 0.1, "lr_warmup_steps": 10, "min_lr_ratio": 1.0,
+              "eval_windows": 64, "num_threads": 1},
     "logging": {"progress": False, "histogram_every": 0},
     "sparsity": {"density": 0.01, "recall_interval": 0},
 }
-FULL = {"world": 4, "rates": ["1gbit", "10gbit"], "steps": 100, "eval_every": 10,
-        "check_mb": 64.0}
+FULL = {"world": 4, "rates": ["1gbit", "10gbit"], "steps": 40, "eval_every": 5,
+        "check_mb": 64.0, "steps_factor": 2.0}
 
 # --quick: the same pipeline on a tiny model, 2 ranks and one slow rate; about a minute.
 QUICK_CONFIG: dict[str, Any] = {
@@ -81,7 +84,8 @@ QUICK_CONFIG: dict[str, Any] = {
     "logging": {"progress": False, "histogram_every": 0},
     "sparsity": {"density": 0.05, "min_numel": 256, "recall_interval": 0},
 }
-QUICK = {"world": 2, "rates": ["20mbit"], "steps": 12, "eval_every": 4, "check_mb": 2.0}
+QUICK = {"world": 2, "rates": ["20mbit"], "steps": 12, "eval_every": 4, "check_mb": 2.0,
+         "steps_factor": 1.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,9 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="methods to run (default all; dense_fp32 is needed for the "
                              "target unless --target-loss is given)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps per run (default 100; --quick 12)")
+                        help="training steps of the dense_fp32 run, which sets the target "
+                             "(default 40; --quick 12)")
+    parser.add_argument("--steps-factor", type=float, default=None,
+                        help="steps of every other method as a multiple of --steps (default "
+                             "2; --quick 1): room to reach dense_fp32's final loss for a "
+                             "method that converges more slowly per step")
     parser.add_argument("--eval-every", type=int, default=None,
-                        help="validation every N steps (default 10; --quick 4)")
+                        help="validation every N steps (default 5; --quick 4)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="extra distk-train config override for every run (repeatable), "
@@ -120,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
-    for key in ("world", "rates", "steps", "eval_every", "check_mb"):
+    for key in ("world", "rates", "steps", "eval_every", "check_mb", "steps_factor"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     args.config = QUICK_CONFIG if args.quick else FULL_CONFIG
@@ -129,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--world {args.world} is invalid: allowed an int >= 2")
     if args.steps < 1:
         parser.error(f"--steps {args.steps} is invalid: allowed an int >= 1")
+    if args.steps_factor < 1:
+        parser.error(f"--steps-factor {args.steps_factor} is invalid: allowed a float >= 1")
     if not 1 <= args.eval_every <= args.steps:
         parser.error(f"--eval-every {args.eval_every} is invalid: allowed 1..{args.steps}")
     if args.target_loss is None and "dense_fp32" not in args.methods:
@@ -142,8 +153,9 @@ def train_command(args: argparse.Namespace, rate: str, method: str, run_root: Pa
                   config_path: Path) -> list[str]:
     """The netem.sh command line of one run (one rank of distk-train per namespace)."""
     name = f"{rate}-{method}"
+    steps = method_steps(args, method)
     # log_every = eval_every: every validation record then carries train/wall_seconds.
-    overrides = [f"run_root={json.dumps(str(run_root))}", f"train.steps={args.steps}",
+    overrides = [f"run_root={json.dumps(str(run_root))}", f"train.steps={steps}",
                  f"train.eval_every={args.eval_every}",
                  f"logging.log_every={args.eval_every}", *args.overrides]
     cmd = ["bash", str(NETEM), "run", "--timeout", str(args.timeout),
@@ -153,6 +165,14 @@ def train_command(args: argparse.Namespace, rate: str, method: str, run_root: Pa
     for item in overrides:
         cmd += ["--set", item]
     return cmd
+
+
+def method_steps(args: argparse.Namespace, method: str) -> int:
+    """Training steps of one method's run: ``--steps`` for dense_fp32 (the target),
+    ``--steps`` x ``--steps-factor`` for the others."""
+    if method == "dense_fp32":
+        return args.steps
+    return int(round(args.steps * args.steps_factor))
 
 
 def check_command(args: argparse.Namespace, rate: str) -> list[str]:

@@ -52,6 +52,13 @@ MAX_PACKED_K_PER_BUCKET = 1024
 
 
 
+FUSE_ADD_MIN_NUMEL = 1 << 21
+"""From this many entries (8 MB of fp32, beyond the L2 caches) the residual addition of
+a packed bucketed step runs inside the selection kernel's pass: one pass over memory
+fewer. Smaller tensors stay in cache between the two passes, and keep the addition out
+of ``selection_seconds``."""
+
+
 def _has_nonfinite(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` holds NaN or +-Inf: one reduction, no tensor-sized allocation
     (a finite tensor whose sum overflows is confirmed entry by entry)."""
@@ -274,7 +281,10 @@ class GradientCompressor:
                 velocity = self._check_state(velocity, key, numel, state_dtype, g.device)
                 velocity.mul_(cfg.momentum).add_(g)
             g = velocity
+        dense = cfg.is_dense_step(numel, step)
+        plan = None if dense else self._plan(numel, cfg.k_at(numel, step))
         residual = self._residuals.get(key) if cfg.error_feedback else None
+        pending = None  # gradient whose addition to the residual is fused into selection
         if residual is not None:
             acc = self._check_state(residual, key, numel, state_dtype, g.device)
             if nonfinite:
@@ -283,6 +293,10 @@ class GradientCompressor:
                 # Another rank may still call the step off: keep the residual intact
                 # until the exchange has succeeded.
                 acc = acc + g
+            elif (plan is not None and plan.packed and g.dtype == state_dtype
+                  and numel >= FUSE_ADD_MIN_NUMEL):
+                # In place, inside the selection's pass over memory (same sums as add_).
+                pending = g
             else:
                 # In place. Should another rank raise for a non-finite gradient, this
                 # rank's gradient stays in its residual (delayed, not lost).
@@ -292,7 +306,6 @@ class GradientCompressor:
         else:
             acc = g.to(state_dtype)
 
-        dense = cfg.is_dense_step(numel, step)
         # Error feedback / momentum / clipping above; the top-k selection below is timed
         # on its own, so that selection_seconds compares selection methods alone.
         if stats_step and acc.is_cuda:
@@ -308,13 +321,12 @@ class GradientCompressor:
             plan = None
             scheme = "dense"
         else:
-            plan = self._plan(numel, cfg.k_at(numel, step))
             k = plan.k
             wire = plan.wire(numel, value_dtype, cfg.interleaved)
             if nonfinite:  # nothing will be sent; keep the metadata consistent
                 positions = torch.zeros(k, dtype=torch.int64, device=acc.device)
             else:
-                positions = self._select(acc, plan)
+                positions = self._select(acc, plan, pending)
             values = acc[positions]
             scheme = cfg.exchange
         if stats_step and acc.is_cuda:
@@ -325,7 +337,10 @@ class GradientCompressor:
                 and step % cfg.recall_interval == 0):
             recall = self._recall(acc, positions)
 
-        measure = (not dense and cfg.exchange == "auto" and world > 2)
+        # The overlap of the ranks' selections (for the cost model) drifts slowly: measured
+        # on the first step of a key and on stats steps.
+        measure = (not dense and cfg.exchange == "auto" and world > 2
+                   and (stats_step or key not in self._overlap))
         hint = None
         if measure and key in self._overlap:
             hint = self._overlap[key] * min(world * k, numel) / world
@@ -421,11 +436,15 @@ class GradientCompressor:
         packed = WireFormat.bucket_packable(numel, k, buckets, k_per_bucket)
         return _Plan(k, buckets, k_per_bucket, packed)
 
-    def _select(self, acc: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    def _select(self, acc: torch.Tensor, plan: _Plan,
+                pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions to send. ``pending`` (packed plans only): ``acc += pending`` in
+        place, fused into the selection kernel's pass where the backend can."""
         cfg = self.cfg
         if plan.packed:
             keys = per_bucket_topk(acc.view(1, -1), plan.buckets, plan.k_per_bucket,
-                                     cfg.interleaved, True)
+                                   cfg.interleaved, True,
+                                   None if pending is None else pending.view(1, -1))
             return positions_of(keys).reshape(-1)
         method = "exact" if plan.buckets is None else cfg.method
         _, positions = distk.topk(acc, plan.k, method=method, buckets=plan.buckets,

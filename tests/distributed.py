@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -113,3 +114,12 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     if failures:
         raise AssertionError("a rank raised:\n" + "\n".join(failures))
     return [results[r] for r in range(world_size)]
+
+
+def teacher_batch(rank: int, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 32 x 16 batch of a linear teacher, distinct per (rank, step, micro-batch): the
+    data of the DDP and FSDP parity tests."""
+    gen = torch.Generator().manual_seed(1000 * step + 100 * rank + micro)
+    x = torch.randn(32, 16, generator=gen)
+    y = (x @ torch.linspace(-1.0, 1.0, 16)).unsqueeze(1) / 2
+    return x, y

@@ -276,3 +276,34 @@ def test_grad_shape_dtype_preserved():
         update = comp.step(grad, str(dtype))
         assert update.shape == grad.shape and update.dtype == dtype
         assert comp.residual(str(dtype)).dtype == torch.promote_types(dtype, torch.float32)
+
+
+def test_fused_residual_addition_matches_the_unfused_path(monkeypatch):
+    # On CPU fp32 with a packed plan the kernel adds the gradient to the residual during
+    # selection; the reference backend adds first. Same updates and residuals, bitwise.
+    def run(backend: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+        monkeypatch.setenv("DISTK_TOPK_BACKEND", backend)
+        comp = GradientCompressor(SparsityConfig(density=0.01, min_numel=1))
+        gen = torch.Generator().manual_seed(0)
+        updates = [comp.step(torch.randn(1 << 21, generator=gen), "w").clone()
+                   for _ in range(4)]
+        assert comp.stats["buckets"] is not None  # packed plan
+        return updates, comp.residual("w")
+
+    from distk.selection import cpu_kernel
+
+    kernel = cpu_kernel.bucket_candidates_cpu
+    fused_calls = []
+
+    def spy(*args, **kwargs):
+        fused_calls.append(len(args) > 7 and args[7] is not None)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernel, "bucket_candidates_cpu", spy)
+    fused_updates, fused_residual = run("cpu")
+    if cpu_kernel.load() is not None:  # steps 2-4 add their gradient inside the kernel
+        assert sum(fused_calls) == 3, fused_calls
+    plain_updates, plain_residual = run("reference")
+    for fused, plain in zip(fused_updates, plain_updates, strict=True):
+        assert torch.equal(fused, plain)
+    assert torch.equal(fused_residual, plain_residual)

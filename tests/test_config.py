@@ -18,7 +18,7 @@ def test_contract_fields_and_defaults():
         "buckets": None, "k_per_bucket": None, "interleaved": True, "error_feedback": True,
         "momentum": 0.0, "clip_norm": None, "warmup_steps": 0, "warmup_density": 0.25,
         "dense_steps": 0, "value_dtype": None, "min_numel": 1024, "exchange": "auto",
-        "nonfinite": "raise", "stats_interval": 1, "recall_interval": 50,
+        "nonfinite": "raise", "stats_interval": 10, "recall_interval": 50,
     }
     assert cfg.to_dict() == expected
 

@@ -12,7 +12,7 @@ import pickle
 
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import run_distributed, teacher_batch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -47,13 +47,6 @@ def _model(seed: int = 0) -> nn.Module:
                          nn.Linear(300, 1))
 
 
-def _batch(rank: int, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 * step + 100 * rank + micro)
-    x = torch.randn(32, 16, generator=gen)
-    y = (x @ torch.linspace(-1.0, 1.0, 16)).unsqueeze(1) / 2  # a linear teacher
-    return x, y
-
-
 def _train(ddp: DDP, rank: int, steps: int, accumulate: int = 1, lr: float = 0.1,
            start: int = 0) -> list[float]:
     opt = torch.optim.SGD(ddp.parameters(), lr=lr)
@@ -61,7 +54,7 @@ def _train(ddp: DDP, rank: int, steps: int, accumulate: int = 1, lr: float = 0.1
     for step in range(start, start + steps):
         opt.zero_grad(set_to_none=False)
         for micro in range(accumulate):
-            x, y = _batch(rank, step, micro)
+            x, y = teacher_batch(rank, step, micro)
             if micro < accumulate - 1:
                 with ddp.no_sync():
                     nn.functional.mse_loss(ddp(x), y).backward()

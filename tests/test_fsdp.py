@@ -13,7 +13,7 @@ import pickle
 
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import run_distributed, teacher_batch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, ShardingStrategy, fully_shard
@@ -46,13 +46,6 @@ def _model(seed: int = 0) -> nn.Sequential:
                          nn.Linear(17, 1))
 
 
-def _batch(rank: int, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 * step + 100 * rank + micro)
-    x = torch.randn(32, 16, generator=gen)
-    y = (x @ torch.linspace(-1.0, 1.0, 16)).unsqueeze(1) / 2  # a linear teacher
-    return x, y
-
-
 def _fsdp2(seed: int = 0, mesh_shape: tuple[int, ...] = (WORLD,)) -> nn.Module:
     model = _model(seed)
     names = ("replicate", "shard")[-len(mesh_shape):]
@@ -79,7 +72,7 @@ def _train(model: nn.Module, rank: int, steps: int, accumulate: int = 1, lr: flo
         opt.zero_grad()
         for micro in range(accumulate):
             last = micro == accumulate - 1
-            x, y = _batch(rank, step, micro)
+            x, y = teacher_batch(rank, step, micro)
             if isinstance(model, FSDPModule):
                 model.set_requires_gradient_sync(last)
                 loss = nn.functional.mse_loss(model(x), y)

@@ -362,3 +362,42 @@ def test_per_bucket_topk_with_sampled_floor_equals_plain_first_stage():
             want = bucket_candidates_reference(x, buckets, k_per_bucket, interleaved)
             got = distk.selection.per_bucket_topk(x, buckets, k_per_bucket, interleaved)
             assert torch.equal(got, want), (buckets, k_per_bucket, interleaved)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_per_bucket_topk_fused_add_equals_add_then_select(backend, monkeypatch):
+    # add= (error feedback fused into the kernel's pass): x ends as x + add bitwise, and
+    # the keys are those of the sum, with the sampled floor, its refill of short buckets
+    # (row 2 is all zeros but a few entries) and the scalar tail of interleaved rows.
+    monkeypatch.setenv("DISTK_TOPK_BACKEND", backend)
+    torch.manual_seed(9)
+    n = (1 << 18) + 77
+    x = torch.randn(3, n)
+    add = with_specials(torch.randn(3, n))
+    x[2] = 0.0
+    add[2] = 0.0
+    add[2, ::1000] = 1.0
+    for buckets, k_per_bucket in [(256, 64), (1000, 16), (64, 200)]:
+        for interleaved in (True, False):
+            summed = x + add
+            want = bucket_candidates_reference(summed, buckets, k_per_bucket, interleaved)
+            fused = x.clone()
+            got = distk.selection.per_bucket_topk(fused, buckets, k_per_bucket, interleaved,
+                                                  add=add)
+            assert torch.equal(fused.isnan(), summed.isnan())
+            assert torch.equal(fused.nan_to_num(), summed.nan_to_num())
+            assert torch.equal(got, want), (backend, buckets, k_per_bucket, interleaved)
+
+
+def test_fused_add_is_refused_for_the_kernel_on_mismatched_inputs():
+    if load() is None:
+        pytest.skip("CPU kernel unavailable")
+    x = torch.randn(1, 4096)
+    with pytest.raises(ValueError, match="add needs x and add contiguous fp32"):
+        bucket_candidates_cpu(x, 16, 2, add=torch.randn(1, 4096, dtype=torch.float64))
+    # bucket_candidates falls back to x.add_(add) for inputs the kernel cannot fuse
+    bf16 = torch.randn(1, 4096).bfloat16()
+    add = torch.randn(1, 4096).bfloat16()
+    want = bucket_candidates_reference(bf16 + add, 16, 2)
+    got = bucket_candidates(bf16, 16, 2, add=add)
+    assert torch.equal(got, want)

@@ -45,6 +45,7 @@ from distk.comm.cost import (
     shard_size,
 )
 from distk.comm.wire import DTYPE_CODES, WireFormat, decode_indices, encode_indices
+from distk.selection.cpu_kernel import zero_
 
 __all__ = [
     "CollectiveError",
@@ -259,7 +260,7 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
             result = (buffer.copy_(sent_values) if buffer is not None
                       else sent_values.clone())  # never alias the caller's tensor
         else:
-            result = buffer.zero_() if buffer is not None else torch.zeros(
+            result = zero_(buffer) if buffer is not None else torch.zeros(
                 numel, dtype=acc_dtype, device=out_device)
             result.index_add_(0, indices, sent_values)
         return ExchangeResult(_into(out, result.to(out_dtype)), scheme, 0, payload_bytes,
@@ -311,11 +312,12 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
                           seconds=time.perf_counter() - started)
 
 
-def _largest_shard_union(touched: torch.Tensor, world: int) -> float:
-    shard = shard_size(touched.numel(), world)
-    padded = torch.zeros(shard * world, dtype=torch.int32, device=touched.device)
-    padded[: touched.numel()] = touched.to(torch.int32)
-    return float(padded.view(world, shard).sum(dim=1).max().item())
+def _largest_shard_union(positions: torch.Tensor, numel: int, world: int) -> float:
+    """Most distinct ``positions`` falling into one reduce-scatter shard (a sort of the
+    ``world * k`` gathered positions; nothing of ``numel`` size)."""
+    shard = shard_size(numel, world)
+    distinct = torch.unique(positions.reshape(-1))
+    return float(torch.bincount(distinct // shard, minlength=world).max().item())
 
 
 def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
@@ -330,15 +332,13 @@ def _allgather(indices, values, wire, world, group, acc_dtype, measure_union, bu
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
     _all_gather(gathered, payload, group)
     all_indices, all_values = wire.unpack(gathered.view(world, -1))
-    result = (buffer.zero_() if buffer is not None and buffer.device == payload.device
+    result = (zero_(buffer) if buffer is not None and buffer.device == payload.device
               else torch.zeros(wire.numel, dtype=acc_dtype, device=payload.device))
     for source in range(world):  # fixed order: bitwise-identical sums on every rank
         result.index_add_(0, all_indices[source], all_values[source].to(acc_dtype))
     union = None
     if measure_union:
-        touched = torch.zeros(wire.numel, dtype=torch.bool, device=payload.device)
-        touched[all_indices.reshape(-1)] = True
-        union = _largest_shard_union(touched, world)
+        union = _largest_shard_union(all_indices, wire.numel, world)
     return result, (world - 1) * payload.numel(), union
 
 

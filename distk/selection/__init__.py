@@ -57,14 +57,25 @@ def _backend() -> str:
 
 def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
                       interleaved: bool = True, by_magnitude: bool = True,
-                      floor: torch.Tensor | None = None, refill: bool = False) -> torch.Tensor:
+                      floor: torch.Tensor | None = None, refill: bool = False,
+                      add: torch.Tensor | None = None) -> torch.Tensor:
     """First stage on a 2-D ``x``: composite keys ``(rows, buckets, kept)``, each bucket's
     top entries sorted descending (see ``reference.py`` for the key encoding and
     ``floor``). ``refill`` lets a backend redo, without the floor, a bucket left with an
-    empty slot (the CPU kernel does; callers still check the others)."""
+    empty slot (the CPU kernel does; callers still check the others).
+
+    ``add`` (same shape as ``x``): first ``x += add`` in place, then select on the sum.
+    The CPU kernel fuses the two into one pass over memory for fp32; every other case
+    runs ``x.add_(add)`` first, which defines the result."""
     backend = _backend()
     if backend == "auto":
         backend = "triton" if x.is_cuda else "cpu"
+    if add is not None:
+        from distk.selection.cpu_kernel import can_fuse_add, load
+
+        if not (backend == "cpu" and can_fuse_add(x, add) and load() is not None):
+            x.add_(add)
+            add = None
     if backend == "triton":
         from distk.selection.triton_kernel import bucket_candidates_triton
 
@@ -74,7 +85,7 @@ def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
         from distk.selection.cpu_kernel import bucket_candidates_cpu
 
         result = bucket_candidates_cpu(x, buckets, k_per_bucket, interleaved, by_magnitude,
-                                       floor, refill)
+                                       floor, refill, add)
         if result is not None:
             return result
     return bucket_candidates_reference(x, buckets, k_per_bucket, interleaved, by_magnitude,
@@ -86,10 +97,11 @@ _FLOOR_MIN_N = 1 << 18
 _FLOOR_BLOCKS, _FLOOR_BLOCK = 64, 256
 
 
-def _score_floor(x: torch.Tensor, above_fraction: float,
-                 by_magnitude: bool) -> torch.Tensor | None:
+def _score_floor(x: torch.Tensor, above_fraction: float, by_magnitude: bool,
+                 add: torch.Tensor | None = None) -> torch.Tensor | None:
     """Per-row score key that about ``above_fraction`` of the row's entries exceed,
-    estimated from a sample of 16 K entries; ``None`` when it would not save work.
+    estimated from a sample of 16 K entries (of ``x + add`` when ``add`` is given);
+    ``None`` when it would not save work.
 
     The first stage may skip entries at or below a floor when enough entries lie above
     it; callers check that afterwards and redo failing rows without a floor, so a floor
@@ -105,12 +117,14 @@ def _score_floor(x: torch.Tensor, above_fraction: float,
         return None
     starts = torch.linspace(0, n - _FLOOR_BLOCK, _FLOOR_BLOCKS, device=x.device).long()
     cols = (starts[:, None] + torch.arange(_FLOOR_BLOCK, device=x.device)).flatten()
-    keys = order_keys(x[:, cols], by_magnitude)
+    sample = x[:, cols] if add is None else x[:, cols] + add[:, cols]
+    keys = order_keys(sample, by_magnitude)
     return torch.kthvalue(keys, samples - above, dim=-1).values
 
 
 def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
-                    interleaved: bool = True, by_magnitude: bool = True) -> torch.Tensor:
+                    interleaved: bool = True, by_magnitude: bool = True,
+                    add: torch.Tensor | None = None) -> torch.Tensor:
     """Every bucket's top ``k_per_bucket`` entries of a 2-D ``x``: the same composite keys
     as :func:`bucket_candidates`, computed with a sampled floor where that saves work.
 
@@ -118,6 +132,9 @@ def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
     bucket on average; a row where some bucket ends with an empty slot is redone
     without it. Used for selections with no second stage (the compressor's wire format
     with implicit bucket ids).
+
+    ``add``: error feedback fused into the selection: ``x += add`` in place, then the
+    top entries of the sum (see :func:`bucket_candidates`).
     """
     rows, n = x.shape
     length = -(-n // buckets)
@@ -125,10 +142,10 @@ def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
     floor = None
     if kept < length:
         fraction = (kept + 6 * math.sqrt(kept) + 4) / (n / buckets)
-        floor = _score_floor(x, fraction, by_magnitude)
+        floor = _score_floor(x, fraction, by_magnitude, add)
     candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude, floor,
-                                   refill=True)
-    if floor is not None:
+                                   refill=True, add=add)
+    if floor is not None:  # x holds the sums now
         short = (candidates == PAD_KEY).flatten(1).any(dim=1)
         if bool(short.any()):
             candidates[short] = bucket_candidates(x[short], buckets, k_per_bucket, interleaved,

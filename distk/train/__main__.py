@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from distk.train.config import load_config
@@ -106,5 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """Console entry point: :func:`main`, then a process exit that skips C++ teardown.
+
+    After a clean finish (logs closed, process group destroyed) the process leaves with
+    ``os._exit``: the C++ static destructors that ``exit()`` would run can find a torch or
+    gloo background thread still joinable and abort the process ("terminate called
+    without an active exception", SIGABRT) after all the work was done, which torchrun
+    reports as a failed run. An exception still propagates and exits the usual way.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -7,6 +7,10 @@
 // of keys against the per-bucket thresholds with SIMD; the rare entry that beats its
 // bucket's threshold is inserted into that bucket's small sorted list. Contiguous
 // buckets stream each bucket against one scalar threshold.
+//
+// Fused error feedback (fp32 only): with an `add` input the kernel first adds it to x in
+// place, block by block (x += add, one IEEE fp32 add per entry, as torch's add_), and
+// selects on the sum; the residual accumulation and the selection then share one pass.
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
@@ -109,6 +113,12 @@ inline uint32_t block_mask(const T* __restrict src, int32_t thr) {
 }
 #endif
 
+// x[0:kBlock] += add[0:kBlock], in place (then block_mask reads the sums back from L1).
+inline void accumulate_block(float* __restrict x, const float* __restrict add) {
+    #pragma omp simd
+    for (int j = 0; j < kBlock; ++j) x[j] = x[j] + add[j];
+}
+
 // The kept entries of one bucket, as composite keys: up to kHeapFrom slots a list sorted
 // descending (one insertion touches one cache line); more slots a binary min-heap
 // (log(kept) moves per insertion instead of up to kept), sorted once at the end.
@@ -142,9 +152,9 @@ inline void finish(int64_t* slots, int kept) {
     if (kept > kHeapFrom) std::sort(slots, slots + kept, std::greater<int64_t>());
 }
 
-template <typename T, bool kMagnitude>
-void interleaved_chunk(const T* row, int64_t n, int64_t buckets, int64_t j0, int64_t j1,
-                       int kept, int32_t floor, bool refill, int64_t* out) {
+template <typename T, bool kMagnitude, bool kAdd>
+void interleaved_chunk(T* row, const float* add, int64_t n, int64_t buckets, int64_t j0,
+                       int64_t j1, int kept, int32_t floor, bool refill, int64_t* out) {
     const int64_t width = j1 - j0;
     std::vector<int32_t> thr(width, floor);
     int64_t* slots = out + j0 * kept;        // written in place: bucket j's slots
@@ -156,6 +166,7 @@ void interleaved_chunk(const T* row, int64_t n, int64_t buckets, int64_t j0, int
         for (int64_t jb = j0; jb < hi; jb += kBlock) {
             const int64_t je = std::min(jb + kBlock, hi);
             if (je - jb == kBlock) {
+                if constexpr (kAdd) accumulate_block(row + base + jb, add + base + jb);
                 uint32_t mask = block_mask<T, kMagnitude>(row + base + jb, &thr[jb - j0]);
                 while (mask) {
                     const int64_t j = jb + __builtin_ctz(mask);
@@ -169,6 +180,7 @@ void interleaved_chunk(const T* row, int64_t n, int64_t buckets, int64_t j0, int
                 continue;
             }
             for (int64_t j = jb; j < je; ++j) {
+                if constexpr (kAdd) row[base + j] = row[base + j] + add[base + j];
                 const int32_t key = key_of<kMagnitude>(bits_of(row, base + j));
                 const int64_t w = j - j0;
                 if (key > thr[w])
@@ -191,9 +203,9 @@ void interleaved_chunk(const T* row, int64_t n, int64_t buckets, int64_t j0, int
     }
 }
 
-template <typename T, bool kMagnitude>
-void contiguous_bucket(const T* row, int64_t n, int64_t buckets, int64_t j, int kept,
-                       int32_t floor, bool refill, int64_t* out) {
+template <typename T, bool kMagnitude, bool kAdd>
+void contiguous_bucket(T* row, const float* add, int64_t n, int64_t buckets, int64_t j,
+                       int kept, int32_t floor, bool refill, int64_t* out) {
     const int64_t start = j * n / buckets, end = (j + 1) * n / buckets;
     int64_t* slots = out + j * kept;
     std::fill(slots, slots + kept, kPadKey64);
@@ -201,6 +213,7 @@ void contiguous_bucket(const T* row, int64_t n, int64_t buckets, int64_t j, int 
     for (int64_t ib = start; ib < end; ib += kBlock) {
         const int64_t ie = std::min(ib + kBlock, end);
         if (ie - ib == kBlock) {
+            if constexpr (kAdd) accumulate_block(row + ib, add + ib);
             uint32_t mask = block_mask<T, kMagnitude>(row + ib, thr);
             // One bucket: each insertion raises the threshold, so re-check every candidate.
             while (mask) {
@@ -212,20 +225,24 @@ void contiguous_bucket(const T* row, int64_t n, int64_t buckets, int64_t j, int 
             continue;
         }
         for (int64_t i = ib; i < ie; ++i) {
+            if constexpr (kAdd) row[i] = row[i] + add[i];
             const int32_t key = key_of<kMagnitude>(bits_of(row, i));
             if (key > thr) thr = insert(slots, kept, key, static_cast<uint32_t>(i), floor);
         }
     }
     if (refill && floor != kPadKey32 && *std::min_element(slots, slots + kept) == kPadKey64) {
-        contiguous_bucket<T, kMagnitude>(row, n, buckets, j, kept, kPadKey32, false, out);
+        // The bucket already holds the sums: redo it without adding again.
+        contiguous_bucket<T, kMagnitude, false>(row, nullptr, n, buckets, j, kept, kPadKey32,
+                                                false, out);
         return;  // redone without the floor (and finished) above
     }
     finish(slots, kept);
 }
 
-template <typename T, bool kMagnitude>
-void run(const T* x, int64_t rows, int64_t n, int64_t row_stride, int64_t buckets, int kept,
-         bool interleaved, const int32_t* floors, bool refill, int64_t* out, int threads) {
+template <typename T, bool kMagnitude, bool kAdd>
+void run(T* x, const float* add, int64_t rows, int64_t n, int64_t row_stride, int64_t buckets,
+         int kept, bool interleaved, const int32_t* floors, bool refill, int64_t* out,
+         int threads) {
     if (interleaved) {
         // Each thread streams whole contiguous segments of every row (tiling the buckets
         // into cache-sized chunks measured slower: the strided reads miss the TLB).
@@ -238,7 +255,9 @@ void run(const T* x, int64_t rows, int64_t n, int64_t row_stride, int64_t bucket
             for (int64_t c = 0; c < chunks; ++c) {
                 const int64_t j0 = c * width, j1 = std::min(buckets, j0 + width);
                 if (j0 < j1)
-                    interleaved_chunk<T, kMagnitude>(x + r * row_stride, n, buckets, j0, j1, kept,
+                    interleaved_chunk<T, kMagnitude, kAdd>(x + r * row_stride,
+                                                           kAdd ? add + r * row_stride : nullptr,
+                                                           n, buckets, j0, j1, kept,
                                                      floors ? floors[r] : kPadKey32, refill,
                                                      out + r * buckets * kept);
             }
@@ -246,19 +265,21 @@ void run(const T* x, int64_t rows, int64_t n, int64_t row_stride, int64_t bucket
         #pragma omp parallel for schedule(dynamic, 16) num_threads(threads) collapse(2)
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t j = 0; j < buckets; ++j)
-                contiguous_bucket<T, kMagnitude>(x + r * row_stride, n, buckets, j, kept,
+                contiguous_bucket<T, kMagnitude, kAdd>(x + r * row_stride,
+                                                       kAdd ? add + r * row_stride : nullptr,
+                                                       n, buckets, j, kept,
                                                  floors ? floors[r] : kPadKey32, refill,
                                                  out + r * buckets * kept);
     }
 }
 
-template <typename T>
-void dispatch_magnitude(const void* x, int64_t rows, int64_t n, int64_t row_stride,
+template <typename T, bool kAdd>
+void dispatch_magnitude(void* x, const float* add, int64_t rows, int64_t n, int64_t row_stride,
                         int64_t buckets, int kept, bool interleaved, bool by_magnitude,
                         const int32_t* floors, bool refill, int64_t* out, int threads) {
-    const T* data = static_cast<const T*>(x);
-    if (by_magnitude) run<T, true>(data, rows, n, row_stride, buckets, kept, interleaved, floors, refill, out, threads);
-    else run<T, false>(data, rows, n, row_stride, buckets, kept, interleaved, floors, refill, out, threads);
+    T* data = static_cast<T*>(x);
+    if (by_magnitude) run<T, true, kAdd>(data, add, rows, n, row_stride, buckets, kept, interleaved, floors, refill, out, threads);
+    else run<T, false, kAdd>(data, add, rows, n, row_stride, buckets, kept, interleaved, floors, refill, out, threads);
 }
 
 }  // namespace
@@ -268,22 +289,32 @@ extern "C" {
 // floors: null, or one int32 key per row; entries whose key is not above their row's
 // floor are ignored (see reference.py). refill: a bucket left with an empty slot under a
 // floor is redone without it, so the floor never changes the result (per-bucket top-k).
-// Returns 0 on success, -1 for an unsupported dtype.
-int distk_bucket_candidates(const void* x, int dtype, int64_t rows, int64_t n,
+// add: null, or an fp32 tensor laid out like x (same row_stride) that is added to x in
+// place before selecting (x must be fp32 then). Returns 0 on success, -1 for an
+// unsupported dtype, -2 for `add` with a non-fp32 x.
+int distk_bucket_candidates(void* x, int dtype, int64_t rows, int64_t n,
                             int64_t row_stride, int64_t buckets, int64_t kept,
                             int interleaved, int by_magnitude, const int32_t* floors,
-                            int refill, int64_t* out, int threads) {
+                            int refill, int64_t* out, int threads, const float* add) {
     const int k = static_cast<int>(kept);
     switch (dtype) {
         case kFloat32:
-            dispatch_magnitude<float>(x, rows, n, row_stride, buckets, k, interleaved, by_magnitude, floors, refill != 0, out, threads);
+            if (add)
+                dispatch_magnitude<float, true>(x, add, rows, n, row_stride, buckets, k, interleaved, by_magnitude, floors, refill != 0, out, threads);
+            else
+                dispatch_magnitude<float, false>(x, nullptr, rows, n, row_stride, buckets, k, interleaved, by_magnitude, floors, refill != 0, out, threads);
             return 0;
         case kBFloat16:
-            dispatch_magnitude<uint16_t>(x, rows, n, row_stride, buckets, k, interleaved, by_magnitude, floors, refill != 0, out, threads);
+            if (add) return -2;
+            dispatch_magnitude<uint16_t, false>(x, nullptr, rows, n, row_stride, buckets, k, interleaved, by_magnitude, floors, refill != 0, out, threads);
             return 0;
         default:
             return -1;
     }
 }
+
+// Memory helper of the exchange's dense result: zero `bytes` bytes at p with the C library's memset, which streams past the cache
+// for large sizes (several times faster than a store loop that reads each line first).
+void distk_zero(void* p, int64_t bytes) { std::memset(p, 0, static_cast<size_t>(bytes)); }
 
 }  // extern "C"
