@@ -401,3 +401,25 @@ def test_fused_add_is_refused_for_the_kernel_on_mismatched_inputs():
     want = bucket_candidates_reference(bf16 + add, 16, 2)
     got = bucket_candidates(bf16, 16, 2, add=add)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("by_magnitude", [True, False])
+def test_cpu_kernel_short_interleaved_rows_equal_reference(dtype, by_magnitude):
+    # Fewer than 256 interleaved buckets: the kernel streams each row as one flat array
+    # (blocks straddle bucket rows; below 32 buckets a block holds a bucket twice).
+    torch.manual_seed(10)
+    for buckets in (1, 3, 17, 31, 32, 33, 100, 255):
+        for n in (buckets * 5 + 3, 4096 + 7, 50_000):
+            x = with_specials(torch.randn(2, n), seed=buckets).to(dtype)
+            x[1, : n // 2] = 0.5  # ties across and within blocks
+            for k_per_bucket in (1, 3, 16, 70):
+                want = bucket_candidates_reference(x, buckets, k_per_bucket, True, by_magnitude)
+                got = bucket_candidates_cpu(x, buckets, k_per_bucket, True, by_magnitude)
+                assert torch.equal(got, want), (buckets, n, k_per_bucket)
+                keys = distk.selection.reference.order_keys(x.float(), by_magnitude)
+                floor = keys.kthvalue(max(1, n - 4 * buckets), dim=1).values
+                want = bucket_candidates_reference(x, buckets, k_per_bucket, True, by_magnitude,
+                                                   floor)
+                got = bucket_candidates_cpu(x, buckets, k_per_bucket, True, by_magnitude, floor)
+                assert torch.equal(got, want), ("floor", buckets, n, k_per_bucket)

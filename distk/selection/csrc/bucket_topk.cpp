@@ -152,6 +152,27 @@ inline void finish(int64_t* slots, int kept) {
     if (kept > kHeapFrom) std::sort(slots, slots + kept, std::greater<int64_t>());
 }
 
+// Last step of an interleaved run over buckets [j0, j1) (slots: bucket j0's): a bucket
+// the floor left with an empty slot is redone without it (refill), then every bucket's
+// slots are sorted.
+template <typename T, bool kMagnitude>
+void finish_interleaved(const T* row, int64_t n, int64_t buckets, int64_t j0, int64_t j1,
+                        int kept, int32_t floor, bool refill, int64_t* slots) {
+    for (int64_t w = 0; w < j1 - j0; ++w) {
+        int64_t* s = slots + w * kept;
+        if (refill && floor != kPadKey32 && *std::min_element(s, s + kept) == kPadKey64) {
+            // Too few entries above the floor: redo this bucket without it.
+            std::fill(s, s + kept, kPadKey64);
+            int32_t t = kPadKey32;
+            for (int64_t p = j0 + w; p < n; p += buckets) {
+                const int32_t key = key_of<kMagnitude>(bits_of(row, p));
+                if (key > t) t = insert(s, kept, key, static_cast<uint32_t>(p), kPadKey32);
+            }
+        }
+        finish(s, kept);
+    }
+}
+
 template <typename T, bool kMagnitude, bool kAdd>
 void interleaved_chunk(T* row, const float* add, int64_t n, int64_t buckets, int64_t j0,
                        int64_t j1, int kept, int32_t floor, bool refill, int64_t* out) {
@@ -188,19 +209,50 @@ void interleaved_chunk(T* row, const float* add, int64_t n, int64_t buckets, int
             }
         }
     }
-    for (int64_t w = 0; w < width; ++w) {
-        int64_t* s = slots + w * kept;
-        if (refill && floor != kPadKey32 && *std::min_element(s, s + kept) == kPadKey64) {
-            // Too few entries above the floor: redo this bucket without it.
-            std::fill(s, s + kept, kPadKey64);
-            int32_t t = kPadKey32;
-            for (int64_t p = j0 + w; p < n; p += buckets) {
-                const int32_t key = key_of<kMagnitude>(bits_of(row, p));
-                if (key > t) t = insert(s, kept, key, static_cast<uint32_t>(p), kPadKey32);
-            }
+    finish_interleaved<T, kMagnitude>(row, n, buckets, j0, j1, kept, floor, refill, slots);
+}
+
+// Interleaved buckets with short rows (buckets < kFlatBelow), one thread per row: the row
+// is streamed as one flat array, 32 entries per block whatever the bucket width, so no
+// scalar tail per row of `buckets` entries. Lane l of the block at position p belongs
+// to bucket (p + l) mod buckets; thr holds the thresholds repeated (thr[i] is bucket
+// i mod buckets, for i < buckets + kBlock) so each block compares against a contiguous
+// slice. With fewer than 32 buckets a block holds a bucket more than once, so every
+// candidate is checked again against its bucket's current threshold before insertion.
+constexpr int64_t kFlatBelow = 256;
+
+template <typename T, bool kMagnitude, bool kAdd>
+void interleaved_flat(T* row, const float* add, int64_t n, int64_t buckets, int kept,
+                      int32_t floor, bool refill, int64_t* out) {
+    std::vector<int32_t> thr(buckets + kBlock, floor);
+    std::fill(out, out + buckets * kept, kPadKey64);
+    auto consider = [&](int64_t p, int64_t j) {
+        const int32_t key = key_of<kMagnitude>(bits_of(row, p));
+        if (key <= thr[j]) return;
+        const int32_t t = insert(out + j * kept, kept, key, static_cast<uint32_t>(p), floor);
+        for (int64_t i = j; i < buckets + kBlock; i += buckets) thr[i] = t;
+    };
+    int64_t first = 0;  // bucket of position p
+    int64_t p = 0;
+    for (; p + kBlock <= n; p += kBlock) {
+        if constexpr (kAdd) accumulate_block(row + p, add + p);
+        uint32_t mask = block_mask<T, kMagnitude>(row + p, &thr[first]);
+        while (mask) {
+            const int lane = __builtin_ctz(mask);
+            mask &= mask - 1;
+            int64_t j = first + lane;
+            while (j >= buckets) j -= buckets;
+            consider(p + lane, j);
         }
-        finish(s, kept);
+        first += kBlock;
+        while (first >= buckets) first -= buckets;
     }
+    for (; p < n; ++p) {
+        if constexpr (kAdd) row[p] = row[p] + add[p];
+        consider(p, first);
+        if (++first == buckets) first = 0;
+    }
+    finish_interleaved<T, kMagnitude>(row, n, buckets, 0, buckets, kept, floor, refill, out);
 }
 
 template <typename T, bool kMagnitude, bool kAdd>
@@ -250,6 +302,16 @@ void run(T* x, const float* add, int64_t rows, int64_t n, int64_t row_stride, in
         int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, buckets / min_width));
         if (rows >= threads) chunks = 1;
         const int64_t width = (buckets + chunks - 1) / chunks;
+        if (chunks == 1 && buckets < kFlatBelow) {
+            #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+            for (int64_t r = 0; r < rows; ++r)
+                interleaved_flat<T, kMagnitude, kAdd>(x + r * row_stride,
+                                                      kAdd ? add + r * row_stride : nullptr,
+                                                      n, buckets, kept,
+                                                      floors ? floors[r] : kPadKey32, refill,
+                                                      out + r * buckets * kept);
+            return;
+        }
         #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < chunks; ++c) {
