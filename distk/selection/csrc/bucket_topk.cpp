@@ -121,8 +121,9 @@ inline void accumulate_block(float* __restrict x, const float* __restrict add) {
 
 // The kept entries of one bucket, as composite keys: up to kHeapFrom slots a list sorted
 // descending (one insertion touches one cache line); more slots a binary min-heap
-// (log(kept) moves per insertion instead of up to kept), sorted once at the end.
-// Returns the bucket's new threshold: the key part of its smallest kept key, never below
+// (log(kept) moves per insertion instead of up to kept), sorted once at the end; the
+// heap serves the contiguous layout and the refill of a short bucket, KeptSets below the
+// streaming interleaved passes. Returns the bucket's new threshold: the key part of its smallest kept key, never below
 // the row's floor. An entry must have a strictly larger key to enter, so equal keys keep
 // the earlier entry, as the reference orders them.
 constexpr int kHeapFrom = 12;
@@ -152,6 +153,51 @@ inline void finish(int64_t* slots, int kept) {
     if (kept > kHeapFrom) std::sort(slots, slots + kept, std::greater<int64_t>());
 }
 
+// The kept entries of `width` buckets during one streaming pass (slots: bucket 0's).
+// kBuffered false (up to kHeapFrom slots): the sorted lists of insert(). True: each bucket appends its
+// candidates to a buffer of 2 * kept; a full buffer is cut back to its kept best
+// (nth_element) and the bucket's threshold rises to the smallest of those. That is
+// amortised O(1) per candidate, without the unpredictable branches of a heap, and gives
+// the same kept set: an entry is dropped only when kept larger keys were seen first.
+template <bool kBuffered>
+class KeptSets {
+  public:
+    KeptSets(int64_t* slots, int64_t width, int kept)
+        : slots_(slots), kept_(kept), cap_(2 * kept) {
+        if constexpr (kBuffered) {
+            buffer_.resize(static_cast<size_t>(width) * cap_);
+            count_.assign(width, 0);
+        }
+    }
+    // Bucket w takes (key, pos), which beats its threshold; returns the new threshold.
+    int32_t add(int64_t w, int32_t key, uint32_t pos, int32_t thr, int32_t floor) {
+        if constexpr (!kBuffered) return insert(slots_ + w * kept_, kept_, key, pos, floor);
+        int64_t* b = buffer_.data() + w * cap_;
+        int32_t& n = count_[w];
+        b[n++] = composite(key, pos);
+        if (n < cap_) return thr;
+        std::nth_element(b, b + (kept_ - 1), b + cap_, std::greater<int64_t>());
+        n = kept_;
+        return std::max(floor, static_cast<int32_t>(b[kept_ - 1] >> 32));
+    }
+    // Writes every bucket's best kept entries, sorted descending and padded, to its slots.
+    void emit(int64_t width) {
+        if constexpr (!kBuffered) return;
+        for (int64_t w = 0; w < width; ++w) {
+            int64_t* b = buffer_.data() + w * cap_;
+            const int m = std::min(count_[w], kept_);
+            std::partial_sort(b, b + m, b + count_[w], std::greater<int64_t>());
+            std::copy(b, b + m, slots_ + w * kept_);
+            std::fill(slots_ + w * kept_ + m, slots_ + (w + 1) * kept_, kPadKey64);
+        }
+    }
+  private:
+    int64_t* slots_;
+    int kept_, cap_;
+    std::vector<int64_t> buffer_;
+    std::vector<int32_t> count_;
+};
+
 // Last step of an interleaved run over buckets [j0, j1) (slots: bucket j0's): a bucket
 // the floor left with an empty slot is redone without it (refill), then every bucket's
 // slots are sorted.
@@ -173,13 +219,14 @@ void finish_interleaved(const T* row, int64_t n, int64_t buckets, int64_t j0, in
     }
 }
 
-template <typename T, bool kMagnitude, bool kAdd>
+template <typename T, bool kMagnitude, bool kAdd, bool kBuffered>
 void interleaved_chunk(T* row, const float* add, int64_t n, int64_t buckets, int64_t j0,
                        int64_t j1, int kept, int32_t floor, bool refill, int64_t* out) {
     const int64_t width = j1 - j0;
     std::vector<int32_t> thr(width, floor);
     int64_t* slots = out + j0 * kept;        // written in place: bucket j's slots
     std::fill(slots, slots + width * kept, kPadKey64);
+    KeptSets<kBuffered> sets(slots, width, kept);
     const int64_t length = (n + buckets - 1) / buckets;
     for (int64_t t = 0; t < length; ++t) {
         const int64_t base = t * buckets;
@@ -196,7 +243,7 @@ void interleaved_chunk(T* row, const float* add, int64_t n, int64_t buckets, int
                     const int64_t w = j - j0;
                     // Lanes are distinct buckets: an insertion cannot change another
                     // lane's threshold, so the mask stays valid.
-                    thr[w] = insert(slots + w * kept, kept, key, static_cast<uint32_t>(base + j), floor);
+                    thr[w] = sets.add(w, key, static_cast<uint32_t>(base + j), thr[w], floor);
                 }
                 continue;
             }
@@ -205,10 +252,11 @@ void interleaved_chunk(T* row, const float* add, int64_t n, int64_t buckets, int
                 const int32_t key = key_of<kMagnitude>(bits_of(row, base + j));
                 const int64_t w = j - j0;
                 if (key > thr[w])
-                    thr[w] = insert(slots + w * kept, kept, key, static_cast<uint32_t>(base + j), floor);
+                    thr[w] = sets.add(w, key, static_cast<uint32_t>(base + j), thr[w], floor);
             }
         }
     }
+    sets.emit(width);
     finish_interleaved<T, kMagnitude>(row, n, buckets, j0, j1, kept, floor, refill, slots);
 }
 
@@ -221,15 +269,16 @@ void interleaved_chunk(T* row, const float* add, int64_t n, int64_t buckets, int
 // candidate is checked again against its bucket's current threshold before insertion.
 constexpr int64_t kFlatBelow = 256;
 
-template <typename T, bool kMagnitude, bool kAdd>
+template <typename T, bool kMagnitude, bool kAdd, bool kBuffered>
 void interleaved_flat(T* row, const float* add, int64_t n, int64_t buckets, int kept,
                       int32_t floor, bool refill, int64_t* out) {
     std::vector<int32_t> thr(buckets + kBlock, floor);
     std::fill(out, out + buckets * kept, kPadKey64);
+    KeptSets<kBuffered> sets(out, buckets, kept);
     auto consider = [&](int64_t p, int64_t j) {
         const int32_t key = key_of<kMagnitude>(bits_of(row, p));
         if (key <= thr[j]) return;
-        const int32_t t = insert(out + j * kept, kept, key, static_cast<uint32_t>(p), floor);
+        const int32_t t = sets.add(j, key, static_cast<uint32_t>(p), thr[j], floor);
         for (int64_t i = j; i < buckets + kBlock; i += buckets) thr[i] = t;
     };
     int64_t first = 0;  // bucket of position p
@@ -252,6 +301,7 @@ void interleaved_flat(T* row, const float* add, int64_t n, int64_t buckets, int 
         consider(p, first);
         if (++first == buckets) first = 0;
     }
+    sets.emit(buckets);
     finish_interleaved<T, kMagnitude>(row, n, buckets, 0, buckets, kept, floor, refill, out);
 }
 
@@ -305,11 +355,10 @@ void run(T* x, const float* add, int64_t rows, int64_t n, int64_t row_stride, in
         if (chunks == 1 && buckets < kFlatBelow) {
             #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
             for (int64_t r = 0; r < rows; ++r)
-                interleaved_flat<T, kMagnitude, kAdd>(x + r * row_stride,
-                                                      kAdd ? add + r * row_stride : nullptr,
-                                                      n, buckets, kept,
-                                                      floors ? floors[r] : kPadKey32, refill,
-                                                      out + r * buckets * kept);
+                (kept > kHeapFrom ? interleaved_flat<T, kMagnitude, kAdd, true>
+                                  : interleaved_flat<T, kMagnitude, kAdd, false>)(
+                    x + r * row_stride, kAdd ? add + r * row_stride : nullptr, n, buckets,
+                    kept, floors ? floors[r] : kPadKey32, refill, out + r * buckets * kept);
             return;
         }
         #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)
@@ -317,11 +366,12 @@ void run(T* x, const float* add, int64_t rows, int64_t n, int64_t row_stride, in
             for (int64_t c = 0; c < chunks; ++c) {
                 const int64_t j0 = c * width, j1 = std::min(buckets, j0 + width);
                 if (j0 < j1)
-                    interleaved_chunk<T, kMagnitude, kAdd>(x + r * row_stride,
-                                                           kAdd ? add + r * row_stride : nullptr,
-                                                           n, buckets, j0, j1, kept,
-                                                     floors ? floors[r] : kPadKey32, refill,
-                                                     out + r * buckets * kept);
+                    (kept > kHeapFrom ? interleaved_chunk<T, kMagnitude, kAdd, true>
+                                      : interleaved_chunk<T, kMagnitude, kAdd, false>)(
+                        x + r * row_stride, kAdd ? add + r * row_stride : nullptr,
+                        n, buckets, j0, j1, kept,
+                        floors ? floors[r] : kPadKey32, refill,
+                        out + r * buckets * kept);
             }
     } else {
         #pragma omp parallel for schedule(dynamic, 16) num_threads(threads) collapse(2)
