@@ -318,7 +318,6 @@ class GradientCompressor:
             positions = None
             values = acc
             wire = WireFormat(numel, numel, value_dtype)
-            plan = None
             scheme = "dense"
         else:
             k = plan.k

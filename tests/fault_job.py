@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import distk
+from distk.train.__main__ import exit_after_clean_finish
 from distk.train.checkpoint import load_checkpoint, save_checkpoint
 from distk.train.loop import _rebuild_ddp_buckets
 
@@ -156,8 +157,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Like distk-train's entry point: skip C++ static teardown after a clean finish.
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_after_clean_finish(main())  # as distk-train does

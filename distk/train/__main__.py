@@ -107,19 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """Console entry point: :func:`main`, then a process exit that skips C++ teardown.
+def exit_after_clean_finish(code: int) -> None:
+    """Leave the process with ``code`` through ``os._exit`` once its work is done (logs
+    closed, process group destroyed).
 
-    After a clean finish (logs closed, process group destroyed) the process leaves with
-    ``os._exit``: the C++ static destructors that ``exit()`` would run can find a torch or
-    gloo background thread still joinable and abort the process ("terminate called
-    without an active exception", SIGABRT) after all the work was done, which torchrun
-    reports as a failed run. An exception still propagates and exits the usual way.
+    The C++ static destructors that ``exit()`` would run can find a torch or gloo
+    background thread still joinable and abort the process ("terminate called without
+    an active exception", SIGABRT) after all the work was done, which torchrun reports as
+    a failed run. Only for a clean finish: an exception should exit the usual way.
     """
-    code = main()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def cli() -> None:
+    """Console entry point: :func:`main`, then :func:`exit_after_clean_finish`."""
+    exit_after_clean_finish(main())
 
 
 if __name__ == "__main__":

@@ -198,9 +198,9 @@ class KeptSets {
     std::vector<int32_t> count_;
 };
 
-// Last step of an interleaved run over buckets [j0, j1) (slots: bucket j0's): a bucket
-// the floor left with an empty slot is redone without it (refill), then every bucket's
-// slots are sorted.
+// Last step of an interleaved run over buckets [j0, j1) (slots: bucket j0's, already
+// sorted by KeptSets::emit): a bucket the floor left with an empty slot is redone
+// without it (refill) and sorted again.
 template <typename T, bool kMagnitude>
 void finish_interleaved(const T* row, int64_t n, int64_t buckets, int64_t j0, int64_t j1,
                         int kept, int32_t floor, bool refill, int64_t* slots) {
@@ -214,8 +214,8 @@ void finish_interleaved(const T* row, int64_t n, int64_t buckets, int64_t j0, in
                 const int32_t key = key_of<kMagnitude>(bits_of(row, p));
                 if (key > t) t = insert(s, kept, key, static_cast<uint32_t>(p), kPadKey32);
             }
+            finish(s, kept);
         }
-        finish(s, kept);
     }
 }
 
@@ -380,8 +380,8 @@ void run(T* x, const float* add, int64_t rows, int64_t n, int64_t row_stride, in
                 contiguous_bucket<T, kMagnitude, kAdd>(x + r * row_stride,
                                                        kAdd ? add + r * row_stride : nullptr,
                                                        n, buckets, j, kept,
-                                                 floors ? floors[r] : kPadKey32, refill,
-                                                 out + r * buckets * kept);
+                                                       floors ? floors[r] : kPadKey32, refill,
+                                                       out + r * buckets * kept);
     }
 }
 
@@ -425,8 +425,9 @@ int distk_bucket_candidates(void* x, int dtype, int64_t rows, int64_t n,
     }
 }
 
-// Memory helper of the exchange's dense result: zero `bytes` bytes at p with the C library's memset, which streams past the cache
-// for large sizes (several times faster than a store loop that reads each line first).
+// Memory helper of the exchange's dense result: zero `bytes` bytes at p with the C
+// library's memset, which streams past the cache for large sizes (several times faster
+// than a store loop that reads each line first).
 void distk_zero(void* p, int64_t bytes) { std::memset(p, 0, static_cast<size_t>(bytes)); }
 
 }  // extern "C"
