@@ -59,13 +59,13 @@ METHODS: dict[str, list[str]] = {
 }
 
 # The training job's config for the full run: a byte-level GPT of 25.5M parameters whose
-# per-step compute is kept small (2 x 64 bytes per rank) so that, as on a GPU cluster,
+# per-step compute is kept small (1 x 32 bytes per rank) so that, as on a GPU cluster,
 # moving 100 MB of fp32 gradients over a 1 Gbit/s link costs more than computing them.
 FULL_CONFIG: dict[str, Any] = {
     # 25.5M parameters, 32 tokens per rank and step: on a GPU this forward/backward takes
     # milliseconds while 1 Gbit/s moves the 100 MB of fp32 gradients in about a second;
-    # on this CPU it still takes ~0.1 s of a shared core, which the small batch keeps
-    # well below the communication, as on a cluster whose network is the bottleneck.
+    # the small batch keeps it below the communication on this CPU too, as on a cluster
+    # whose network is the bottleneck.
     "model": {"n_layer": 2, "n_head": 8, "d_model": 1024, "context": 32},
     # The training job's optimizer (SGD with momentum; momentum correction in the sparse
     # modes) at lr 0.1: at the job's default 0.3 dense training of this model spikes. A

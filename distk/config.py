@@ -119,8 +119,8 @@ class SparsityConfig:
 
     stats_interval: int = 10
     """Compute the costlier statistics (residual norm, synchronised timings) every this
-    many steps; >= 1. The residual norm is one more pass over every gradient (about a
-    tenth of a sparse step's CPU time at 2^26 entries), hence not every step."""
+    many steps; >= 1. The residual norm is one more full pass over every gradient, hence
+    not every step."""
 
     recall_interval: int = 50
     """Every this many steps, measure the recall of the selection against exact top-k
