@@ -7,7 +7,9 @@ Layers (each usable alone):
 - ``distk.comm``: wire format and sparse collectives;
 - ``distk.SparsityConfig`` and ``distk.GradientCompressor``: the one config type and the
   one compressor (error feedback, momentum correction, warm-up) every integration shares;
-- ``distk.ddp``, ``distk.fsdp``, ``distk.deepspeed``: thin integrations;
+- ``distk.ddp``, ``distk.fsdp``, ``distk.deepspeed``: thin integrations; ``distk.enable``
+  picks one from the wrapper's type; ``distk.integrations.hf`` / ``.accelerate`` /
+  ``.lightning`` adapt HF Trainer, Accelerate and Lightning;
 - ``distk.nn``: activation top-k layers and sparse activation exchange;
 - ``distk.train``: the main job (``distk-train``).
 """
@@ -29,11 +31,13 @@ _LAZY_MODULES = {
     "ddp": "distk.integrations.ddp",
     "fsdp": "distk.integrations.fsdp",
     "deepspeed": "distk.integrations.deepspeed",
+    "integrations": "distk.integrations",
     "train": "distk.train",
 }
 _LAZY_NAMES = {
     "SparsityConfig": "distk.config",
     "GradientCompressor": "distk.compressor",
+    "enable": "distk.integrations.auto",
 }
 
 __all__ = [

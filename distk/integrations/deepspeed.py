@@ -45,9 +45,11 @@ inside the checkpoint's tag folder.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -67,6 +69,8 @@ __all__ = [
     "enable",
     "get_state",
     "initialize",
+    "install",
+    "installed",
     "split_config",
 ]
 
@@ -106,7 +110,38 @@ def _import_deepspeed() -> Any:
             f">=0.19,<0.20; found deepspeed=={deepspeed.__version__}. Install a supported "
             "version (pip install 'distk[deepspeed]') or leave out the \"distk\" block."
         )
+    _remember_original_initialize(deepspeed)
     return deepspeed
+
+
+# DeepSpeed's own ``initialize``, kept so that distk never reaches itself through the
+# module attribute once that attribute points at distk (install(), or a user's
+# ``deepspeed.initialize = distk.deepspeed.initialize``).
+_DEEPSPEED_ORIGINALS: dict[str, Callable[..., Any]] = {}
+_ORIGINAL_ATTR = "__distk_original__"
+
+
+def _remember_original_initialize(deepspeed: Any) -> None:
+    current = deepspeed.initialize
+    if current is not initialize and getattr(current, _ORIGINAL_ATTR, None) is None:
+        _DEEPSPEED_ORIGINALS.setdefault("initialize", current)
+
+
+def _deepspeed_initialize(deepspeed: Any) -> Callable[..., Any]:
+    """DeepSpeed's own ``initialize``, whatever ``deepspeed.initialize`` now points at."""
+    current = deepspeed.initialize
+    original = getattr(current, _ORIGINAL_ATTR, None)
+    if original is not None:
+        return original
+    if current is not initialize:
+        return current
+    if "initialize" not in _DEEPSPEED_ORIGINALS:
+        raise RuntimeError(
+            "deepspeed.initialize was replaced by distk.deepspeed.initialize before distk "
+            "saw DeepSpeed's own function, so it cannot be reached; call "
+            "distk.deepspeed.install() instead of assigning deepspeed.initialize"
+        )
+    return _DEEPSPEED_ORIGINALS["initialize"]
 
 
 # -- configuration ------------------------------------------------------------------------
@@ -637,11 +672,12 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
                   distributed_port=distributed_port, mpu=mpu,
                   dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
                   mesh_param=mesh_param, config_params=config_params)
+    ds_initialize = _deepspeed_initialize(deepspeed)
     if source is None:
-        return deepspeed.initialize(**kwargs)
+        return ds_initialize(**kwargs)
     ds_config, cfg = split_config(source)
     if cfg is None:
-        return deepspeed.initialize(**kwargs)
+        return ds_initialize(**kwargs)
     _check_supported(ds_config, model)
     kwargs.update(config=ds_config, config_params=None)
     if from_args:
@@ -650,9 +686,47 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         args = copy.copy(args)
         args.deepspeed_config = None
         kwargs["args"] = args
-    result = deepspeed.initialize(**kwargs)
+    result = ds_initialize(**kwargs)
     enable(result[0], cfg)
     return result
+
+
+def install() -> None:
+    """Make ``deepspeed.initialize`` itself honour the ``"distk"`` block (the one line).
+
+    Afterwards every caller of ``deepspeed.initialize`` (HF ``Trainer``, Accelerate, user
+    code) goes through :func:`initialize`: a config with a ``"distk"`` block gets an
+    engine whose gradient reduction is distk's (``engine.distk``), or an error naming
+    what distk does not support; a config without one is handed to DeepSpeed untouched.
+    Call it once per process before the engine is built (before ``Trainer.train()`` or
+    ``accelerator.prepare``). Idempotent; DeepSpeed's own function is kept and always
+    called directly, so there is no recursion. Callers that bound the function earlier
+    (``from deepspeed import initialize``) keep DeepSpeed's and are not affected.
+    """
+    deepspeed = _import_deepspeed()
+    if getattr(deepspeed.initialize, _ORIGINAL_ATTR, None) is not None:
+        return
+    original = _deepspeed_initialize(deepspeed)
+
+    @functools.wraps(original)
+    def initialize_with_distk(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
+        return initialize(*args, **kwargs)
+
+    setattr(initialize_with_distk, _ORIGINAL_ATTR, original)
+    deepspeed.initialize = initialize_with_distk
+
+
+def installed() -> bool:
+    """Whether :func:`install` has routed ``deepspeed.initialize`` through distk."""
+    deepspeed = sys.modules.get("deepspeed")
+    return deepspeed is not None and getattr(deepspeed.initialize, _ORIGINAL_ATTR,
+                                             None) is not None
+
+
+# The obvious manual patch (``deepspeed.initialize = distk.deepspeed.initialize``) reads
+# distk's function before assigning it: remember DeepSpeed's if it is already imported.
+if "deepspeed" in sys.modules and hasattr(sys.modules["deepspeed"], "initialize"):
+    _remember_original_initialize(sys.modules["deepspeed"])
 
 
 def describe(engine: Any) -> str:

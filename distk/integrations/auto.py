@@ -1,0 +1,171 @@
+"""``distk.enable``: one entry point for whatever a framework wrapped the model in.
+
+The framework adapters (HF Trainer, Accelerate, Lightning) receive a model that DDP,
+FSDP or DeepSpeed has already wrapped; :func:`enable` picks the integration from the
+wrapper's type, :func:`get_state` finds a state enabled earlier, and :func:`metrics`
+turns a state's last-step statistics into the flat ``{"distk/<name>": float}`` dict the
+frameworks' loggers (and so wandb / TensorBoard) take.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["enable", "get_state", "metrics", "resolve_config", "unwrap_compiled"]
+
+STATE_ATTR = "distk"
+"""Attribute of the wrapper (DDP/FSDP module, DeepSpeed engine) that holds its state."""
+
+METRIC_PREFIX = "distk/"
+
+# Statistics forwarded to loggers: effective density (k / numel over every exchanged
+# gradient of the step), bytes one rank sent and what a dense fp32 ring all-reduce
+# would have sent, their ratio, seconds, residual norm, recall.
+_METRIC_STATS = (
+    "density", "k", "numel", "bytes_sent", "dense_bytes", "compression",
+    "selection_seconds", "comm_seconds", "residual_norm", "recall",
+)
+
+
+def unwrap_compiled(module: Any) -> Any:
+    """``torch.compile(m)`` returns an ``OptimizedModule``; the wrapper is its ``_orig_mod``."""
+    compiled = getattr(torch, "_dynamo", None)
+    optimized = getattr(getattr(compiled, "eval_frame", None), "OptimizedModule", None)
+    while optimized is not None and isinstance(module, optimized):
+        module = module._orig_mod
+    return module
+
+
+def _is_deepspeed_engine(obj: Any) -> bool:
+    deepspeed = sys.modules.get("deepspeed")
+    if deepspeed is None:
+        return False
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    return isinstance(obj, DeepSpeedEngine)
+
+
+def _is_fsdp(module: Any) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    return isinstance(module, torch.nn.Module) and any(
+        isinstance(m, FSDPModule | FSDP1) for m in module.modules())
+
+
+def get_state(wrapped: Any) -> Any:
+    """The distk state of a DDP/FSDP module or DeepSpeed engine, or ``None``."""
+    wrapped = unwrap_compiled(wrapped)
+    return getattr(wrapped, "__dict__", {}).get(STATE_ATTR)
+
+
+def resolve_config(cfg: Any, ds_config: Any = None, *, where: str) -> Any:
+    """``cfg`` as a SparsityConfig; ``None`` reads the ``"distk"`` block of ``ds_config``.
+
+    Args:
+        cfg: a SparsityConfig, a dict of its keys, or None.
+        ds_config: a DeepSpeed config (dict, JSON path or base64), consulted when cfg is
+            None; may be None.
+        where: the caller's name, used in error messages.
+
+    Raises:
+        TypeError: cfg is of another type.
+        ValueError: cfg is None and there is no ``"distk"`` block to read.
+    """
+    from distk.config import SparsityConfig
+
+    if isinstance(cfg, SparsityConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return SparsityConfig.from_dict(dict(cfg))
+    if cfg is not None:
+        raise TypeError(f"{where}: cfg must be a distk.SparsityConfig, a dict of its keys or "
+                        f"None, got {type(cfg).__name__}")
+    if ds_config is not None:
+        from distk.integrations.deepspeed import split_config
+
+        _, block = split_config(ds_config)
+        if block is not None:
+            return block
+    raise ValueError(f"{where}: cfg=None, and there is no DeepSpeed config with a \"distk\" "
+                     "block to read it from; pass a distk.SparsityConfig or a dict")
+
+
+def enable(wrapped: Any, cfg: Any = None) -> Any:
+    """Sparsify the gradient exchange of a wrapped model, whichever wrapper it is.
+
+    Args:
+        wrapped: a ``DistributedDataParallel`` module, an FSDP2 (``fully_shard``) or
+            FSDP1 root module, or a DeepSpeed engine; a ``torch.compile``'d wrapper is
+            unwrapped. Call it before the first backward pass, on every rank.
+        cfg: a :class:`~distk.config.SparsityConfig`, a dict of its keys, or None: then
+            the ``"distk"`` block of the DeepSpeed engine's config (for DDP and FSDP a
+            config is required).
+
+    Returns:
+        The integration's state (``.stats``, ``.compressor``, ``state_dict()``), also
+        stored as ``wrapped.distk``. An engine that already exchanges through distk (built
+        by ``distk.deepspeed.initialize`` or after ``distk.deepspeed.install()``) keeps
+        its state, which is returned (cfg, when given, must equal its config).
+
+    Raises:
+        TypeError: ``wrapped`` is none of the supported wrappers, or cfg has a wrong type.
+        ValueError: cfg is missing and cannot be read, differs from the engine's, or the
+            setup is not supported by the integration (its error names the setting).
+    """
+    module = unwrap_compiled(wrapped)
+    if _is_deepspeed_engine(module):
+        from distk.integrations import deepspeed as ds
+
+        existing = ds.get_state(module)
+        if existing is not None:
+            if cfg is not None:
+                wanted = resolve_config(cfg, where="distk.enable")
+                if wanted != existing.cfg:
+                    raise ValueError(
+                        "distk.enable: this DeepSpeed engine already exchanges through distk "
+                        f"with {existing.cfg.to_dict()}, which differs from cfg="
+                        f"{wanted.to_dict()}; pass cfg=None or the same config")
+            return existing
+        return ds.enable(module, resolve_config(cfg, module.config, where="distk.enable"))
+    if isinstance(module, DistributedDataParallel):
+        from distk.integrations import ddp
+
+        state = ddp.enable(module, resolve_config(cfg, where="distk.enable"))
+    elif _is_fsdp(module):
+        from distk.integrations import fsdp
+
+        state = fsdp.enable(module, resolve_config(cfg, where="distk.enable"))
+    else:
+        raise TypeError(
+            "distk.enable expects a torch.nn.parallel.DistributedDataParallel module, an "
+            "FSDP2 (fully_shard) or FSDP1 module, or a DeepSpeed engine, got "
+            f"{type(wrapped).__name__}; a model that no framework wrapped exchanges no "
+            "gradients (one process, or the wrapper not built yet)")
+    module.__dict__[STATE_ATTR] = state
+    return state
+
+
+def metrics(state: Any) -> dict[str, float]:
+    """The last exchange's statistics as ``{"distk/<name>": float}`` (empty before one).
+
+    ``distk/density`` is the effective density, ``k / numel`` summed over every gradient
+    the step exchanged (DDP: per bucket; DeepSpeed: per parameter, tensors smaller than
+    ``min_numel`` sent densely; DDP's first, bucket-rebuilding step is dense: 1.0).
+    ``distk/target_density`` is ``cfg.density``.
+    """
+    stats = getattr(state, "stats", None) or {}
+    if not stats:
+        return {}
+    out = {}
+    for name in _METRIC_STATS:
+        value = stats.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[METRIC_PREFIX + name] = float(value)
+    out[METRIC_PREFIX + "target_density"] = float(state.cfg.density)
+    out[METRIC_PREFIX + "iteration"] = float(state.iteration)
+    return out

@@ -1,0 +1,150 @@
+"""Per-rank distk state files, shared by the HF Trainer, Accelerate and Lightning adapters.
+
+Every rank's residuals differ (each holds what *that* rank did not send), so a checkpoint
+needs one file per rank, and a rank must never load another rank's file. Framework
+checkpoints are written by rank 0 only (HF Trainer's model files, Accelerate's
+``register_for_checkpointing``, Lightning's ``.ckpt``), so these helpers write
+``distk_rank<NNNNN>.pt`` from every rank into a folder the caller picks, and read them
+back with a check:
+
+- :func:`save_rank_state` writes ``{"rank", "world_size", "state"}`` (atomically: a
+  temporary file, then ``os.replace``);
+- :func:`read_rank_state` returns the ``state`` of one file and raises ``ValueError``
+  when the file was written by another rank or another number of ranks;
+- :func:`load_rank_state` is collective: every rank checks its own file, the ranks agree
+  (one small all-reduce), and then either every rank restores its state, or every rank
+  warns and keeps a fresh state (files missing), or every rank raises (a file written by
+  another rank or world size, or unreadable). A mixed outcome would desynchronise the
+  compressors' step counters, so there is none.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["FILE_NAME", "load_rank_state", "rank_file", "read_rank_state", "save_rank_state"]
+
+FILE_NAME = "distk_rank{rank:05d}.pt"
+"""Name of one rank's file inside a checkpoint folder."""
+
+_OK, _MISSING, _REFUSED = 0, 1, 2
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("distk per-rank checkpoints need an initialised process group "
+                           "(torch.distributed.init_process_group)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_file(directory: str | os.PathLike[str], rank: int | None = None) -> str:
+    """Path of ``rank``'s file (default: this process's global rank) in ``directory``."""
+    if rank is None:
+        rank = _rank_and_world()[0]
+    return os.path.join(os.fspath(directory), FILE_NAME.format(rank=rank))
+
+
+def save_rank_state(directory: str | os.PathLike[str], state: Any) -> str:
+    """Write this rank's ``state.state_dict()`` to ``directory``; returns the file's path.
+
+    Args:
+        directory: the checkpoint folder (created if missing); every rank writes its own
+            file there, so on several machines it must be a shared filesystem or each
+            machine keeps the files of its own ranks.
+        state: a distk state (``distk.enable``'s result) with ``state_dict()``.
+    """
+    rank, world_size = _rank_and_world()
+    path = rank_file(directory, rank)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    payload = {"rank": rank, "world_size": world_size, "state": state.state_dict()}
+    temporary = f"{path}.tmp"
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def read_rank_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The distk state stored in ``path``, refused unless this rank wrote it.
+
+    Raises:
+        ValueError: the file was written by another rank or under another world size
+            (residuals hold what that rank did not send; using them here would apply
+            another rank's error feedback), or it is not a distk per-rank file.
+    """
+    rank, world_size = _rank_and_world()
+    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or not {"rank", "world_size", "state"} <= set(payload):
+        raise ValueError(f"{os.fspath(path)} is not a distk per-rank state file (expected "
+                         "keys 'rank', 'world_size', 'state')")
+    if payload["rank"] != rank or payload["world_size"] != world_size:
+        raise ValueError(
+            f"distk state file {os.fspath(path)} was written by rank {payload['rank']} of "
+            f"{payload['world_size']}, but this is rank {rank} of {world_size}; each rank's "
+            "residuals hold what that rank did not send, so a rank may only load its own "
+            "file (same rank, same world size)"
+        )
+    return payload["state"]
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def load_rank_state(directory: str | os.PathLike[str], state: Any, *,
+                    missing: str = "warn") -> bool:
+    """Restore every rank's own state from ``directory`` (collective; all ranks call it).
+
+    Args:
+        directory: the folder :func:`save_rank_state` wrote to.
+        state: the distk state to restore into (``load_state_dict``).
+        missing: what to do when some rank has no file: ``"warn"`` (every rank warns and
+            keeps its fresh state, e.g. a checkpoint written before distk was enabled) or
+            ``"raise"``.
+
+    Returns:
+        True when every rank restored its state, False when files were missing.
+
+    Raises:
+        ValueError: a rank's file was written by another rank or world size, is not a
+            distk file, or its config differs (raised on every rank), or ``missing`` is
+            not one of ``"warn"``, ``"raise"``.
+        FileNotFoundError: files are missing and ``missing="raise"``.
+    """
+    if missing not in ("warn", "raise"):
+        raise ValueError(f"missing must be 'warn' or 'raise', got {missing!r}")
+    rank, _ = _rank_and_world()
+    path = rank_file(directory, rank)
+    local_error: str | None = None
+    payload_state = None
+    if not os.path.isfile(path):
+        code = _MISSING
+    else:
+        try:
+            payload_state = read_rank_state(path)
+            code = _OK
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            code, local_error = _REFUSED, f"{type(err).__name__}: {err}"
+    flag = torch.tensor([code], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    worst = int(flag.item())
+    if worst == _REFUSED:
+        raise ValueError(local_error or (
+            f"distk: another rank refused its state file in {os.fspath(directory)}; "
+            "no rank restores (see that rank's error)"))
+    if worst == _MISSING:
+        message = (f"distk: {os.fspath(directory)} has no distk state file for every rank "
+                   f"(this rank's: {'present' if code == _OK else 'missing'}); residuals "
+                   "start from zero on every rank")
+        if missing == "raise":
+            raise FileNotFoundError(message)
+        warnings.warn(f"[rank {rank}] {message}", RuntimeWarning, stacklevel=2)
+        return False
+    state.load_state_dict(payload_state)
+    return True
