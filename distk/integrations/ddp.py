@@ -68,12 +68,24 @@ class DDPCompressionState(CompressionState):
             ``_BUCKET_REBUILD_ITERATIONS`` of them bypass the compressor.
     """
 
-    __slots__ = ("bucket_numels", "local_iterations")
+    __slots__ = ("bucket_numels", "local_iterations", "config_checked")
 
     def __init__(self, cfg: Any, process_group: dist.ProcessGroup | None = None) -> None:
+        from distk.config import SparsityConfig
+
+        # A state built by hand for a framework's hook slot (e.g. Lightning's
+        # DDPStrategy(ddp_comm_hook=..., ddp_comm_state=...)) may get a plain dict.
+        if isinstance(cfg, dict):
+            cfg = SparsityConfig.from_dict(cfg)
+        if not isinstance(cfg, SparsityConfig):
+            raise TypeError("DDPCompressionState: cfg must be a distk.SparsityConfig or a "
+                            f"dict of its keys, got {type(cfg).__name__}")
         super().__init__(cfg, process_group)
         self.bucket_numels: dict[int, int] = {}
         self.local_iterations = 0
+        # enable() checks the config across ranks; a hand-registered hook checks it on
+        # its first call (a collective every rank reaches: bucket 0 of the first step).
+        self.config_checked = False
 
     def _make_compressor(self) -> Any:
         from distk.compressor import GradientCompressor
@@ -105,6 +117,7 @@ class DDPCompressionState(CompressionState):
         del state
         self.bucket_numels = {}
         self.local_iterations = 0
+        self.config_checked = False
 
 
 def _dense_allreduce(state: DDPCompressionState, buffer: torch.Tensor,
@@ -148,6 +161,9 @@ def sparse_allreduce_hook(
     into ``param.grad`` (or, with ``gradient_as_bucket_view=True``, ``param.grad`` already
     views it).
     """
+    if not state.config_checked:
+        check_same_config(state.cfg, state.process_group)
+        state.config_checked = True
     index = bucket.index()
     buffer = bucket.buffer()
     state._begin_buffer(index)
@@ -211,5 +227,6 @@ def enable(ddp_model: DistributedDataParallel, cfg: Any) -> DDPCompressionState:
     group = ddp_model.process_group
     check_same_config(cfg, group)
     state = DDPCompressionState(cfg, group)
+    state.config_checked = True
     ddp_model.register_comm_hook(state, sparse_allreduce_hook)
     return state
