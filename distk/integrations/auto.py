@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["enable", "get_state", "metrics", "resolve_config", "unwrap_compiled"]
+__all__ = ["enable", "get_state", "is_wrapped", "metrics", "resolve_config", "unwrap_compiled"]
 
 STATE_ATTR = "distk"
 """Attribute of the wrapper (DDP/FSDP module, DeepSpeed engine) that holds its state."""
@@ -55,6 +55,13 @@ def _is_fsdp(module: Any) -> bool:
 
     return isinstance(module, torch.nn.Module) and any(
         isinstance(m, FSDPModule | FSDP1) for m in module.modules())
+
+
+def is_wrapped(obj: Any) -> bool:
+    """Whether ``obj`` is a wrapper :func:`enable` accepts (DDP, FSDP, DeepSpeed engine)."""
+    module = unwrap_compiled(obj)
+    return (_is_deepspeed_engine(module) or isinstance(module, DistributedDataParallel)
+            or _is_fsdp(module))
 
 
 def get_state(wrapped: Any) -> Any:
