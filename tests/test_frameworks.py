@@ -76,16 +76,22 @@ def _hf_args(output_dir: str, *, max_steps: int, deepspeed: dict | None = None):
     )
 
 
-def _hf_job(rank: int, world_size: int, output_dir: str, deepspeed: dict | None) -> dict:
-    """Train 4 steps (checkpoints at 2 and 4), resume from step 2 in a new Trainer."""
+def _hf_job(rank: int, world_size: int, output_dir: str, deepspeed: dict | None,
+            install: bool = False) -> dict:
+    """Train 4 steps (checkpoints at 2 and 4), resume from step 2 in a new Trainer.
+
+    ``install``: route ``deepspeed.initialize`` through distk first (the engine is then
+    built with distk and the callback adopts its state); otherwise the callback enables
+    distk on the engine DeepSpeed built, from the config's "distk" block.
+    """
     from transformers import Trainer, TrainerCallback
 
+    import distk
     from distk.integrations.hf import DistkCallback
 
-    if deepspeed is not None:
-        import distk
-
+    if install:
         distk.deepspeed.install()
+        distk.deepspeed.install()  # idempotent
     probes: dict = {}
 
     class Probe(TrainerCallback):
@@ -111,6 +117,11 @@ def _hf_job(rank: int, world_size: int, output_dir: str, deepspeed: dict | None)
     trainer.train()
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     wrapped_type = type(trainer.model_wrapped).__name__
+    if deepspeed is not None:
+        # install() hands DeepSpeed the config without the block (and enables distk as it
+        # builds the engine); otherwise DeepSpeed's engine config still carries it.
+        probes["engine_saw_block"] = "distk" in trainer.model_wrapped.config
+        probes["installed"] = distk.deepspeed.installed()
 
     callback2 = DistkCallback(None if deepspeed is not None else {"density": DENSITY})
     resumed = Trainer(model=_gpt2(seed=1),
@@ -185,15 +196,20 @@ def _ds_config(stage: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_hf_trainer_deepspeed_json_distk_block_acts_and_resumes_per_rank(tmp_path, stage):
-    """TrainingArguments(deepspeed=...) with a "distk" block, after distk.deepspeed.install()."""
+@pytest.mark.parametrize(("stage", "install"), [(1, True), (2, False)],
+                         ids=["zero1-install", "zero2-callback"])
+def test_hf_trainer_deepspeed_json_distk_block_acts_and_resumes_per_rank(tmp_path, stage,
+                                                                        install):
+    """TrainingArguments(deepspeed=...) with a "distk" block: after distk.deepspeed.install()
+    (ZeRO 1) and through DistkCallback() alone (ZeRO 2)."""
     pytest.importorskip("transformers", reason="HF Trainer test needs distk[frameworks]")
     pytest.importorskip("deepspeed", reason="DeepSpeed test needs distk[deepspeed]")
-    results = run_distributed(_hf_job, 2, str(tmp_path / "run"), _ds_config(stage),
+    results = run_distributed(_hf_job, 2, str(tmp_path / "run"), _ds_config(stage), install,
                               timeout=300)
     for result in results:
         assert result["wrapped"] == "DeepSpeedEngine"
+        assert result["installed"] is install
+        assert result["engine_saw_block"] is not install
         assert result["resumed_steps"] == 4
         logged = [entry for entry in result["history"] if "distk/bytes_sent" in entry]
         assert len(logged) == 4, result["history"]

@@ -23,6 +23,7 @@ Statistics: ``state.stats`` after each step, or
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from distk.integrations import auto
@@ -82,9 +83,16 @@ def enable(accelerator: Any, cfg: Any = None, model: Any = None) -> Any:
             "exchange to sparsify; launch with accelerate launch / torchrun on 2+ ranks")
     if model is None:
         model = _prepared_model(accelerator)
-    if cfg is None and auto.get_state(model) is None:
-        cfg = auto.resolve_config(None, _deepspeed_config(accelerator),
-                                  where="distk.integrations.accelerate.enable")
+    if cfg is not None or auto.get_state(model) is None:
+        cfg = auto.config_for(cfg, _deepspeed_config(accelerator),
+                              where="distk.integrations.accelerate.enable")
+    handler = getattr(accelerator, "ddp_handler", None)
+    if handler is not None and callable(getattr(handler, "comm_hook", None)):
+        warnings.warn(
+            "distk: DistributedDataParallelKwargs(comm_hook=...) takes only Accelerate's "
+            f"DDPCommunicationHookType values; the callable {handler.comm_hook!r} was not "
+            "registered by Accelerate. distk registers its own hook here instead.",
+            RuntimeWarning, stacklevel=2)
     state = auto.enable(model, cfg)
 
     def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:

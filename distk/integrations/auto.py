@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["enable", "get_state", "is_wrapped", "metrics", "resolve_config", "unwrap_compiled"]
+__all__ = ["config_for", "enable", "get_state", "is_wrapped", "metrics", "resolve_config",
+           "unwrap_compiled"]
 
 STATE_ATTR = "distk"
 """Attribute of the wrapper (DDP/FSDP module, DeepSpeed engine) that holds its state."""
@@ -100,6 +101,31 @@ def resolve_config(cfg: Any, ds_config: Any = None, *, where: str) -> Any:
             return block
     raise ValueError(f"{where}: cfg=None, and there is no DeepSpeed config with a \"distk\" "
                      "block to read it from; pass a distk.SparsityConfig or a dict")
+
+
+def config_for(cfg: Any, ds_config: Any, *, where: str) -> Any:
+    """The one config a framework adapter uses: ``cfg``, or the ``"distk"`` block.
+
+    ``cfg`` (SparsityConfig, dict or None) and the ``"distk"`` block of ``ds_config`` (the
+    framework's DeepSpeed config, or None) may both be given only when they are equal;
+    otherwise one of them would be silently ignored.
+
+    Raises:
+        ValueError: both are given and differ, or neither is.
+    """
+    block = None
+    if ds_config is not None:
+        from distk.integrations.deepspeed import split_config
+
+        _, block = split_config(ds_config)
+    if cfg is None:
+        return resolve_config(None, ds_config, where=where)
+    cfg = resolve_config(cfg, where=where)
+    if block is not None and block != cfg:
+        raise ValueError(
+            f"{where}: cfg={cfg.to_dict()} differs from the \"distk\" block of the DeepSpeed "
+            f"config {block.to_dict()}; give the config once (cfg=None reads the block)")
+    return cfg
 
 
 def enable(wrapped: Any, cfg: Any = None) -> Any:

@@ -103,11 +103,11 @@ class DistkCallback(TrainerCallback):
                           RuntimeWarning, stacklevel=2)
             return
         if self.state is None:
-            existing = auto.get_state(wrapped)
-            cfg = self.cfg
-            if cfg is None and existing is None:
-                cfg = auto.resolve_config(None, _deepspeed_config(trainer),
-                                          where="DistkCallback")
+            ds_config = _deepspeed_config(trainer)
+            if self.cfg is None and auto.get_state(wrapped) is not None:
+                cfg = None  # an engine built with distk (distk.deepspeed.install())
+            else:
+                cfg = auto.config_for(self.cfg, ds_config, where="distk DistkCallback")
             self.state = auto.enable(wrapped, cfg)
         # Run before the reporting callbacks (wandb, TensorBoard) so they see our stats.
         callbacks = trainer.callback_handler.callbacks

@@ -1,0 +1,33 @@
+"""Pieces the framework examples share: a GPT-2-shaped model built from a config (no
+download) and a learnable token data set made on the spot."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+VOCAB, SEQ = 256, 32
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """2 layers, width 64: ~0.1M parameters, enough for distk to have something to drop."""
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def token_rows(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Rows where each token is the previous one + 1 (mod VOCAB): a model learns it fast."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, VOCAB, (count, 1), generator=generator)
+    rows = (starts + torch.arange(SEQ)) % VOCAB
+    return [{"input_ids": row, "labels": row.clone()} for row in rows]
+
+
+def distk_summary(state) -> str:
+    """One line of the last exchange's statistics."""
+    stats = state.stats
+    return (f"distk: iteration {state.iteration}, effective density {stats['density']:.4f} "
+            f"(target {state.cfg.density}), sent {stats['bytes_sent']} B vs dense "
+            f"{stats['dense_bytes']} B ({stats['compression']:.1f}x less)")
