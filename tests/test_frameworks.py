@@ -65,6 +65,28 @@ def _refusal_of_other_rank(folder: str) -> str:
     return ""
 
 
+def _load_swapped_files(folder: str, state) -> str:
+    """Copy the two ranks' files crosswise into a new folder and load it: what each rank
+    raises (every rank must refuse, none may restore another rank's residuals)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from distk.integrations.checkpoint import load_rank_state, rank_file
+
+    swapped = os.path.join(folder, "swapped")
+    if dist.get_rank() == 0:
+        os.makedirs(swapped, exist_ok=True)
+        shutil.copy(rank_file(folder, 0), rank_file(swapped, 1))
+        shutil.copy(rank_file(folder, 1), rank_file(swapped, 0))
+    dist.barrier()
+    try:
+        load_rank_state(swapped, state)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
 def _hf_args(output_dir: str, *, max_steps: int, deepspeed: dict | None = None):
     from transformers import TrainingArguments
 
@@ -255,7 +277,10 @@ def _accelerate_job(rank: int, world_size: int, output_dir: str) -> dict:
     train_step()
     moved = any(not torch.equal(tensor, saved[key]) for key, tensor in _residuals(state).items())
     accelerator.load_state(output_dir)
-    return {"metrics": metrics, "saved": saved, "restored": _residuals(state), "moved": moved,
+    restored = _residuals(state)
+    swapped = _load_swapped_files(output_dir, state)
+    return {"metrics": metrics, "saved": saved, "restored": restored, "moved": moved,
+            "swapped": swapped,
             "wrapped": type(model).__name__, "refusal": _refusal_of_other_rank(output_dir),
             "without_model": without_model}
 
@@ -269,6 +294,8 @@ def test_accelerate_ddp_acts_and_save_load_state_is_per_rank(tmp_path):
         _assert_acted(result["metrics"])
         assert result["moved"], "the extra step did not change residuals: the test is vacuous"
         assert "pass what prepare returned" in result["without_model"]
+        assert "written by rank" in result["swapped"] or "another rank refused" in \
+            result["swapped"], result["swapped"]
     _assert_restored_per_rank(results)
 
 
@@ -355,3 +382,61 @@ def test_lightning_ddp_on_cpu_acts_and_resumes_per_rank(tmp_path, via_strategy_h
         assert result["resumed_steps"] == 4
         _assert_acted(result["metrics"])
     _assert_restored_per_rank(results)
+
+
+# -- deepspeed.initialize patched: no recursion, idempotent --------------------------------------
+
+def _install_job(rank: int, world_size: int) -> dict:
+    import deepspeed
+    import torch
+
+    import distk
+
+    def build(block: dict | None):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 0},
+                  "optimizer": {"type": "SGD", "params": {"lr": 0.01}},
+                  "steps_per_print": 10**9}
+        if block is not None:
+            config["distk"] = block
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                          config=config)
+        return engine
+
+    # The patch users try first used to recurse: distk reached itself through the attribute.
+    deepspeed.initialize = distk.deepspeed.initialize
+    manual = distk.deepspeed.get_state(build({"density": DENSITY}))
+    distk.deepspeed.install()
+    distk.deepspeed.install()
+    with_block = build({"density": DENSITY})
+    without_block = build(None)
+    return {"manual": manual is not None, "installed": distk.deepspeed.installed(),
+            "with_block": distk.deepspeed.get_state(with_block) is not None,
+            "without_block": distk.deepspeed.get_state(without_block) is None,
+            "adopted": distk.enable(with_block) is distk.deepspeed.get_state(with_block)}
+
+
+def test_deepspeed_initialize_patch_and_install_do_not_recurse():
+    pytest.importorskip("deepspeed", reason="DeepSpeed test needs distk[deepspeed]")
+    for result in run_distributed(_install_job, 2, timeout=180):
+        assert result == {"manual": True, "installed": True, "with_block": True,
+                          "without_block": True, "adopted": True}
+
+
+# -- distk.enable refuses what it cannot act on (no process group needed) -------------------------
+
+def test_enable_refuses_an_unwrapped_model_and_a_missing_config():
+    import torch
+
+    import distk
+    from distk.integrations.auto import config_for
+
+    with pytest.raises(TypeError, match="DistributedDataParallel module, an FSDP2"):
+        distk.enable(torch.nn.Linear(4, 4), {"density": 0.1})
+    with pytest.raises(ValueError, match='no DeepSpeed config with a "distk" block'):
+        config_for(None, {"zero_optimization": {"stage": 1}}, where="test")
+    with pytest.raises(ValueError, match="differs from the \"distk\" block"):
+        config_for({"density": 0.5}, {"distk": {"density": 0.1}}, where="test")
+    with pytest.raises(TypeError, match="cfg must be"):
+        config_for(0.1, None, where="test")
+    assert config_for(None, {"distk": {"density": 0.1}}, where="test").density == 0.1
