@@ -507,7 +507,8 @@ def _wrap_checkpointing(engine: Any, state: DeepSpeedCompressionState) -> None:
             tag = f"global_step{engine.global_steps}"  # DeepSpeed's default tag
         path = _checkpoint_path(save_dir, tag, dist.get_rank())
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        payload = {"world_size": dist.get_world_size(), "state": state.state_dict()}
+        payload = {"rank": dist.get_rank(), "world_size": dist.get_world_size(),
+                   "state": state.state_dict()}
         torch.save(payload, path)
         return original_save(save_dir, tag=tag,
                              client_state={} if client_state is None else client_state,
@@ -536,7 +537,10 @@ def _wrap_checkpointing(engine: Any, state: DeepSpeedCompressionState) -> None:
                 tag = handle.read().strip()
         path = _checkpoint_path(load_dir, tag, dist.get_rank())
         payload = torch.load(path, weights_only=False) if os.path.isfile(path) else None
-        usable = payload is not None and payload.get("world_size") == dist.get_world_size()
+        # Another rank's residuals are never used (files written before "rank" was
+        # recorded carry none; their path already names the rank).
+        usable = (payload is not None and payload.get("world_size") == dist.get_world_size()
+                  and payload.get("rank", dist.get_rank()) == dist.get_rank())
         # All ranks restore, or none: compressor step counters must agree across ranks.
         flag = torch.tensor([1 if usable else 0], dtype=torch.int32, device=engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -545,8 +549,8 @@ def _wrap_checkpointing(engine: Any, state: DeepSpeedCompressionState) -> None:
         else:
             warnings.warn(
                 f"distk.deepspeed: no usable distk state for every rank in "
-                f"{os.path.join(load_dir, str(tag))} (missing {CHECKPOINT_FILE} or written "
-                "by another number of ranks); residuals start from zero",
+                f"{os.path.join(load_dir, str(tag))} (missing {CHECKPOINT_FILE}, or written "
+                "by another rank or number of ranks); residuals start from zero",
                 stacklevel=2,
             )
         return load_path, client_state
