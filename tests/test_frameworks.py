@@ -440,3 +440,33 @@ def test_enable_refuses_an_unwrapped_model_and_a_missing_config():
     with pytest.raises(TypeError, match="cfg must be"):
         config_for(0.1, None, where="test")
     assert config_for(None, {"distk": {"density": 0.1}}, where="test").density == 0.1
+
+
+def _enable_dispatch_job(rank: int, world_size: int) -> dict:
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    import distk
+
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(torch.nn.Linear(64, 64))
+    ddp_state = distk.enable(torch.compile(ddp), {"density": DENSITY})  # compile outside DDP
+    ddp(torch.randn(4, 64)).square().sum().backward()  # first step: DDP's dense rebuild
+    ddp(torch.randn(4, 64)).square().sum().backward()
+    fsdp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    fully_shard(fsdp)
+    fsdp_state = distk.enable(fsdp, distk.SparsityConfig(density=DENSITY))
+    fsdp(torch.randn(4, 64)).square().sum().backward()
+    return {"ddp": type(ddp_state).__name__, "ddp_kept": distk.integrations.auto.get_state(ddp)
+            is ddp_state, "ddp_density": ddp_state.stats["density"],
+            "fsdp": type(fsdp_state).__name__, "fsdp_density": fsdp_state.stats["density"]}
+
+
+def test_enable_dispatches_on_the_wrapper_type():
+    for result in run_distributed(_enable_dispatch_job, 2, timeout=120):
+        assert result["ddp"] == "DDPCompressionState" and result["ddp_kept"]
+        assert result["fsdp"] == "FSDPCompressionState"
+        # 64 * 64 + 64 entries per Linear: round(0.05 * 4160) = 208 selected.
+        assert result["ddp_density"] == pytest.approx(0.05, abs=1e-3)
+        assert result["fsdp_density"] == pytest.approx(0.05, abs=1e-3)
