@@ -102,7 +102,8 @@ class DistkCallback(TrainerCallback):
                           "gradient exchange to sparsify; distk is inactive",
                           RuntimeWarning, stacklevel=2)
             return
-        if self.state is None:
+        # A callback reused by a new Trainer gets a newly wrapped model: enable on that one.
+        if self.state is None or auto.get_state(wrapped) is not self.state:
             ds_config = _deepspeed_config(trainer)
             if self.cfg is None and auto.get_state(wrapped) is not None:
                 cfg = None  # an engine built with distk (distk.deepspeed.install())
