@@ -44,7 +44,7 @@ def test_checkpointed_state_with_another_config_or_version_is_refused():
     state = CompressionState(SparsityConfig(density=0.01))
     with pytest.raises(ValueError, match=r"different SparsityConfig.*'density': \(0.05, 0.01\)"):
         state.load_state_dict(saved)
-    with pytest.raises(ValueError, match="compressor state version must be 1, got 99"):
+    with pytest.raises(ValueError, match="compressor state version must be 2, got 99"):
         GradientCompressor(SparsityConfig()).load_state_dict({**saved["compressor"],
                                                              "version": 99})
 
