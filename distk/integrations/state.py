@@ -146,13 +146,13 @@ class CompressionState:
         self._step_stats.append(work.stats)
         return self._into(target, result)
 
-    def end_step(self) -> None:
+    def end_step(self) -> bool:
         """Close the current step: merge its buffers' stats into :attr:`stats`, advance
         :attr:`iteration`, and raise the first error an asynchronous exchange of the step
-        met (then the step is dropped: not counted, stats unchanged). No-op when no
-        buffer was reduced since the last call."""
+        met (then the step is dropped: not counted, stats unchanged). Returns False (and
+        does nothing) when no buffer was reduced since the last call."""
         if not self._step_open:
-            return
+            return False
         if self._inflight:  # already complete where the framework waited for them (DDP)
             torch.futures.wait_all(self._inflight)
         error, merged = self._error, StepStats()
@@ -164,6 +164,7 @@ class CompressionState:
         self.stats = merged
         self.iteration += 1
         self._on_step_end()
+        return True
 
     @property
     def totals(self) -> StepStats:
@@ -209,7 +210,10 @@ class CompressionState:
         # after every final callback the framework queued meanwhile (DDP queues its own
         # wait for the bucket futures when the last bucket is ready).
         engine = torch.autograd.Variable._execution_engine
-        engine.queue_callback(lambda: engine.queue_callback(self.end_step))
+        engine.queue_callback(lambda: engine.queue_callback(self._end_step_callback))
+
+    def _end_step_callback(self) -> None:
+        self.end_step()  # autograd callbacks must return None
 
     def _on_step_end(self) -> None:
         """Hook for adapters (DDP marks its buckets final)."""
