@@ -236,15 +236,9 @@ class DeepSpeedCompressionState(CompressionState):
         if self.sum_gradients:
             grad.mul_(self.world_size)
 
-    def metrics(self) -> dict[str, float]:
-        """The last step's statistics and the run totals as ``{"distk/<name>": value}``."""
-        return {**self.stats.to_metrics(MONITOR_PREFIX),
-                **self.totals.to_metrics(MONITOR_PREFIX + "total_"),
-                MONITOR_PREFIX + "iteration": float(self.iteration)}
-
     def _report(self, engine: Any) -> None:
         """Send the last step's statistics to the monitor and the logger."""
-        metrics = self.metrics()
+        metrics = self.metrics(MONITOR_PREFIX)
         monitor = getattr(engine, "monitor", None)
         if monitor is not None and monitor.enabled:
             # DeepSpeed's own events use the sample count as their x axis.

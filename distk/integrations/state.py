@@ -166,6 +166,12 @@ class CompressionState:
         self._on_step_end()
         return True
 
+    def metrics(self, prefix: str = "distk/") -> dict[str, float]:
+        """The last step's statistics, the run totals (``<prefix>total_*``) and the step
+        counter as ``{name: value}`` (what the loggers and DeepSpeed's monitor receive)."""
+        return {**self.stats.to_metrics(prefix), **self.totals.to_metrics(prefix + "total_"),
+                prefix + "iteration": float(self.iteration)}
+
     @property
     def totals(self) -> StepStats:
         """:class:`~distk.stats.StepStats` of every buffer exchanged in this run (the
