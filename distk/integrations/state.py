@@ -76,7 +76,7 @@ class CompressionState:
 
     __slots__ = ("cfg", "compressor", "process_group", "rank", "world_size", "iteration",
                  "stats", "_step_stats", "_step_open", "_step_backward", "_inflight",
-                 "_error")
+                 "_errors")
 
     STEP_ENDS_WITH_BACKWARD = True
     """Whether :meth:`end_step` is called by an autograd callback at the end of the
@@ -104,7 +104,9 @@ class CompressionState:
         self._step_open = False
         self._step_backward = _NOT_IN_BACKWARD
         self._inflight: list[torch.futures.Future] = []
-        self._error: BaseException | None = None
+        # (launch order, error) of failed asynchronous exchanges; finishes run on the
+        # backend's threads in any order, the first launched one is raised.
+        self._errors: list[tuple[int, BaseException]] = []
 
     # -- the seam ----------------------------------------------------------------------
     def reduce_async(self, tensor: torch.Tensor, key: Hashable,
@@ -120,14 +122,14 @@ class CompressionState:
         every rank. ``stateless``: see :meth:`GradientCompressor.launch`.
         """
         target = tensor if out is None else out
-        work, flat = self._launch(tensor, key, target, stateless)
+        work, _ = self._launch(tensor, key, target, stateless)
+        order = len(self._inflight)
 
         def finish(_: torch.futures.Future) -> torch.Tensor:
             try:
                 result = work.finish()
             except Exception as err:  # noqa: BLE001 - re-raised by end_step, typed
-                if self._error is None:
-                    self._error = err
+                self._errors.append((order, err))
                 return target
             self._step_stats.append(work.stats)
             return self._into(target, result)
@@ -155,7 +157,8 @@ class CompressionState:
             return False
         if self._inflight:  # already complete where the framework waited for them (DDP)
             torch.futures.wait_all(self._inflight)
-        error, merged = self._error, StepStats()
+        error = min(self._errors, key=lambda item: item[0])[1] if self._errors else None
+        merged = StepStats()
         for stats in self._step_stats:
             merged = merged.merge(stats)
         self._reset_step()
