@@ -19,7 +19,7 @@ from torch import nn
 
 import distk
 from distk import GradientCompressor, SparsityConfig
-from distk.comm import RankMismatchError, sparse_allreduce
+from distk.comm import sparse_allreduce
 from distk.compressor import NonFiniteGradientError
 from tests.distributed import run_distributed
 
