@@ -227,7 +227,10 @@ class GradientCompressor:
         self._steps: dict[Hashable, int] = {}
         self._overlap: dict[Hashable, float] = {}
         self._plans: dict[tuple[int, int], _Plan] = {}
-        self._verified: dict[Hashable, tuple] = {}
+        # Per key, the layout (sizes, plan, dtypes) whose metadata the ranks last verified
+        # together; checkpointed, so that a resumed run exchanges exactly as the
+        # uninterrupted one (every rank resumes from the same step).
+        self._verified: dict[Hashable, str] = {}
         # Exchanges of different keys may finish concurrently (DDP futures complete on
         # the backend's threads); the totals are the only state they share.
         self._totals_lock = threading.Lock()
@@ -265,6 +268,7 @@ class GradientCompressor:
             "residuals": {k: v.detach().clone() for k, v in self._residuals.items()},
             "momenta": {k: v.detach().clone() for k, v in self._momenta.items()},
             "overlap": dict(self._overlap),
+            "verified": dict(self._verified),
             "totals": self.totals.to_dict(),
         }
 
@@ -277,7 +281,7 @@ class GradientCompressor:
         self._residuals = {k: v.detach().clone() for k, v in state["residuals"].items()}
         self._momenta = {k: v.detach().clone() for k, v in state["momenta"].items()}
         self._overlap = dict(state.get("overlap", {}))
-        self._verified = {}  # a restarted peer must see the metadata check again
+        self._verified = dict(state.get("verified", {}))
         self.totals = StepStats.from_dict(state["totals"])
 
     def step(self, grad: torch.Tensor, key: Hashable, out: torch.Tensor | None = None, *,
@@ -436,7 +440,7 @@ class GradientCompressor:
             hint = self._overlap[key] * min(world * k, numel) / world
         direct = out is not None and out.dtype == state_dtype
         sent = _fit_wire_range(values, value_dtype, world)
-        signature = (numel, k, scheme, plan, value_dtype, state_dtype)
+        signature = repr((numel, k, scheme, plan, value_dtype, state_dtype))
         verify = stats_step or self._verified.get(key) != signature
         launched = launch_exchange(positions, sent, numel, group=self.group, average=True,
                                    wire=wire, scheme=scheme, out_dtype=state_dtype,
