@@ -1,12 +1,18 @@
 """``GradientCompressor``: error feedback, selection and sparse exchange of gradients.
 
-One compressor serves every integration (DDP hook, FSDP hook, DeepSpeed): they hand it
-flat gradient buckets under stable keys and write back what it returns. Per key it keeps
+One compressor serves every integration (through
+:class:`~distk.integrations.CompressionState`): they hand it flat gradient buckets under
+stable keys and write back what it returns. Per key it keeps
 
 * the **residual** (error feedback): everything computed but not yet sent, added to the
   next gradient. Values that travel in bf16/fp16 leave their rounding error here too;
 * the **velocity** (DGC momentum correction, when ``cfg.momentum > 0``);
-* a **step counter** driving ``dense_steps`` and the density warm-up.
+* the number of completed exchanges, which drives ``dense_steps`` and the density warm-up
+  when no owner passes its step (an owning state passes its one step counter);
+* the layout last verified across ranks (see :meth:`GradientCompressor.launch`).
+
+:meth:`GradientCompressor.step` is :meth:`GradientCompressor.launch` (residual,
+selection, collectives enqueued) followed by :meth:`CompressorWork.wait` (result written).
 
 One call of :meth:`GradientCompressor.step` for a key::
 

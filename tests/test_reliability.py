@@ -38,7 +38,7 @@ def test_non_finite_negative_and_mistyped_numbers_are_refused(key, value):
 
 
 def test_checkpointed_state_with_another_config_or_version_is_refused():
-    from distk.integrations._state import CompressionState
+    from distk.integrations import CompressionState
 
     saved = CompressionState(SparsityConfig(density=0.05)).state_dict()
     state = CompressionState(SparsityConfig(density=0.01))

@@ -74,7 +74,7 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class SAEConfig:
-    """Settings of ``python -m distk.nn.sae`` (one JSON object, ``configs/sae.json``)."""
+    """Settings of ``python -m distk.train.sae`` (one JSON object, ``configs/sae.json``)."""
 
     source: str = "lm"
     """Where activations come from: ``"lm"`` (distk-train's GPT) or ``"synthetic"``."""
