@@ -40,6 +40,7 @@ from distk.comm import WireFormat, dense_allreduce_bytes, exchange
 from distk.comm.exchange import _world
 from distk.config import SparsityConfig
 from distk.selection import per_bucket_topk, resolve_buckets
+from distk.selection.recall import packed_bucket_counts
 from distk.selection.reference import positions_of
 
 __all__ = ["GradientCompressor", "NonFiniteGradientError"]
@@ -159,7 +160,7 @@ class GradientCompressor:
         self._momenta: dict[Hashable, torch.Tensor] = {}
         self._steps: dict[Hashable, int] = {}
         self._overlap: dict[Hashable, float] = {}
-        self._plans: dict[tuple[int, int], _Plan] = {}
+        self._plans: dict[tuple[int, int], tuple[_Plan, ...]] = {}
 
     @staticmethod
     def _zero_totals() -> dict[str, Any]:
@@ -282,7 +283,7 @@ class GradientCompressor:
                 velocity.mul_(cfg.momentum).add_(g)
             g = velocity
         dense = cfg.is_dense_step(numel, step)
-        plan = None if dense else self._plan(numel, cfg.k_at(numel, step))
+        plan = None if dense else self._plan(numel, cfg.k_at(numel, step), step)
         residual = self._residuals.get(key) if cfg.error_feedback else None
         pending = None  # gradient whose addition to the residual is fused into selection
         if residual is not None:
@@ -404,36 +405,45 @@ class GradientCompressor:
                 f"layout change)")
         return tensor.to(device=device, dtype=dtype)
 
-    def _plan(self, numel: int, k: int) -> _Plan:
+    def _plan(self, numel: int, k: int, step: int = 0) -> _Plan:
+        """The plan of ``step``: packed plans alternate between two bucket counts from
+        step to step (see :meth:`_make_plan`); every rank counts the same steps."""
         cached = self._plans.get((numel, k))
         if cached is None:
             cached = self._plans[(numel, k)] = self._make_plan(numel, k)
-        return cached
+        return cached[step % len(cached)]
 
-    def _make_plan(self, numel: int, k: int) -> _Plan:
+    def _make_plan(self, numel: int, k: int) -> tuple[_Plan, ...]:
+        """Plans used in turn, one per step (one plan, or two packed ones)."""
         cfg = self.cfg
         if cfg.method == "exact" or k >= numel:
-            return _Plan(k, None, None, False)
+            return (_Plan(k, None, None, False),)
         minimum = packed_k_per_bucket(cfg.recall_target)
         if cfg.buckets is None and cfg.k_per_bucket is None and minimum is not None:
             # Prefer a selection with no second stage: every bucket sends k_per_bucket
             # entries, so bucket ids stay implicit on the wire and no merge is needed.
             # Recall grows with k_per_bucket, so any value >= `minimum` meets the target.
+            # A fixed partition loses that recall under error feedback (a bucket's unsent
+            # backlog keeps it overloaded), and an even bucket count loses it on weight
+            # matrices with power-of-two rows: the plans alternate, step by step, between
+            # two coprime odd counts (packed_bucket_counts).
             if cfg.k is None:
                 # Density-derived k: round up to buckets * k_per_bucket (adds < buckets,
                 # i.e. less than k / minimum entries).
-                buckets = max(1, k // minimum)
-                k_per_bucket = math.ceil(k / buckets)
-                if buckets * k_per_bucket <= numel:
-                    return _Plan(buckets * k_per_bucket, buckets, k_per_bucket, True)
+                # (k < minimum: one bucket keeping all k, an exact selection.)
+                counts = packed_bucket_counts(k, minimum, MAX_PACKED_K_PER_BUCKET) or (1,)
+                plans = tuple(_Plan(b * math.ceil(k / b), b, math.ceil(k / b), True)
+                              for b in counts if b * math.ceil(k / b) <= numel)
             else:
-                for k_per_bucket in range(min(minimum, k), min(k, 4 * minimum) + 1):
-                    if k % k_per_bucket == 0:
-                        return _Plan(k, k // k_per_bucket, k_per_bucket, True)
+                counts = packed_bucket_counts(k, min(minimum, k), min(k, 4 * minimum),
+                                              exact=True)
+                plans = tuple(_Plan(k, b, k // b, True) for b in counts)
+            if plans:
+                return plans
         buckets, k_per_bucket = resolve_buckets(numel, k, cfg.buckets, cfg.k_per_bucket,
                                                 cfg.recall_target)
         packed = WireFormat.bucket_packable(numel, k, buckets, k_per_bucket)
-        return _Plan(k, buckets, k_per_bucket, packed)
+        return (_Plan(k, buckets, k_per_bucket, packed),)
 
     def _select(self, acc: torch.Tensor, plan: _Plan,
                 pending: torch.Tensor | None = None) -> torch.Tensor:

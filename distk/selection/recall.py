@@ -95,6 +95,54 @@ def _min_buckets_for(n: int, k: int, k_per_bucket: int, recall_target: float) ->
     return hi
 
 
+def packed_bucket_counts(k: int, min_k_per_bucket: int, max_k_per_bucket: int, *,
+                         exact: bool = False) -> tuple[int, ...]:
+    """Bucket counts that a packed selection (no second stage, ``k_per_bucket =
+    ceil(k / buckets)``) of ``k`` entries uses in turn, one per step: two coprime counts,
+    one when no second exists, none when no count fits.
+
+    A count ``b`` fits when ``ceil(k / b)`` lies in ``[min_k_per_bucket,
+    max_k_per_bucket]``, i.e. ``b <= k // min_k_per_bucket`` (so its recall is at least
+    what the rule that chose ``min_k_per_bucket`` promises), and, with ``exact``, when
+    ``b`` divides ``k`` (``b * k_per_bucket == k``). Odd counts come first, each group
+    largest first; the pair is the first count in that order that has a coprime partner,
+    with its first coprime partner in that order. Without ``exact`` this is the largest
+    fitting odd count and the odd number below it (two consecutive odd numbers are
+    coprime).
+
+    Why two: :func:`expected_recall` assumes the top items land in buckets at random.
+    Under error feedback with a packed plan that stops holding after a few steps: every
+    bucket sends exactly ``k_per_bucket`` entries, so a bucket that held more than its
+    share of the large entries keeps the rest in the residual (momentum correction makes
+    them grow) and is overloaded again at the next step, while an underloaded one spends
+    its quota on small entries. The backlog stays with the bucket, the load of the true
+    top-k across buckets becomes over-dispersed (variance 5-8x the binomial one on
+    ByteGPT gradients and on iid Gaussian ones with momentum 0.9) and recall falls from
+    0.95 to 0.86-0.89 (docs/selection.md, "Recall on real gradients"). With interleaved
+    buckets, positions share a bucket when equal modulo ``b``; for coprime ``b1, b2`` the
+    entries of one bucket of ``b1`` spread evenly over all buckets of ``b2``, so a backlog
+    built under one partition is served by every bucket of the next.
+
+    Why odd: parameter layouts repeat with power-of-two row strides (a weight matrix
+    whose large entries sit in a few columns). An even count shares factors with the
+    stride and maps a column to ``b / gcd(b, stride)`` buckets only (``b = 128`` with
+    128-wide rows: one bucket per column; recall 0.90-0.93 instead of 0.95 on ByteGPT).
+    """
+    _check_positive_int("k", k)
+    _check_positive_int("min_k_per_bucket", min_k_per_bucket)
+    _check_positive_int("max_k_per_bucket", max_k_per_bucket, minimum=min_k_per_bucket)
+    lowest = max(1, math.ceil(k / max_k_per_bucket))
+    highest = k // min_k_per_bucket
+
+    fitting = [b for b in range(highest, lowest - 1, -1) if not exact or k % b == 0]
+    preferred = [b for b in fitting if b % 2] + [b for b in fitting if b % 2 == 0]
+    for first in preferred:  # (with exact, a count may have no coprime partner)
+        second = next((b for b in preferred if b != first and math.gcd(b, first) == 1), None)
+        if second is not None:
+            return first, second
+    return tuple(preferred[:1])
+
+
 def selection_cost(n: int, buckets: int, k_per_bucket: int) -> float:
     """Modelled cost of bucketed selection, in element reads (see the constants above)."""
     candidates = buckets * min(k_per_bucket, math.ceil(n / buckets))
