@@ -77,13 +77,13 @@ MODELS = {"mlp": (_mlp, (128,)), "conv": (_conv, (3, 8, 8)), "transformer":
 
 
 def _closed_loop_recall(model_name: str, target: float, steps: int = 40) -> tuple[float, int]:
-    """Train ``model_name`` on a fixed random teacher task with the compressor in the
-    loop (error feedback, DGC momentum 0.9, density 1%, one rank); mean recall measured by
+    """Train ``model_name`` to fit random labels of 64 random inputs with the compressor
+    in the loop (error feedback, DGC momentum 0.9, density 1%, one rank); mean recall measured by
     the compressor over the steps after the backlog has had time to form."""
     torch.manual_seed(0)
     build, shape = MODELS[model_name]
     model = build()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     numel = sum(p.numel() for p in params)
     inputs = torch.randn(64, *shape)
     labels = torch.randint(0, 16, (64,))
@@ -110,17 +110,20 @@ def _closed_loop_recall(model_name: str, target: float, steps: int = 40) -> tupl
 @pytest.mark.parametrize("target", [0.95, 0.99])
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_closed_loop_recall_on_other_models(model_name, target):
-    recall, numel = _closed_loop_recall(model_name, target)
+    # At 0.99 the plan has a second stage: buckets keep more candidates than they send, so
+    # no backlog forms (measured: the same recall with one fixed bucket count); fewer steps.
+    recall, numel = _closed_loop_recall(model_name, target, 40 if target < 0.99 else 16)
     assert numel > 100_000  # enough buckets for the partition to matter
     assert recall >= target - TOLERANCE, (model_name, target, recall)
 
 
-def test_packed_bucket_counts_are_coprime_odd_and_meet_the_quota():
-    assert packed_bucket_counts(8425, 64, 1024) == (131, 129)
+def test_packed_bucket_counts_are_coprime_free_of_2_and_3_and_meet_the_quota():
+    assert packed_bucket_counts(8425, 64, 1024) == (131, 127)
     for k in (655, 8425, 40000, 671089):
         first, second = packed_bucket_counts(k, 64, 1024)
-        assert first % 2 == 1 and second % 2 == 1 and math.gcd(first, second) == 1
-        assert k // 64 - 1 <= first <= k // 64
+        assert math.gcd(first * second, 6) == 1 and math.gcd(first, second) == 1
+        # numbers 6j +- 1: the largest lies within 3 of any bound, the next within 4 of it
+        assert k // 64 - 3 <= first <= k // 64 and first - 4 <= second < first
         assert math.ceil(k / second) >= math.ceil(k / first) >= 64
     # exact: counts divide k; a pair exists for 8400 = 2^4 * 3 * 5^2 * 7 ...
     first, second = packed_bucket_counts(8400, 64, 256, exact=True)

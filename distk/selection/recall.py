@@ -104,11 +104,11 @@ def packed_bucket_counts(k: int, min_k_per_bucket: int, max_k_per_bucket: int, *
     A count ``b`` fits when ``ceil(k / b)`` lies in ``[min_k_per_bucket,
     max_k_per_bucket]``, i.e. ``b <= k // min_k_per_bucket`` (so its recall is at least
     what the rule that chose ``min_k_per_bucket`` promises), and, with ``exact``, when
-    ``b`` divides ``k`` (``b * k_per_bucket == k``). Odd counts come first, each group
-    largest first; the pair is the first count in that order that has a coprime partner,
-    with its first coprime partner in that order. Without ``exact`` this is the largest
-    fitting odd count and the odd number below it (two consecutive odd numbers are
-    coprime).
+    ``b`` divides ``k`` (``b * k_per_bucket == k``). Counts free of the factors 2 and 3
+    come first, then odd multiples of 3, then even counts, each group largest first; the
+    pair is the first count in that order that has a coprime partner, with its first
+    coprime partner in that order. Without ``exact`` these are the two largest fitting
+    counts of the form ``6j +- 1`` (two of them differ by 2 or 4, so both odd are coprime).
 
     Why two: :func:`expected_recall` assumes the top items land in buckets at random.
     Under error feedback with a packed plan that stops holding after a few steps: every
@@ -123,10 +123,11 @@ def packed_bucket_counts(k: int, min_k_per_bucket: int, max_k_per_bucket: int, *
     entries of one bucket of ``b1`` spread evenly over all buckets of ``b2``, so a backlog
     built under one partition is served by every bucket of the next.
 
-    Why odd: parameter layouts repeat with power-of-two row strides (a weight matrix
-    whose large entries sit in a few columns). An even count shares factors with the
-    stride and maps a column to ``b / gcd(b, stride)`` buckets only (``b = 128`` with
-    128-wide rows: one bucket per column; recall 0.90-0.93 instead of 0.95 on ByteGPT).
+    Why free of 2 and 3: parameter layouts repeat with row strides of the form
+    ``2^a 3^c`` (``d_model``-wide rows, 3x3 convolution kernels, fused qkv). A count
+    sharing a factor ``g`` with the stride maps a column of a weight matrix whose large
+    entries sit in a few columns to ``b / g`` buckets only (``b = 128`` with 128-wide
+    rows: one bucket per column; recall 0.90-0.94 instead of 0.95 on ByteGPT vectors).
     """
     _check_positive_int("k", k)
     _check_positive_int("min_k_per_bucket", min_k_per_bucket)
@@ -135,7 +136,8 @@ def packed_bucket_counts(k: int, min_k_per_bucket: int, max_k_per_bucket: int, *
     highest = k // min_k_per_bucket
 
     fitting = [b for b in range(highest, lowest - 1, -1) if not exact or k % b == 0]
-    preferred = [b for b in fitting if b % 2] + [b for b in fitting if b % 2 == 0]
+    # Counts free of the factors 2 and 3 first, then odd ones, then the rest; largest first.
+    preferred = sorted(fitting, key=lambda b: (b % 2 == 0, b % 3 == 0, -b))
     for first in preferred:  # (with exact, a count may have no coprime partner)
         second = next((b for b in preferred if b != first and math.gcd(b, first) == 1), None)
         if second is not None:
