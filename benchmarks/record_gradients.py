@@ -7,11 +7,14 @@ error-feedback vector ``acc`` (residual + momentum-corrected gradient) that
 offset), the plan the compressor used and the recall it measured. Rank 0's vectors only.
 
     .venv/bin/torchrun --standalone --nproc_per_node 2 benchmarks/record_gradients.py \
-        --out tests/fixtures/bytegpt_acc.pt
+        --steps 150 251 --out tests/fixtures/bytegpt_acc.pt
 
-(``--steps 50 150 250`` by default: compressor steps, i.e. training steps 51, 151, 251,
-since DDP's first iteration bypasses the compressor. Extra ``--set KEY=VALUE`` go to the
-training config like ``distk-train --set``.) The vectors are stored in fp16 after
+made ``tests/fixtures/bytegpt_acc.pt`` (3.4 MB; about 4 minutes here). ``--steps`` are
+compressor steps (default 50 150 250), i.e. 0-based training steps 151 and 252: DDP's first
+iteration bypasses the compressor; 150 and 251 run the two bucket counts that packed
+plans alternate between. The compressor measures recall every ``gcd(steps)`` steps (every
+step here; the run's mean is printed). Extra ``--set KEY=VALUE`` go to the training config
+like ``distk-train --set``. The vectors are stored in fp16 after
 division by a per-vector power-of-two scale (exact, so the ranking within fp16 precision
 is kept and small entries do not underflow): ``acc = data.float() * scale``. Load with
 :func:`load_fixture`.
