@@ -53,7 +53,9 @@ def expected_recall(n: int, k: int, buckets: int, k_per_bucket: int) -> float:
 
     ``buckets`` buckets each keep their ``k_per_bucket`` largest items. Exact (1.0) when
     there is one bucket, when ``k_per_bucket >= k`` or when every bucket keeps all of
-    its items; otherwise the binomial model above.
+    its items; otherwise the binomial model above. It assumes the top items land in
+    buckets at random: under error feedback a fixed packed partition breaks that (see
+    :func:`packed_bucket_counts`).
     """
     _check_positive_int("n", n)
     _check_positive_int("k", k, minimum=0)
