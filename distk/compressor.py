@@ -424,9 +424,9 @@ class GradientCompressor:
             # entries, so bucket ids stay implicit on the wire and no merge is needed.
             # Recall grows with k_per_bucket, so any value >= `minimum` meets the target.
             # A fixed partition loses that recall under error feedback (a bucket's unsent
-            # backlog keeps it overloaded), and an even bucket count loses it on weight
-            # matrices with power-of-two rows: the plans alternate, step by step, between
-            # two coprime odd counts (packed_bucket_counts).
+            # backlog keeps it overloaded), and a count sharing factors with the row
+            # stride of weight matrices loses it too: the plans alternate, step by step,
+            # between two coprime counts free of the factors 2 and 3 (packed_bucket_counts).
             if cfg.k is None:
                 # Density-derived k: round up to buckets * k_per_bucket (adds < buckets,
                 # i.e. less than k / minimum entries).

@@ -110,10 +110,11 @@ def packed_bucket_counts(k: int, min_k_per_bucket: int, max_k_per_bucket: int, *
     come first, then odd multiples of 3, then even counts, each group largest first; the
     pair is the first count in that order that has a coprime partner, with its first
     coprime partner in that order. Without ``exact`` these are the two largest fitting
-    counts of the form ``6j +- 1`` (two of them differ by 2 or 4, so both odd are coprime).
+    counts of the form ``6j +- 1`` (consecutive ones are odd and differ by 2 or 4, hence
+    coprime).
 
     Why two: :func:`expected_recall` assumes the top items land in buckets at random.
-    Under error feedback with a packed plan that stops holding after a few steps: every
+    With error feedback and a packed plan, that stops holding after a few steps: every
     bucket sends exactly ``k_per_bucket`` entries, so a bucket that held more than its
     share of the large entries keeps the rest in the residual (momentum correction makes
     them grow) and is overloaded again at the next step, while an underloaded one spends
