@@ -52,6 +52,7 @@ from distk.comm import (
 )
 from distk.config import SparsityConfig
 from distk.selection import per_bucket_topk, resolve_buckets, topk
+from distk.selection.recall import packed_bucket_counts
 from distk.selection.reference import positions_of
 from distk.stats import StepStats
 
@@ -232,11 +233,11 @@ class GradientCompressor:
         self._momenta: dict[Hashable, torch.Tensor] = {}
         self._steps: dict[Hashable, int] = {}
         self._overlap: dict[Hashable, float] = {}
-        self._plans: dict[tuple[int, int], _Plan] = {}
-        # Per key, the layout (sizes, plan, dtypes) whose metadata the ranks last verified
-        # together; checkpointed, so that a resumed run exchanges exactly as the
+        self._plans: dict[tuple[int, int], tuple[_Plan, ...]] = {}
+        # Per key, the layouts (sizes, plan, dtypes; the last four) whose metadata the ranks
+        # verified together; checkpointed, so that a resumed run exchanges exactly as the
         # uninterrupted one (every rank resumes from the same step).
-        self._verified: dict[Hashable, str] = {}
+        self._verified: dict[Hashable, tuple[str, ...]] = {}
         # Exchanges of different keys may finish concurrently (DDP futures complete on
         # the backend's threads); the totals are the only state they share.
         self._totals_lock = threading.Lock()
@@ -287,7 +288,8 @@ class GradientCompressor:
         self._residuals = {k: v.detach().clone() for k, v in state["residuals"].items()}
         self._momenta = {k: v.detach().clone() for k, v in state["momenta"].items()}
         self._overlap = dict(state.get("overlap", {}))
-        self._verified = dict(state.get("verified", {}))
+        self._verified = {k: tuple(v) if isinstance(v, (list, tuple)) else (v,)
+                          for k, v in state.get("verified", {}).items()}
         self.totals = StepStats.from_dict(state["totals"])
 
     def step(self, grad: torch.Tensor, key: Hashable, out: torch.Tensor | None = None, *,
@@ -381,7 +383,7 @@ class GradientCompressor:
                 velocity.mul_(cfg.momentum).add_(g)
             g = velocity
         dense = stateless or cfg.is_dense_step(numel, schedule)
-        plan = None if dense else self._plan(numel, cfg.k_at(numel, schedule))
+        plan = None if dense else self._plan(numel, cfg.k_at(numel, schedule), schedule)
         residual = (self._residuals.get(key) if cfg.error_feedback and not stateless
                     else None)
         keep_residual = cfg.error_feedback and not stateless
@@ -447,14 +449,16 @@ class GradientCompressor:
         direct = out is not None and out.dtype == state_dtype
         sent = _fit_wire_range(values, value_dtype, world)
         signature = repr((numel, k, scheme, plan, value_dtype, state_dtype))
-        verify = stats_step or self._verified.get(key) != signature
+        # Packed plans alternate between two layouts: each is verified once, not at
+        # every change between them.
+        verify = stats_step or signature not in self._verified.get(key, ())
         launched = launch_exchange(positions, sent, numel, group=self.group, average=True,
                                    wire=wire, scheme=scheme, out_dtype=state_dtype,
                                    tag=_key_tag(key), nonfinite=nonfinite, union_hint=hint,
                                    measure_union=measure,
                                    out=out.view(-1) if direct else None, verify=verify)
         if verify:
-            self._verified[key] = signature
+            self._verified[key] = (*self._verified.get(key, ())[-3:], signature)
         launch_seconds = time.perf_counter() - selection_started - selection_seconds
 
         def complete(result: ExchangeResult) -> torch.Tensor:
@@ -507,36 +511,45 @@ class GradientCompressor:
                 f"layout change)")
         return tensor.to(device=device, dtype=dtype)
 
-    def _plan(self, numel: int, k: int) -> _Plan:
+    def _plan(self, numel: int, k: int, step: int = 0) -> _Plan:
+        """The plan of ``step``: packed plans alternate between two bucket counts from
+        step to step (see :meth:`_make_plan`); every rank counts the same steps."""
         cached = self._plans.get((numel, k))
         if cached is None:
             cached = self._plans[(numel, k)] = self._make_plan(numel, k)
-        return cached
+        return cached[step % len(cached)]
 
-    def _make_plan(self, numel: int, k: int) -> _Plan:
+    def _make_plan(self, numel: int, k: int) -> tuple[_Plan, ...]:
+        """Plans used in turn, one per step (one plan, or two packed ones)."""
         cfg = self.cfg
         if cfg.method == "exact" or k >= numel:
-            return _Plan(k, None, None, False)
+            return (_Plan(k, None, None, False),)
         minimum = packed_k_per_bucket(cfg.recall_target)
         if cfg.buckets is None and cfg.k_per_bucket is None and minimum is not None:
             # Prefer a selection with no second stage: every bucket sends k_per_bucket
             # entries, so bucket ids stay implicit on the wire and no merge is needed.
             # Recall grows with k_per_bucket, so any value >= `minimum` meets the target.
+            # A fixed partition loses that recall under error feedback (a bucket's unsent
+            # backlog keeps it overloaded), and a count sharing factors with the row
+            # stride of weight matrices loses it too: the plans alternate, step by step,
+            # between two coprime counts free of the factors 2 and 3 (packed_bucket_counts).
             if cfg.k is None:
                 # Density-derived k: round up to buckets * k_per_bucket (adds < buckets,
                 # i.e. less than k / minimum entries).
-                buckets = max(1, k // minimum)
-                k_per_bucket = math.ceil(k / buckets)
-                if buckets * k_per_bucket <= numel:
-                    return _Plan(buckets * k_per_bucket, buckets, k_per_bucket, True)
+                # (k < minimum: one bucket keeping all k, an exact selection.)
+                counts = packed_bucket_counts(k, minimum, MAX_PACKED_K_PER_BUCKET) or (1,)
+                plans = tuple(_Plan(b * math.ceil(k / b), b, math.ceil(k / b), True)
+                              for b in counts if b * math.ceil(k / b) <= numel)
             else:
-                for k_per_bucket in range(min(minimum, k), min(k, 4 * minimum) + 1):
-                    if k % k_per_bucket == 0:
-                        return _Plan(k, k // k_per_bucket, k_per_bucket, True)
+                counts = packed_bucket_counts(k, min(minimum, k), min(k, 4 * minimum),
+                                              exact=True)
+                plans = tuple(_Plan(k, b, k // b, True) for b in counts)
+            if plans:
+                return plans
         buckets, k_per_bucket = resolve_buckets(numel, k, cfg.buckets, cfg.k_per_bucket,
                                                 cfg.recall_target)
         packed = WireFormat.bucket_packable(numel, k, buckets, k_per_bucket)
-        return _Plan(k, buckets, k_per_bucket, packed)
+        return (_Plan(k, buckets, k_per_bucket, packed),)
 
     def _select(self, acc: torch.Tensor, plan: _Plan,
                 pending: torch.Tensor | None = None) -> torch.Tensor:
