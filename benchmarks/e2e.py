@@ -106,7 +106,7 @@ QUICK_CONFIG: dict[str, Any] = {
                  "warmup_steps": 2},
 }
 QUICK = {"world": 2, "ratios": [4.0], "steps": 8, "eval_every": 4, "sweep_steps": 0,
-         "seeds": [0], "optimizers": ["adamw"], "check_mb": 1.0, "calibrate_steps": 3}
+         "seeds": [0, 1], "optimizers": ["adamw"], "check_mb": 1.0, "calibrate_steps": 3}
 QUICK_LRS = {"adamw": [3e-3], "sgd": [0.1]}
 
 
@@ -114,14 +114,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="tiny model, 2 ranks, R=4, AdamW, one seed, one lr, 8 steps")
+                        help="tiny model, 2 ranks, R=4, AdamW, 2 seeds, one lr, 8 steps")
     parser.add_argument("--world", type=int, default=None, help="ranks = namespaces (4; quick 2)")
     parser.add_argument("--ratios", type=float, nargs="+", default=None,
                         help="R: dense fp32 communication / compute (1 4 16; quick 4)")
+    parser.add_argument("--rates", nargs="+", default=None,
+                        help="fixed link rates (tc syntax, e.g. 1gbit) instead of --ratios: "
+                             "no dilation; the table shows the ratio each rate gave")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--optimizers", nargs="+", default=None, choices=list(OPTIMIZERS),
                         help="tables to run; the first is the headline (adamw sgd; quick adamw)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="(0 1; quick 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="(0 1)")
     parser.add_argument("--steps", type=int, default=None, help="steps of every run (300)")
     parser.add_argument("--eval-every", type=int, default=None, help="(25; quick 4)")
     parser.add_argument("--sweep-steps", type=int, default=None,
@@ -141,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="per-rate all-reduce check in MB (16; quick 1; 0 = skip)")
     parser.add_argument("--timeout", type=int, default=7200, help="seconds per run")
     parser.add_argument("--out", default=None, help="result name (e2e / e2e_quick)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS,
+                        help="where <out>.json and <out>.png go (benchmarks/results)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the commands (rates from --compute-seconds or 0.1 s)")
     parser.add_argument("--no-plot", action="store_true")
@@ -212,6 +217,20 @@ def compute_command(args: argparse.Namespace, opt: str, config_path: Path) -> li
 def check_command(args: argparse.Namespace, rate: str) -> list[str]:
     return netem_prefix(args, rate, timeout=300) + [
         sys.executable, str(CHECK), "--mb", str(args.check_mb), "--repeats", "2"]
+
+
+def links(args: argparse.Namespace, bytes_per_rank: int, compute: float
+          ) -> list[tuple[str, str, float | None, float | None]]:
+    """(key, tc rate, R asked for, bits/s) of every link setting: one per ``--ratios``
+    value (key "4"), or one per fixed ``--rates`` rate (key the rate, R not set)."""
+    if args.rates:
+        return [(rate, rate, None, None) for rate in args.rates]
+    return [(f"{ratio:g}", *_rate_of(bytes_per_rank, compute, ratio)) for ratio in args.ratios]
+
+
+def _rate_of(bytes_per_rank: int, compute: float, ratio: float) -> tuple[str, float, float]:
+    rate, bits = dilated_rate(bytes_per_rank, compute, ratio)
+    return rate, ratio, bits
 
 
 def dense_bytes_per_rank(args: argparse.Namespace, config_path: Path) -> int:
@@ -393,13 +412,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
                                     color=f"C{i}", alpha=0.2)
             ax.axhline(block["target"], color="grey", linestyle="--", linewidth=1,
                        label=f"target {block['target']:.3f}")
-            ax.set_title(f"{opt}, R={key} ({block['rate']}, all-reduce check "
+            label = f"R={key}" if block["ratio"] is not None else "fixed rate"
+            ax.set_title(f"{opt}, {label} ({block['rate']}, all-reduce check "
                          f"{block['check_gbit_per_s'] or float('nan'):.3f} Gbit/s)", fontsize=9)
             ax.set_xlabel("training wall time (s)")
             ax.set_ylabel("validation loss (nats/byte)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle("validation loss vs training wall time, dilated emulation "
+    fig.suptitle("validation loss vs training wall time, dilated emulation\n"
                  "(mean over seeds, band = min..max)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -428,15 +448,18 @@ def main(argv: list[str] | None = None) -> int:
                             args, rate="none", method=method, opt=opt, lr=lr, seed=0,
                             steps=args.sweep_steps, config_path=config_path,
                             run_dir=root / opt / "sweep" / f"{method}-lr{lr:g}")))
-            for ratio in args.ratios:
-                rate, _ = dilated_rate(nbytes, compute, ratio)
-                print(f"# R={ratio:g}: rate = bytes_per_rank * 8 / ({ratio:g} x compute)")
+            for key, rate, ratio, _ in links(args, nbytes, compute):
+                if ratio is not None:
+                    print(f"# R={key}: rate = bytes_per_rank * 8 / ({key} x compute)")
+                if args.sweep_steps and len(args.lrs[opt]) > 1:
+                    print("# train.lr below: each method's rate chosen by the sweep (shown: "
+                          "the grid's first point)")
                 for method in args.methods:
                     for seed in args.seeds:
                         print(" ".join(train_command(
                             args, rate=rate, method=method, opt=opt, lr=args.lrs[opt][0],
                             seed=seed, steps=args.steps, config_path=config_path,
-                            run_dir=root / opt / f"R{ratio:g}" / f"{method}-s{seed}")))
+                            run_dir=root / opt / f"R{key}" / f"{method}-s{seed}")))
         return 0
     if os.geteuid() != 0:
         print("e2e.py: must run as root: it builds network namespaces with "
@@ -445,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     root.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(args.config, indent=2) + "\n")
-    env = {**os.environ, "DISTK_NETEM_PREFIX": "distk-e2e", "WANDB_MODE": "disabled",
+    # A prefix of its own (unless DISTK_NETEM_PREFIX says otherwise): never collides with
+    # a netem.sh run started by hand.
+    env = {**os.environ, "DISTK_NETEM_PREFIX": os.environ.get("DISTK_NETEM_PREFIX",
+                                                              "distk-e2e"),
+           "WANDB_MODE": "disabled",
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     sweeping = args.sweep_steps > 0
@@ -487,19 +514,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{lr:g}": {"final_val_loss": r["final_val_loss"],
                             "edge": lr in (min(grid), max(grid))} for lr, r in sweep.items()}
         table["lr"] = chosen
-        # 3. measure at each R
-        for ratio in args.ratios:
-            rate, bits = dilated_rate(calib["dense_bytes_per_rank"], compute, ratio)
+        # 3. measure at each R (or each fixed --rates rate)
+        for key, rate, ratio, bits in links(args, calib["dense_bytes_per_rank"], compute):
             check = None
             if args.check_mb:
-                bar.set_postfix_str(f"{opt} R={ratio:g} check")
+                bar.set_postfix_str(f"{opt} R={key} check")
                 check = run_json(check_command(args, rate), env, "all-reduce check")
             runs: dict[str, dict[str, Any]] = {}
             for method in args.methods:
                 runs[method] = {}
                 for seed in args.seeds:
-                    bar.set_postfix_str(f"{opt} R={ratio:g} {method} seed {seed}")
-                    run_dir = root / opt / f"R{ratio:g}" / f"{method}-s{seed}"
+                    bar.set_postfix_str(f"{opt} R={key} {method} seed {seed}")
+                    run_dir = root / opt / f"R{key}" / f"{method}-s{seed}"
                     runs[method][str(seed)] = run_training(train_command(
                         args, rate=rate, method=method, opt=opt, lr=chosen[method],
                         seed=seed, steps=args.steps, run_dir=run_dir,
@@ -507,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update()
             target, budget, rows = summarise(runs, compute, args.target_slack, chosen)
             dense = next(r for r in rows if r["method"] == "dense_fp32")
-            table["ratios"][f"{ratio:g}"] = {
+            table["ratios"][key] = {
                 "ratio": ratio, "rate": rate, "rate_bits_per_s": bits,
                 "check": check,
                 "check_gbit_per_s": check["achieved_gbit_per_s"] if check else None,
@@ -526,13 +552,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"measured (s/step - compute) / compute = {block['measured_ratio']:.2f}, "
                   f"target {block['target']:.4f}, equal wall {block['equal_wall_budget_s']:.1f} s")
             print_table(block["rows"], COLUMNS)
-    payload = {"args": {k: v for k, v in vars(args).items() if k != "config"},
+    payload = {"args": {k: str(v) if isinstance(v, Path) else v
+                        for k, v in vars(args).items() if k != "config"},
                "train_config": args.config, "results": results,
                "total_seconds": time.perf_counter() - started}
-    path = write_results(args.out, payload)
+    path = write_results(args.out, payload, args.results_dir)
     print(f"wrote {path}")
     if not args.no_plot:
-        png = RESULTS / f"{args.out}.png"
+        png = args.results_dir / f"{args.out}.png"
         plot(results, png)
         print(f"wrote {png}")
     return 0
