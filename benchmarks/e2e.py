@@ -235,9 +235,10 @@ def _rate_of(bytes_per_rank: int, compute: float, ratio: float) -> tuple[str, fl
 
 def dense_bytes_per_rank(args: argparse.Namespace, config_path: Path) -> int:
     """Bytes one rank transmits in a ring all-reduce of the job's fp32 gradient."""
+    import torch
+
     from distk.comm.exchange import dense_allreduce_bytes
     from distk.train import build_model, load_config
-    import torch
 
     cfg = load_config(config_path, list(args.overrides))
     numel = sum(p.numel() for p in build_model(cfg, torch.device("cpu")).parameters())
