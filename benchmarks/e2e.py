@@ -31,7 +31,7 @@ Protocol (see docs/netem.md, "Dilated emulation" and "The protocol"):
 
 Root only. Not a test: the full protocol takes hours on a small CPU machine.
 
-    sudo .venv/bin/python benchmarks/e2e.py --quick        # 2 ranks, tiny model, ~2-4 min
+    sudo .venv/bin/python benchmarks/e2e.py --quick        # 2 ranks, tiny model, ~3.5 min on 2 loaded cores
     sudo .venv/bin/python benchmarks/e2e.py                # the full protocol
     sudo .venv/bin/python benchmarks/e2e.py --dry-run      # print the commands
 
@@ -372,6 +372,7 @@ def summarise(runs: dict[str, dict[str, Any]], compute: float, slack: float,
 
 COLUMNS = [
     ("method", "method", "s"), ("lr", "lr", "g"),
+    ("reached", "seeds at target", "d"),
     ("time_to_target_s", "time to target s", ".1f"), ("time_to_target_spread", "+-", ".1f"),
     ("speedup_vs_dense", "vs dense fp32", ".2f"),
     ("final_val_loss", "val @ end", ".4f"), ("final_val_spread", "+-", ".4f"),
