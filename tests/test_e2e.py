@@ -96,5 +96,8 @@ def test_quick_runs_every_method(tmp_path):
     dense = rows["dense_fp32"]["mb_per_step"]
     for sparse in ("exact", "bucketed"):
         assert rows[sparse]["mb_per_step"] < dense, (sparse, rows[sparse], dense)
-    assert rows["dense_bf16"]["mb_per_step"] == pytest.approx(dense / 2, rel=1e-6)
+    # bf16 sends half of fp32's payload; distk's dense mode adds its verified metadata
+    # exchange (a few dozen bytes on some steps), hence the tolerance.
+    assert rows["dense_bf16"]["mb_per_step"] == pytest.approx(dense / 2, rel=1e-3)
+    assert rows["dense_bf16"]["mb_per_step"] < dense / 2
     assert math.isfinite(block["target"]) and block["rate"].endswith("kbit")
