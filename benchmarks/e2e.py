@@ -34,6 +34,7 @@ Root only. Not a test: the full protocol takes hours on a small CPU machine.
     sudo .venv/bin/python benchmarks/e2e.py --quick        # 2 ranks, tiny model, ~3.5 min on 2 loaded cores
     sudo .venv/bin/python benchmarks/e2e.py                # the full protocol
     sudo .venv/bin/python benchmarks/e2e.py --dry-run      # print the commands
+    sudo .venv/bin/python benchmarks/e2e.py --rates 1gbit  # fixed links instead of R
 
 Prints the tables, writes ``benchmarks/results/<out>.json`` and ``<out>.png`` (validation
 loss against wall time, mean over seeds with the min-max band, one panel per R and
