@@ -59,8 +59,15 @@ def main() -> None:
                           "world_size": world,
                           "dense_bytes_per_rank": dense_allreduce_bytes(numel, world, 4),
                           "steps": args.steps, "warmup": args.warmup}), flush=True)
+    # As distk-train does: barrier, teardown, then os._exit, so gloo's known abort at
+    # interpreter exit ("terminate called without an active exception") cannot turn a
+    # finished calibration into a failure (an exception above still exits non-zero).
+    dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    from distk.train.__main__ import exit_after_clean_finish
+
     main()
+    exit_after_clean_finish(0)
