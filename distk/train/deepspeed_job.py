@@ -164,6 +164,9 @@ def run(cfg: TrainConfig, ds_config_path: str | Path, *, resume: bool = False,
     Returns:
         The :class:`~distk.train.loop.RunResult` (identical on every rank).
     """
+    if cfg.train.comm_hook != "distk":
+        raise ValueError(f"train.comm_hook={cfg.train.comm_hook!r} is invalid with --deepspeed: "
+                         "allowed 'distk' (PyTorch's DDP hooks apply to the DDP job only)")
     created_group = not dist.is_initialized()
     ds_config, mode = deepspeed_config_for(cfg, str(ds_config_path), method)
     if "distk" in ds_config:

@@ -36,6 +36,7 @@ from distk.train.checkpoint import checkpoint_dir, load_checkpoint, restore_rng,
 from distk.train.config import TrainConfig
 from distk.train.data import ByteCorpus, build_corpus, build_data
 from distk.train.model import build_model, evaluate
+from distk.train.peer_hooks import enable_peer_hook, powersgd_start_iter
 
 __all__ = [
     "DDPBackend",
@@ -258,7 +259,9 @@ class StepBackend:
 
 class DDPBackend(StepBackend):
     """``DistributedDataParallel`` + ``distk.ddp.enable``: every mode (``dense``, ``exact``,
-    ``bucketed``) goes through the same hook, so bytes and seconds are measured alike."""
+    ``bucketed``) goes through the same hook, so bytes and seconds are measured alike.
+    With ``train.comm_hook`` "bf16" or "powersgd", PyTorch's hook replaces distk's behind a
+    timing wrapper (:mod:`distk.train.peer_hooks`); mode ``bf16`` / ``powersgd_r<rank>``."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, data: Any, device: torch.device
                  ) -> None:
@@ -268,9 +271,16 @@ class DDPBackend(StepBackend):
         self.ddp_model = DistributedDataParallel(
             self.module, device_ids=[device.index] if device.type == "cuda" else None,
             bucket_cap_mb=cfg.train.bucket_cap_mb)
-        self.state = distk_ddp.enable(self.ddp_model, cfg.sparsity)
+        hook = cfg.train.comm_hook
+        if hook == "distk":
+            self.state = distk_ddp.enable(self.ddp_model, cfg.sparsity)
+            self.mode = cfg.sparsity.method
+        else:  # PyTorch's own hook as a baseline (train.comm_hook; distk.train.peer_hooks)
+            self.state = enable_peer_hook(
+                self.ddp_model, hook, rank=cfg.train.powersgd_rank,
+                start_iter=powersgd_start_iter(cfg.train.steps, cfg.train.lr_warmup_steps))
+            self.mode = f"powersgd_r{cfg.train.powersgd_rank}" if hook == "powersgd" else hook
         self.optimizer = build_optimizer(self.module, cfg)
-        self.mode = cfg.sparsity.method
         self.label = f"mode={self.mode}"
         self.log_config = cfg.to_dict()
 
@@ -282,6 +292,7 @@ class DDPBackend(StepBackend):
         inputs, targets = self.data.train_batch(step)
         _, loss = self.ddp_model(inputs, targets)
         loss.backward()
+        self.state.end_step()  # no-op for distk (its autograd callback ended the step)
         grad_norm = None
         if self.cfg.train.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(),
