@@ -28,6 +28,6 @@ def token_rows(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
 def distk_summary(state) -> str:
     """One line of the last exchange's statistics."""
     stats = state.stats
-    return (f"distk: iteration {state.iteration}, effective density {stats['density']:.4f} "
-            f"(target {state.cfg.density}), sent {stats['bytes_sent']} B vs dense "
-            f"{stats['dense_bytes']} B ({stats['compression']:.1f}x less)")
+    return (f"distk: iteration {state.iteration}, effective density {stats.density:.4f} "
+            f"(target {stats.target_density}), sent {stats.bytes_sent} B vs dense "
+            f"{stats.dense_bytes} B ({stats.compression:.1f}x less)")

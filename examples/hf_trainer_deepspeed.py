@@ -42,7 +42,8 @@ def main() -> None:
     trainer = Trainer(model=tiny_gpt2(), args=training_args,
                       train_dataset=token_rows(512, seed=rank), callbacks=[callback])
     trainer.train(resume_from_checkpoint=True if args.resume else None)
-    print(f"[rank {rank}] {distk.deepspeed.describe(trainer.model_wrapped)}")
+    engine_state = distk.deepspeed.get_state(trainer.model_wrapped)
+    print(f"[rank {rank}] distk: seam={engine_state.seam} zero_stage={engine_state.zero_stage}")
     print(f"[rank {rank}] {distk_summary(callback.state)}")
 
 

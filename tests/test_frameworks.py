@@ -50,8 +50,9 @@ def _residuals(state) -> dict:
             state.compressor.state_dict()["residuals"].items()}
 
 
-def _refusal_of_other_rank(folder: str) -> str:
-    """Rank 0 tries rank 1's file: the message it gets ("" when nothing refused it)."""
+def _refusal_of_other_rank(folder: str, state) -> str:
+    """Rank 0 tries rank 1's file for its state: the message it gets ("" when nothing
+    refused it)."""
     import torch.distributed as dist
 
     from distk.integrations.checkpoint import rank_file, read_rank_state
@@ -59,7 +60,7 @@ def _refusal_of_other_rank(folder: str) -> str:
     if dist.get_rank() != 0:
         return ""
     try:
-        read_rank_state(rank_file(folder, rank=1))
+        read_rank_state(rank_file(folder, rank=1), state)
     except ValueError as err:
         return str(err)
     return ""
@@ -153,7 +154,8 @@ def _hf_job(rank: int, world_size: int, output_dir: str, deepspeed: dict | None,
     resumed.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2"))
     return {
         "history": history, "wrapped": wrapped_type, **probes,
-        "refusal": _refusal_of_other_rank(os.path.join(output_dir, "checkpoint-2")),
+        "refusal": _refusal_of_other_rank(os.path.join(output_dir, "checkpoint-2"),
+                                          callback2.state),
         "resumed_steps": resumed.state.global_step,
     }
 
@@ -185,7 +187,8 @@ def _assert_restored_per_rank(results: list[dict]) -> None:
     assert any(saved0[key].abs().sum() > 0 for key in saved0), "all residuals are zero"
     assert any(not torch.equal(saved0[key], saved1[key]) for key in saved0)
     refusal = results[0]["refusal"]
-    assert "written by rank 1 of 2" in refusal and "this is rank 0 of 2" in refusal, refusal
+    assert ("written by rank 1 of world size 2" in refusal
+            and "this is rank 0 of world size 2" in refusal), refusal
 
 
 # -- HF Trainer ------------------------------------------------------------------------------
@@ -201,7 +204,7 @@ def test_hf_trainer_ddp_callback_acts_logs_and_resumes_per_rank(tmp_path):
         assert len(logged) == 4, result["history"]  # every logged step carries distk stats
         assert logged[0]["distk/density"] == 1.0  # DDP's bucket-rebuild step is dense
         _assert_acted(logged[-1])
-        assert logged[-1]["distk/bytes_sent_total"] < logged[-1]["distk/dense_bytes_total"]
+        assert logged[-1]["distk/total_bytes_sent"] < logged[-1]["distk/total_dense_bytes"]
     _assert_restored_per_rank(results)
     for rank in range(2):
         assert (tmp_path / "run" / "checkpoint-2" / f"distk_rank{rank:05d}.pt").is_file()
@@ -281,7 +284,7 @@ def _accelerate_job(rank: int, world_size: int, output_dir: str) -> dict:
     swapped = _load_swapped_files(output_dir, state)
     return {"metrics": metrics, "saved": saved, "restored": restored, "moved": moved,
             "swapped": swapped,
-            "wrapped": type(model).__name__, "refusal": _refusal_of_other_rank(output_dir),
+            "wrapped": type(model).__name__, "refusal": _refusal_of_other_rank(output_dir, state),
             "without_model": without_model}
 
 
@@ -367,7 +370,7 @@ def _lightning_job(rank: int, world_size: int, root: str, via_strategy_hook: boo
     resumed, callback2 = make(4)
     resumed.fit(_lightning_module(), loader, ckpt_path=path)
     return {"metrics": metrics, "saved": saved, **probes,
-            "refusal": _refusal_of_other_rank(folder),
+            "refusal": _refusal_of_other_rank(folder, callback2.state),
             "resumed_steps": resumed.global_step}
 
 
@@ -459,8 +462,8 @@ def _enable_dispatch_job(rank: int, world_size: int) -> dict:
     fsdp_state = distk.enable(fsdp, distk.SparsityConfig(density=DENSITY))
     fsdp(torch.randn(4, 64)).square().sum().backward()
     return {"ddp": type(ddp_state).__name__, "ddp_kept": distk.integrations.auto.get_state(ddp)
-            is ddp_state, "ddp_density": ddp_state.stats["density"],
-            "fsdp": type(fsdp_state).__name__, "fsdp_density": fsdp_state.stats["density"]}
+            is ddp_state, "ddp_density": ddp_state.stats.density,
+            "fsdp": type(fsdp_state).__name__, "fsdp_density": fsdp_state.stats.density}
 
 
 def test_enable_dispatches_on_the_wrapper_type():
@@ -470,3 +473,47 @@ def test_enable_dispatches_on_the_wrapper_type():
         # 64 * 64 + 64 entries per Linear: round(0.05 * 4160) = 208 selected.
         assert result["ddp_density"] == pytest.approx(0.05, abs=1e-3)
         assert result["fsdp_density"] == pytest.approx(0.05, abs=1e-3)
+
+
+# -- a hand-built hook state (Lightning's ddp_comm_state): config checked on first exchange ------
+
+def _late_check_job(rank: int, world_size: int) -> dict:
+    from unittest import mock
+
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from distk.integrations import state as seam
+    from distk.integrations.ddp import DDPCompressionState, sparse_allreduce_hook
+
+    def built_before_the_group(cfg: dict) -> DDPCompressionState:
+        # As DDPStrategy(ddp_comm_state=...) is: before init_process_group, so no collective.
+        with mock.patch.object(seam, "_group_ready", return_value=False):
+            return DDPCompressionState(cfg)
+
+    result: dict = {}
+    torch.manual_seed(0)
+    same = built_before_the_group({"density": DENSITY})
+    result["checked_before"] = same._config_checked
+    ddp = DistributedDataParallel(torch.nn.Linear(64, 64))
+    ddp.register_comm_hook(same, sparse_allreduce_hook)
+    for _ in range(2):
+        ddp(torch.randn(4, 64)).square().sum().backward()
+    result["after"] = (same.rank, same.world_size, same.iteration, same._config_checked)
+    differing = built_before_the_group({"density": DENSITY * (rank + 1)})
+    other = DistributedDataParallel(torch.nn.Linear(64, 64))
+    other.register_comm_hook(differing, sparse_allreduce_hook)
+    try:
+        other(torch.randn(4, 64)).square().sum().backward()
+        result["mismatch"] = ""
+    except Exception as err:  # noqa: BLE001 - DDP may re-wrap the hook's error
+        result["mismatch"] = f"{type(err).__name__}: {err}"
+    return result
+
+
+def test_a_hook_state_built_before_the_process_group_checks_its_config_on_first_exchange():
+    results = run_distributed(_late_check_job, 2, timeout=120)
+    for rank, result in enumerate(results):
+        assert result["checked_before"] is False  # no group yet: nothing collective ran
+        assert result["after"] == (rank, 2, 2, True)
+        assert "density" in result["mismatch"], result["mismatch"]

@@ -5,7 +5,8 @@
   dtype or bf16/fp16);
 * :mod:`distk.comm.cost`: bytes per rank of each exchange scheme and the choice;
 * :mod:`distk.comm.exchange`: :func:`sparse_allreduce`, :func:`exchange` (all-gather,
-  reduce-scatter and dense schemes, metadata checks across ranks) and
+  reduce-scatter and dense schemes, metadata checks across ranks), its asynchronous
+  halves :func:`launch_exchange` / :class:`PendingExchange`, and
   :func:`check_same_config`; a collective that fails because a peer rank died or stalled
   past the process group's timeout raises :class:`CollectiveError`.
 
@@ -16,10 +17,13 @@ from distk.comm.cost import SCHEMES, choose_scheme, scheme_bytes
 from distk.comm.exchange import (
     CollectiveError,
     ExchangeResult,
+    PendingExchange,
     RankMismatchError,
     check_same_config,
     dense_allreduce_bytes,
     exchange,
+    launch_exchange,
+    rank_and_world,
     sparse_allreduce,
 )
 from distk.comm.wire import WireFormat
@@ -28,12 +32,15 @@ __all__ = [
     "SCHEMES",
     "CollectiveError",
     "ExchangeResult",
+    "PendingExchange",
     "RankMismatchError",
     "WireFormat",
     "check_same_config",
     "choose_scheme",
     "dense_allreduce_bytes",
     "exchange",
+    "launch_exchange",
+    "rank_and_world",
     "scheme_bytes",
     "sparse_allreduce",
 ]

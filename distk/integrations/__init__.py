@@ -1,7 +1,10 @@
-"""Integrations: DDP, FSDP and DeepSpeed adapters, and the frameworks built on them.
+"""Integrations: thin adapters over one :class:`CompressionState`, and the frameworks
+built on them.
 
+- :class:`CompressionState` (:mod:`distk.integrations.state`): the one seam every
+  adapter goes through (config coercion and check, step counter, stats, checkpoints);
 - :mod:`distk.integrations.ddp`, :mod:`~distk.integrations.fsdp`,
-  :mod:`~distk.integrations.deepspeed`: the gradient-exchange seams;
+  :mod:`~distk.integrations.deepspeed`: the gradient-exchange adapters;
 - :mod:`distk.integrations.auto`: ``distk.enable`` (picks one of the three by type);
 - :mod:`distk.integrations.hf`, :mod:`~distk.integrations.accelerate`,
   :mod:`~distk.integrations.lightning`: HF Trainer, Accelerate and Lightning adapters;
@@ -16,10 +19,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("accelerate", "auto", "checkpoint", "ddp", "deepspeed", "fsdp", "hf",
-               "lightning")
+from distk.integrations.state import CompressionState, refuse_sparse_gradients
 
-__all__ = list(_SUBMODULES)
+_SUBMODULES = ("accelerate", "auto", "checkpoint", "ddp", "deepspeed", "fsdp", "hf",
+               "lightning", "state")
+
+__all__ = ["CompressionState", "refuse_sparse_gradients", *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:

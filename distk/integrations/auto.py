@@ -23,14 +23,6 @@ STATE_ATTR = "distk"
 
 METRIC_PREFIX = "distk/"
 
-# Statistics forwarded to loggers: effective density (k / numel over every exchanged
-# gradient of the step), bytes one rank sent and what a dense fp32 ring all-reduce
-# would have sent, their ratio, seconds, residual norm, recall.
-_METRIC_STATS = (
-    "density", "k", "numel", "bytes_sent", "dense_bytes", "compression",
-    "selection_seconds", "comm_seconds", "residual_norm", "recall",
-)
-
 
 def unwrap_compiled(module: Any) -> Any:
     """``torch.compile(m)`` returns an ``OptimizedModule``; the wrapper is its ``_orig_mod``."""
@@ -84,15 +76,10 @@ def resolve_config(cfg: Any, ds_config: Any = None, *, where: str) -> Any:
         TypeError: cfg is of another type.
         ValueError: cfg is None and there is no ``"distk"`` block to read.
     """
-    from distk.config import SparsityConfig
+    from distk.compressor import as_sparsity_config
 
-    if isinstance(cfg, SparsityConfig):
-        return cfg
-    if isinstance(cfg, dict):
-        return SparsityConfig.from_dict(dict(cfg))
-    if cfg is not None:
-        raise TypeError(f"{where}: cfg must be a distk.SparsityConfig, a dict of its keys or "
-                        f"None, got {type(cfg).__name__}")
+    if cfg is not None:  # the seam's one coercion (CompressionState uses it too)
+        return as_sparsity_config(cfg, what=f"{where}: cfg")
     if ds_config is not None:
         from distk.integrations.deepspeed import split_config
 
@@ -184,21 +171,15 @@ def enable(wrapped: Any, cfg: Any = None) -> Any:
 
 
 def metrics(state: Any) -> dict[str, float]:
-    """The last exchange's statistics as ``{"distk/<name>": float}`` (empty before one).
+    """The last step's statistics as ``{"distk/<name>": float}`` (empty before one).
 
-    ``distk/density`` is the effective density, ``k / numel`` summed over every gradient
-    the step exchanged (DDP: per bucket; DeepSpeed: per parameter, tensors smaller than
-    ``min_numel`` sent densely; DDP's first, bucket-rebuilding step is dense: 1.0).
-    ``distk/target_density`` is ``cfg.density``.
+    :meth:`CompressionState.metrics <distk.integrations.CompressionState.metrics>` of the
+    state: the last step's :class:`~distk.stats.StepStats` (``distk/density`` is the
+    effective density, entries sent / all gradient entries of the step, dense tensors
+    counted in full; DDP's first, bucket-rebuilding step is dense: 1.0;
+    ``distk/target_density`` is ``cfg.density``), the run totals (``distk/total_*``, e.g.
+    ``distk/total_bytes_sent``) and ``distk/iteration``.
     """
-    stats = getattr(state, "stats", None) or {}
-    if not stats:
+    if state is None or not state.stats.buffers:
         return {}
-    out = {}
-    for name in _METRIC_STATS:
-        value = stats.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out[METRIC_PREFIX + name] = float(value)
-    out[METRIC_PREFIX + "target_density"] = float(state.cfg.density)
-    out[METRIC_PREFIX + "iteration"] = float(state.iteration)
-    return out
+    return state.metrics(METRIC_PREFIX)

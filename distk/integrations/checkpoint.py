@@ -7,10 +7,12 @@ checkpoints are written by rank 0 only (HF Trainer's model files, Accelerate's
 ``distk_rank<NNNNN>.pt`` from every rank into a folder the caller picks, and read them
 back with a check:
 
-- :func:`save_rank_state` writes ``{"rank", "world_size", "state"}`` (atomically: a
-  temporary file, then ``os.replace``);
-- :func:`read_rank_state` returns the ``state`` of one file and raises ``ValueError``
-  when the file was written by another rank or another number of ranks;
+- :func:`save_rank_state` writes ``state.state_dict()``, which carries the rank and world
+  size that wrote it (atomically: a temporary file, then ``os.replace``);
+- :func:`read_rank_state` returns one file's state dict once
+  :meth:`CompressionState.check_state_dict <distk.integrations.CompressionState.check_state_dict>`
+  (the one check of a checkpoint's origin) accepted it: ``ValueError`` when the file was
+  written by another rank, another number of ranks or under another config;
 - :func:`load_rank_state` is collective: every rank checks its own file, the ranks agree
   (one small all-reduce), and then either every rank restores its state, or every rank
   warns and keeps a fresh state (files missing), or every rank raises (a file written by
@@ -58,37 +60,36 @@ def save_rank_state(directory: str | os.PathLike[str], state: Any) -> str:
             machine keeps the files of its own ranks.
         state: a distk state (``distk.enable``'s result) with ``state_dict()``.
     """
-    rank, world_size = _rank_and_world()
-    path = rank_file(directory, rank)
+    path = rank_file(directory, _rank_and_world()[0])
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    payload = {"rank": rank, "world_size": world_size, "state": state.state_dict()}
     temporary = f"{path}.tmp"
-    torch.save(payload, temporary)
+    torch.save(state.state_dict(), temporary)  # carries its rank and world size
     os.replace(temporary, path)
     return path
 
 
-def read_rank_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The distk state stored in ``path``, refused unless this rank wrote it.
+def read_rank_state(path: str | os.PathLike[str], state: Any) -> dict[str, Any]:
+    """The distk state dict stored in ``path``, refused unless ``state`` may load it.
+
+    Args:
+        path: a file :func:`save_rank_state` wrote.
+        state: the distk state it is meant for; its ``check_state_dict`` decides.
 
     Raises:
-        ValueError: the file was written by another rank or under another world size
+        ValueError: the file was written by another rank, under another world size
             (residuals hold what that rank did not send; using them here would apply
-            another rank's error feedback), or it is not a distk per-rank file.
+            another rank's error feedback) or under another config, or it is not a distk
+            state file.
     """
-    rank, world_size = _rank_and_world()
-    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or not {"rank", "world_size", "state"} <= set(payload):
+    saved = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
+    if not isinstance(saved, dict) or not {"config", "rank", "world_size"} <= set(saved):
         raise ValueError(f"{os.fspath(path)} is not a distk per-rank state file (expected "
-                         "keys 'rank', 'world_size', 'state')")
-    if payload["rank"] != rank or payload["world_size"] != world_size:
-        raise ValueError(
-            f"distk state file {os.fspath(path)} was written by rank {payload['rank']} of "
-            f"{payload['world_size']}, but this is rank {rank} of {world_size}; each rank's "
-            "residuals hold what that rank did not send, so a rank may only load its own "
-            "file (same rank, same world size)"
-        )
-    return payload["state"]
+                         "a state_dict() with 'config', 'rank', 'world_size')")
+    try:
+        state.check_state_dict(saved)
+    except ValueError as err:
+        raise ValueError(f"distk state file {os.fspath(path)}: {err}") from None
+    return saved
 
 
 def _collective_device() -> torch.device:
@@ -127,7 +128,7 @@ def load_rank_state(directory: str | os.PathLike[str], state: Any, *,
         code = _MISSING
     else:
         try:
-            payload_state = read_rank_state(path)
+            payload_state = read_rank_state(path, state)
             code = _OK
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             code, local_error = _REFUSED, f"{type(err).__name__}: {err}"

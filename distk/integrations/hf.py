@@ -18,8 +18,9 @@ What the callback does, on every rank:
   / FSDP module or DeepSpeed engine; the ``model`` that callbacks receive is the
   unwrapped model, which exchanges nothing); when resuming, every rank restores its own
   residuals from ``<checkpoint>/distk_rank<NNNNN>.pt``;
-- ``on_log``: adds ``distk/*`` statistics (:func:`distk.integrations.auto.metrics`, plus
-  ``distk/bytes_sent_total`` / ``distk/dense_bytes_total`` since training began) to the
+- ``on_log``: adds ``distk/*`` statistics (:func:`distk.integrations.auto.metrics`: the
+  last step's, and the run totals ``distk/total_bytes_sent`` / ``distk/total_dense_bytes``
+  ..., restored with the checkpoint) to the
   Trainer's logs, i.e. ``trainer.state.log_history`` and every ``report_to`` integration
   (wandb, TensorBoard). The callback moves itself to the front of the callback list so
   reporters see the statistics;
@@ -89,9 +90,6 @@ class DistkCallback(TrainerCallback):
             cfg = auto.resolve_config(cfg, where="DistkCallback")
         self.cfg = cfg
         self.state: Any = None
-        self._last_iteration = -1
-        self._bytes_sent_total = 0.0
-        self._dense_bytes_total = 0.0
 
     # -- training ----------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -116,15 +114,6 @@ class DistkCallback(TrainerCallback):
         callbacks.insert(0, self)
         if resume is not None:
             load_rank_state(resume, self.state)
-        self._last_iteration = self.state.iteration
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.state is None or self.state.iteration == self._last_iteration:
-            return
-        self._last_iteration = self.state.iteration
-        stats = self.state.stats
-        self._bytes_sent_total += float(stats.get("bytes_sent", 0) or 0)
-        self._dense_bytes_total += float(stats.get("dense_bytes", 0) or 0)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
@@ -133,8 +122,6 @@ class DistkCallback(TrainerCallback):
         extra = auto.metrics(self.state)
         if not extra:
             return
-        extra["distk/bytes_sent_total"] = self._bytes_sent_total
-        extra["distk/dense_bytes_total"] = self._dense_bytes_total
         logs.update(extra)
         # Trainer.log appended a copy of ``logs`` to the history before calling on_log.
         history = state.log_history

@@ -19,14 +19,15 @@ The hook/state pair still works, on GPU by itself and on CPU with this callback:
     from distk.ddp import DDPCompressionState, sparse_allreduce_hook
     state = DDPCompressionState({"density": 0.01})     # a SparsityConfig or a dict
     strategy = DDPStrategy(ddp_comm_hook=sparse_allreduce_hook, ddp_comm_state=state)
-    # the config is checked across ranks on the hook's first call (the first step)
+    # built before the process group exists: the config is checked across ranks on its
+    # first exchange (the first step)
 
 Given such a strategy, ``DistkCallback()`` (no cfg) adopts that state; on CPU it
 registers the hook that Lightning skipped.
 
 Logging: after every training batch the callback logs ``distk/*``
-(:func:`distk.integrations.auto.metrics` plus ``distk/bytes_sent_total`` and
-``distk/dense_bytes_total``) through ``pl_module.log_dict``, so the values reach
+(:func:`distk.integrations.auto.metrics`, run totals such as ``distk/total_bytes_sent``
+and ``distk/total_dense_bytes`` included) through ``pl_module.log_dict``, so the values reach
 ``trainer.callback_metrics`` and every logger (wandb, TensorBoard, CSV); each rank logs
 its own, unsynchronised.
 
@@ -74,8 +75,6 @@ class DistkCallback(pl.Callback):
         self._restore_from: str | None = None
         self._restore_expected = False
         self._last_iteration = -1
-        self._bytes_sent_total = 0.0
-        self._dense_bytes_total = 0.0
 
     def _strategy_hook_state(self, trainer: pl.Trainer, wrapped: Any) -> Any:
         """The state of a distk hook given to DDPStrategy, registered here when Lightning
@@ -132,12 +131,7 @@ class DistkCallback(pl.Callback):
         if self.state is None or self.state.iteration == self._last_iteration:
             return  # accumulation micro-batch: nothing was exchanged
         self._last_iteration = self.state.iteration
-        stats = self.state.stats
-        self._bytes_sent_total += float(stats.get("bytes_sent", 0) or 0)
-        self._dense_bytes_total += float(stats.get("dense_bytes", 0) or 0)
         metrics = auto.metrics(self.state)
-        metrics["distk/bytes_sent_total"] = self._bytes_sent_total
-        metrics["distk/dense_bytes_total"] = self._dense_bytes_total
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -11,6 +11,7 @@ The second stage is exact, so the recall of the whole selection is that of the f
 
 from __future__ import annotations
 
+import functools
 import math
 
 DEFAULT_RECALL_TARGET = 0.95
@@ -48,12 +49,15 @@ def check_recall_target(recall_target: object) -> float:
     return float(recall_target)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; distk.topk asks it on every call
 def expected_recall(n: int, k: int, buckets: int, k_per_bucket: int) -> float:
     """Expected fraction of the true top-``k`` of ``n`` items that bucketed top-k returns.
 
     ``buckets`` buckets each keep their ``k_per_bucket`` largest items. Exact (1.0) when
     there is one bucket, when ``k_per_bucket >= k`` or when every bucket keeps all of
-    its items; otherwise the binomial model above.
+    its items; otherwise the binomial model above. It assumes the top items land in
+    buckets at random: under error feedback a fixed packed partition breaks that (see
+    :func:`packed_bucket_counts`).
     """
     _check_positive_int("n", n)
     _check_positive_int("k", k, minimum=0)
@@ -95,6 +99,57 @@ def _min_buckets_for(n: int, k: int, k_per_bucket: int, recall_target: float) ->
     return hi
 
 
+def packed_bucket_counts(k: int, min_k_per_bucket: int, max_k_per_bucket: int, *,
+                         exact: bool = False) -> tuple[int, ...]:
+    """Bucket counts that a packed selection (no second stage, ``k_per_bucket =
+    ceil(k / buckets)``) of ``k`` entries uses in turn, one per step: two coprime counts,
+    one when no second exists, none when no count fits.
+
+    A count ``b`` fits when ``ceil(k / b)`` lies in ``[min_k_per_bucket,
+    max_k_per_bucket]``, i.e. ``b <= k // min_k_per_bucket`` (so its recall is at least
+    what the rule that chose ``min_k_per_bucket`` promises), and, with ``exact``, when
+    ``b`` divides ``k`` (``b * k_per_bucket == k``). Counts free of the factors 2 and 3
+    come first, then odd multiples of 3, then even counts, each group largest first; the
+    pair is the first count in that order that has a coprime partner, with its first
+    coprime partner in that order. Without ``exact`` these are the two largest fitting
+    counts of the form ``6j +- 1`` (consecutive ones are odd and differ by 2 or 4, hence
+    coprime).
+
+    Why two: :func:`expected_recall` assumes the top items land in buckets at random.
+    With error feedback and a packed plan, that stops holding after a few steps: every
+    bucket sends exactly ``k_per_bucket`` entries, so a bucket that held more than its
+    share of the large entries keeps the rest in the residual (momentum correction makes
+    them grow) and is overloaded again at the next step, while an underloaded one spends
+    its quota on small entries. The backlog stays with the bucket, the load of the true
+    top-k across buckets becomes over-dispersed (variance 5-8x the binomial one on
+    ByteGPT gradients and on iid Gaussian ones with momentum 0.9) and recall falls from
+    0.95 to 0.86-0.89 (docs/selection.md, "Recall on real gradients"). With interleaved
+    buckets, positions share a bucket when equal modulo ``b``; for coprime ``b1, b2`` the
+    entries of one bucket of ``b1`` spread evenly over all buckets of ``b2``, so a backlog
+    built under one partition is served by every bucket of the next.
+
+    Why free of 2 and 3: parameter layouts repeat with row strides of the form
+    ``2^a 3^c`` (``d_model``-wide rows, 3x3 convolution kernels, fused qkv). A count
+    sharing a factor ``g`` with the stride maps a column of a weight matrix whose large
+    entries sit in a few columns to ``b / g`` buckets only (``b = 128`` with 128-wide
+    rows: one bucket per column; recall 0.90-0.94 instead of 0.95 on ByteGPT vectors).
+    """
+    _check_positive_int("k", k)
+    _check_positive_int("min_k_per_bucket", min_k_per_bucket)
+    _check_positive_int("max_k_per_bucket", max_k_per_bucket, minimum=min_k_per_bucket)
+    lowest = max(1, math.ceil(k / max_k_per_bucket))
+    highest = k // min_k_per_bucket
+
+    fitting = [b for b in range(highest, lowest - 1, -1) if not exact or k % b == 0]
+    # Counts free of the factors 2 and 3 first, then odd ones, then the rest; largest first.
+    preferred = sorted(fitting, key=lambda b: (b % 2 == 0, b % 3 == 0, -b))
+    for first in preferred:  # (with exact, a count may have no coprime partner)
+        second = next((b for b in preferred if b != first and math.gcd(b, first) == 1), None)
+        if second is not None:
+            return first, second
+    return tuple(preferred[:1])
+
+
 def selection_cost(n: int, buckets: int, k_per_bucket: int) -> float:
     """Modelled cost of bucketed selection, in element reads (see the constants above)."""
     candidates = buckets * min(k_per_bucket, math.ceil(n / buckets))
@@ -108,6 +163,7 @@ def selection_cost(n: int, buckets: int, k_per_bucket: int) -> float:
     return n * per_element + stage2
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and a few ms of Python per call
 def choose_buckets(n: int, k: int, recall_target: float = DEFAULT_RECALL_TARGET,
                    *, buckets: int | None = None,
                    k_per_bucket: int | None = None) -> tuple[int, int]:

@@ -80,21 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    if args.deepspeed:
-        # Imported only when asked for: DeepSpeed is an optional extra.
-        from distk.train import deepspeed_job
-
-        deepspeed_job.run(cfg, args.deepspeed)
-        return 0
-
+    # Imported here, not at the top: --help and --print-config stay fast without torch.
     import torch.distributed as dist
 
+    from distk.train import deepspeed_job
     from distk.train.compare import run_compare
     from distk.train.loop import format_result, setup_distributed, train
 
     rank, _, _ = setup_distributed(cfg)
     if args.compare:
-        run_compare(cfg, resume=args.resume)
+        run_compare(cfg, resume=args.resume, ds_config=args.deepspeed)
+    elif args.deepspeed:
+        deepspeed_job.run(cfg, args.deepspeed, resume=args.resume)
     else:
         result = train(cfg, cfg.run_dir, resume=args.resume)
         if rank == 0:

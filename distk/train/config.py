@@ -177,6 +177,20 @@ class OptimConfig:
     bucket_cap_mb: float = 25.0
     """DDP gradient bucket size in MiB (each bucket is compressed as one tensor), > 0."""
 
+    comm_hook: str = "distk"
+    """DDP communication hook: "distk" (the sparse compressor; ``sparsity.method`` is the
+    mode), or one of PyTorch's own hooks as a baseline through the same loop, data and
+    logging: "bf16" (``default_hooks.bf16_compress_hook``) or "powersgd"
+    (``powerSGD_hook.powerSGD_hook``, rank ``powersgd_rank``, error feedback and warm
+    start on, vanilla all-reduce for the first max(2, ``lr_warmup_steps``, 10% of
+    ``steps``) steps as PyTorch recommends). The PyTorch hooks need
+    ``sparsity.method="dense"`` (distk is then unused), the DDP job (not DeepSpeed) and no
+    checkpoints; their bytes per step are computed from the tensor sizes (see
+    ``distk.train.peer_hooks``)."""
+
+    powersgd_rank: int = 1
+    """``matrix_approximation_rank`` of the "powersgd" hook, >= 1."""
+
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an int >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an int >= 1")
@@ -204,6 +218,14 @@ class OptimConfig:
         _check(self.num_threads >= 0, "train.num_threads", self.num_threads, "an int >= 0")
         _check(self.bucket_cap_mb > 0, "train.bucket_cap_mb", self.bucket_cap_mb,
                "a float > 0")
+        _check(self.comm_hook in ("distk", "bf16", "powersgd"), "train.comm_hook",
+               self.comm_hook, '"distk", "bf16" or "powersgd"')
+        _check(self.powersgd_rank >= 1, "train.powersgd_rank", self.powersgd_rank,
+               "an int >= 1")
+        if self.comm_hook != "distk":
+            _check(self.checkpoint_every == 0 and self.stop_after is None, "train.comm_hook",
+                   self.comm_hook, '"distk" when checkpointing (checkpoint_every > 0 or '
+                   "stop_after set): PyTorch's hook states are not checkpointed here")
 
 
 @dataclass
@@ -274,6 +296,11 @@ class TrainConfig:
         _check(bool(self.name) and "/" not in self.name, "name", self.name,
                "a non-empty string without '/'")
         _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an int >= 0")
+        if self.train.comm_hook != "distk":
+            _check(self.sparsity.method == "dense", "sparsity.method", self.sparsity.method,
+                   f'"dense" with train.comm_hook={self.train.comm_hook!r} (PyTorch\'s hook '
+                   "replaces distk's; --compare and --mode exact/bucketed need comm_hook "
+                   '"distk")')
 
     @property
     def run_dir(self) -> Path:
@@ -299,7 +326,7 @@ class TrainConfig:
         valid key, wrong types raise ValueError naming key, value and expected type."""
         if not isinstance(d, dict):
             raise ValueError(f"a training config must be a JSON object, got {type(d).__name__}")
-        kwargs = _fields_from_dict(cls, d, prefix="")
+        kwargs = fields_from_dict(cls, d, prefix="")
         sections = {"data": DataConfig, "model": ModelConfig, "train": OptimConfig,
                     "logging": LoggingConfig}
         for name, section_cls in sections.items():
@@ -307,7 +334,7 @@ class TrainConfig:
                 sub = kwargs[name]
                 if not isinstance(sub, dict):
                     raise ValueError(f"{name} must be a JSON object, got {sub!r}")
-                kwargs[name] = section_cls(**_fields_from_dict(section_cls, sub, f"{name}."))
+                kwargs[name] = section_cls(**fields_from_dict(section_cls, sub, f"{name}."))
         if "sparsity" in kwargs:
             if not isinstance(kwargs["sparsity"], dict):
                 raise ValueError(f"sparsity must be a JSON object, got {kwargs['sparsity']!r}")
@@ -356,7 +383,7 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("NoneType", "null")
 
 
-def _fields_from_dict(cls: type, d: dict[str, Any], prefix: str) -> dict[str, Any]:
+def fields_from_dict(cls: type, d: dict[str, Any], prefix: str) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     out: dict[str, Any] = {}

@@ -1,0 +1,173 @@
+"""PyTorch's own DDP communication hooks as baselines of ``distk-train`` (``train.comm_hook``).
+
+``enable_peer_hook(ddp_model, cfg)`` registers PyTorch's ``bf16_compress_hook`` or
+``powerSGD_hook`` behind a thin timing wrapper and returns a :class:`PeerHookState` that
+looks to the training loop like distk's state (``stats``, ``totals``, ``metrics()``,
+``end_step()``), so the same loop, data, model, timing and logging serve every method.
+
+What the wrapper measures per bucket (one :class:`~distk.stats.StepStats` each):
+
+- ``selection_seconds``: the hook's synchronous part, from the call until it returns its
+  future (bf16: the cast; PowerSGD: error feedback, splitting the bucket, ``P = M Q``);
+- ``comm_seconds``: from the call until the future completes (the collectives, and for
+  PowerSGD the orthogonalisation and ``Q = M^T P`` between them), as distk measures its
+  own exchanges;
+- ``bytes_sent``: computed from the tensor sizes, the bytes one rank transmits in a ring
+  all-reduce (``distk.comm.exchange.dense_allreduce_bytes``) of what the hook reduces:
+  bf16: the bucket at 2 bytes per entry; PowerSGD before ``start_powerSGD_iter``: the
+  bucket in fp32; after: the uncompressed tensors, the P matrices and the Q matrices, each
+  in fp32 (a gradient viewed as ``n x m`` is compressed to ``P: n x r`` and ``Q: m x r``,
+  ``r = min(n, m, rank)``, when ``(n + m) r * min_compression_rate < n m``, the rule
+  documented in ``PowerSGDState``); ``dense_bytes``: the same bucket in fp32.
+"""
+
+# No ``from __future__ import annotations``: DDP's register_comm_hook compares the hook's
+# annotations with dist.GradBucket / Future[Tensor] objects, not strings.
+import math
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from distk.comm.exchange import dense_allreduce_bytes
+from distk.stats import StepStats
+
+__all__ = ["PeerHookState", "enable_peer_hook", "powersgd_bucket_entries",
+           "powersgd_start_iter"]
+
+
+def powersgd_start_iter(steps: int, warmup_steps: int) -> int:
+    """``start_powerSGD_iter`` as PyTorch's PowerSGD docs recommend: 10% of the training
+    steps, no less than the learning-rate warm-up, and at least 2 (the minimum DDP allows
+    with error feedback or warm start)."""
+    return max(2, warmup_steps, math.ceil(0.1 * steps))
+
+
+def powersgd_bucket_entries(shapes: list[torch.Size], rank: int,
+                            min_compression_rate: float) -> tuple[int, int, int]:
+    """(uncompressed entries, P entries, Q entries) PowerSGD all-reduces for one bucket
+    holding gradients of ``shapes`` once compression has started."""
+    plain = p_entries = q_entries = 0
+    for shape in shapes:
+        rows = shape[0] if len(shape) else 1
+        numel = math.prod(shape)
+        cols = numel // rows if rows else 0
+        r = min(rows, cols, rank)
+        if (rows + cols) * r * min_compression_rate < rows * cols:
+            p_entries += rows * r
+            q_entries += cols * r
+        else:
+            plain += numel
+    return plain, p_entries, q_entries
+
+
+class PeerHookState:
+    """State of a PyTorch hook run through ``distk-train``: the hook's own state plus the
+    per-step and run :class:`~distk.stats.StepStats` (see the module docstring).
+
+    Attributes:
+        kind: "bf16" or "powersgd".
+        hook_state: what PyTorch's hook receives (the process group for bf16, the
+            ``PowerSGDState`` for PowerSGD).
+        stats, totals: the last completed step's stats and the run's.
+        iteration: completed steps.
+    """
+
+    def __init__(self, kind: str, hook_state: Any, world_size: int) -> None:
+        self.kind, self.hook_state, self.world_size = kind, hook_state, world_size
+        self.stats, self.totals = StepStats(), StepStats()
+        self.iteration = 0
+        self._pending: list[StepStats] = []
+        self._futures: list[torch.futures.Future] = []
+
+    def bucket_bytes(self, bucket: dist.GradBucket) -> tuple[int, int, str]:
+        """(entries sent, bytes sent, scheme) of ``bucket`` at the current step; read before
+        the hook runs (PowerSGD advances its iteration counter inside)."""
+        numel = bucket.buffer().numel()
+        if self.kind == "bf16":
+            return numel, dense_allreduce_bytes(numel, self.world_size, 2), "bf16"
+        ps = self.hook_state
+        if ps.iter < ps.start_powerSGD_iter:
+            return numel, dense_allreduce_bytes(numel, self.world_size, 4), "allreduce"
+        parts = powersgd_bucket_entries([g.shape for g in bucket.gradients()],
+                                        ps.matrix_approximation_rank, ps.min_compression_rate)
+        sent = sum(dense_allreduce_bytes(n, self.world_size, 4) for n in parts if n)
+        return sum(parts), sent, "powersgd"
+
+    def end_step(self) -> bool:
+        """Close the step: wait for its buckets, merge their stats into :attr:`stats` and
+        :attr:`totals`. Returns False when no bucket was reduced since the last call."""
+        if not self._futures:
+            return False
+        torch.futures.wait_all(self._futures)
+        merged = StepStats()
+        for item in self._pending:
+            merged = merged.merge(item)
+        self._pending, self._futures = [], []
+        merged.step = self.iteration
+        self.stats = merged
+        self.totals = self.totals.merge(merged)
+        self.iteration += 1
+        return True
+
+    def metrics(self, prefix: str = "distk/") -> dict[str, float]:
+        """Same names as distk's state: the step's stats, ``<prefix>total_*``, iteration."""
+        return {**self.stats.to_metrics(prefix), **self.totals.to_metrics(prefix + "total_"),
+                prefix + "iteration": float(self.iteration)}
+
+    def state_dict(self) -> dict[str, Any]:
+        raise RuntimeError(f"train.comm_hook={self.kind!r}: PyTorch's hook state is not "
+                           "checkpointed by distk-train; use comm_hook 'distk' to checkpoint")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        del state_dict
+        self.state_dict()
+
+
+def _timed_peer_hook(
+    state: PeerHookState, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """Run PyTorch's hook on ``bucket``, recording its bytes and seconds."""
+    numel = bucket.buffer().numel()
+    sent, nbytes, scheme = state.bucket_bytes(bucket)
+    begin = time.perf_counter()
+    if state.kind == "bf16":
+        future = default_hooks.bf16_compress_hook(state.hook_state, bucket)
+    else:
+        future = powerSGD_hook.powerSGD_hook(state.hook_state, bucket)
+    launched = time.perf_counter()
+
+    def record(done: torch.futures.Future) -> torch.Tensor:
+        state._pending.append(StepStats(
+            buffers=1, numel=numel, sent=sent, bytes_sent=nbytes,
+            dense_bytes=dense_allreduce_bytes(numel, state.world_size, 4),
+            selection_seconds=launched - begin,
+            comm_seconds=time.perf_counter() - begin, schemes={scheme: 1}))
+        return done.value()
+
+    chained = future.then(record)
+    state._futures.append(chained)
+    return chained
+
+
+def enable_peer_hook(ddp_model: DistributedDataParallel, kind: str, *, rank: int = 1,
+                     start_iter: int = 2) -> PeerHookState:
+    """Register PyTorch's ``kind`` hook ("bf16" or "powersgd") on ``ddp_model`` behind the
+    timing wrapper; PowerSGD with ``matrix_approximation_rank=rank``,
+    ``start_powerSGD_iter=start_iter``, error feedback and warm start."""
+    group = ddp_model.process_group
+    world = dist.get_world_size(group)
+    if kind == "bf16":
+        hook_state: Any = group
+    elif kind == "powersgd":
+        hook_state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=rank,
+            start_powerSGD_iter=start_iter, use_error_feedback=True, warm_start=True)
+    else:
+        raise ValueError(f"comm hook {kind!r} is invalid: allowed 'bf16' or 'powersgd'")
+    state = PeerHookState(kind, hook_state, world)
+    ddp_model.register_comm_hook(state, _timed_peer_hook)
+    return state
