@@ -39,7 +39,6 @@ import distk
 from distk.comm import WireFormat, dense_allreduce_bytes, exchange
 from distk.comm.exchange import _world
 from distk.config import SparsityConfig
-from distk.local_adam import AdamMomentExchange, AdamPreconditioned, AdamTrackedVariance, LocalAdam
 from distk.selection import per_bucket_topk, resolve_buckets
 from distk.selection.reference import positions_of
 
@@ -161,15 +160,6 @@ class GradientCompressor:
         self._steps: dict[Hashable, int] = {}
         self._overlap: dict[Hashable, float] = {}
         self._plans: dict[tuple[int, int], _Plan] = {}
-        # local_optimizer="adam_update": the gradient becomes a local Adam update before
-        # error feedback; "adam" / "adam_moments": step() is AdamTrackedVariance's /
-        # AdamMomentExchange's (distk/local_adam.py).
-        self._local_adam = (LocalAdam(self.cfg.adam_beta1, self.cfg.adam_beta2,
-                                      self.cfg.adam_eps)
-                            if self.cfg.local_optimizer == "adam_update" else None)
-        exchange_class = {"adam": AdamTrackedVariance, "adam_moments": AdamMomentExchange,
-                          "adam_precond": AdamPreconditioned}.get(self.cfg.local_optimizer)
-        self._moments = None if exchange_class is None else exchange_class(self.cfg, group)
 
     @staticmethod
     def _zero_totals() -> dict[str, Any]:
@@ -181,10 +171,6 @@ class GradientCompressor:
     def begin_step(self) -> None:
         """Mark the start of a training iteration (advances ``iteration``)."""
         self.iteration += 1
-        if self._moments is not None:
-            self._moments.inner.begin_step()
-            if hasattr(self._moments, "inner_v"):
-                self._moments.inner_v.begin_step()
 
     def residual(self, key: Hashable) -> torch.Tensor:
         """A copy of the residual kept for ``key``: flat, float32 (float64 for fp64
@@ -206,10 +192,6 @@ class GradientCompressor:
         for name in keys:
             for table in (self._residuals, self._momenta, self._steps, self._overlap):
                 table.pop(name, None)
-            if self._local_adam is not None:
-                self._local_adam.reset(name)
-            if self._moments is not None:
-                self._moments.reset(name)
 
     def state_dict(self) -> dict[str, Any]:
         """Residuals, velocities, step counters and totals (plain tensors/ints; torch.save)."""
@@ -222,8 +204,6 @@ class GradientCompressor:
             "momenta": {k: v.detach().clone() for k, v in self._momenta.items()},
             "overlap": dict(self._overlap),
             "totals": dict(self.totals),
-            "local_adam": ({} if self._local_adam is None else self._local_adam.state_dict())
-            if self._moments is None else self._moments.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -237,10 +217,6 @@ class GradientCompressor:
         self._momenta = {k: v.detach().clone() for k, v in state["momenta"].items()}
         self._overlap = dict(state.get("overlap", {}))
         self.totals = {**self._zero_totals(), **state.get("totals", {})}
-        if self._local_adam is not None:
-            self._local_adam.load_state_dict(state.get("local_adam", {}))
-        if self._moments is not None:
-            self._moments.load_state_dict(state["local_adam"])
 
     def step(self, grad: torch.Tensor, key: Hashable,
              out: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,13 +247,6 @@ class GradientCompressor:
             raise ValueError(f"grad must be a dense (strided) tensor, got layout {grad.layout}; "
                              "sparse gradients (e.g. nn.Embedding(sparse=True)) are not "
                              "supported")
-        if self._moments is not None:
-            # local_optimizer="adam"/"adam_moments": two exchanges through an inner
-            # compressor; its stats and totals are this compressor's.
-            update = self._moments.step(grad, key, out)
-            self.stats, self.totals = self._moments.stats, self._moments.totals
-            self._steps[key] = self._steps.get(key, 0) + 1
-            return update
         cfg = self.cfg
         flat = grad.detach().reshape(-1)
         numel = flat.numel()
@@ -303,12 +272,6 @@ class GradientCompressor:
         if cfg.clip_norm is not None and not nonfinite:
             norm = torch.linalg.vector_norm(g, dtype=state_dtype)
             g = g.to(state_dtype) * torch.clamp(cfg.clip_norm / (norm + 1e-12), max=1.0)
-        adam_pending = None
-        if self._local_adam is not None and not nonfinite:
-            # Exchange Adam's update of the local gradient, not the gradient. Under "skip"
-            # the moments advance only once the exchange has succeeded on every rank.
-            g, adam_pending = self._local_adam.update(g, key, state_dtype,
-                                                      commit=cfg.nonfinite != "skip")
         velocity = None
         if cfg.momentum > 0 and not nonfinite:
             velocity = self._momenta.get(key)
@@ -402,8 +365,6 @@ class GradientCompressor:
                          stats_step, recall, plan, wire, skipped=True)
             return torch.zeros_like(grad) if out is None else out.zero_()
 
-        if adam_pending is not None:
-            self._local_adam.commit(adam_pending)
         # What this rank actually sent (rounded to the wire dtype) leaves the residual.
         if cfg.error_feedback:
             if dense:

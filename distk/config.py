@@ -22,7 +22,6 @@ __all__ = ["SparsityConfig", "VALUE_DTYPES"]
 METHODS = ("bucketed", "exact", "dense")
 EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")
 NONFINITE_POLICIES = ("raise", "skip", "zero")
-LOCAL_OPTIMIZERS = ("none", "adam", "adam_precond", "adam_moments", "adam_update")
 VALUE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -127,29 +126,6 @@ class SparsityConfig:
     """Every this many steps, measure the recall of the selection against exact top-k
     (costs one exact top-k); 0 = never."""
 
-    # -- what is exchanged (see distk/local_adam.py) -------------------------------------
-
-    local_optimizer: str = "none"
-    """What is sparsified and exchanged, and what is returned (``distk.local_adam``).
-    ``"none"``: the gradient; the user's optimizer runs after the exchange. ``"adam"``:
-    the gradient (error feedback, top-k) plus sparse increments of each rank's local
-    log second moment; the returned tensor is Adam's update, with the first moment of the
-    exchanged gradient and the second moment of the local gradients (never of error
-    feedback's bursts). ``"adam_moments"``: increments of both local moments are
-    exchanged into shared estimates. ``"adam_update"``: each rank's local Adam update
-    goes through error feedback. With any Adam setting the optimizer must be
-    momentum-free SGD with AdamW's lr and weight decay (``adam_beta1``/``adam_beta2``/
-    ``adam_eps`` are Adam's). See docs/train.md, "Sparse training with AdamW"."""
-
-    adam_beta1: float = 0.9
-    """Adam's first-moment decay under ``local_optimizer="adam"``, in [0, 1)."""
-
-    adam_beta2: float = 0.95
-    """Adam's second-moment decay under ``local_optimizer="adam"``, in [0, 1)."""
-
-    adam_eps: float = 1e-8
-    """Adam's denominator epsilon under ``local_optimizer="adam"``, > 0."""
-
     def __post_init__(self) -> None:
         if not _is_number(self.density) or not 0.0 < self.density <= 1.0:
             _fail("density", self.density, "a number in (0, 1]")
@@ -192,23 +168,6 @@ class SparsityConfig:
             _fail("exchange", self.exchange, f"one of {EXCHANGES}")
         if self.nonfinite not in NONFINITE_POLICIES:
             _fail("nonfinite", self.nonfinite, f"one of {NONFINITE_POLICIES}")
-        self._check_local_optimizer()
-
-    def _check_local_optimizer(self) -> None:
-        if self.local_optimizer not in LOCAL_OPTIMIZERS:
-            _fail("local_optimizer", self.local_optimizer, f"one of {LOCAL_OPTIMIZERS}")
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                _fail(name, value, "a number in [0, 1)")
-            setattr(self, name, float(value))
-        if not _is_number(self.adam_eps) or not 0.0 < self.adam_eps < math.inf:
-            _fail("adam_eps", self.adam_eps, "a finite number > 0")
-        self.adam_eps = float(self.adam_eps)
-        if self.local_optimizer != "none" and self.momentum > 0:
-            _fail("momentum", self.momentum,
-                  f'0 when local_optimizer={self.local_optimizer!r} (Adam\'s adam_beta1 is '
-                  'the momentum there)')
 
     # -- construction -------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ def test_contract_fields_and_defaults():
         "momentum": 0.0, "clip_norm": None, "warmup_steps": 0, "warmup_density": 0.25,
         "dense_steps": 0, "value_dtype": None, "min_numel": 1024, "exchange": "auto",
         "nonfinite": "raise", "stats_interval": 10, "recall_interval": 50,
-        "local_optimizer": "none", "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8,
     }
     assert cfg.to_dict() == expected
 

@@ -120,12 +120,6 @@ def _dense_allreduce(state: DDPCompressionState, buffer: torch.Tensor,
     policy = state.cfg.nonfinite
     if policy == "zero":
         buffer.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    if state.cfg.local_optimizer != "none":
-        # The optimizer expects Adam updates, not gradients: send Adam's stateless first
-        # step (the compressor's per-bucket moments start after the bucket rebuild).
-        from distk.local_adam import stateless_first_update_
-
-        stateless_first_update_(buffer, state.cfg.adam_eps)
     # Divide first, like DDP's default hook, so fp16 sums cannot overflow.
     buffer.div_(state.world_size())
     dist.all_reduce(buffer, group=state.process_group)

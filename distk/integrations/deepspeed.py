@@ -582,10 +582,6 @@ def enable(engine: Any, cfg: Any) -> DeepSpeedCompressionState:
         _require_methods(engine, _ENGINE_SEAM_METHODS)
         seam, group = "engine", engine.seq_data_parallel_group
         sum_gradients = not engine.gradient_average
-    if cfg.local_optimizer != "none":
-        from distk.local_adam import check_update_optimizer
-
-        check_update_optimizer(getattr(engine, "basic_optimizer", None))
     check_same_config(cfg, group=group)
     state = DeepSpeedCompressionState(cfg, group, seam=seam, zero_stage=stage,
                                       sum_gradients=sum_gradients)

@@ -15,9 +15,9 @@ here). Keys the JSON leaves out are filled from the training config:
 
 The optimizer is the DDP job's AdamW (``build_optimizer``) with its schedule (``lr_at``),
 passed to DeepSpeed as a client optimizer, so a JSON ``"optimizer"`` block is refused.
-As in the DDP job, AdamW with a sparse ``"distk"`` block moves Adam into the block
-(``local_optimizer="adam"``, ``distk.train.placement.local_adam_block``) and the client
-optimizer becomes momentum-free SGD with AdamW's lr and weight decay.
+As in the DDP job, a sparse ``"distk"`` block under AdamW gets at least
+``train.adamw_dense_steps`` dense steps and a ``train.adamw_warmup_steps`` density
+warm-up (``distk.train.placement.adamw_block_schedule``).
 Without a ``"distk"`` block the run is plain DeepSpeed (no compression, no distk stats).
 """
 
@@ -45,7 +45,7 @@ from distk.train.loop import (
     setup_distributed,
 )
 from distk.train.model import build_model, evaluate
-from distk.train.placement import local_adam_block
+from distk.train.placement import adamw_block_schedule
 
 __all__ = ["checkpoint_root", "deepspeed_config_for", "run"]
 
@@ -68,7 +68,7 @@ def deepspeed_config_for(cfg: TrainConfig, ds_config: str | dict[str, Any]
             its own AdamW).
     """
     stripped, sparsity = split_config(ds_config)
-    cfg, sparsity = local_adam_block(cfg, sparsity)  # AdamW: Adam moves into the block
+    sparsity = adamw_block_schedule(cfg, sparsity)  # AdamW: dense start, longer warm-up
     config = dict(stripped)
     if "optimizer" in config:
         raise ValueError(
@@ -82,9 +82,6 @@ def deepspeed_config_for(cfg: TrainConfig, ds_config: str | dict[str, Any]
     config.setdefault("gradient_clipping", cfg.train.grad_clip)
     if sparsity is not None:
         config["distk"] = sparsity.to_dict()
-        if sparsity.local_optimizer != "none":
-            # The client optimizer is then torch's SGD, which ZeRO calls "untested".
-            config.setdefault("zero_allow_untested_optimizer", True)
     zero = config.get("zero_optimization", {})
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
     mode = f"zero{stage}-{sparsity.method if sparsity is not None else 'deepspeed'}"
@@ -104,7 +101,6 @@ def run(cfg: TrainConfig, ds_config_path: str | Path, *, resume: bool = False) -
     """
     created_group = not dist.is_initialized()
     ds_config, mode = deepspeed_config_for(cfg, str(ds_config_path))
-    cfg, _ = local_adam_block(cfg, split_config(str(ds_config_path))[1])
     rank, world, device = setup_distributed(cfg)
     micro_batch = int(ds_config.get("train_micro_batch_size_per_gpu", cfg.train.batch_size))
     accumulation = int(ds_config["gradient_accumulation_steps"])

@@ -31,7 +31,7 @@ from distk.train.checkpoint import checkpoint_dir, load_checkpoint, restore_rng,
 from distk.train.config import TrainConfig
 from distk.train.data import ByteCorpus, build_corpus, build_data
 from distk.train.model import build_model, evaluate
-from distk.train.placement import local_adam_placement
+from distk.train.placement import adamw_schedule
 
 __all__ = [
     "RunResult",
@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
     """
     import distk
 
-    cfg = local_adam_placement(momentum_placement(cfg))
+    cfg = adamw_schedule(momentum_placement(cfg))
     run_dir = Path(run_dir)
     rank, world, device = dist.get_rank(), dist.get_world_size(), resolve_device(cfg)
     data = build_data(cfg, rank, world, device, corpus=corpus if corpus else build_corpus(cfg))
