@@ -41,6 +41,10 @@ VARIANTS: dict[str, list[str]] = {
     "bucketed": ADAMW,                       # the AdamW default: 50 dense, 150 warm-up
     "bucketed_seed1": ADAMW + ["seed=1"],
     "exact": ADAMW + ["sparsity.method=exact"],
+    "bucketed_dense75_warmup200": ADAMW + ["train.adamw_dense_steps=75",
+                                           "train.adamw_warmup_steps=200"],
+    "bucketed_dense75_warmup200_seed1": ADAMW + ["train.adamw_dense_steps=75",
+                                                 "train.adamw_warmup_steps=200", "seed=1"],
     # SGD (configs/default.json as is) must keep its quality
     "sgd_dense": ["sparsity.method=dense"],
     "sgd_bucketed": ["sparsity.method=bucketed"],
