@@ -37,6 +37,7 @@ from distk.train.config import TrainConfig
 from distk.train.data import ByteCorpus, build_corpus, build_data
 from distk.train.model import build_model, evaluate
 from distk.train.peer_hooks import enable_peer_hook, powersgd_start_iter
+from distk.train.placement import adamw_schedule
 
 __all__ = [
     "DDPBackend",
@@ -335,7 +336,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
     under ``run_dir``. With ``resume``, continues from ``run_dir``'s checkpoint when there is
     one (bitwise identical to an uninterrupted run on CPU with dropout 0).
     """
-    cfg = momentum_placement(cfg)
+    cfg = adamw_schedule(momentum_placement(cfg))
     run_dir = Path(run_dir)
     rank, world, device = dist.get_rank(), dist.get_world_size(), resolve_device(cfg)
     data = build_data(cfg, rank, world, device, corpus=corpus if corpus else build_corpus(cfg))
