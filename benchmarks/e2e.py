@@ -31,7 +31,7 @@ Protocol (see docs/netem.md, "Dilated emulation" and "The protocol"):
 
 Root only. Not a test: the full protocol takes hours on a small CPU machine.
 
-    sudo .venv/bin/python benchmarks/e2e.py --quick        # 2 ranks, tiny model, ~3.5 min on 2 loaded cores
+    sudo .venv/bin/python benchmarks/e2e.py --quick        # 2 ranks, tiny model, ~3.5 min
     sudo .venv/bin/python benchmarks/e2e.py                # the full protocol
     sudo .venv/bin/python benchmarks/e2e.py --dry-run      # print the commands
     sudo .venv/bin/python benchmarks/e2e.py --rates 1gbit  # fixed links instead of R
