@@ -237,9 +237,13 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
               and out.device == values.device else None)
     rank, world = _world(group)
     if scheme == "auto":
-        scheme = choose_scheme(numel, k, world, wire.index_bytes, wire.value_bytes, union_hint)
+        scheme = ("allgather" if wire.codec is not None else
+                  choose_scheme(numel, k, world, wire.index_bytes, wire.value_bytes, union_hint))
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be 'auto' or one of {SCHEMES}, got {scheme!r}")
+    if wire.codec is not None and scheme != "allgather":
+        raise ValueError(f"the compact codec (value_bits={wire.value_bits}) travels only with "
+                         f"the 'allgather' scheme (or 'auto'), got {scheme!r}")
     out_device = values.device
     indices = indices.to(torch.int64)
     payload_bytes = numel * wire.value_bytes if dense_input else wire.payload_bytes
@@ -255,7 +259,7 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
         if nonfinite:
             return ExchangeResult(None, scheme, 0, payload_bytes, nonfinite_ranks=[0],
                                   seconds=time.perf_counter() - started)
-        sent_values = values.to(wire.value_dtype).to(acc_dtype)
+        sent_values = wire.decoded(values).to(acc_dtype)
         if dense_input:
             result = (buffer.copy_(sent_values) if buffer is not None
                       else sent_values.clone())  # never alias the caller's tensor
@@ -526,5 +530,6 @@ def check_same_config(config: dict[str, Any] | Any, group: Any = None) -> None:
 
 def modelled_bytes(numel: int, k: int, world_size: int, wire: WireFormat) -> dict[str, int]:
     """:func:`distk.comm.cost.scheme_bytes` for a wire format."""
-    return scheme_bytes(numel, k, world_size, wire.index_bytes, wire.value_bytes)
+    return scheme_bytes(numel, k, world_size, wire.index_bytes, wire.value_bytes,
+                        payload_bytes=wire.payload_bytes if wire.codec is not None else None)
 
