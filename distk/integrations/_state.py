@@ -101,6 +101,21 @@ def dense_stats(numel: int, element_size: int, world_size: int,
     }
 
 
+def refuse_outer_sync(cfg: Any, integration: str) -> None:
+    """Raise for ``sync_every > 1``: these integrations exchange at every backward pass."""
+    sync_every = getattr(cfg, "sync_every", 1)
+    if sync_every == 1:
+        return
+    why = ("DeepSpeed's engine reduces (and under ZeRO partitions) gradients inside every "
+           "backward/step, so ranks cannot take local steps without replacing its optimizer "
+           "step" if "DeepSpeed" in integration else
+           "DDP/FSDP all-reduce or reduce-scatter gradients at every backward pass")
+    raise ValueError(
+        f"SparsityConfig.sync_every={sync_every} (outer synchronisation) is not supported by "
+        f"{integration}: {why}. Use distk.outer.enable(model, optimizer, cfg) on a plain "
+        "(unwrapped) model under torchrun, or set sync_every=1.")
+
+
 class CompressionState:
     """What ``distk.ddp.enable`` / ``distk.fsdp.enable`` return.
 
@@ -122,6 +137,7 @@ class CompressionState:
 
     def __init__(self, cfg: Any, process_group: dist.ProcessGroup | None = None,
                  expected_keys: Iterable[Hashable] | None = None) -> None:
+        refuse_outer_sync(cfg, type(self).__name__)
         self.cfg = cfg
         self.process_group = process_group
         self.compressor = self._make_compressor()
