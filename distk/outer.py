@@ -37,6 +37,7 @@ running statistics) are not synchronised.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -85,11 +86,13 @@ class OuterSync:
             parameter name).
         inner_steps: optimizer steps taken since :func:`enable` (restored from checkpoints).
         syncs: completed synchronisations.
-        stats: the last sync's merged statistics (empty before the first): ``numel``,
-            ``k``, ``density``, ``payload_bytes`` (this rank's packed pseudo-gradient),
-            ``bytes_sent``, ``dense_bytes``, ``bits_per_entry``, ``bits_per_param`` (per
-            sync), ``bits_per_param_per_step`` (divided by ``sync_every``),
-            ``pseudo_grad_norm``, ``update_norm`` and ``seconds``.
+        stats: the last sync's statistics summed over parameters (empty before the
+            first): ``numel``, ``k``, ``density``, ``payload_bytes`` (this rank's packed
+            pseudo-gradients), ``bytes_sent``, ``dense_bytes`` (one dense fp32 all-reduce
+            of the parameters), ``compression``, ``bits_per_entry``, ``bits_per_param``
+            (per sync), ``bits_per_param_per_step`` (divided by ``sync_every``), the
+            compressor's ``*_seconds``, ``seconds`` (the whole sync); on the compressor's
+            stats steps also ``residual_norm``, ``pseudo_grad_norm`` and ``update_norm``.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -160,19 +163,23 @@ class OuterSync:
     def _merge(self, per_param: list[dict[str, Any]], seconds: float,
                pseudo_sq: torch.Tensor, update_sq: torch.Tensor) -> dict[str, Any]:
         total = {key: sum(s[key] for s in per_param)
-                 for key in ("numel", "k", "payload_bytes", "bytes_sent", "dense_bytes")}
+                 for key in ("numel", "k", "payload_bytes", "bytes_sent", "dense_bytes",
+                             "accumulate_seconds", "selection_seconds", "comm_seconds")}
         bits_per_param = 8 * total["payload_bytes"] / total["numel"]
         stats = {
             "sync": self.syncs,
             "inner_steps": self.inner_steps,
             **total,
             "density": total["k"] / total["numel"],
+            "compression": (total["dense_bytes"] / total["bytes_sent"]
+                            if total["bytes_sent"] else 1.0),
             "bits_per_entry": 8 * total["payload_bytes"] / max(total["k"], 1),
             "bits_per_param": bits_per_param,
             "bits_per_param_per_step": bits_per_param / self.cfg.sync_every,
             "seconds": seconds,
         }
         if all(s.get("residual_norm") is not None for s in per_param):
+            stats["residual_norm"] = math.sqrt(sum(s["residual_norm"] ** 2 for s in per_param))
             stats["pseudo_grad_norm"] = float(pseudo_sq.sqrt())
             stats["update_norm"] = float(update_sq.sqrt())
         return stats

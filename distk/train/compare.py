@@ -20,10 +20,15 @@ import torch.distributed as dist
 from distk.train.config import TrainConfig
 from distk.train.data import build_corpus
 from distk.train.loop import RunResult, mode_config, train
+from distk.train.outer_mode import OUTER_MODE
 
-__all__ = ["COMPARE_MODES", "format_table", "plot_curves", "run_compare"]
+__all__ = ["ALL_MODES", "COMPARE_MODES", "format_table", "plot_curves", "run_compare"]
 
 COMPARE_MODES = ("dense", "exact", "bucketed")
+"""Modes of ``--compare`` by default."""
+
+ALL_MODES = (*COMPARE_MODES, OUTER_MODE)
+"""Modes ``--compare --modes`` accepts (``outer``: see :mod:`distk.train.outer_mode`)."""
 
 
 def run_compare(cfg: TrainConfig, *, resume: bool = False,

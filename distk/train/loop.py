@@ -1,5 +1,8 @@
 """The training loop of ``distk-train``: data-parallel GPT training through distk's DDP hook.
 
+With ``sparsity.sync_every > 1`` the model is not wrapped in DDP: ranks take local steps
+and :mod:`distk.train.outer_mode` synchronises them every ``sync_every`` steps.
+
 Every mode — ``dense``, ``exact``, ``bucketed`` (``SparsityConfig.method``) — goes through
 the same code path: ``DistributedDataParallel`` + ``distk.ddp.enable``; "dense" is the
 plain all-reduce baseline inside the hook, so bytes and communication seconds are
@@ -31,6 +34,13 @@ from distk.train.checkpoint import checkpoint_dir, load_checkpoint, restore_rng,
 from distk.train.config import TrainConfig
 from distk.train.data import ByteCorpus, build_corpus, build_data
 from distk.train.model import build_model, evaluate
+from distk.train.outer_mode import (
+    OUTER_MODE,
+    OuterTrainState,
+    outer_mode_config,
+    outer_schedule,
+    uses_outer_sync,
+)
 
 __all__ = [
     "RunResult",
@@ -189,19 +199,25 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
     """
     import distk
 
-    cfg = momentum_placement(cfg)
+    cfg = outer_schedule(momentum_placement(cfg))
+    outer = uses_outer_sync(cfg)
     run_dir = Path(run_dir)
     rank, world, device = dist.get_rank(), dist.get_world_size(), resolve_device(cfg)
     data = build_data(cfg, rank, world, device, corpus=corpus if corpus else build_corpus(cfg))
     val_batches = data.val_batches()
 
     model = build_model(cfg, device)
-    ddp_model = DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        bucket_cap_mb=cfg.train.bucket_cap_mb,
-    )
-    hook_state = distk.ddp.enable(ddp_model, cfg.sparsity)
-    optimizer = build_optimizer(model, cfg)
+    if outer:  # local steps, synchronised every sync_every optimizer steps (no DDP)
+        ddp_model = model
+        optimizer = build_optimizer(model, cfg)
+        hook_state = OuterTrainState(model, optimizer, cfg)
+    else:
+        ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=cfg.train.bucket_cap_mb,
+        )
+        hook_state = distk.ddp.enable(ddp_model, cfg.sparsity)
+        optimizer = build_optimizer(model, cfg)
 
     start_step = 0
     extra: dict[str, Any] = {"train_curve": [], "val_curve": [], "recalls": [],
@@ -217,7 +233,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
             shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
         dist.barrier()
     if payload is not None:
-        _rebuild_ddp_buckets(ddp_model, data.train_batch(payload["step"]))
+        if not outer:
+            _rebuild_ddp_buckets(ddp_model, data.train_batch(payload["step"]))
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         hook_state.load_state_dict(payload["distk"])
@@ -225,7 +242,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
         start_step = int(payload["step"])
         extra = payload["extra"]
 
-    mode = cfg.sparsity.method
+    mode = OUTER_MODE if outer else cfg.sparsity.method
     logger = open_run_logger(cfg, run_dir, start_step, rank, mode, f"mode={mode}", model,
                              data.corpus, world, device, wandb_group=wandb_group)
 
@@ -352,7 +369,8 @@ def momentum_placement(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with SGD momentum moved into the compressor for sparse modes, when
     ``train.momentum_correction`` asks (see its docstring); otherwise ``cfg``."""
     sparse = cfg.sparsity.method != "dense"
-    if (not sparse or not cfg.train.momentum_correction or cfg.train.optimizer != "sgd"
+    if (not sparse or uses_outer_sync(cfg) or not cfg.train.momentum_correction
+            or cfg.train.optimizer != "sgd"
             or cfg.sparsity.momentum > 0 or cfg.train.beta1 == 0):
         return cfg
     return replace(cfg, sparsity=cfg.sparsity.replace(momentum=cfg.train.beta1),
@@ -360,8 +378,11 @@ def momentum_placement(cfg: TrainConfig) -> TrainConfig:
 
 
 def mode_config(cfg: TrainConfig, mode: str) -> TrainConfig:
-    """``cfg`` with ``sparsity.method`` set to ``mode`` (validated)."""
-    return replace(cfg, sparsity=cfg.sparsity.replace(method=mode))
+    """``cfg`` for ``mode``: ``sparsity.method`` set to ``mode`` with per-step exchange
+    (``sync_every=1``), or the outer-synchronisation mode for ``"outer"``."""
+    if mode == OUTER_MODE:
+        return outer_mode_config(cfg)
+    return replace(cfg, sparsity=cfg.sparsity.replace(method=mode, sync_every=1))
 
 
 def format_result(result: RunResult) -> str:
