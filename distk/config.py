@@ -109,11 +109,12 @@ class SparsityConfig:
 
     value_bits: int | None = None
     """Compact wire codec: ``None`` (values in ``value_dtype``, byte-aligned indices) or
-    1, 2, 4, 8: values quantized to that many bits with one float32 scale per bucket (per
-    group of at least 64 entries; 1 bit = sign times the group's mean magnitude) and
-    indices bit-packed at ``ceil(log2(bucket size))`` bits. The quantization error stays
-    in the residual. Needs ``value_dtype=None`` and ``exchange`` ``"auto"`` or
-    ``"allgather"`` (the only scheme that sends entries as packed)."""
+    1, 2, 4, 8: values quantized to that many bits (a sign bit and ``2**(bits-1)``
+    magnitude levels spanning each bucket's least to largest selected magnitude, sent as
+    two float32 per bucket, or per group of at least 64 entries; 1 bit = sign times the
+    mean magnitude) and indices bit-packed at ``ceil(log2(bucket size))`` bits. The
+    quantization error stays in the residual. Needs ``value_dtype=None`` and ``exchange``
+    ``"auto"`` or ``"allgather"`` (the only scheme that sends entries as packed)."""
 
     sync_every: int = 1
     """Outer synchronisation period ``H`` (``distk.outer``): ranks take ``H`` local

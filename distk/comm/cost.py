@@ -17,7 +17,7 @@ with the real sizes filled in.
 * ``dense``: ring all-reduce of the densified selection in the value dtype.
 
 With the compact codec (:mod:`distk.comm.codec`) entries are not a whole number of bytes:
-the all-gather then costs ``(P-1) * payload_bytes`` with the codec's exact payload (scales,
+the all-gather then costs ``(P-1) * payload_bytes`` with the codec's exact payload (ranges,
 bit-packed values and indices), and is the only sparse scheme (summed shards would have
 to be re-quantized).
 

@@ -20,7 +20,7 @@ larger element size first, so that both can be viewed in place without copies:
 uint16 arithmetic), covering 0..65535.
 
 With ``value_bits`` set (the compact codec of :mod:`distk.comm.codec`), the payload is
-instead: float32 scales (one per group of :func:`codec_group_size` entries), values
+instead: float32 ranges (two per group of :func:`codec_group_size` entries), values
 packed at ``value_bits`` bits each, then indices packed at ``index_bits`` bits each
 (``ceil(log2(bucket size))`` for bucket offsets, ``ceil(log2(numel))`` for positions).
 Values then decode to float32; :meth:`WireFormat.decoded` gives exactly what receivers
@@ -57,7 +57,7 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 """Small integer codes of the value dtypes, exchanged in metadata to check agreement."""
 
 CODEC_GROUP = 64
-"""Entries sharing one scale in the compact codec when bucket ids are not implicit (and
+"""Entries sharing one range in the compact codec when bucket ids are not implicit (and
 the least a group of whole buckets holds: see :func:`codec_group_size`)."""
 
 _UINT16_LIMIT = 1 << 16
@@ -66,9 +66,9 @@ _INT32_LIMIT = 1 << 31
 
 
 def codec_group_size(k_per_bucket: int | None) -> int:
-    """Entries per scale group of the compact codec: whole buckets (one bucket when it
+    """Entries per range group of the compact codec: whole buckets (one bucket when it
     sends at least :data:`CODEC_GROUP` entries, else as many buckets as fit in
-    :data:`CODEC_GROUP`, so a 4-byte scale never costs more than 0.5 bit per entry);
+    :data:`CODEC_GROUP`, so the 8-byte range never costs more than 1 bit per entry);
     :data:`CODEC_GROUP` consecutive entries without implicit buckets."""
     if k_per_bucket is None:
         return CODEC_GROUP
@@ -137,7 +137,7 @@ class WireFormat:
             indices.
         interleaved: bucket layout (see the module docstring).
         value_bits: ``None`` (values in ``value_dtype``, byte-aligned indices) or 1, 2, 4,
-            8: the compact codec (values quantized with per-group float32 scales and
+            8: the compact codec (values quantized in per-group float32 ranges and
             decoded to ``value_dtype``, which must then be float32; bit-packed indices).
     """
 
@@ -208,7 +208,7 @@ class WireFormat:
 
     @property
     def bits_per_entry(self) -> float:
-        """Payload bits per selected entry (index, value and amortised scales)."""
+        """Payload bits per selected entry (index, value and amortised ranges)."""
         return 8 * self.payload_bytes / self.k if self.k else 0.0
 
     def decoded(self, values: torch.Tensor) -> torch.Tensor:
@@ -231,7 +231,7 @@ class WireFormat:
 
     @property
     def value_bytes(self) -> int | float:
-        """Bytes of one value (with the codec: its bits and its share of the scales,
+        """Bytes of one value (with the codec: its bits and its share of the ranges,
         over 8)."""
         codec = self.codec
         if codec is not None:
