@@ -15,7 +15,7 @@ from distk.comm.wire import WireFormat
 from distk.compressor import GradientCompressor
 from distk.config import SparsityConfig
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
 
 @pytest.mark.parametrize("bits", VALUE_BITS)
