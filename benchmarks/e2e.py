@@ -9,7 +9,11 @@ ranks crosses a rate-limited link. Methods:
   (``sparsity.value_dtype=bfloat16``; the rounding error stays in the error-feedback
   residual);
 * ``exact``: top-k sparse exchange with ``torch.topk`` selection;
-* ``bucketed``: top-k sparse exchange with bucketed approximate selection.
+* ``bucketed``: top-k sparse exchange with bucketed approximate selection;
+* ``bucketed_2bit``: the same with the compact codec (2-bit values, bit-packed offsets);
+* ``outer_h8_2bit``, ``outer_h32_4bit``: outer synchronisation (``distk.outer``, no DDP)
+  every 8 / 32 steps of bucketed top-k pseudo-gradients with 2- / 4-bit values
+  (``--methods`` only; not in the default set).
 
 Each run evaluates the validation loss every ``--eval-every`` steps. The target loss of a
 rate is the final validation loss of that rate's ``dense_fp32`` run, times
@@ -56,7 +60,14 @@ METHODS: dict[str, list[str]] = {
     "dense_bf16": ["--mode", "dense", "--set", "sparsity.value_dtype=bfloat16"],
     "exact": ["--mode", "exact"],
     "bucketed": ["--mode", "bucketed"],
+    "bucketed_2bit": ["--mode", "bucketed", "--set", "sparsity.value_bits=2"],
+    "outer_h8_2bit": ["--mode", "bucketed", "--set", "sparsity.sync_every=8",
+                      "--set", "sparsity.value_bits=2"],
+    "outer_h32_4bit": ["--mode", "bucketed", "--set", "sparsity.sync_every=32",
+                       "--set", "sparsity.value_bits=4"],
 }
+"""Methods (``--methods``); the first four run by default (``DEFAULT_METHODS``)."""
+DEFAULT_METHODS = ["dense_fp32", "dense_bf16", "exact", "bucketed"]
 
 # The training job's config for the full run: a byte-level GPT of 25.5M parameters whose
 # per-step compute is kept small (1 x 32 bytes per rank) so that, as on a GPU cluster,
@@ -101,9 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="ranks = network namespaces (default 4; --quick 2)")
     parser.add_argument("--rates", nargs="+", default=None,
                         help="link rates, tc syntax (default 1gbit 10gbit; --quick 20mbit)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                        help="methods to run (default all; dense_fp32 is needed for the "
-                             "target unless --target-loss is given)")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                        help="methods to run (default: dense_fp32 dense_bf16 exact bucketed; "
+                             "also bucketed_2bit, outer_h8_2bit, outer_h32_4bit); dense_fp32 "
+                             "is needed for the target unless --target-loss is given")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps of the dense_fp32 run, which sets the target "
                              "(default 40; --quick 12)")

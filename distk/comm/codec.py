@@ -181,7 +181,11 @@ class ValueCodec:
         if self.bits == 1:
             sizes = (self.k - torch.arange(self.groups, device=values.device)
                      * self.group_size).clamp(max=self.group_size)
-            mean = self._grouped(magnitude, 0.0).sum(-1) / sizes.to(SCALE_DTYPE)
+            # Summed in float64: a CUDA gradient packed on the CPU (gloo) then gets the
+            # same float32 mean as its own device computes for the residual, except at
+            # a float32 rounding tie.
+            total = self._grouped(magnitude.double(), 0.0).sum(-1)
+            mean = (total / sizes.double()).to(SCALE_DTYPE)
             return negative, torch.stack([mean, mean], dim=-1)
         lo = self._grouped(magnitude, math.inf).amin(-1)
         hi = self._grouped(magnitude, 0.0).amax(-1)
