@@ -113,7 +113,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
 
     gathered: list[Any] = [None] * args.ranks
     dist.all_gather_object(gathered, {"samples": samples, "seconds": seconds,
-                                      "final_loss": loss.item(), "stats": dict(state.stats)})
+                                      "final_loss": loss.item(), "stats": state.stats.to_dict()})
     if rank == 0:
         report(args, gathered)
     dist.barrier()

@@ -1,12 +1,18 @@
 """``GradientCompressor``: error feedback, selection and sparse exchange of gradients.
 
-One compressor serves every integration (DDP hook, FSDP hook, DeepSpeed): they hand it
-flat gradient buckets under stable keys and write back what it returns. Per key it keeps
+One compressor serves every integration (through
+:class:`~distk.integrations.CompressionState`): they hand it flat gradient buckets under
+stable keys and write back what it returns. Per key it keeps
 
 * the **residual** (error feedback): everything computed but not yet sent, added to the
   next gradient. Values that travel in bf16/fp16 leave their rounding error here too;
 * the **velocity** (DGC momentum correction, when ``cfg.momentum > 0``);
-* a **step counter** driving ``dense_steps`` and the density warm-up.
+* the number of completed exchanges, which drives ``dense_steps`` and the density warm-up
+  when no owner passes its step (an owning state passes its one step counter);
+* the layout last verified across ranks (see :meth:`GradientCompressor.launch`).
+
+:meth:`GradientCompressor.step` is :meth:`GradientCompressor.launch` (residual,
+selection, collectives enqueued) followed by :meth:`CompressorWork.wait` (result written).
 
 One call of :meth:`GradientCompressor.step` for a key::
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import time
 import zlib
 from collections.abc import Hashable
@@ -36,22 +43,27 @@ from typing import Any
 
 import torch
 
-import distk
-from distk.comm import WireFormat, dense_allreduce_bytes, exchange
-from distk.comm.exchange import _world
+from distk.comm import (
+    ExchangeResult,
+    PendingExchange,
+    WireFormat,
+    dense_allreduce_bytes,
+    launch_exchange,
+    rank_and_world,
+)
 from distk.config import SparsityConfig
-from distk.selection import per_bucket_topk, resolve_buckets
+from distk.selection import per_bucket_topk, resolve_buckets, topk
 from distk.selection.reference import positions_of
+from distk.stats import StepStats
 
-__all__ = ["GradientCompressor", "NonFiniteGradientError"]
+__all__ = ["CompressorWork", "GradientCompressor", "NonFiniteGradientError",
+           "as_sparsity_config"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 """Version of the :meth:`GradientCompressor.state_dict` layout."""
 
 MAX_PACKED_K_PER_BUCKET = 1024
 """Largest ``k_per_bucket`` used for a selection with no second stage (recall 0.9875)."""
-
-
 
 FUSE_ADD_MIN_NUMEL = 1 << 21
 """From this many entries (8 MB of fp32, beyond the L2 caches) the residual addition of
@@ -137,6 +149,62 @@ def _key_tag(key: Hashable) -> int:
     return 0
 
 
+def as_sparsity_config(cfg: Any, what: str = "cfg") -> SparsityConfig:
+    """``cfg`` as a validated :class:`SparsityConfig` (a dict goes through ``from_dict``;
+    ``None`` means the defaults). The one coercion every entry point uses.
+
+    Raises:
+        TypeError: ``cfg`` is neither a SparsityConfig, a dict nor None.
+        ValueError: a key or value of the dict is invalid (named by ``from_dict``).
+    """
+    if isinstance(cfg, SparsityConfig):
+        return cfg
+    if cfg is None or isinstance(cfg, dict):
+        return SparsityConfig.from_dict(cfg)
+    raise TypeError(f"{what} must be a distk.SparsityConfig or a dict of its keys, got "
+                    f"{type(cfg).__name__}")
+
+
+class CompressorWork:
+    """One :meth:`GradientCompressor.launch`: collectives enqueued, result not yet written.
+
+    Attributes:
+        future: completed when the exchange's collectives are done; chain :meth:`finish`
+            on it (``future.then(lambda _: work.finish())``) or call :meth:`wait`.
+        stats: the buffer's :class:`~distk.stats.StepStats`, set by :meth:`finish`.
+    """
+
+    __slots__ = ("future", "stats", "_complete", "_pending", "_result")
+
+    def __init__(self, pending: PendingExchange | None, complete: Any,
+                 result: torch.Tensor | None = None) -> None:
+        if pending is None:
+            self.future: torch.futures.Future = torch.futures.Future()
+            self.future.set_result(None)
+        else:
+            self.future = pending.future
+        self._pending = pending
+        self._complete = complete
+        self._result = result
+        self.stats: StepStats | None = None
+
+    def finish(self) -> torch.Tensor:
+        """Write the averaged update (into ``out`` when given) and update residuals.
+
+        Raises the exchange's errors (NonFiniteGradientError, RankMismatchError,
+        CollectiveError) in the calling thread."""
+        if self._complete is not None:
+            complete, self._complete = self._complete, None
+            self._result = complete(self._pending.finish())
+        return self._result
+
+    def wait(self) -> torch.Tensor:
+        """Block until the exchange is done, then :meth:`finish`."""
+        if self._pending is not None:
+            self._pending.wait()
+        return self.finish()
+
+
 class GradientCompressor:
     """Sparsify, exchange and average gradients with error feedback.
 
@@ -144,35 +212,38 @@ class GradientCompressor:
         cfg: a :class:`~distk.SparsityConfig` (or a dict for ``SparsityConfig.from_dict``).
         group: process group (``None`` = default; no initialised group = one process).
 
-    Step counters: each key counts its own :meth:`step` calls (0-based ``step`` in the
-    stats); ``dense_steps``, the warm-up and the stats/recall intervals follow that count.
-    :meth:`begin_step` only advances ``iteration`` (reported as ``stats["iteration"]``),
-    for integrations that know where a training step starts.
+    The schedule (``dense_steps``, warm-up, stats and recall intervals) follows the
+    ``step`` an owner passes (:class:`~distk.integrations.CompressionState` passes its one
+    step counter); called without one, as a standalone object, it follows the number of
+    earlier calls for the key (:meth:`step_count`).
+
+    Attributes:
+        stats: details of the last exchanged buffer (a dict: key, step, k, scheme, wire
+            layout, bytes, seconds).
+        totals: :class:`~distk.stats.StepStats` of every buffer exchanged so far (the
+            run's totals; checkpointed).
     """
 
     def __init__(self, cfg: SparsityConfig | dict[str, Any] | None = None,
                  group: Any = None) -> None:
-        self.cfg = cfg if isinstance(cfg, SparsityConfig) else SparsityConfig.from_dict(cfg)
+        self.cfg = as_sparsity_config(cfg)
         self.group = group
-        self.iteration = 0
         self.stats: dict[str, Any] = {}
-        self.totals: dict[str, Any] = self._zero_totals()
+        self.totals = StepStats()
         self._residuals: dict[Hashable, torch.Tensor] = {}
         self._momenta: dict[Hashable, torch.Tensor] = {}
         self._steps: dict[Hashable, int] = {}
         self._overlap: dict[Hashable, float] = {}
         self._plans: dict[tuple[int, int], _Plan] = {}
-
-    @staticmethod
-    def _zero_totals() -> dict[str, Any]:
-        return {"steps": 0, "skipped": 0, "bytes_sent": 0, "dense_bytes": 0,
-                "accumulate_seconds": 0.0, "selection_seconds": 0.0, "comm_seconds": 0.0}
+        # Per key, the layout (sizes, plan, dtypes) whose metadata the ranks last verified
+        # together; checkpointed, so that a resumed run exchanges exactly as the
+        # uninterrupted one (every rank resumes from the same step).
+        self._verified: dict[Hashable, str] = {}
+        # Exchanges of different keys may finish concurrently (DDP futures complete on
+        # the backend's threads); the totals are the only state they share.
+        self._totals_lock = threading.Lock()
 
     # -- public API ----------------------------------------------------------------------
-
-    def begin_step(self) -> None:
-        """Mark the start of a training iteration (advances ``iteration``)."""
-        self.iteration += 1
 
     def residual(self, key: Hashable) -> torch.Tensor:
         """A copy of the residual kept for ``key``: flat, float32 (float64 for fp64
@@ -185,27 +256,28 @@ class GradientCompressor:
         return self._residuals[key].clone()
 
     def step_count(self, key: Hashable) -> int:
-        """Number of completed :meth:`step` calls for ``key``."""
+        """Number of completed exchanges of ``key`` (stateless ones not counted)."""
         return self._steps.get(key, 0)
 
     def reset(self, key: Hashable | None = None) -> None:
         """Forget residual, velocity and step count of ``key`` (``None``: of every key)."""
         keys = list(self._steps.keys() | self._residuals.keys()) if key is None else [key]
         for name in keys:
-            for table in (self._residuals, self._momenta, self._steps, self._overlap):
+            for table in (self._residuals, self._momenta, self._steps, self._overlap,
+                          self._verified):
                 table.pop(name, None)
 
     def state_dict(self) -> dict[str, Any]:
-        """Residuals, velocities, step counters and totals (plain tensors/ints; torch.save)."""
+        """Residuals, velocities, step counts and totals (plain tensors/ints; torch.save)."""
         return {
             "version": STATE_VERSION,
             "config": self.cfg.to_dict(),
-            "iteration": self.iteration,
             "steps": dict(self._steps),
             "residuals": {k: v.detach().clone() for k, v in self._residuals.items()},
             "momenta": {k: v.detach().clone() for k, v in self._momenta.items()},
             "overlap": dict(self._overlap),
-            "totals": dict(self.totals),
+            "verified": dict(self._verified),
+            "totals": self.totals.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -213,18 +285,19 @@ class GradientCompressor:
         version = state.get("version")
         if version != STATE_VERSION:
             raise ValueError(f"compressor state version must be {STATE_VERSION}, got {version!r}")
-        self.iteration = int(state.get("iteration", 0))
         self._steps = {k: int(v) for k, v in state["steps"].items()}
         self._residuals = {k: v.detach().clone() for k, v in state["residuals"].items()}
         self._momenta = {k: v.detach().clone() for k, v in state["momenta"].items()}
         self._overlap = dict(state.get("overlap", {}))
-        self.totals = {**self._zero_totals(), **state.get("totals", {})}
+        self._verified = dict(state.get("verified", {}))
+        self.totals = StepStats.from_dict(state["totals"])
 
-    def step(self, grad: torch.Tensor, key: Hashable,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, grad: torch.Tensor, key: Hashable, out: torch.Tensor | None = None, *,
+             step: int | None = None) -> torch.Tensor:
         """Add the residual, select, exchange; return the update averaged over ranks.
 
         Collective: every rank calls it with the same key and numel, in the same order.
+        :meth:`launch` followed by :meth:`CompressorWork.wait`.
 
         Args:
             grad: this rank's gradient (any shape; fp32, fp64, fp16 or bf16).
@@ -232,6 +305,8 @@ class GradientCompressor:
             out: optional contiguous tensor shaped and typed like ``grad`` (``grad``
                 itself is allowed) that receives the update, sparing a numel-sized
                 allocation per step; the return value is then ``out``.
+            step: the owner's training step driving the schedule (default: the number
+                of earlier calls for ``key``).
 
         Returns:
             The averaged update, same shape, dtype and device as ``grad``.
@@ -242,6 +317,23 @@ class GradientCompressor:
             distk.comm.RankMismatchError: on every rank, when ranks disagree on numel, k,
                 key or options.
         """
+        return self.launch(grad, key, out, step=step).wait()
+
+    def launch(self, grad: torch.Tensor, key: Hashable, out: torch.Tensor | None = None, *,
+               step: int | None = None, stateless: bool = False) -> CompressorWork:
+        """The first half of :meth:`step`: residual, selection, and the exchange's
+        collectives enqueued; :meth:`CompressorWork.finish` writes the update.
+
+        ``grad`` may be overwritten as soon as this returns (what is sent was copied);
+        ``out`` is written only by ``finish``. Keys launched together must differ.
+
+        ``stateless``: a dense average through the same exchange, leaving residual,
+        velocity and step count of ``key`` untouched (DDP's bucket-rebuild step, whose
+        buffers are not keyed like later ones).
+
+        The exchange's metadata is verified across ranks on a key's first exchange, when
+        its size or plan changes, and on stats steps; other steps send only the payload.
+        """
         if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
             raise ValueError(f"grad must be a floating-point tensor, got "
                              f"{getattr(grad, 'dtype', type(grad).__name__)}")
@@ -249,19 +341,26 @@ class GradientCompressor:
             raise ValueError(f"grad must be a dense (strided) tensor, got layout {grad.layout}; "
                              "sparse gradients (e.g. nn.Embedding(sparse=True)) are not "
                              "supported")
+        if out is not None and (out.shape != grad.shape or out.dtype != grad.dtype
+                                or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous tensor like grad ({tuple(grad.shape)}, "
+                             f"{grad.dtype}), got {tuple(out.shape)}, {out.dtype}")
         cfg = self.cfg
         flat = grad.detach().reshape(-1)
         numel = flat.numel()
-        step = self._steps.get(key, 0)
-        stats_step = step % cfg.stats_interval == 0
+        count = self._steps.get(key, 0)
+        schedule = count if step is None else step
+        stats_step = schedule % cfg.stats_interval == 0
         state_dtype = torch.promote_types(grad.dtype, torch.float32)
         # The compact codec (value_bits) decodes to float32; dense steps then travel fp32.
         value_dtype = (torch.float32 if cfg.value_bits is not None
                        else cfg.wire_dtype or grad.dtype)
-        _, world = _world(self.group)
+        _, world = rank_and_world(self.group)
         if numel == 0:
-            self._steps[key] = step + 1
-            return grad.detach().clone()
+            if not stateless:
+                self._steps[key] = count + 1
+            empty = grad.detach().clone() if out is None else out
+            return CompressorWork(None, None, empty)
 
         started = time.perf_counter()
         # Few full passes over the gradient and no large allocation in steady state: the
@@ -277,7 +376,7 @@ class GradientCompressor:
             norm = torch.linalg.vector_norm(g, dtype=state_dtype)
             g = g.to(state_dtype) * torch.clamp(cfg.clip_norm / (norm + 1e-12), max=1.0)
         velocity = None
-        if cfg.momentum > 0 and not nonfinite:
+        if cfg.momentum > 0 and not nonfinite and not stateless:
             velocity = self._momenta.get(key)
             if velocity is None:
                 velocity = g.to(state_dtype, copy=True)
@@ -285,9 +384,11 @@ class GradientCompressor:
                 velocity = self._check_state(velocity, key, numel, state_dtype, g.device)
                 velocity.mul_(cfg.momentum).add_(g)
             g = velocity
-        dense = cfg.is_dense_step(numel, step)
-        plan = None if dense else self._plan(numel, cfg.k_at(numel, step))
-        residual = self._residuals.get(key) if cfg.error_feedback else None
+        dense = stateless or cfg.is_dense_step(numel, schedule)
+        plan = None if dense else self._plan(numel, cfg.k_at(numel, schedule))
+        residual = (self._residuals.get(key) if cfg.error_feedback and not stateless
+                    else None)
+        keep_residual = cfg.error_feedback and not stateless
         pending = None  # gradient whose addition to the residual is fused into selection
         if residual is not None:
             acc = self._check_state(residual, key, numel, state_dtype, g.device)
@@ -305,7 +406,7 @@ class GradientCompressor:
                 # In place. Should another rank raise for a non-finite gradient, this
                 # rank's gradient stays in its residual (delayed, not lost).
                 acc.add_(g)
-        elif cfg.error_feedback:
+        elif keep_residual:
             acc = g.to(state_dtype, copy=True)  # becomes the residual buffer
         else:
             acc = g.to(state_dtype)
@@ -337,7 +438,7 @@ class GradientCompressor:
         selection_seconds = time.perf_counter() - selection_started
         # The recall diagnostic runs an exact top-k: not part of the selection's time.
         if (not dense and not nonfinite and cfg.method == "bucketed" and cfg.recall_interval
-                and step % cfg.recall_interval == 0):
+                and schedule % cfg.recall_interval == 0):
             recall = self._recall(acc, positions)
 
         # The overlap of the ranks' selections (for the cost model) drifts slowly: measured
@@ -347,57 +448,59 @@ class GradientCompressor:
         hint = None
         if measure and key in self._overlap:
             hint = self._overlap[key] * min(world * k, numel) / world
-        if out is not None and (out.shape != grad.shape or out.dtype != grad.dtype
-                                or not out.is_contiguous()):
-            raise ValueError(f"out must be a contiguous tensor like grad ({tuple(grad.shape)}, "
-                             f"{grad.dtype}), got {tuple(out.shape)}, {out.dtype}")
         direct = out is not None and out.dtype == state_dtype
         sent = _fit_wire_range(values, value_dtype, world)
-        result = exchange(positions, sent, numel, group=self.group, average=True, wire=wire,
-                          scheme=scheme, out_dtype=state_dtype, tag=_key_tag(key),
-                          nonfinite=nonfinite, union_hint=hint, measure_union=measure,
-                          out=out.view(-1) if direct else None)
-        self._steps[key] = step + 1
-        if result.nonfinite_ranks:
-            if cfg.nonfinite == "raise":
-                raise NonFiniteGradientError(
-                    f"non-finite gradient (NaN or Inf) at step {step} for key {key!r} on "
-                    f"rank(s) {result.nonfinite_ranks}; set SparsityConfig.nonfinite to "
-                    f"'skip' (drop the step on every rank) or 'zero' (treat entries as 0)")
-            self._record(key, step, numel, 0, scheme, result, accumulate_seconds,
-                         selection_seconds, world,
-                         stats_step, recall, plan, wire, skipped=True)
-            return torch.zeros_like(grad) if out is None else out.zero_()
+        signature = repr((numel, k, scheme, plan, value_dtype, state_dtype))
+        verify = stats_step or self._verified.get(key) != signature
+        launched = launch_exchange(positions, sent, numel, group=self.group, average=True,
+                                   wire=wire, scheme=scheme, out_dtype=state_dtype,
+                                   tag=_key_tag(key), nonfinite=nonfinite, union_hint=hint,
+                                   measure_union=measure,
+                                   out=out.view(-1) if direct else None, verify=verify)
+        if verify:
+            self._verified[key] = signature
+        launch_seconds = time.perf_counter() - selection_started - selection_seconds
 
-        # What receivers decode from this rank (values rounded to the wire dtype, or
-        # quantized by the codec) leaves the residual; the rest stays.
-        if cfg.error_feedback:
-            if dense:
-                acc.sub_(wire.decoded(sent).to(state_dtype))
-            else:
-                acc[positions] = values - wire.decoded(sent).to(state_dtype)
-            self._residuals[key] = acc
-        if velocity is not None:
-            if dense:
-                velocity.zero_()
-            else:
-                velocity[positions] = 0
-            self._momenta[key] = velocity
-        self._record(key, step, numel, k, result.scheme, result, accumulate_seconds,
-                     selection_seconds, world,
-                     stats_step, recall, plan, wire, skipped=False)
-        if direct:
-            return out
-        update = result.output.to(grad.dtype).view(grad.shape)
-        return update if out is None else out.copy_(update)
+        def complete(result: ExchangeResult) -> torch.Tensor:
+            if not stateless:
+                self._steps[key] = count + 1
+            timing = (accumulate_seconds, selection_seconds, launch_seconds + result.seconds)
+            if result.nonfinite_ranks:
+                if cfg.nonfinite == "raise":
+                    raise NonFiniteGradientError(
+                        f"non-finite gradient (NaN or Inf) at step {schedule} for key {key!r} "
+                        f"on rank(s) {result.nonfinite_ranks}; set SparsityConfig.nonfinite "
+                        "to 'skip' (drop the step on every rank) or 'zero' (treat entries "
+                        "as 0)")
+                work.stats = self._record(key, schedule, numel, 0, scheme, result, timing,
+                                          world, stats_step, recall, plan, wire, skipped=True)
+                return torch.zeros_like(grad) if out is None else out.zero_()
+
+            # What receivers decode from this rank (values rounded to the wire dtype, or
+            # quantized by the codec) leaves the residual; the rest stays.
+            if keep_residual:
+                if dense:
+                    acc.sub_(wire.decoded(sent).to(state_dtype))
+                else:
+                    acc[positions] = values - wire.decoded(sent).to(state_dtype)
+                self._residuals[key] = acc
+            if velocity is not None:
+                if dense:
+                    velocity.zero_()
+                else:
+                    velocity[positions] = 0
+                self._momenta[key] = velocity
+            work.stats = self._record(key, schedule, numel, k, result.scheme, result, timing,
+                                      world, stats_step, recall, plan, wire, skipped=False)
+            if direct:
+                return out
+            update = result.output.to(grad.dtype).view(grad.shape)
+            return update if out is None else out.copy_(update)
+
+        work = CompressorWork(launched, complete)
+        return work
 
     # -- internals -----------------------------------------------------------------------
-
-    def _state(self, table: dict, key: Hashable, numel: int, dtype: torch.dtype,
-               device: torch.device) -> torch.Tensor:
-        if key not in table:
-            return torch.zeros(numel, dtype=dtype, device=device)
-        return self._check_state(table[key], key, numel, dtype, device)
 
     @staticmethod
     def _check_state(tensor: torch.Tensor, key: Hashable, numel: int, dtype: torch.dtype,
@@ -451,7 +554,7 @@ class GradientCompressor:
                                    None if pending is None else pending.view(1, -1))
             return positions_of(keys).reshape(-1)
         method = "exact" if plan.buckets is None else cfg.method
-        _, positions = distk.topk(acc, plan.k, method=method, buckets=plan.buckets,
+        _, positions = topk(acc, plan.k, method=method, buckets=plan.buckets,
                                   k_per_bucket=plan.k_per_bucket, interleaved=cfg.interleaved,
                                   recall_target=cfg.recall_target)
         return positions
@@ -464,14 +567,18 @@ class GradientCompressor:
         chosen[positions] = True
         return float(chosen[exact].sum().item()) / max(k, 1)
 
-    def _record(self, key, step, numel, k, scheme, result, accumulate_seconds,
-                selection_seconds, world,
-                stats_step, recall, plan, wire, skipped) -> None:
+    def _record(self, key, step, numel, k, scheme, result, timing, world, stats_step, recall,
+                plan, wire, skipped) -> StepStats:
+        accumulate_seconds, selection_seconds, comm_seconds = timing
         dense_bytes = dense_allreduce_bytes(numel, world, 4)
-        stats: dict[str, Any] = {
+        residual_norm = None
+        if stats_step:
+            residual = self._residuals.get(key)
+            residual_norm = (0.0 if residual is None
+                             else float(torch.linalg.vector_norm(residual).item()))
+        details: dict[str, Any] = {
             "key": key if isinstance(key, (str, int, float)) else repr(key),
             "step": step,
-            "iteration": self.iteration,
             "numel": numel,
             "k": k,
             "density": k / numel,
@@ -490,22 +597,24 @@ class GradientCompressor:
             "k_per_bucket": plan.k_per_bucket if plan else None,
             "accumulate_seconds": accumulate_seconds,
             "selection_seconds": selection_seconds,
-            "comm_seconds": result.seconds,
+            "comm_seconds": comm_seconds,
         }
-        if stats_step:
-            residual = self._residuals.get(key)
-            stats["residual_norm"] = (0.0 if residual is None
-                                      else float(torch.linalg.vector_norm(residual).item()))
+        if residual_norm is not None:
+            details["residual_norm"] = residual_norm
         if recall is not None:
-            stats["recall"] = recall
+            details["recall"] = recall
         if result.union_per_shard is not None and k:
             self._overlap[key] = result.union_per_shard / (min(world * k, numel) / world)
-        self.stats = stats
-        totals = self.totals
-        totals["steps"] += 1
-        totals["skipped"] += int(skipped)
-        totals["bytes_sent"] += result.bytes_sent
-        totals["dense_bytes"] += dense_bytes
-        totals["accumulate_seconds"] += accumulate_seconds
-        totals["selection_seconds"] += selection_seconds
-        totals["comm_seconds"] += result.seconds
+        stats = StepStats(
+            buffers=1, numel=numel, sent=k, bytes_sent=result.bytes_sent,
+            payload_bytes=0 if skipped else result.payload_bytes,
+            dense_bytes=dense_bytes, accumulate_seconds=accumulate_seconds,
+            selection_seconds=selection_seconds, comm_seconds=comm_seconds,
+            skipped=int(skipped), schemes={scheme: 1},
+            residual_sq=None if residual_norm is None else residual_norm ** 2,
+            recall_sum=0.0 if recall is None else recall * max(k, 1),
+            recall_weight=0 if recall is None else max(k, 1), step=step)
+        with self._totals_lock:
+            self.stats = details
+            self.totals = self.totals.merge(stats)
+        return stats

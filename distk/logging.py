@@ -32,6 +32,9 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
 
+import torch
+import torch.distributed as dist
+
 __all__ = ["StatsLogger", "wandb_has_credentials"]
 
 WANDB_EXTRA_HINT = "pip install distk[wandb]"
@@ -39,13 +42,8 @@ METRIC_PREFIXES = ("train", "val", "distk")
 
 
 def _default_rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 
 
@@ -198,8 +196,6 @@ class StatsLogger:
         evenly strided entries are kept). A no-op without wandb."""
         if not self.active or self.wandb_run is None or self._wandb is None:
             return
-        import torch
-
         flat = torch.as_tensor(values).detach().flatten().float().cpu()
         if flat.numel() == 0:
             return

@@ -44,9 +44,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distk.comm import check_same_config
-from distk.compressor import GradientCompressor
+from distk.comm import check_same_config, rank_and_world
+from distk.compressor import GradientCompressor, as_sparsity_config
 from distk.config import SparsityConfig
+from distk.stats import StepStats
 
 __all__ = ["OuterSync", "ParameterMismatchError", "check_same_parameters", "enable"]
 
@@ -59,12 +60,6 @@ _DIGEST_MULTIPLIER = 0x9E3779B1  # odd: position weights differ modulo 2^64
 
 class ParameterMismatchError(ValueError):
     """Ranks hold different parameters at :func:`enable` (raised on every rank)."""
-
-
-def _world(group: Any) -> tuple[int, int]:
-    if not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _digest(tensor: torch.Tensor) -> torch.Tensor:
@@ -93,6 +88,10 @@ class OuterSync:
             (per sync), ``bits_per_param_per_step`` (divided by ``sync_every``), the
             compressor's ``*_seconds``, ``seconds`` (the whole sync); on the compressor's
             stats steps also ``residual_norm``, ``pseudo_grad_norm`` and ``update_norm``.
+        step_stats: the last sync's buffers merged into one :class:`~distk.stats.StepStats`
+            (empty before the first sync).
+        totals: :class:`~distk.stats.StepStats` of every sync so far (the compressor's;
+            checkpointed with it).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -105,6 +104,7 @@ class OuterSync:
         self.inner_steps = 0
         self.syncs = 0
         self.stats: dict[str, Any] = {}
+        self.step_stats = StepStats()
         self._params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("distk.outer.enable: the model has no parameter that requires grad")
@@ -131,8 +131,8 @@ class OuterSync:
         called by the optimizer hook every ``sync_every`` steps)."""
         cfg = self.cfg
         started = time.perf_counter()
-        self.compressor.begin_step()
         per_param = []
+        merged = StepStats()
         pseudo_sq = torch.zeros((), dtype=torch.float64)
         update_sq = torch.zeros((), dtype=torch.float64)
         for name, param in self._params:
@@ -140,8 +140,11 @@ class OuterSync:
             if anchor.device != param.device:
                 anchor = self._anchors[name] = anchor.to(param.device)
             delta = anchor - param.detach().reshape(-1).to(anchor.dtype)
-            update = self.compressor.step(delta, name)
+            # The compressor's schedule (dense steps, warm-up, stats) counts syncs.
+            work = self.compressor.launch(delta, name, step=self.syncs)
+            update = work.wait()
             per_param.append(dict(self.compressor.stats))
+            merged = merged.merge(work.stats)
             step = update
             if cfg.outer_momentum > 0:
                 momentum = self._momenta.get(name)
@@ -158,6 +161,7 @@ class OuterSync:
                 pseudo_sq += delta.double().square().sum().cpu()
                 update_sq += update.double().square().sum().cpu()
         self.syncs += 1
+        self.step_stats = merged
         self.stats = self._merge(per_param, time.perf_counter() - started, pseudo_sq, update_sq)
 
     def _merge(self, per_param: list[dict[str, Any]], seconds: float,
@@ -183,6 +187,11 @@ class OuterSync:
             stats["pseudo_grad_norm"] = float(pseudo_sq.sqrt())
             stats["update_norm"] = float(update_sq.sqrt())
         return stats
+
+    @property
+    def totals(self) -> StepStats:
+        """Every exchanged buffer of the run (the compressor's totals)."""
+        return self.compressor.totals
 
     # -- checkpointing ----------------------------------------------------------------
 
@@ -242,7 +251,7 @@ class OuterSync:
 def check_same_parameters(params: list[tuple[str, torch.Tensor]], group: Any = None) -> None:
     """Raise :class:`ParameterMismatchError` on every rank unless every rank holds the
     same parameter bits (one all-gather of a digest per parameter)."""
-    rank, world = _world(group)
+    rank, world = rank_and_world(group)
     if world == 1:
         return
     digests = torch.stack([_digest(p) for _, p in params]).cpu()
@@ -284,16 +293,13 @@ def enable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any = 
         ParameterMismatchError: on every rank, when ranks start from different parameters.
         TypeError: for a DDP/FSDP-wrapped model or a bad ``cfg``.
     """
-    if isinstance(cfg, dict) or cfg is None:
-        cfg = SparsityConfig.from_dict(cfg)
-    if not isinstance(cfg, SparsityConfig):
-        raise TypeError(f"cfg must be a distk.SparsityConfig or a dict, got {type(cfg).__name__}")
+    cfg = as_sparsity_config(cfg)
     wrapper = type(model).__name__
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) or "FullyShard" in wrapper:
         raise TypeError(f"distk.outer.enable takes the plain model, got a {wrapper}: the "
                         "wrapper would all-reduce gradients at every backward pass. Build the "
                         "model without DDP/FSDP (every rank holds a full replica).")
-    _, world = _world(group)
+    _, world = rank_and_world(group)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if world > 1:
         check_same_config(cfg, group)

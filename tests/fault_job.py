@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 import distk
 from distk.train.__main__ import exit_after_clean_finish
 from distk.train.checkpoint import load_checkpoint, save_checkpoint
-from distk.train.loop import _rebuild_ddp_buckets
+from distk.train.loop import rebuild_ddp_buckets
 
 FEATURES = 32
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if payload is not None:
         # A new DDP model rebuilds its buckets after its first backward; do that now (one
         # discarded dense iteration) so the residuals load into the final bucket layout.
-        _rebuild_ddp_buckets(ddp, batch(payload["step"], rank))
+        rebuild_ddp_buckets(ddp, batch(payload["step"], rank))
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         state.load_state_dict(payload["distk"])

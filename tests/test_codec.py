@@ -239,3 +239,20 @@ def test_conservation_and_identical_bits_on_two_ranks(bits, exchange):
     stats = results[0][4]
     assert stats["scheme"] == "allgather"
     assert stats["bits_per_entry"] <= bits + 13 + 1
+
+
+def test_step_stats_carry_bits_per_entry_and_per_param():
+    cfg = SparsityConfig(density=1 / 64, value_bits=2, min_numel=0, recall_interval=0)
+    compressor = GradientCompressor(cfg)
+    work = compressor.launch(torch.randn(4096 * 8, generator=torch.Generator().manual_seed(0)),
+                             "w")
+    work.wait()
+    stats = work.stats
+    assert stats.payload_bytes == compressor.stats["payload_bytes"]
+    assert stats.bits_per_entry == compressor.stats["bits_per_entry"] == 2 + 12 + 1
+    assert stats.bits_per_param == compressor.stats["bits_per_param"]
+    merged = stats.merge(stats)
+    assert merged.bits_per_entry == stats.bits_per_entry
+    metrics = compressor.totals.to_metrics()
+    assert metrics["distk/bits_per_entry"] == 15.0
+    assert metrics["distk/bits_per_param"] == 15.0 / 64

@@ -110,8 +110,8 @@ def test_density_one_matches_plain_ddp() -> None:
                                        atol=PARITY_ATOL, msg=lambda m, r=res: f"{r['case']}: {m}")
             # Four synchronised steps; no_sync micro-steps are not counted.
             assert res["iteration"] == 4
-            assert res["stats"]["buffers"] == 2, "DDP should have rebuilt into two buckets"
-            assert res["stats"]["density"] == 1.0
+            assert res["stats"].buffers == 2, "DDP should have rebuilt into two buckets"
+            assert res["stats"].density == 1.0
     # Replicas: every rank holds bitwise the same parameters.
     for res0, res1 in zip(*results):
         assert torch.equal(res0["sparse"], res1["sparse"])
@@ -125,7 +125,7 @@ def _sparse_training_worker(rank: int, world: int) -> dict:
     losses, early = [], []
     for step in range(3):
         losses += _train(ddp, rank, steps=1, accumulate=2, lr=0.05, start=step)
-        early.append({"scheme": state.stats["scheme"], "buffers": state.stats["buffers"],
+        early.append({"scheme": state.stats.schemes, "buffers": state.stats.buffers,
                       "residual_keys": sorted(state.compressor.state_dict()["residuals"])})
     losses += _train(ddp, rank, steps=57, accumulate=2, lr=0.05, start=3)
     return {"early": early, "losses": losses, "params": _flat_params(ddp.module),
@@ -136,8 +136,8 @@ def test_sparse_training_loss_falls_and_replicas_stay_identical() -> None:
     results = _run(_sparse_training_worker)
     for res in results:
         rebuild, dense, sparse = res["early"]
-        # Iteration 0 runs before DDP rebuilds its buckets (one bucket, then two): the hook
-        # all-reduces it itself, and the compressor holds no state keyed by the old layout.
+        # Iteration 0 runs before DDP rebuilds its buckets (one bucket, then two): a
+        # stateless dense step, so the compressor holds no state keyed by the old layout.
         assert rebuild == {"scheme": {"dense": 1}, "buffers": 1, "residual_keys": []}
         # dense_steps=2 means two dense iterations in all (not 1 + 2), then sparse.
         assert dense["scheme"] == {"dense": 2} and dense["residual_keys"] == [0, 1]
@@ -149,9 +149,12 @@ def test_sparse_training_loss_falls_and_replicas_stay_identical() -> None:
         late = sum(losses[-10:]) / 10
         assert late < 0.6 * early, losses
         stats = res["stats"]
-        assert 0.0 < stats["density"] < 0.1
-        assert stats["bytes_sent"] < stats["dense_bytes"]
-        assert 0.0 <= stats["recall"] <= 1.0
+        assert 0.0 < stats.density < 0.1
+        assert stats.bytes_sent < stats.dense_bytes
+        # Measured every step (recall_interval=1) against exact top-k; the plan targets
+        # recall 0.95 in expectation, so a broken selection (random or contiguous picks)
+        # falls far below 0.8.
+        assert stats.recall is not None and stats.recall >= 0.8, stats.recall
     # DDP's guarantee survives compression: all ranks apply the same averaged update.
     assert torch.equal(results[0]["params"], results[1]["params"])
 
@@ -186,7 +189,7 @@ def _checkpoint_worker(rank: int, world: int) -> dict:
     # the next step with the same bucket sizes (checked by the hook).
     _train(resumed, rank, steps=1, start=4)
     after_rebuild_step = {"sd": resumed_state.compressor.state_dict(),
-                          "stats": dict(resumed_state.stats)}
+                          "stats": resumed_state.stats}
     _train(resumed, rank, steps=2, start=5)
     return {
         "mismatch": mismatch,
@@ -224,11 +227,11 @@ def test_checkpoint_round_trip_restores_residuals_and_configs_must_match() -> No
         _assert_same_tree(res["original_sd"], res["pickled_sd"])
         assert res["pickled_iteration"] == 4
         after = res["after_rebuild_step"]
-        assert set(after["stats"]["scheme"]) == {"dense"}
+        assert set(after["stats"].schemes) == {"dense"}
         for part in ("residuals", "momenta", "steps"):  # untouched by the dense step
             _assert_same_tree(res["original_sd"][part], after["sd"][part])
-        assert "dense" not in res["final_stats"]["scheme"]
-        assert res["final_stats"]["density"] < 0.1
+        assert "dense" not in res["final_stats"].schemes
+        assert res["final_stats"].density < 0.1
         assert res["resumed_iteration"] == 7
     assert torch.equal(results[0]["resumed_params"], results[1]["resumed_params"])
 

@@ -128,8 +128,8 @@ def test_density_one_matches_plain_fsdp() -> None:
             torch.testing.assert_close(res["sparse"], res["plain"], rtol=PARITY_RTOL,
                                        atol=PARITY_ATOL, msg=lambda m, r=res: f"{r['case']}: {m}")
             assert res["iteration"] == 4  # accumulation micro-steps are not counted
-            assert res["stats"]["buffers"] == len(res["units"]) == 2
-            assert res["stats"]["density"] == 1.0
+            assert res["stats"].buffers == len(res["units"]) == 2
+            assert res["stats"].density == 1.0
 
 
 def _sparse_training_worker(rank: int, world: int) -> dict:
@@ -163,8 +163,10 @@ def test_sparse_training_loss_falls(flavour: str) -> None:
         late = sum(res["losses"][-10:]) / 10
         # 4% density with error feedback must make clear progress on this learnable task.
         assert late < 0.6 * early, (early, late)
-        assert res["stats"]["bytes_sent"] < res["stats"]["dense_bytes"]
-        assert 0.0 <= res["stats"]["recall"] <= 1.0
+        assert res["stats"].bytes_sent < res["stats"].dense_bytes
+        # Measured every step against exact top-k; the plan targets recall 0.95, a broken
+        # selection (random or contiguous picks) falls far below 0.8.
+        assert res["stats"].recall is not None and res["stats"].recall >= 0.8
     # Both ranks apply the same averaged update to their shards: gathered parameters agree.
     assert torch.equal(results[0]["params"], results[1]["params"])
 

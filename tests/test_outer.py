@@ -199,3 +199,16 @@ def test_single_process_sync_every_step_and_state_round_trip():
                                {"sync_every": 2, "min_numel": 0, "density": 0.1, "value_bits": 4})
     with pytest.raises(ValueError, match="different SparsityConfig.*sync_every"):
         other.load_state_dict(state)
+
+
+def test_compression_state_refuses_sync_every_before_any_collective():
+    from distk.integrations import CompressionState
+    from distk.integrations.state import refuse_outer_sync
+
+    with pytest.raises(ValueError, match=r"sync_every=2 .* not supported by CompressionState"
+                                         r" \(distk\): DDP/FSDP"):
+        CompressionState(SparsityConfig(sync_every=2))
+    with pytest.raises(ValueError, match="DeepSpeed's engine reduces"):
+        refuse_outer_sync(SparsityConfig(sync_every=3), "DeepSpeedCompressionState "
+                                                        "(distk.deepspeed)")
+    CompressionState(SparsityConfig(sync_every=1))  # per-step exchange is fine

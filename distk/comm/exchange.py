@@ -36,23 +36,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distk._native import zero_
 from distk.comm.cost import (
     META_FIELDS,
     SCHEMES,
     choose_scheme,
     meta_bytes,
-    scheme_bytes,
     shard_size,
 )
 from distk.comm.wire import DTYPE_CODES, WireFormat, decode_indices, encode_indices
-from distk.selection.cpu_kernel import zero_
 
 __all__ = [
     "CollectiveError",
     "ExchangeResult",
     "RankMismatchError",
     "check_same_config",
+    "PendingExchange",
     "exchange",
+    "launch_exchange",
+    "rank_and_world",
     "sparse_allreduce",
 ]
 
@@ -63,6 +65,7 @@ _META_NAMES = ("protocol version", "numel", "k", "exchange scheme", "value dtype
 _NONFINITE_FIELD = 10  # status flags of the rank: bit 0 non-finite, bit 1 bad indices
 _FLAG_NONFINITE = 1
 _FLAG_BAD_INDICES = 2
+_TRAILER_BYTES = 16  # unverified steps: int64 signature digest and int64 flags
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 assert len(_META_NAMES) == META_FIELDS
 
@@ -85,7 +88,7 @@ def _collective(what: str, group: Any):
     except CollectiveError:
         raise
     except RuntimeError as err:  # gloo/nccl errors, DistBackendError, timeouts
-        rank, world = _world(group)
+        rank, world = rank_and_world(group)
         raise CollectiveError(
             f"distk.comm: {what} failed on rank {rank} of {world}: a peer rank probably "
             "exited (crash, kill, out of memory) or stalled longer than the process group's "
@@ -121,7 +124,8 @@ class ExchangeResult:
     seconds: float = 0.0
 
 
-def _world(group: Any) -> tuple[int, int]:
+def rank_and_world(group: Any = None) -> tuple[int, int]:
+    """``(rank, world size)`` in ``group``; ``(0, 1)`` when no process group is initialised."""
     if not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
@@ -171,8 +175,11 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
              average: bool = True, wire: WireFormat | None = None, scheme: str = "allgather",
              out_dtype: torch.dtype | None = None, tag: int = 0, nonfinite: bool = False,
              union_hint: float | None = None, measure_union: bool = False,
-             out: torch.Tensor | None = None) -> ExchangeResult:
+             out: torch.Tensor | None = None, verify: bool = True) -> ExchangeResult:
     """Sum (or average) every rank's selected entries into a dense tensor; collective.
+
+    :func:`launch_exchange` followed by :meth:`PendingExchange.wait`: returns once the
+    result is written.
 
     Args:
         indices: ``(k,)`` integer positions in ``[0, numel)``, distinct within a rank
@@ -189,17 +196,114 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
         out_dtype: dtype of the result (default: ``values.dtype``).
         tag: integer that must match across ranks (the compressor passes a key digest, so
             calls made in different orders are caught).
-        nonfinite: this rank's gradient had NaN/Inf; if any rank sets it, no data is
-            exchanged and ``output`` is ``None`` on every rank.
+        nonfinite: this rank's gradient had NaN/Inf; if any rank sets it, ``output`` is
+            ``None`` on every rank.
         union_hint: expected largest distinct-position count per shard (cost model).
         measure_union: with ``"allgather"``, also measure ``union_per_shard``.
         out: optional contiguous ``(numel,)`` tensor of ``out_dtype`` that receives the
             result (``output`` is then ``out``); saves allocating a numel-sized tensor per
             call. It may share memory with the caller's gradient but not with ``values``.
+        verify: all-gather the metadata row first (sizes, dtypes, plan, key tag, range of
+            the indices) and raise :class:`RankMismatchError` on every rank when the ranks
+            disagree. ``False`` (steady state of a caller that verified this exchange
+            before, with the same sizes): no metadata round trip and no host sync; the
+            payload carries a digest of the same fields and the non-finite flag, checked
+            when the data arrives (a digest mismatch still raises on every rank).
 
     Raises:
         RankMismatchError: on every rank, when the ranks' sizes or options differ.
         ValueError: for malformed arguments.
+    """
+    return launch_exchange(indices, values, numel, group=group, average=average, wire=wire,
+                           scheme=scheme, out_dtype=out_dtype, tag=tag, nonfinite=nonfinite,
+                           union_hint=union_hint, measure_union=measure_union, out=out,
+                           verify=verify).wait()
+
+
+class PendingExchange:
+    """An exchange whose collectives are enqueued (:func:`launch_exchange`).
+
+    Attributes:
+        future: a ``torch.futures.Future`` completed when the collectives are done (its
+            value is meaningless); chain the :meth:`finish` on it with ``.then``.
+    """
+
+    __slots__ = ("future", "_finish", "_result", "_what", "_group")
+
+    def __init__(self, future: torch.futures.Future, finish: Any, what: str,
+                 group: Any) -> None:
+        self.future = future
+        self._finish = finish
+        self._result: ExchangeResult | None = None
+        self._what = what
+        self._group = group
+
+    @classmethod
+    def done(cls, result: ExchangeResult) -> PendingExchange:
+        """An exchange completed at launch (one process, a flagged step, reduce-scatter)."""
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(None)
+        pending = cls(future, None, "", None)
+        pending._result = result
+        return pending
+
+    def finish(self) -> ExchangeResult:
+        """Unpack, scatter-add, average and write ``out`` (once :attr:`future` is done).
+
+        Raises :class:`CollectiveError` when a collective failed, and
+        :class:`RankMismatchError` on every rank when the payload digests disagree."""
+        if self._result is None:
+            with _collective(self._what, self._group):
+                self.future.value()  # re-raises the backend's error, if any
+            self._result = self._finish()
+        return self._result
+
+    def wait(self) -> ExchangeResult:
+        """Block until the collectives are done, then :meth:`finish`."""
+        with _collective(self._what, self._group):
+            self.future.wait()
+        return self.finish()
+
+
+def _signature(fields: list[int]) -> int:
+    """63-bit digest of the metadata fields (identical on ranks that agree on them)."""
+    text = ",".join(map(str, fields)).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def _trailer_check(signatures: list[int], flags: list[int], numel: int) -> list[int]:
+    """Ranks that flagged a non-finite gradient; raises on a signature mismatch."""
+    if any(s != signatures[0] for s in signatures):
+        per_rank = ", ".join(f"rank {r}: {s:#x}" for r, s in enumerate(signatures))
+        raise RankMismatchError(
+            "distk.comm: ranks disagree on the exchange's sizes, dtypes, plan or key in a "
+            f"step whose metadata was not re-verified (signature digests {per_rank}). Every "
+            "rank must call the exchange with the same tensor sizes, k, key and options, "
+            "in the same order.")
+    bad = [r for r, f in enumerate(flags) if f & _FLAG_BAD_INDICES]
+    if bad:
+        raise ValueError(f"distk.comm: indices out of range [0, numel={numel}) on rank(s) {bad}")
+    return [r for r, f in enumerate(flags) if f & _FLAG_NONFINITE]
+
+
+def launch_exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *,
+                    group: Any = None, average: bool = True, wire: WireFormat | None = None,
+                    scheme: str = "allgather", out_dtype: torch.dtype | None = None,
+                    tag: int = 0, nonfinite: bool = False, union_hint: float | None = None,
+                    measure_union: bool = False, out: torch.Tensor | None = None,
+                    verify: bool = True) -> PendingExchange:
+    """Start :func:`exchange` (same arguments): returns once its collectives are enqueued.
+
+    The ``"allgather"`` and ``"dense"`` schemes enqueue one collective with
+    ``async_op=True`` (gloo and NCCL) and return; the caller computes meanwhile and calls
+    :meth:`PendingExchange.finish` once :attr:`PendingExchange.future` is done (or
+    :meth:`PendingExchange.wait`). With ``verify=True`` the small metadata all-gather runs
+    first, synchronously, so that every mismatch raises here, on every rank, before any
+    data moves. The ``"reduce_scatter"`` scheme routes entries by counts that travel in the
+    metadata, so it always verifies and completes before returning.
+
+    ``values`` and ``indices`` may be reused by the caller as soon as this returns (the
+    payload is packed into a buffer of its own); ``out`` is written only by ``finish``.
     """
     started = time.perf_counter()
     dense_input = indices is None
@@ -235,7 +339,7 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
     # The result accumulates in `out` directly where dtype and device allow.
     buffer = (out.view(-1) if out is not None and out.dtype == acc_dtype
               and out.device == values.device else None)
-    rank, world = _world(group)
+    rank, world = rank_and_world(group)
     if scheme == "auto":
         scheme = ("allgather" if wire.codec is not None else
                   choose_scheme(numel, k, world, wire.index_bytes, wire.value_bytes, union_hint))
@@ -244,11 +348,13 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
     if wire.codec is not None and scheme != "allgather":
         raise ValueError(f"the compact codec (value_bits={wire.value_bits}) travels only with "
                          f"the 'allgather' scheme (or 'auto'), got {scheme!r}")
+    if scheme == "reduce_scatter":
+        verify = True  # its routing counts travel in the metadata
     out_device = values.device
     indices = indices.to(torch.int64)
     payload_bytes = numel * wire.value_bytes if dense_input else wire.payload_bytes
     bad_indices = False
-    if indices.numel():
+    if indices.numel() and (verify or world == 1):  # a host sync: verified steps only
         lowest, highest = torch.aminmax(indices)
         bad_indices = bool(lowest < 0) or bool(highest >= numel)
     if bad_indices and world == 1:
@@ -257,8 +363,9 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
 
     if world == 1:
         if nonfinite:
-            return ExchangeResult(None, scheme, 0, payload_bytes, nonfinite_ranks=[0],
-                                  seconds=time.perf_counter() - started)
+            return PendingExchange.done(ExchangeResult(
+                None, scheme, 0, payload_bytes, nonfinite_ranks=[0],
+                seconds=time.perf_counter() - started))
         sent_values = wire.decoded(values).to(acc_dtype)
         if dense_input:
             result = (buffer.copy_(sent_values) if buffer is not None
@@ -267,53 +374,145 @@ def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, 
             result = zero_(buffer) if buffer is not None else torch.zeros(
                 numel, dtype=acc_dtype, device=out_device)
             result.index_add_(0, indices, sent_values)
-        return ExchangeResult(_into(out, result.to(out_dtype)), scheme, 0, payload_bytes,
-                              seconds=time.perf_counter() - started)
+        return PendingExchange.done(ExchangeResult(
+            _into(out, result.to(out_dtype)), scheme, 0, payload_bytes,
+            seconds=time.perf_counter() - started))
 
     device = _comm_device(group, values)
     indices, values = indices.to(device), values.to(device)
-    shard = shard_size(numel, world)
-    counts = (torch.bincount(indices // shard, minlength=world)
-              if scheme == "reduce_scatter" and not bad_indices
-              else torch.zeros(world, dtype=torch.int64, device=device))
-    header = torch.tensor(
-        [_PROTOCOL, numel, k, SCHEMES.index(scheme), DTYPE_CODES[wire.value_dtype],
-         -1 if dense_input else wire.index_code, wire.buckets or 0,
-         wire.k_per_bucket or 0, int(wire.interleaved), tag,
-         _FLAG_NONFINITE * int(nonfinite) + _FLAG_BAD_INDICES * int(bad_indices),
-         DTYPE_CODES[out_dtype]], dtype=torch.int64, device=device)
-    meta = torch.cat([header, counts.to(torch.int64)])
-    rows = torch.empty(world * meta.numel(), dtype=torch.int64, device=device)
-    _all_gather(rows, meta, group)
-    rows = rows.view(world, -1).cpu()
-    _check_metadata(rows)
-    bytes_sent = meta_bytes(world)
-    flags = rows[:, _NONFINITE_FIELD].tolist()
-    bad_ranks = [r for r in range(world) if flags[r] & _FLAG_BAD_INDICES]
-    if bad_ranks:  # raised on every rank, before any data moves
-        raise ValueError(f"distk.comm: indices out of range [0, numel={numel}) on rank(s) "
-                         f"{bad_ranks}")
-    flagged = [r for r in range(world) if flags[r] & _FLAG_NONFINITE]
-    if flagged:
-        return ExchangeResult(None, scheme, bytes_sent, payload_bytes,
-                              nonfinite_ranks=flagged, seconds=time.perf_counter() - started)
-
-    union = None
-    if scheme == "allgather":
-        result, sent, union = _allgather(indices, values, wire, world, group, acc_dtype,
-                                         measure_union, buffer)
-    elif scheme == "reduce_scatter":
+    fields = [_PROTOCOL, numel, k, SCHEMES.index(scheme), DTYPE_CODES[wire.value_dtype],
+              -1 if dense_input else wire.index_code, wire.buckets or 0,
+              wire.k_per_bucket or 0, int(wire.interleaved), tag,
+              _FLAG_NONFINITE * int(nonfinite) + _FLAG_BAD_INDICES * int(bad_indices),
+              DTYPE_CODES[out_dtype]]
+    bytes_sent = 0
+    routing = None
+    if verify:
+        shard = shard_size(numel, world)
+        counts = (torch.bincount(indices // shard, minlength=world)
+                  if scheme == "reduce_scatter" and not bad_indices
+                  else torch.zeros(world, dtype=torch.int64, device=device))
+        header = torch.tensor(fields, dtype=torch.int64, device=device)
+        meta = torch.cat([header, counts.to(torch.int64)])
+        rows = torch.empty(world * meta.numel(), dtype=torch.int64, device=device)
+        _all_gather(rows, meta, group)
+        rows = rows.view(world, -1).cpu()
+        _check_metadata(rows)
+        bytes_sent = meta_bytes(world)
+        flags = rows[:, _NONFINITE_FIELD].tolist()
+        bad_ranks = [r for r in range(world) if flags[r] & _FLAG_BAD_INDICES]
+        if bad_ranks:  # raised on every rank, before any data moves
+            raise ValueError(f"distk.comm: indices out of range [0, numel={numel}) on rank(s) "
+                             f"{bad_ranks}")
+        flagged = [r for r in range(world) if flags[r] & _FLAG_NONFINITE]
+        if flagged:
+            return PendingExchange.done(ExchangeResult(
+                None, scheme, bytes_sent, payload_bytes, nonfinite_ranks=flagged,
+                seconds=time.perf_counter() - started))
         routing = rows[:, META_FIELDS:]
+
+    def result_of(result: torch.Tensor | None, sent: int, union: float | None = None,
+                  flagged: list[int] | None = None) -> ExchangeResult:
+        if flagged:
+            return ExchangeResult(None, scheme, bytes_sent + sent, payload_bytes,
+                                  nonfinite_ranks=flagged,
+                                  seconds=time.perf_counter() - started)
+        if average:
+            result /= world
+        return ExchangeResult(_into(out, result.to(device=out_device, dtype=out_dtype)),
+                              scheme, bytes_sent + sent, payload_bytes, union_per_shard=union,
+                              seconds=time.perf_counter() - started)
+
+    if scheme == "reduce_scatter":
         result, sent, union = _reduce_scatter(indices, values, wire, rank, world, group,
                                               acc_dtype, routing)
+        return PendingExchange.done(result_of(result, sent, union))
+    # Unverified steps carry the metadata digest and the flags in front of the payload.
+    trailer = None if verify else torch.tensor(
+        [_signature(fields[:_NONFINITE_FIELD] + fields[_NONFINITE_FIELD + 1:]), fields[
+            _NONFINITE_FIELD]], dtype=torch.int64, device=device)
+    if scheme == "allgather":
+        launched = _launch_allgather(indices, values, wire, world, group, acc_dtype,
+                                     measure_union, buffer, trailer)
+        what = "an all-gather"
     else:
-        result, sent = _dense(None if dense_input else indices, values, wire, world, group,
-                              acc_dtype)
-    if average:
-        result /= world
-    return ExchangeResult(_into(out, result.to(device=out_device, dtype=out_dtype)), scheme,
-                          bytes_sent + sent, payload_bytes, union_per_shard=union,
-                          seconds=time.perf_counter() - started)
+        launched = _launch_dense(None if dense_input else indices, values, wire, rank, world,
+                                 group, acc_dtype, flag_slots=not verify, nonfinite=nonfinite)
+        what = "a dense all-reduce"
+    future, complete = launched
+
+    def finish() -> ExchangeResult:
+        result, sent, union, flagged = complete()
+        return result_of(result, sent, union, flagged)
+
+    return PendingExchange(future, finish, what, group)
+
+
+def _launch(collective: Any, what: str, group: Any, *args: Any) -> torch.futures.Future:
+    """Enqueue ``collective(*args, group=group, async_op=True)``; its Work's future."""
+    with _collective(what, group):
+        work = collective(*args, group=group, async_op=True)
+    return work.get_future()
+
+
+def _launch_allgather(indices, values, wire, world, group, acc_dtype, measure_union, buffer,
+                      trailer):
+    payload = wire.pack(indices, values)
+    if trailer is not None:  # 16 bytes in front: the payload sections stay aligned
+        payload = torch.cat([trailer.view(torch.uint8), payload])
+    gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    future = _launch(gather, "an all-gather", group, gathered, payload)
+
+    def complete():
+        rows = gathered.view(world, -1)
+        flagged = None
+        if trailer is not None:
+            head = rows[:, :_TRAILER_BYTES].clone().view(torch.int64).view(world, 2)
+            columns = head.cpu().tolist()  # host memory already on gloo
+            flagged = _trailer_check([c[0] for c in columns], [c[1] for c in columns],
+                                     wire.numel)
+            rows = rows[:, _TRAILER_BYTES:]
+        sent = (world - 1) * payload.numel()
+        if flagged:
+            return None, sent, None, flagged
+        all_indices, all_values = wire.unpack(rows)
+        result = (zero_(buffer) if buffer is not None and buffer.device == payload.device
+                  else torch.zeros(wire.numel, dtype=acc_dtype, device=payload.device))
+        for source in range(world):  # fixed order: bitwise-identical sums on every rank
+            result.index_add_(0, all_indices[source], all_values[source].to(acc_dtype))
+        union = _largest_shard_union(all_indices, wire.numel, world) if measure_union else None
+        return result, sent, union, None
+
+    return future, complete
+
+
+def _launch_dense(indices, values, wire, rank, world, group, acc_dtype, *, flag_slots,
+                  nonfinite):
+    """All-reduce of the densified selection. ``flag_slots`` (unverified steps): ``world``
+    extra entries, this rank's set to 1 when it flags a non-finite gradient (0 and 1 sum
+    exactly in any float dtype, so the sum names the flagged ranks)."""
+    numel = wire.numel
+    extra = world if flag_slots else 0
+    dense = torch.zeros(numel + extra, dtype=wire.value_dtype, device=values.device)
+    if indices is None:
+        dense[:numel] = values
+    else:
+        dense[:numel].index_add_(0, indices, values.to(wire.value_dtype))
+    if extra and nonfinite:
+        dense[numel + rank] = 1
+    future = _launch(dist.all_reduce, "a dense all-reduce", group, dense)
+
+    def complete():
+        sent = 2 * (world - 1) * shard_size(numel, world) * wire.value_bytes
+        if extra:
+            flags = dense[numel:].cpu().tolist()
+            flagged = [r for r, f in enumerate(flags) if f != 0]
+            if flagged:
+                return None, sent, None, flagged
+        return dense[:numel].to(acc_dtype), sent, None, None
+
+    return future, complete
 
 
 def _largest_shard_union(positions: torch.Tensor, numel: int, world: int) -> float:
@@ -329,33 +528,6 @@ def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
     if out is None or result.data_ptr() == out.data_ptr():
         return result if out is None else out
     return out.copy_(result.view_as(out))
-
-
-def _allgather(indices, values, wire, world, group, acc_dtype, measure_union, buffer=None):
-    payload = wire.pack(indices, values)
-    gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
-    _all_gather(gathered, payload, group)
-    all_indices, all_values = wire.unpack(gathered.view(world, -1))
-    result = (zero_(buffer) if buffer is not None and buffer.device == payload.device
-              else torch.zeros(wire.numel, dtype=acc_dtype, device=payload.device))
-    for source in range(world):  # fixed order: bitwise-identical sums on every rank
-        result.index_add_(0, all_indices[source], all_values[source].to(acc_dtype))
-    union = None
-    if measure_union:
-        union = _largest_shard_union(all_indices, wire.numel, world)
-    return result, (world - 1) * payload.numel(), union
-
-
-def _dense(indices, values, wire, world, group, acc_dtype):
-    if indices is None:
-        dense = values.to(wire.value_dtype, copy=True)
-    else:
-        dense = torch.zeros(wire.numel, dtype=wire.value_dtype, device=values.device)
-        dense.index_add_(0, indices, values.to(wire.value_dtype))
-    with _collective("a dense all-reduce", group):
-        dist.all_reduce(dense, group=group)
-    sent = 2 * (world - 1) * shard_size(wire.numel, world) * wire.value_bytes
-    return dense.to(acc_dtype), sent
 
 
 def _pack_rows(local: torch.Tensor, values: torch.Tensor, index_dtype: torch.dtype,
@@ -500,7 +672,7 @@ def check_same_config(config: dict[str, Any] | Any, group: Any = None) -> None:
     """
     if hasattr(config, "to_dict"):
         config = config.to_dict()
-    rank, world = _world(group)
+    rank, world = rank_and_world(group)
     if world == 1:
         return
     device = torch.device("cpu")
@@ -526,10 +698,3 @@ def check_same_config(config: dict[str, Any] | Any, group: Any = None) -> None:
             lines.append(f"{key} ({per_rank})")
     raise RankMismatchError("distk: the sparsity config differs across ranks: "
                             + "; ".join(lines or ["(unrepresentable difference)"]))
-
-
-def modelled_bytes(numel: int, k: int, world_size: int, wire: WireFormat) -> dict[str, int]:
-    """:func:`distk.comm.cost.scheme_bytes` for a wire format."""
-    return scheme_bytes(numel, k, world_size, wire.index_bytes, wire.value_bytes,
-                        payload_bytes=wire.payload_bytes if wire.codec is not None else None)
-

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -55,15 +54,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distk.comm import check_same_config
-from distk.integrations._state import CompressionState
+from distk.config import SparsityConfig
+from distk.integrations.state import CompressionState, refuse_sparse_gradients
 
 __all__ = [
     "CONFIG_KEY",
     "SUPPORTED_DEEPSPEED",
     "SUPPORTED_ZERO_STAGES",
     "DeepSpeedCompressionState",
-    "describe",
     "enable",
     "get_state",
     "initialize",
@@ -84,12 +82,6 @@ CHECKPOINT_FILE = "distk_rank{rank:05d}.pt"
 
 MONITOR_PREFIX = "distk/"
 """Prefix of the event names written to ``engine.monitor`` and to ``state.logger``."""
-
-# Scalar statistics forwarded to DeepSpeed's monitor and to state.logger.
-_LOGGED_STATS = (
-    "numel", "k", "density", "compression", "bytes_sent", "dense_bytes",
-    "selection_seconds", "comm_seconds", "residual_norm", "recall",
-)
 
 
 def _import_deepspeed() -> Any:
@@ -135,8 +127,6 @@ def split_config(config: str | dict[str, Any]) -> tuple[dict[str, Any], Any]:
         ValueError: the block is not a JSON object, has an unknown key (the closest valid
             key is suggested) or a bad value (key, value and what is allowed are named).
     """
-    from distk.config import SparsityConfig
-
     ds_config = _load_ds_config(config)
     if CONFIG_KEY not in ds_config:
         return ds_config, None
@@ -200,31 +190,26 @@ def _check_supported(ds_config: dict[str, Any], model: Any) -> None:
         if isinstance(model, PipelineModule):
             raise ValueError("distk.deepspeed does not support pipeline parallelism "
                              "(a PipelineModule model)")
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Embedding | torch.nn.EmbeddingBag) and module.sparse:
-                raise ValueError(
-                    f"distk.deepspeed does not support sparse gradients: module {name!r} is "
-                    "an embedding with sparse=True; use sparse=False"
-                )
+        refuse_sparse_gradients(model, "distk.deepspeed")
 
 
 # -- state ---------------------------------------------------------------------------------
 
 class DeepSpeedCompressionState(CompressionState):
-    """What ``engine.distk`` holds: the compressor, last-step stats and the seam in use.
+    """What ``engine.distk`` holds: the shared state plus the seam in use.
 
-    See :class:`~distk.integrations._state.CompressionState` for ``cfg``, ``compressor``,
-    ``stats``, ``iteration``, ``state_dict`` and ``load_state_dict``. Residuals are keyed
-    by parameter name (``model.named_parameters()``). One *iteration* is one exchange of
-    every gradient: once per optimizer step under ZeRO 0/1, once per micro-batch under
-    ZeRO 2 (which reduces after every backward, as DeepSpeed itself does).
+    See :class:`~distk.integrations.CompressionState` for ``cfg``, ``compressor``,
+    ``stats``, ``totals``, ``iteration``, ``state_dict`` and ``load_state_dict``.
+    Residuals are keyed by parameter name (``model.named_parameters()``). One step
+    (``iteration``) is one optimizer step: it ends at the gradient accumulation boundary
+    (``engine.step``), under every ZeRO stage; ZeRO 2, which reduces after every
+    micro-batch as DeepSpeed itself does, exchanges each gradient once per micro-batch
+    within it. DeepSpeed's seams are synchronous (``reduce``).
 
     Attributes:
         seam: which DeepSpeed reduction was replaced: ``"engine"`` (ZeRO 0 and the
             BF16 optimizer) or ``"zero"`` (ZeRO 1/2 optimizer).
         zero_stage: the engine's ZeRO stage.
-        exchanges: number of compressor calls made so far (one per gradient tensor per
-            iteration); the seam test counts these.
         logger: optional sink with ``log(metrics: dict, step: int)`` (e.g.
             :class:`~distk.logging.StatsLogger`); receives ``distk/*`` metrics after
             every optimizer step that exchanged gradients. ``None`` = only the monitor.
@@ -232,50 +217,28 @@ class DeepSpeedCompressionState(CompressionState):
             (``gradient_average`` false); the average is then scaled by the world size.
     """
 
-    __slots__ = ("seam", "zero_stage", "exchanges", "logger", "sum_gradients", "_reported")
+    __slots__ = ("seam", "zero_stage", "logger", "sum_gradients")
 
-    def __init__(self, cfg: Any, process_group: dist.ProcessGroup | None, seam: str,
-                 zero_stage: int, sum_gradients: bool = False) -> None:
-        super().__init__(cfg, process_group)
+    STEP_ENDS_WITH_BACKWARD = False
+
+    def __init__(self, cfg: SparsityConfig | dict[str, Any],
+                 process_group: dist.ProcessGroup | None, seam: str, zero_stage: int,
+                 sum_gradients: bool = False, model: torch.nn.Module | None = None) -> None:
+        super().__init__(cfg, process_group, model=model, entry="distk.deepspeed")
         self.seam = seam
         self.zero_stage = zero_stage
-        self.exchanges = 0
         self.logger: Any = None
         self.sum_gradients = sum_gradients
-        self._reported = -1
 
     def exchange(self, grad: torch.Tensor, key: str) -> None:
         """Replace ``grad`` in place by its sparse, error-compensated average over ranks."""
-        flat = grad.view(-1) if grad.is_contiguous() else grad.contiguous().view(-1)
-        self._begin_buffer(key)
-        self.compressor.step(flat, key, out=flat)
+        self.reduce(grad, key)
         if self.sum_gradients:
-            flat.mul_(self.world_size())
-        if flat.data_ptr() != grad.data_ptr():
-            grad.copy_(flat.view_as(grad))
-        self.exchanges += 1
-        self._end_buffer(self.compressor.stats)
-
-    def metrics(self) -> dict[str, float]:
-        """The last iteration's scalar statistics as ``{"distk/<name>": value}``."""
-        out: dict[str, float] = {}
-        for name in _LOGGED_STATS:
-            value = self.stats.get(name)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                out[MONITOR_PREFIX + name] = float(value)
-        totals = getattr(self.compressor, "totals", None) or {}
-        for name, value in totals.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                out[f"{MONITOR_PREFIX}total_{name}"] = float(value)
-        out[MONITOR_PREFIX + "iteration"] = float(self.iteration)
-        return out
+            grad.mul_(self.world_size)
 
     def _report(self, engine: Any) -> None:
-        """Send the last iteration's statistics to the monitor and the logger (once)."""
-        if not self.stats or self._reported == self.iteration:
-            return
-        self._reported = self.iteration
-        metrics = self.metrics()
+        """Send the last step's statistics to the monitor and the logger."""
+        metrics = self.metrics(MONITOR_PREFIX)
         monitor = getattr(engine, "monitor", None)
         if monitor is not None and monitor.enabled:
             # DeepSpeed's own events use the sample count as their x axis.
@@ -292,9 +255,7 @@ class DeepSpeedCompressionState(CompressionState):
         self.seam = state["seam"]
         self.zero_stage = state["zero_stage"]
         self.sum_gradients = state["sum_gradients"]
-        self.exchanges = 0
         self.logger = None
-        self._reported = -1
 
 
 # -- seams -----------------------------------------------------------------------------------
@@ -339,7 +300,6 @@ def _install_engine_seam(engine: Any, state: DeepSpeedCompressionState) -> None:
                                "parallelism) are not supported")
         for name, grad in _engine_gradients(engine, names):
             state.exchange(grad, name)
-        state._finish_step()
 
     engine.buffered_allreduce_fallback = buffered_allreduce_fallback
 
@@ -441,11 +401,12 @@ def _wrap_step(engine: Any, state: DeepSpeedCompressionState) -> None:
     original = engine.step
 
     def step(*args: Any, **kwargs: Any) -> Any:
-        """DeepSpeed's ``step``, then distk's statistics to the monitor and logger."""
+        """DeepSpeed's ``step``; at the accumulation boundary distk's step ends too and its
+        statistics go to the monitor and logger."""
         boundary = engine.is_gradient_accumulation_boundary()
-        state._finish_step()
+        closed = boundary and state.end_step()
         result = original(*args, **kwargs)
-        if boundary:
+        if closed:
             state._report(engine)
         return result
 
@@ -472,8 +433,7 @@ def _wrap_checkpointing(engine: Any, state: DeepSpeedCompressionState) -> None:
             tag = f"global_step{engine.global_steps}"  # DeepSpeed's default tag
         path = _checkpoint_path(save_dir, tag, dist.get_rank())
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        payload = {"world_size": dist.get_world_size(), "state": state.state_dict()}
-        torch.save(payload, path)
+        torch.save(state.state_dict(), path)  # carries its rank and world size
         return original_save(save_dir, tag=tag,
                              client_state={} if client_state is None else client_state,
                              save_latest=save_latest,
@@ -500,13 +460,14 @@ def _wrap_checkpointing(engine: Any, state: DeepSpeedCompressionState) -> None:
             with open(os.path.join(load_dir, latest)) as handle:
                 tag = handle.read().strip()
         path = _checkpoint_path(load_dir, tag, dist.get_rank())
-        payload = torch.load(path, weights_only=False) if os.path.isfile(path) else None
-        usable = payload is not None and payload.get("world_size") == dist.get_world_size()
+        saved = torch.load(path, weights_only=False) if os.path.isfile(path) else None
+        usable = saved is not None and (saved.get("rank"), saved.get("world_size")) == (
+            state.rank, state.world_size)
         # All ranks restore, or none: compressor step counters must agree across ranks.
         flag = torch.tensor([1 if usable else 0], dtype=torch.int32, device=engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if flag.item() == 1:
-            state.load_state_dict(payload["state"])
+            state.load_state_dict(saved)
         else:
             warnings.warn(
                 f"distk.deepspeed: no usable distk state for every rank in "
@@ -544,12 +505,6 @@ def enable(engine: Any, cfg: Any) -> DeepSpeedCompressionState:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from distk.config import SparsityConfig
-
-    if isinstance(cfg, dict):
-        cfg = SparsityConfig.from_dict(cfg)
-    if not isinstance(cfg, SparsityConfig):
-        raise TypeError(f"cfg must be a distk.SparsityConfig or a dict, got {type(cfg).__name__}")
     if get_state(engine) is not None:
         raise RuntimeError("distk.deepspeed.enable: this engine already exchanges through distk")
     _check_supported(engine.config, engine.module)
@@ -582,9 +537,8 @@ def enable(engine: Any, cfg: Any) -> DeepSpeedCompressionState:
         _require_methods(engine, _ENGINE_SEAM_METHODS)
         seam, group = "engine", engine.seq_data_parallel_group
         sum_gradients = not engine.gradient_average
-    check_same_config(cfg, group=group)
     state = DeepSpeedCompressionState(cfg, group, seam=seam, zero_stage=stage,
-                                      sum_gradients=sum_gradients)
+                                      sum_gradients=sum_gradients, model=engine.module)
     if seam == "zero":
         _install_zero_seam(engine, state)
     else:
@@ -653,12 +607,3 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     result = deepspeed.initialize(**kwargs)
     enable(result[0], cfg)
     return result
-
-
-def describe(engine: Any) -> str:
-    """One line naming the seam, ZeRO stage and config of a distk-enabled engine."""
-    state = get_state(engine)
-    if state is None:
-        return "distk: not enabled on this engine"
-    return (f"distk: seam={state.seam} zero_stage={state.zero_stage} "
-            f"config={json.dumps(state.cfg.to_dict(), sort_keys=True)}")

@@ -52,8 +52,8 @@ try:  # the interface FSDPModule.set_custom_reduce_scatter documents (private pa
 except ImportError:  # pragma: no cover - FSDP only duck-types allocate() and __call__
     _ReduceScatterBase = object
 
-from distk.comm import check_same_config
-from distk.integrations._state import CompressionState, as_flat
+from distk.config import SparsityConfig
+from distk.integrations.state import CompressionState
 
 __all__ = ["FSDPCompressionState", "SparseReduceScatter", "enable"]
 
@@ -64,8 +64,9 @@ _FSDP1_UNSUPPORTED = (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SH
 class FSDPCompressionState(CompressionState):
     """State returned by :func:`enable` for FSDP1 and FSDP2 models.
 
-    See :class:`~distk.integrations._state.CompressionState` for ``compressor``,
-    ``stats``, ``iteration``, ``state_dict`` and ``load_state_dict``.
+    See :class:`~distk.integrations.CompressionState` for ``compressor``, ``stats``,
+    ``iteration``, ``reduce``, ``state_dict`` and ``load_state_dict``. Units reduce
+    synchronously (``reduce``): FSDP's comm seams take no future.
 
     Attributes:
         flavour: ``"fsdp2"`` or ``"fsdp1"``.
@@ -74,9 +75,10 @@ class FSDPCompressionState(CompressionState):
 
     __slots__ = ("flavour", "unit_names")
 
-    def __init__(self, cfg: Any, process_group: dist.ProcessGroup | None,
-                 flavour: str, unit_names: Sequence[str]) -> None:
-        super().__init__(cfg, process_group, expected_keys=unit_names)
+    def __init__(self, cfg: SparsityConfig | dict[str, Any],
+                 process_group: dist.ProcessGroup | None, flavour: str,
+                 unit_names: Sequence[str], model: nn.Module | None = None) -> None:
+        super().__init__(cfg, process_group, model=model, entry="distk.fsdp.enable")
         self.flavour = flavour
         self.unit_names = tuple(unit_names)
 
@@ -87,20 +89,9 @@ class FSDPCompressionState(CompressionState):
         self.flavour = state["flavour"]
         self.unit_names = tuple(state["unit_names"])
 
-    def reduce(self, unsharded: torch.Tensor, key: str) -> torch.Tensor:
-        """Average the flat unsharded gradient ``unsharded`` over ranks through the compressor.
-
-        Returns the averaged flat buffer (same numel and dtype as ``unsharded``).
-        """
-        self._begin_buffer(key)
-        averaged = self.compressor.step(as_flat(unsharded), key)
-        self._end_buffer(self.compressor.stats)
-        return averaged
-
     def shard_of(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a flat buffer split into ``world_size`` equal chunks."""
-        world_size = self.world_size()
-        return full.view(world_size, -1)[dist.get_rank(self.process_group)]
+        return full.view(self.world_size, -1)[self.rank]
 
 
 class SparseReduceScatter(_ReduceScatterBase):
@@ -119,7 +110,7 @@ class SparseReduceScatter(_ReduceScatterBase):
 
     def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
-        """A plain temporary buffer (the compressor's exchange allocates its own)."""
+        """A plain temporary buffer; the exchange writes its result into it."""
         return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
@@ -132,10 +123,10 @@ class SparseReduceScatter(_ReduceScatterBase):
         """
         del async_op  # the exchange completes before returning; FSDP ignores the Work
         state = self.state
-        if group.size() != state.world_size():
+        if group.size() != state.world_size:
             raise RuntimeError(
                 f"distk FSDP2 comm for module {self.key!r} was called on a group of size "
-                f"{group.size()}, but the compressor averages over {state.world_size()} ranks"
+                f"{group.size()}, but the compressor averages over {state.world_size} ranks"
             )
         if op == dist.ReduceOp.SUM:
             scale = float(group.size())
@@ -147,6 +138,7 @@ class SparseReduceScatter(_ReduceScatterBase):
                 "AVG are supported (distk.fsdp.enable sets set_force_sum_reduction_for_comms"
                 "(True); do not turn it off afterwards)"
             )
+        # The input is FSDP's temporary (from allocate): averaged in place.
         averaged = state.reduce(input_tensor, self.key)
         shard = state.shard_of(averaged)
         if scale != 1.0:
@@ -159,11 +151,10 @@ class SparseReduceScatter(_ReduceScatterBase):
 def _fsdp1_hook(unit_state: _FSDP1UnitState, grad: torch.Tensor,
                 output: torch.Tensor | None = None) -> None:
     """FSDP1 comm hook: average ``grad`` (NO_SHARD, in place) or write this rank's shard."""
+    # In place: FSDP1 frees the unsharded gradient after the hook (NO_SHARD keeps it).
     averaged = unit_state.shared.reduce(grad, unit_state.key)
-    if output is None:
-        grad.copy_(averaged.view_as(grad))
-    else:
-        output.copy_(unit_state.shared.shard_of(averaged))
+    if output is not None:
+        output.copy_(unit_state.shared.shard_of(averaged.view(-1)))
 
 
 class _FSDP1UnitState:
@@ -197,7 +188,8 @@ def _fsdp2_units(model: nn.Module) -> list[tuple[str, FSDPModule, list[nn.Parame
     return units
 
 
-def _enable_fsdp2(model: nn.Module, cfg: Any) -> FSDPCompressionState:
+def _enable_fsdp2(model: nn.Module, cfg: SparsityConfig | dict[str, Any]
+                  ) -> FSDPCompressionState:
     for method in ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms"):
         if not hasattr(FSDPModule, method):
             raise RuntimeError(
@@ -231,9 +223,8 @@ def _enable_fsdp2(model: nn.Module, cfg: Any) -> FSDPCompressionState:
             f"groups {sorted(groups)}; distk needs one data-parallel group"
         )
     group = meshes[0].get_group()
-    check_same_config(cfg, group)
     names = [name or "<root>" for name, _, _ in units]
-    state = FSDPCompressionState(cfg, group, "fsdp2", names)
+    state = FSDPCompressionState(cfg, group, "fsdp2", names, model=model)
     for (_, module, _), key in zip(units, names):
         try:
             module.set_custom_reduce_scatter(SparseReduceScatter(state, key))
@@ -245,7 +236,7 @@ def _enable_fsdp2(model: nn.Module, cfg: Any) -> FSDPCompressionState:
     return state
 
 
-def _enable_fsdp1(model: FSDP1, cfg: Any) -> FSDPCompressionState:
+def _enable_fsdp1(model: FSDP1, cfg: SparsityConfig | dict[str, Any]) -> FSDPCompressionState:
     units = FSDP1.fsdp_modules(model)  # the model itself and every nested unit
     for unit in units:
         if unit.sharding_strategy in _FSDP1_UNSUPPORTED:
@@ -259,9 +250,7 @@ def _enable_fsdp1(model: FSDP1, cfg: Any) -> FSDPCompressionState:
     # ``_handle`` is FSDP1's private handle attribute; tests/test_fsdp.py checks the seam.
     owning = [u for u in units if getattr(u, "_handle", None) is not None]
     keys = [named[id(u)].replace(_FSDP1_WRAPPED_PREFIX, "") or "<root>" for u in owning]
-    group = model.process_group
-    check_same_config(cfg, group)
-    state = FSDPCompressionState(cfg, group, "fsdp1", keys)
+    state = FSDPCompressionState(cfg, model.process_group, "fsdp1", keys, model=model)
     model.register_comm_hook(_FSDP1UnitState(state, "<unused>"), _fsdp1_hook)
     # register_comm_hook gives every unit the same hook state; each unit needs its own key
     # so that residuals are per unit. ``_comm_hook_state`` is the attribute FSDP1 passes to
@@ -276,7 +265,7 @@ def _enable_fsdp1(model: FSDP1, cfg: Any) -> FSDPCompressionState:
     return state
 
 
-def enable(model: nn.Module, cfg: Any) -> FSDPCompressionState:
+def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any]) -> FSDPCompressionState:
     """Sparsify the gradient reduction of an FSDP2 (``fully_shard``) or FSDP1 model.
 
     Args:
@@ -299,12 +288,6 @@ def enable(model: nn.Module, cfg: Any) -> FSDPCompressionState:
             sharding, several FSDP2 parameter groups per module, FSDP1 and FSDP2 mixed),
             or configs that differ across ranks.
     """
-    from distk.config import SparsityConfig
-
-    if isinstance(cfg, dict):
-        cfg = SparsityConfig.from_dict(cfg)
-    if not isinstance(cfg, SparsityConfig):
-        raise TypeError(f"cfg must be a distk.SparsityConfig or a dict, got {type(cfg).__name__}")
     has_fsdp2 = any(isinstance(m, FSDPModule) for m in model.modules())
     has_fsdp1 = any(isinstance(m, FSDP1) for m in model.modules())
     if has_fsdp1 and has_fsdp2:

@@ -5,8 +5,8 @@
 - :class:`SparseAllReduce` / :func:`sparse_all_reduce` / :class:`RowParallelLinear`:
   tensor-parallel layers that exchange only the top-k entries of each rank's partial
   activations;
-- :mod:`distk.nn.sae`: a k-sparse (TopK) autoencoder and its training entry point
-  (``python -m distk.nn.sae --config configs/sae.json``).
+- :mod:`distk.nn.sae`: a k-sparse (TopK) autoencoder (its training job, which needs
+  ``distk.train``, is ``python -m distk.train.sae --config configs/sae.json``).
 
 See docs/activations.md.
 """

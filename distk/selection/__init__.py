@@ -58,7 +58,8 @@ def _backend() -> str:
 def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
                       interleaved: bool = True, by_magnitude: bool = True,
                       floor: torch.Tensor | None = None, refill: bool = False,
-                      add: torch.Tensor | None = None) -> torch.Tensor:
+                      add: torch.Tensor | None = None,
+                      above_per_bucket: float | None = None) -> torch.Tensor:
     """First stage on a 2-D ``x``: composite keys ``(rows, buckets, kept)``, each bucket's
     top entries sorted descending (see ``reference.py`` for the key encoding and
     ``floor``). ``refill`` lets a backend redo, without the floor, a bucket left with an
@@ -66,7 +67,10 @@ def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
 
     ``add`` (same shape as ``x``): first ``x += add`` in place, then select on the sum.
     The CPU kernel fuses the two into one pass over memory for fp32; every other case
-    runs ``x.add_(add)`` first, which defines the result."""
+    runs ``x.add_(add)`` first, which defines the result.
+
+    ``above_per_bucket``: expected entries per bucket above ``floor`` (the Triton kernel
+    sizes its candidate lists with it)."""
     backend = _backend()
     if backend == "auto":
         backend = "triton" if x.is_cuda else "cpu"
@@ -80,7 +84,7 @@ def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
         from distk.selection.triton_kernel import bucket_candidates_triton
 
         return bucket_candidates_triton(x, buckets, k_per_bucket, interleaved, by_magnitude,
-                                        floor)
+                                        floor, above_per_bucket)
     if backend == "cpu" and x.device.type == "cpu":
         from distk.selection.cpu_kernel import bucket_candidates_cpu
 
@@ -92,16 +96,21 @@ def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
                                        floor)
 
 
-# The floor pays for its sample (a gather and a k-th value per row) only on long rows.
-_FLOOR_MIN_N = 1 << 18
+# The floor pays for its sample (a gather and a k-th value per row) only on long rows:
+# from 2^18 entries on the CPU; from 2^17 on CUDA, where it turns the first stage into
+# one bandwidth-bound read (the Triton ``compact`` kernel). The sample is at most an
+# eighth of the row.
+_FLOOR_MIN_N = {"cpu": 1 << 18, "cuda": 1 << 17}
 _FLOOR_BLOCKS, _FLOOR_BLOCK = 64, 256
 
 
 def _score_floor(x: torch.Tensor, above_fraction: float, by_magnitude: bool,
-                 add: torch.Tensor | None = None) -> torch.Tensor | None:
+                 add: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float]:
     """Per-row score key that about ``above_fraction`` of the row's entries exceed,
-    estimated from a sample of 16 K entries (of ``x + add`` when ``add`` is given);
-    ``None`` when it would not save work.
+    estimated from a sample of up to 16 K entries (of ``x + add`` when ``add`` is
+    given), and an upper estimate of the fraction of entries really above it (the
+    sample's fraction plus four standard deviations of its noise); ``(None, 0.0)`` when a
+    floor would not save work.
 
     The first stage may skip entries at or below a floor when enough entries lie above
     it; callers check that afterwards and redo failing rows without a floor, so a floor
@@ -109,17 +118,19 @@ def _score_floor(x: torch.Tensor, above_fraction: float, by_magnitude: bool,
     that a good floor rules out.
     """
     rows, n = x.shape
-    if n < _FLOOR_MIN_N:
-        return None
-    samples = _FLOOR_BLOCKS * _FLOOR_BLOCK
+    if n < _FLOOR_MIN_N.get(x.device.type, _FLOOR_MIN_N["cpu"]):
+        return None, 0.0
+    blocks = min(_FLOOR_BLOCKS, n // (8 * _FLOOR_BLOCK))
+    samples = blocks * _FLOOR_BLOCK
     above = int(samples * above_fraction) + 16  # slack for the sampling noise
     if above >= samples // 4:
-        return None
-    starts = torch.linspace(0, n - _FLOOR_BLOCK, _FLOOR_BLOCKS, device=x.device).long()
+        return None, 0.0
+    starts = torch.linspace(0, n - _FLOOR_BLOCK, blocks, device=x.device).long()
     cols = (starts[:, None] + torch.arange(_FLOOR_BLOCK, device=x.device)).flatten()
     sample = x[:, cols] if add is None else x[:, cols] + add[:, cols]
     keys = order_keys(sample, by_magnitude)
-    return torch.kthvalue(keys, samples - above, dim=-1).values
+    floor = torch.kthvalue(keys, samples - above, dim=-1).values
+    return floor, above / samples * (1 + 4 / math.sqrt(above))
 
 
 def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
@@ -130,8 +141,8 @@ def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
 
     The floor aims at ``k_per_bucket + 6 sqrt(k_per_bucket) + 4`` entries above it per
     bucket on average; a row where some bucket ends with an empty slot is redone
-    without it. Used for selections with no second stage (the compressor's wire format
-    with implicit bucket ids).
+    without it (one device-to-host sync per call, to decide that). Used for selections
+    with no second stage (the compressor's wire format with implicit bucket ids).
 
     ``add``: error feedback fused into the selection: ``x += add`` in place, then the
     top entries of the sum (see :func:`bucket_candidates`).
@@ -139,18 +150,31 @@ def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
     rows, n = x.shape
     length = -(-n // buckets)
     kept = min(k_per_bucket, length)
-    floor = None
+    floor, fraction = None, 0.0
     if kept < length:
-        fraction = (kept + 6 * math.sqrt(kept) + 4) / (n / buckets)
-        floor = _score_floor(x, fraction, by_magnitude, add)
+        above = kept + 6 * math.sqrt(kept) + 4
+        floor, fraction = _score_floor(x, above / (n / buckets), by_magnitude, add)
     candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude, floor,
-                                   refill=True, add=add)
+                                   refill=True, add=add, above_per_bucket=fraction * length)
     if floor is not None:  # x holds the sums now
         short = (candidates == PAD_KEY).flatten(1).any(dim=1)
         if bool(short.any()):
             candidates[short] = bucket_candidates(x[short], buckets, k_per_bucket, interleaved,
                                                   by_magnitude)
     return candidates
+
+
+# From this many candidates per row a full sort beats torch.topk's radix selection on
+# CUDA (measured on an H200 by benchmarks/gpu_check.py --profile: 104 vs 176 us for 134 K).
+_SORT_SECOND_STAGE_FROM = 8192
+
+
+def _second_stage(candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """``reference.second_stage`` (identical result: composite keys are unique)."""
+    flat = candidates.reshape(candidates.shape[0], -1)
+    if flat.is_cuda and flat.shape[1] >= _SORT_SECOND_STAGE_FROM:
+        return positions_of(torch.sort(flat, dim=-1, descending=True).values[:, :k])
+    return second_stage(candidates, k)
 
 
 @torch.library.custom_op("distk::bucketed_topk_indices", mutates_args=())
@@ -160,7 +184,8 @@ def bucketed_topk_indices(x: torch.Tensor, k: int, buckets: int, k_per_bucket: i
     if k == 0:
         return torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)
     n = x.shape[1]
-    kept = min(k_per_bucket, -(-n // buckets))
+    length = -(-n // buckets)
+    kept = min(k_per_bucket, length)
     if buckets * kept == k:
         # No second stage: every candidate is selected; only the order remains.
         candidates = per_bucket_topk(x, buckets, k_per_bucket, interleaved, by_magnitude)
@@ -168,14 +193,18 @@ def bucketed_topk_indices(x: torch.Tensor, k: int, buckets: int, k_per_bucket: i
         return positions_of(torch.sort(flat, dim=-1, descending=True).values)
     # A floor that about 2k / recall entries exceed: the k-th candidate lies above it.
     recall = max(expected_recall(n, k, buckets, k_per_bucket), 0.05)
-    floor = _score_floor(x, 2 * k / (recall * n), by_magnitude)
-    candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude, floor)
+    floor, fraction = _score_floor(x, 2 * k / (recall * n), by_magnitude)
+    candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude, floor,
+                                   above_per_bucket=fraction * length)
+    positions = _second_stage(candidates, k)
     if floor is not None:
+        # Checked after the second stage is queued, so that the device works while the
+        # host waits on this one sync; rows with fewer than k candidates are redone.
         short = (candidates != PAD_KEY).sum(dim=(1, 2)) < k
         if bool(short.any()):
-            candidates[short] = bucket_candidates(x[short], buckets, k_per_bucket, interleaved,
-                                                  by_magnitude)
-    return second_stage(candidates, k)
+            positions[short] = _second_stage(
+                bucket_candidates(x[short], buckets, k_per_bucket, interleaved, by_magnitude), k)
+    return positions
 
 
 @bucketed_topk_indices.register_fake

@@ -11,6 +11,7 @@ The second stage is exact, so the recall of the whole selection is that of the f
 
 from __future__ import annotations
 
+import functools
 import math
 
 DEFAULT_RECALL_TARGET = 0.95
@@ -48,6 +49,7 @@ def check_recall_target(recall_target: object) -> float:
     return float(recall_target)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; distk.topk asks it on every call
 def expected_recall(n: int, k: int, buckets: int, k_per_bucket: int) -> float:
     """Expected fraction of the true top-``k`` of ``n`` items that bucketed top-k returns.
 
@@ -108,6 +110,7 @@ def selection_cost(n: int, buckets: int, k_per_bucket: int) -> float:
     return n * per_element + stage2
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and a few ms of Python per call
 def choose_buckets(n: int, k: int, recall_target: float = DEFAULT_RECALL_TARGET,
                    *, buckets: int | None = None,
                    k_per_bucket: int | None = None) -> tuple[int, int]:

@@ -85,32 +85,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distk-train: error: {err}", file=sys.stderr)
         return 2
     modes = tuple(m for m in (args.modes or "").split(",") if m)
-    from distk.train.compare import ALL_MODES
+    if modes:  # (imports torch: only when asked for)
+        from distk.train.compare import ALL_MODES
+        from distk.train.outer_mode import OUTER_MODE
 
-    unknown = [m for m in modes if m not in ALL_MODES]
-    if unknown or (modes and not args.compare):
-        problem = (f"unknown mode(s) {unknown}; allowed: {', '.join(ALL_MODES)}" if unknown
-                   else "--modes needs --compare")
-        print(f"distk-train: error: {problem}", file=sys.stderr)
-        return 2
+        unknown = [m for m in modes if m not in ALL_MODES]
+        problem = None
+        if unknown:
+            problem = f"unknown mode(s) {unknown}; allowed: {', '.join(ALL_MODES)}"
+        elif not args.compare:
+            problem = "--modes needs --compare"
+        elif args.deepspeed and OUTER_MODE in modes:
+            problem = (f"mode {OUTER_MODE!r} trains a plain model with local steps, not "
+                       "through DeepSpeed (whose engine reduces gradients at every step); "
+                       "leave it out of --modes with --deepspeed")
+        if problem:
+            print(f"distk-train: error: {problem}", file=sys.stderr)
+            return 2
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    if args.deepspeed:
-        # Imported only when asked for: DeepSpeed is an optional extra.
-        from distk.train import deepspeed_job
-
-        deepspeed_job.run(cfg, args.deepspeed)
-        return 0
-
+    # Imported here, not at the top: --help and --print-config stay fast without torch.
     import torch.distributed as dist
 
+    from distk.train import deepspeed_job
     from distk.train.compare import run_compare
     from distk.train.loop import format_result, setup_distributed, train
 
     rank, _, _ = setup_distributed(cfg)
     if args.compare:
-        run_compare(cfg, resume=args.resume, **({"modes": modes} if modes else {}))
+        run_compare(cfg, resume=args.resume, ds_config=args.deepspeed,
+                    **({"modes": modes} if modes else {}))
+    elif args.deepspeed:
+        deepspeed_job.run(cfg, args.deepspeed, resume=args.resume)
     else:
         result = train(cfg, cfg.run_dir, resume=args.resume)
         if rank == 0:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from distk.train import deepspeed_job
 from distk.train.config import TrainConfig
 from distk.train.data import build_corpus
 from distk.train.loop import RunResult, mode_config, train
@@ -32,11 +33,17 @@ ALL_MODES = (*COMPARE_MODES, OUTER_MODE)
 
 
 def run_compare(cfg: TrainConfig, *, resume: bool = False,
-                modes: tuple[str, ...] = COMPARE_MODES) -> dict[str, RunResult]:
+                modes: tuple[str, ...] = COMPARE_MODES,
+                ds_config: str | Path | None = None) -> dict[str, RunResult]:
     """Train ``cfg`` once per mode (every rank calls it); rank 0 prints the table and writes
     ``compare.json`` and ``compare.png`` into ``cfg.run_dir``. With ``resume``, a mode whose
     ``result.json`` says it completed is not re-run, and an interrupted mode continues from
-    its checkpoint."""
+    its checkpoint. With ``ds_config`` every mode trains through DeepSpeed (the JSON's
+    ``"distk"`` block with its ``method`` replaced by the mode)."""
+    if ds_config is not None and OUTER_MODE in modes:
+        raise ValueError(f"mode {OUTER_MODE!r} trains a plain model with local steps; it does "
+                         "not run through DeepSpeed (whose engine reduces gradients at every "
+                         "step)")
     run_dir = cfg.run_dir
     corpus = build_corpus(cfg)
     results: dict[str, RunResult] = {}
@@ -46,8 +53,13 @@ def run_compare(cfg: TrainConfig, *, resume: bool = False,
         if done is not None:
             results[mode] = done
             continue
-        results[mode] = train(mode_config(cfg, mode), mode_dir, resume=resume, corpus=corpus,
-                              wandb_group=cfg.name)
+        if ds_config is not None:
+            results[mode] = deepspeed_job.run(cfg, ds_config, resume=resume, method=mode,
+                                              run_dir=mode_dir, corpus=corpus,
+                                              wandb_group=cfg.name)
+        else:
+            results[mode] = train(mode_config(cfg, mode), mode_dir, resume=resume,
+                                  corpus=corpus, wandb_group=cfg.name)
     if dist.get_rank() == 0:
         table = format_table(results)
         print(table, flush=True)

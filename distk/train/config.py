@@ -299,7 +299,7 @@ class TrainConfig:
         valid key, wrong types raise ValueError naming key, value and expected type."""
         if not isinstance(d, dict):
             raise ValueError(f"a training config must be a JSON object, got {type(d).__name__}")
-        kwargs = _fields_from_dict(cls, d, prefix="")
+        kwargs = fields_from_dict(cls, d, prefix="")
         sections = {"data": DataConfig, "model": ModelConfig, "train": OptimConfig,
                     "logging": LoggingConfig}
         for name, section_cls in sections.items():
@@ -307,7 +307,7 @@ class TrainConfig:
                 sub = kwargs[name]
                 if not isinstance(sub, dict):
                     raise ValueError(f"{name} must be a JSON object, got {sub!r}")
-                kwargs[name] = section_cls(**_fields_from_dict(section_cls, sub, f"{name}."))
+                kwargs[name] = section_cls(**fields_from_dict(section_cls, sub, f"{name}."))
         if "sparsity" in kwargs:
             if not isinstance(kwargs["sparsity"], dict):
                 raise ValueError(f"sparsity must be a JSON object, got {kwargs['sparsity']!r}")
@@ -356,7 +356,7 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("NoneType", "null")
 
 
-def _fields_from_dict(cls: type, d: dict[str, Any], prefix: str) -> dict[str, Any]:
+def fields_from_dict(cls: type, d: dict[str, Any], prefix: str) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     out: dict[str, Any] = {}

@@ -13,16 +13,20 @@ here). Keys the JSON leaves out are filled from the training config:
 - ``gradient_accumulation_steps`` <- 1 (with ``N > 1`` one optimizer step consumes the
   micro-batches ``step * N ... step * N + N - 1`` of the data stream).
 
-The optimizer is the DDP job's AdamW (``build_optimizer``) with its schedule (``lr_at``),
-passed to DeepSpeed as a client optimizer, so a JSON ``"optimizer"`` block is refused.
+The optimizer is the DDP job's (``build_optimizer``: SGD by default, or AdamW) with its
+schedule (``lr_at``), passed to DeepSpeed as a client optimizer, so a JSON
+``"optimizer"`` block is refused; ``train.momentum_correction`` moves SGD momentum into
+the ``"distk"`` block's compressor exactly as in the DDP job (``momentum_placement``).
 Without a ``"distk"`` block the run is plain DeepSpeed (no compression, no distk stats).
+
+The loop is the DDP job's (:func:`distk.train.loop.run_loop`) over a
+:class:`DeepSpeedBackend`, so ``--resume`` and ``--compare`` (each mode replaces the
+block's ``method``) work the same way.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,47 +34,58 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distk.integrations.deepspeed import initialize, split_config
+from distk.config import SparsityConfig
+from distk.integrations.deepspeed import get_state, initialize, split_config
 from distk.train.config import TrainConfig
-from distk.train.data import build_corpus, build_data
+from distk.train.data import ByteCorpus, build_corpus, build_data
 from distk.train.loop import (
     RunResult,
+    RunState,
+    StepBackend,
+    StepOutput,
     build_optimizer,
     format_result,
-    lr_at,
-    open_run_logger,
+    momentum_placement,
+    run_loop,
     setup_distributed,
 )
-from distk.train.model import build_model, evaluate
+from distk.train.model import build_model
 
-__all__ = ["checkpoint_root", "deepspeed_config_for", "run"]
+__all__ = ["DeepSpeedBackend", "checkpoint_root", "deepspeed_config_for", "run"]
+
 
 def checkpoint_root(run_dir: Path) -> Path:
     """Where the DeepSpeed job's checkpoints live (``engine.save_checkpoint`` folder)."""
     return Path(run_dir) / "ds_checkpoint"
 
 
-def deepspeed_config_for(cfg: TrainConfig, ds_config: str | dict[str, Any]
-                         ) -> tuple[dict[str, Any], str]:
+def deepspeed_config_for(cfg: TrainConfig, ds_config: str | dict[str, Any],
+                         method: str | None = None) -> tuple[dict[str, Any], str]:
     """The DeepSpeed config dict the job passes on, and the run's mode name.
 
     Fills the keys listed in the module docstring from ``cfg``; the ``"distk"`` block is
     validated here (a bad block raises ``ValueError`` before any process-group work) and
-    kept for :func:`distk.deepspeed.initialize`. The mode is ``zero<stage>-<method>``
-    (``zero<stage>-deepspeed`` without a block).
+    kept for :func:`distk.deepspeed.initialize`; ``method`` (``--compare``) replaces its
+    ``method``. The mode is ``zero<stage>-<method>`` (``zero<stage>-deepspeed`` without a
+    block).
 
     Raises:
-        ValueError: a bad ``"distk"`` block, or an ``"optimizer"`` block (the job passes
-            its own AdamW).
+        ValueError: a bad ``"distk"`` block, an ``"optimizer"`` block (the job passes
+            its own optimizer), or ``method`` without a ``"distk"`` block.
     """
     stripped, sparsity = split_config(ds_config)
     config = dict(stripped)
     if "optimizer" in config:
         raise ValueError(
             'the DeepSpeed config for distk-train must not have an "optimizer" block: the '
-            "job passes the DDP job's AdamW (train.lr, train.beta1/beta2, "
-            "train.weight_decay) so that runs are comparable; remove the block"
+            "job passes the DDP job's optimizer (train.optimizer, train.lr, train.beta1/"
+            "beta2, train.weight_decay) so that runs are comparable; remove the block"
         )
+    if method is not None:
+        if sparsity is None:
+            raise ValueError(f'comparing modes through DeepSpeed needs a "distk" block in '
+                             f"the DeepSpeed config (got none; mode {method!r})")
+        sparsity = sparsity.replace(method=method)
     if "train_micro_batch_size_per_gpu" not in config and "train_batch_size" not in config:
         config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     config.setdefault("gradient_accumulation_steps", 1)
@@ -83,123 +98,90 @@ def deepspeed_config_for(cfg: TrainConfig, ds_config: str | dict[str, Any]
     return config, mode
 
 
-def run(cfg: TrainConfig, ds_config_path: str | Path, *, resume: bool = False) -> RunResult:
+class DeepSpeedBackend(StepBackend):
+    """A DeepSpeed engine (built by :func:`distk.deepspeed.initialize`) as the loop's step:
+    ``gradient_accumulation_steps`` micro-batches per optimizer step, checkpoints through
+    ``engine.save_checkpoint`` (distk's residuals included)."""
+
+    def __init__(self, cfg: TrainConfig, ds_config: dict[str, Any], mode: str, run_dir: Path,
+                 data: Any, device: torch.device) -> None:
+        self.data = data
+        self.rank = dist.get_rank()
+        model = build_model(cfg, device)
+        self.engine, _, _, _ = initialize(model=model, optimizer=build_optimizer(model, cfg),
+                                          config=ds_config)
+        self.module = self.engine.module
+        self.state = get_state(self.engine)
+        self.accumulation = int(ds_config["gradient_accumulation_steps"])
+        self.mode = f"deepspeed-{mode}"
+        self.label = f"deepspeed {mode}"
+        self.log_config = {**cfg.to_dict(), "deepspeed": ds_config}
+        self.checkpoints = checkpoint_root(run_dir)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, step: int, want_magnitudes: bool) -> StepOutput:
+        del want_magnitudes  # ZeRO partitions the update: no whole-update histogram
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+        for micro in range(self.accumulation):
+            inputs, targets = self.data.train_batch(step * self.accumulation + micro)
+            _, loss = self.engine(inputs, targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.detach().double()
+        norm = self.engine.get_global_grad_norm()
+        return StepOutput(loss_sum, self.accumulation, None if norm is None else float(norm))
+
+    def fresh_start(self) -> None:
+        if self.rank == 0:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+        dist.barrier()
+
+    def save(self, step: int, run: RunState) -> None:
+        self.engine.save_checkpoint(str(self.checkpoints),
+                                    client_state={"step": step, "run": run.to_dict()})
+
+    def load(self) -> tuple[int, RunState] | None:
+        load_path, client_state = self.engine.load_checkpoint(str(self.checkpoints))
+        if load_path is None:
+            return None
+        return int(client_state["step"]), RunState.from_dict(client_state["run"])
+
+
+def run(cfg: TrainConfig, ds_config_path: str | Path, *, resume: bool = False,
+        method: str | None = None, run_dir: Path | None = None,
+        corpus: ByteCorpus | None = None, wandb_group: str | None = None) -> RunResult:
     """Train ``cfg`` through DeepSpeed configured by ``ds_config_path``; every rank calls it.
 
-    Writes ``metrics.jsonl`` and ``result.json`` (rank 0) under
-    ``<run_root>/<name>/<json file stem>/`` and, when ``train.checkpoint_every`` or
+    Writes ``metrics.jsonl`` and ``result.json`` (rank 0) under ``run_dir`` (default
+    ``<run_root>/<name>/<json file stem>/``) and, when ``train.checkpoint_every`` or
     ``train.stop_after`` asks, DeepSpeed checkpoints (with distk's residuals) under its
     ``ds_checkpoint/``. With ``resume``, continues from the latest checkpoint there.
+    ``method`` replaces the ``"distk"`` block's method (``--compare``).
 
     Returns:
         The :class:`~distk.train.loop.RunResult` (identical on every rank).
     """
     created_group = not dist.is_initialized()
-    ds_config, mode = deepspeed_config_for(cfg, str(ds_config_path))
+    ds_config, mode = deepspeed_config_for(cfg, str(ds_config_path), method)
+    if "distk" in ds_config:
+        # The DDP job's rule for where SGD momentum lives, applied to the block.
+        placed = momentum_placement(replace(cfg, sparsity=SparsityConfig.from_dict(
+            ds_config["distk"])))
+        ds_config["distk"] = placed.sparsity.to_dict()
+        cfg = replace(cfg, train=placed.train)
     rank, world, device = setup_distributed(cfg)
     micro_batch = int(ds_config.get("train_micro_batch_size_per_gpu", cfg.train.batch_size))
-    accumulation = int(ds_config["gradient_accumulation_steps"])
     if micro_batch != cfg.train.batch_size:
         cfg = replace(cfg, train=replace(cfg.train, batch_size=micro_batch))
-    run_dir = cfg.run_dir / Path(ds_config_path).stem
+    run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir / Path(ds_config_path).stem
 
-    data = build_data(cfg, rank, world, device, corpus=build_corpus(cfg))
-    val_batches = data.val_batches()
-    model = build_model(cfg, device)
-    engine, _, _, _ = initialize(model=model, optimizer=build_optimizer(model, cfg),
-                                 config=ds_config)
-    state = engine.__dict__.get("distk")
-
-    start_step = 0
-    extra: dict[str, Any] = {"train_curve": [], "val_curve": [], "recalls": [],
-                             "wall_seconds": 0.0}
-    ckpt = checkpoint_root(run_dir)
-    if resume:
-        load_path, client_state = engine.load_checkpoint(str(ckpt))
-        if load_path is not None:
-            start_step = int(client_state["step"])
-            extra = client_state["extra"]
-    else:
-        if rank == 0:
-            shutil.rmtree(ckpt, ignore_errors=True)
-        dist.barrier()
-
-    logger = open_run_logger(cfg, run_dir, start_step, rank, mode, f"deepspeed {mode}", model,
-                             data.corpus, world, device,
-                             config={**cfg.to_dict(), "deepspeed": ds_config})
-
-    stop = cfg.train.stop_after or cfg.train.steps
-    loss_stats = torch.zeros(2, dtype=torch.float64, device=device)
-    try:
-        for step in range(start_step, stop):
-            lr = lr_at(cfg, step)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            begin = time.perf_counter()
-            for micro in range(accumulation):
-                inputs, targets = data.train_batch(step * accumulation + micro)
-                _, loss = engine(inputs, targets)
-                engine.backward(loss)
-                engine.step()
-                loss_stats[0] += loss.detach().double()
-                loss_stats[1] += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            extra["wall_seconds"] += time.perf_counter() - begin
-
-            metrics: dict[str, Any] = {}
-            if state is not None and state.stats.get("recall") is not None:
-                extra["recalls"].append(float(state.stats["recall"]))
-            done = step + 1
-            if done % cfg.logging.log_every == 0 or done == stop:
-                dist.all_reduce(loss_stats)
-                mean_loss = float(loss_stats[0] / loss_stats[1])
-                loss_stats.zero_()
-                extra["train_curve"].append((done, mean_loss))
-                metrics.update({"train/loss": mean_loss, "train/lr": lr,
-                                "train/wall_seconds": extra["wall_seconds"]})
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                if state is not None:
-                    # Last exchange's stats and the compressor's run totals (distk/total_*),
-                    # which the checkpoint carries across a resume.
-                    metrics.update(state.metrics())
-            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or \
-                    done == cfg.train.steps:
-                val_loss = evaluate(engine.module, val_batches)
-                extra["val_curve"].append((done, val_loss))
-                metrics["val/loss"] = val_loss
-            if metrics:
-                logger.log(metrics, step=done)
-            logger.advance()
-            every = cfg.train.checkpoint_every
-            if (every and done % every == 0) or done == cfg.train.stop_after:
-                # Unlogged loss of a partial interval is dropped on resume (a logging detail).
-                engine.save_checkpoint(str(ckpt), client_state={"step": done, "extra": extra})
-    finally:
-        logger.close()
-
-    totals = state.compressor.totals if state is not None else {}
-    result = RunResult(
-        mode=f"deepspeed-{mode}",
-        steps=stop,
-        final_train_loss=extra["train_curve"][-1][1] if extra["train_curve"] else float("nan"),
-        final_val_loss=extra["val_curve"][-1][1] if extra["val_curve"] else float("nan"),
-        wall_seconds=extra["wall_seconds"],
-        selection_seconds=float(totals.get("selection_seconds", 0.0)),
-        comm_seconds=float(totals.get("comm_seconds", 0.0)),
-        bytes_sent=int(totals.get("bytes_sent", 0)),
-        dense_bytes=int(totals.get("dense_bytes", 0)),
-        mean_recall=(sum(extra["recalls"]) / len(extra["recalls"]) if extra["recalls"]
-                     else None),
-        train_curve=[tuple(p) for p in extra["train_curve"]],
-        val_curve=[tuple(p) for p in extra["val_curve"]],
-        completed=stop == cfg.train.steps,
-    )
+    data = build_data(cfg, rank, world, device, corpus=corpus if corpus else build_corpus(cfg))
+    backend = DeepSpeedBackend(cfg, ds_config, mode, run_dir, data, device)
+    result = run_loop(cfg, run_dir, backend, data, resume=resume, wandb_group=wandb_group)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         print(format_result(result), flush=True)
     dist.barrier()
     if created_group:

@@ -1,15 +1,17 @@
-"""The training loop of ``distk-train``: data-parallel GPT training through distk's DDP hook.
+"""The training loop of ``distk-train``: data-parallel GPT training through distk.
 
-With ``sparsity.sync_every > 1`` the model is not wrapped in DDP: ranks take local steps
-and :mod:`distk.train.outer_mode` synchronises them every ``sync_every`` steps.
+One loop (:func:`run_loop`) over a small step backend: :class:`DDPBackend` here (every
+mode — ``dense``, ``exact``, ``bucketed`` (``SparsityConfig.method``) — goes through
+``DistributedDataParallel`` + ``distk.ddp.enable``; "dense" is the plain all-reduce
+baseline inside the same hook, so bytes and communication seconds are measured the same
+way in every mode), :class:`OuterBackend` (``sparsity.sync_every > 1``: the model is not
+wrapped in DDP; ranks take local steps and :mod:`distk.train.outer_mode` synchronises
+them every ``sync_every`` steps) and ``distk.train.deepspeed_job.DeepSpeedBackend``. The
+loop owns the schedule, logging, evaluation, checkpoint cadence and the
+:class:`RunResult`; a typed :class:`RunState` travels in checkpoints.
 
-Every mode — ``dense``, ``exact``, ``bucketed`` (``SparsityConfig.method``) — goes through
-the same code path: ``DistributedDataParallel`` + ``distk.ddp.enable``; "dense" is the
-plain all-reduce baseline inside the hook, so bytes and communication seconds are
-measured the same way in every mode.
-
-Reusable pieces (also used by the DeepSpeed job): :func:`setup_distributed`,
-:func:`resolve_device`, :func:`lr_at`, :func:`build_optimizer`, :func:`train`.
+Reusable pieces: :func:`setup_distributed`, :func:`resolve_device`, :func:`lr_at`,
+:func:`build_optimizer`, :func:`train`, :func:`run_loop`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from distk.integrations import ddp as distk_ddp
 from distk.logging import StatsLogger
+from distk.stats import StepStats
 from distk.train.checkpoint import checkpoint_dir, load_checkpoint, restore_rng, save_checkpoint
 from distk.train.config import TrainConfig
 from distk.train.data import ByteCorpus, build_corpus, build_data
@@ -43,27 +47,24 @@ from distk.train.outer_mode import (
 )
 
 __all__ = [
+    "DDPBackend",
+    "OuterBackend",
     "RunResult",
+    "RunState",
+    "StepBackend",
+    "StepOutput",
     "build_optimizer",
     "format_result",
     "lr_at",
     "mode_config",
     "momentum_placement",
     "open_run_logger",
+    "rebuild_ddp_buckets",
     "resolve_device",
+    "run_loop",
     "setup_distributed",
     "train",
 ]
-
-# Per-step statistics of distk's hook state copied into the logs (as distk/<name>).
-_LOGGED_STATS = (
-    "numel", "k", "density", "bytes_sent", "dense_bytes", "compression",
-    "selection_seconds", "comm_seconds", "residual_norm",
-)
-# Summed over the steps of a run (the hook state's merged stats of every step, including
-# the dense bucket-rebuild step): the run's totals in the logs and the compare table.
-_LOGGED_TOTALS = ("bytes_sent", "dense_bytes", "selection_seconds", "comm_seconds")
-
 
 @dataclass
 class RunResult:
@@ -84,7 +85,8 @@ class RunResult:
     dense_bytes: int
     """Bytes a dense all-reduce would have sent for the same tensors."""
     mean_recall: float | None
-    """Mean measured recall of the selection against exact top-k (None when not measured)."""
+    """``k``-weighted mean recall of the selection against exact top-k over the run's
+    measured buffers (None when not measured)."""
     train_curve: list[tuple[int, float]] = field(default_factory=list)
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     completed: bool = True
@@ -148,8 +150,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD (``train.optimizer``); weight decay on matrices only (not on biases,
-    norms or embeddings)."""
+    """SGD (the default) or AdamW (``train.optimizer``); weight decay on matrices only (not
+    on biases, norms or embeddings)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -164,7 +166,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
 
 
-def _rebuild_ddp_buckets(ddp_model: DistributedDataParallel, batch: tuple[torch.Tensor, ...]
+def rebuild_ddp_buckets(ddp_model: DistributedDataParallel, batch: tuple[torch.Tensor, ...]
                          ) -> None:
     """Run one discarded forward/backward so that DDP rebuilds its buckets now.
 
@@ -188,149 +190,280 @@ def _update_magnitudes(model: torch.nn.Module) -> torch.Tensor:
     return flat[flat != 0].abs()
 
 
+@dataclass
+class RunState:
+    """What a run accumulates besides the model: carried by its checkpoints, identical on
+    every rank."""
+
+    train_curve: list[tuple[int, float]] = field(default_factory=list)
+    val_curve: list[tuple[int, float]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    loss_sum: float = 0.0
+    """Training loss summed over the micro-batches of the current logging interval."""
+    loss_count: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (``torch.save`` with ``weights_only`` loads them)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunState:
+        """Inverse of :meth:`to_dict`."""
+        return cls(train_curve=[tuple(p) for p in data["train_curve"]],
+                   val_curve=[tuple(p) for p in data["val_curve"]],
+                   wall_seconds=float(data["wall_seconds"]),
+                   loss_sum=float(data["loss_sum"]), loss_count=int(data["loss_count"]))
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step of a :class:`StepBackend` reports to the loop."""
+
+    loss_sum: torch.Tensor
+    """Sum of the micro-batch losses (0-d, on the device; not synchronised)."""
+    micro_batches: int
+    grad_norm: float | None = None
+    magnitudes: torch.Tensor | None = None
+    """|entries| of the exchanged update (for the wandb histogram), when asked for."""
+
+
+class StepBackend:
+    """One way to run an optimizer step of the job: :class:`DDPBackend` here,
+    ``distk.train.deepspeed_job.DeepSpeedBackend`` for DeepSpeed. :func:`run_loop` is the
+    one loop around either (schedule, logging, evaluation, checkpoints, result).
+
+    Attributes:
+        mode: the run's mode name (``RunResult.mode``).
+        label: what the opening log line calls the run.
+        module: the plain model (evaluation, parameter count).
+        state: the distk :class:`~distk.integrations.CompressionState` (``None`` for a
+            run without distk).
+        log_config: the config dict given to the logger.
+    """
+
+    mode: str
+    label: str
+    module: torch.nn.Module
+    state: Any
+    log_config: dict[str, Any]
+
+    def set_lr(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def train_step(self, step: int, want_magnitudes: bool) -> StepOutput:
+        raise NotImplementedError
+
+    def fresh_start(self) -> None:
+        """Remove a stale checkpoint of an earlier run (collective)."""
+        raise NotImplementedError
+
+    def save(self, step: int, run: RunState) -> None:
+        """Checkpoint after ``step`` optimizer steps (collective)."""
+        raise NotImplementedError
+
+    def load(self) -> tuple[int, RunState] | None:
+        """Restore the latest checkpoint: ``(step, run state)``, or ``None`` (collective)."""
+        raise NotImplementedError
+
+
+class DDPBackend(StepBackend):
+    """``DistributedDataParallel`` + ``distk.ddp.enable``: every mode (``dense``, ``exact``,
+    ``bucketed``) goes through the same hook, so bytes and seconds are measured alike."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, data: Any, device: torch.device
+                 ) -> None:
+        self.cfg, self.run_dir, self.data, self.device = cfg, run_dir, data, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.module = build_model(cfg, device)
+        self.ddp_model = DistributedDataParallel(
+            self.module, device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=cfg.train.bucket_cap_mb)
+        self.state = distk_ddp.enable(self.ddp_model, cfg.sparsity)
+        self.optimizer = build_optimizer(self.module, cfg)
+        self.mode = cfg.sparsity.method
+        self.label = f"mode={self.mode}"
+        self.log_config = cfg.to_dict()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, step: int, want_magnitudes: bool) -> StepOutput:
+        inputs, targets = self.data.train_batch(step)
+        _, loss = self.ddp_model(inputs, targets)
+        loss.backward()
+        grad_norm = None
+        if self.cfg.train.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(),
+                                                             self.cfg.train.grad_clip))
+        magnitudes = _update_magnitudes(self.module) if want_magnitudes else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutput(loss.detach().double(), 1, grad_norm, magnitudes)
+
+    def fresh_start(self) -> None:
+        if self.rank == 0:
+            shutil.rmtree(checkpoint_dir(self.run_dir), ignore_errors=True)
+        dist.barrier()
+
+    def save(self, step: int, run: RunState) -> None:
+        save_checkpoint(self.run_dir, step=step, model=self.module, optimizer=self.optimizer,
+                        distk_state=self.state.state_dict(), extra=run.to_dict(),
+                        rank=self.rank, world_size=self.world)
+
+    def load(self) -> tuple[int, RunState] | None:
+        payload = load_checkpoint(self.run_dir, rank=self.rank, world_size=self.world,
+                                  device=self.device)
+        if payload is None:
+            return None
+        self._before_load(int(payload["step"]))
+        self.module.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.state.load_state_dict(payload["distk"])
+        restore_rng(payload, self.device)
+        return int(payload["step"]), RunState.from_dict(payload["extra"])
+
+    def _before_load(self, step: int) -> None:
+        rebuild_ddp_buckets(self.ddp_model, self.data.train_batch(step))
+
+
+class OuterBackend(DDPBackend):
+    """Outer synchronisation (``sparsity.sync_every > 1``, mode ``outer``): the plain model
+    (no DDP wrapper) trains with local optimizer steps, and
+    :class:`~distk.train.outer_mode.OuterTrainState` (an optimizer step post-hook)
+    exchanges the compressed pseudo-gradients every ``sync_every`` steps. Steps, logging,
+    checkpoints and resume are :class:`DDPBackend`'s."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, data: Any, device: torch.device
+                 ) -> None:
+        self.cfg, self.run_dir, self.data, self.device = cfg, run_dir, data, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.module = build_model(cfg, device)
+        self.ddp_model = self.module  # local steps: nothing reduces gradients
+        self.optimizer = build_optimizer(self.module, cfg)
+        self.state = OuterTrainState(self.module, self.optimizer, cfg)
+        self.mode = OUTER_MODE
+        self.label = f"mode={self.mode} sync_every={cfg.sparsity.sync_every}"
+        self.log_config = cfg.to_dict()
+
+    def train_step(self, step: int, want_magnitudes: bool) -> StepOutput:
+        # Gradients here are local, not the exchanged update: no histogram of them.
+        del want_magnitudes
+        return super().train_step(step, False)
+
+    def _before_load(self, step: int) -> None:
+        del step  # no DDP buckets to rebuild
+
+
 def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
           corpus: ByteCorpus | None = None, wandb_group: str | None = None) -> RunResult:
-    """Train one run of ``cfg`` (mode ``cfg.sparsity.method``) in the current process group.
+    """Train one run of ``cfg`` (mode ``cfg.sparsity.method``) through DDP in the current
+    process group: :func:`run_loop` over a :class:`DDPBackend`; with
+    ``sparsity.sync_every > 1`` (mode ``outer``) over an :class:`OuterBackend`.
 
     Every rank calls it. Writes ``metrics.jsonl`` (rank 0), checkpoints (every rank, when
     ``train.checkpoint_every`` or ``train.stop_after`` asks) and ``result.json`` (rank 0)
     under ``run_dir``. With ``resume``, continues from ``run_dir``'s checkpoint when there is
     one (bitwise identical to an uninterrupted run on CPU with dropout 0).
     """
-    import distk
-
     cfg = outer_schedule(momentum_placement(cfg))
-    outer = uses_outer_sync(cfg)
     run_dir = Path(run_dir)
     rank, world, device = dist.get_rank(), dist.get_world_size(), resolve_device(cfg)
     data = build_data(cfg, rank, world, device, corpus=corpus if corpus else build_corpus(cfg))
+    backend = (OuterBackend if uses_outer_sync(cfg) else DDPBackend)(cfg, run_dir, data, device)
+    return run_loop(cfg, run_dir, backend, data, resume=resume, wandb_group=wandb_group)
+
+
+def run_loop(cfg: TrainConfig, run_dir: Path, backend: StepBackend, data: Any, *,
+             resume: bool = False, wandb_group: str | None = None) -> RunResult:
+    """The training loop of every backend: learning-rate schedule, steps, logging (loss,
+    distk's :class:`~distk.stats.StepStats` and run totals), evaluation, checkpoints, and
+    the :class:`RunResult` (written to ``run_dir/result.json`` by rank 0)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = resolve_device(cfg)
     val_batches = data.val_batches()
-
-    model = build_model(cfg, device)
-    if outer:  # local steps, synchronised every sync_every optimizer steps (no DDP)
-        ddp_model = model
-        optimizer = build_optimizer(model, cfg)
-        hook_state = OuterTrainState(model, optimizer, cfg)
-    else:
-        ddp_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            bucket_cap_mb=cfg.train.bucket_cap_mb,
-        )
-        hook_state = distk.ddp.enable(ddp_model, cfg.sparsity)
-        optimizer = build_optimizer(model, cfg)
-
-    start_step = 0
-    extra: dict[str, Any] = {"train_curve": [], "val_curve": [], "recalls": [],
-                             "wall_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0,
-                             "totals": dict.fromkeys(_LOGGED_TOTALS, 0)}
-    payload = None
-    if resume:
-        payload = load_checkpoint(run_dir, rank=rank, world_size=world, device=device)
-    else:
-        # A fresh run replaces the run directory's contents: a stale checkpoint left there
+    start_step, run = 0, RunState()
+    loaded = backend.load() if resume else None
+    if loaded is not None:
+        start_step, run = loaded
+    elif not resume:
+        # A fresh run replaces the run directory's checkpoint: a stale one left there
         # would otherwise be picked up by a later --resume.
-        if rank == 0:
-            shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
-        dist.barrier()
-    if payload is not None:
-        if not outer:
-            _rebuild_ddp_buckets(ddp_model, data.train_batch(payload["step"]))
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        hook_state.load_state_dict(payload["distk"])
-        restore_rng(payload, device)
-        start_step = int(payload["step"])
-        extra = payload["extra"]
-
-    mode = OUTER_MODE if outer else cfg.sparsity.method
-    logger = open_run_logger(cfg, run_dir, start_step, rank, mode, f"mode={mode}", model,
-                             data.corpus, world, device, wandb_group=wandb_group)
+        backend.fresh_start()
+    state = backend.state
+    logger = open_run_logger(cfg, run_dir, start_step, rank, backend.mode, backend.label,
+                             backend.module, data.corpus, world, device,
+                             config=backend.log_config, wandb_group=wandb_group)
 
     stop = cfg.train.stop_after or cfg.train.steps
-    loss_stats = torch.tensor([extra["loss_sum"], extra["loss_count"]], dtype=torch.float64,
+    loss_stats = torch.tensor([run.loss_sum, run.loss_count], dtype=torch.float64,
                               device=device)
-    step = start_step
     try:
         for step in range(start_step, stop):
-            inputs, targets = data.train_batch(step)
             lr = lr_at(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            backend.set_lr(lr)
+            want_hist = bool(cfg.logging.wandb and cfg.logging.histogram_every
+                             and (step + 1) % cfg.logging.histogram_every == 0 and rank == 0)
             begin = time.perf_counter()
-            _, loss = ddp_model(inputs, targets)
-            loss.backward()
-            grad_norm = None
-            if cfg.train.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                           cfg.train.grad_clip)
-            want_hist = (cfg.logging.wandb and cfg.logging.histogram_every
-                         and (step + 1) % cfg.logging.histogram_every == 0)
-            magnitudes = _update_magnitudes(model) if want_hist and rank == 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            output = backend.train_step(step, want_hist)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            extra["wall_seconds"] += time.perf_counter() - begin
-            loss_stats[0] += loss.detach().double()
-            loss_stats[1] += 1
+            run.wall_seconds += time.perf_counter() - begin
+            loss_stats[0] += output.loss_sum
+            loss_stats[1] += output.micro_batches
 
             metrics: dict[str, Any] = {}
-            stats = hook_state.stats
-            for key in _LOGGED_TOTALS:
-                extra["totals"][key] += stats.get(key, 0) or 0
-            if stats.get("recall") is not None:
-                extra["recalls"].append(float(stats["recall"]))
-                metrics["distk/recall"] = float(stats["recall"])
+            if state is not None and state.stats.recall is not None:
+                metrics["distk/recall"] = state.stats.recall
             done = step + 1
             if done % cfg.logging.log_every == 0 or done == stop:
                 dist.all_reduce(loss_stats)
                 mean_loss = float(loss_stats[0] / loss_stats[1])
                 loss_stats.zero_()
-                extra["train_curve"].append((done, mean_loss))
+                run.train_curve.append((done, mean_loss))
                 metrics.update({"train/loss": mean_loss, "train/lr": lr,
-                                "train/wall_seconds": extra["wall_seconds"]})
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                metrics.update({f"distk/{k}": stats[k] for k in _LOGGED_STATS if k in stats})
-                metrics.update({f"distk/total_{k}": v for k, v in extra["totals"].items()})
+                                "train/wall_seconds": run.wall_seconds})
+                if output.grad_norm is not None:
+                    metrics["train/grad_norm"] = output.grad_norm
+                if state is not None:
+                    # The last step's stats and the run totals (distk/total_*), which the
+                    # checkpoint carries across a resume.
+                    metrics.update(state.metrics())
             eval_every = cfg.train.eval_every
             if (eval_every and done % eval_every == 0) or done == cfg.train.steps:
-                val_loss = evaluate(model, val_batches)
-                extra["val_curve"].append((done, val_loss))
+                val_loss = evaluate(backend.module, val_batches)
+                run.val_curve.append((done, val_loss))
                 metrics["val/loss"] = val_loss
             if metrics:
                 logger.log(metrics, step=done)
-            if magnitudes is not None:
-                logger.log_histogram("distk/update_magnitude", magnitudes, step=done)
+            if output.magnitudes is not None:
+                logger.log_histogram("distk/update_magnitude", output.magnitudes, step=done)
             logger.advance()
             every = cfg.train.checkpoint_every
             if (every and done % every == 0) or done == cfg.train.stop_after:
-                extra["loss_sum"], extra["loss_count"] = float(loss_stats[0]), int(loss_stats[1])
-                save_checkpoint(run_dir, step=done, model=model, optimizer=optimizer,
-                                distk_state=hook_state.state_dict(), extra=extra, rank=rank,
-                                world_size=world)
+                run.loss_sum, run.loss_count = float(loss_stats[0]), int(loss_stats[1])
+                backend.save(done, run)
     finally:
         logger.close()
 
-    totals = extra["totals"]
-    final_val = extra["val_curve"][-1][1] if extra["val_curve"] else float("nan")
+    totals = state.totals if state is not None else StepStats()
     result = RunResult(
-        mode=mode,
+        mode=backend.mode,
         steps=stop,
-        final_train_loss=extra["train_curve"][-1][1] if extra["train_curve"] else float("nan"),
-        final_val_loss=final_val,
-        wall_seconds=extra["wall_seconds"],
-        selection_seconds=float(totals.get("selection_seconds", 0.0)),
-        comm_seconds=float(totals.get("comm_seconds", 0.0)),
-        bytes_sent=int(totals.get("bytes_sent", 0)),
-        dense_bytes=int(totals.get("dense_bytes", 0)),
-        mean_recall=(sum(extra["recalls"]) / len(extra["recalls"])
-                     if extra["recalls"] else None),
-        train_curve=[tuple(p) for p in extra["train_curve"]],
-        val_curve=[tuple(p) for p in extra["val_curve"]],
+        final_train_loss=run.train_curve[-1][1] if run.train_curve else float("nan"),
+        final_val_loss=run.val_curve[-1][1] if run.val_curve else float("nan"),
+        wall_seconds=run.wall_seconds,
+        selection_seconds=totals.selection_seconds,
+        comm_seconds=totals.comm_seconds,
+        bytes_sent=totals.bytes_sent,
+        dense_bytes=totals.dense_bytes,
+        mean_recall=totals.recall,
+        train_curve=[tuple(p) for p in run.train_curve],
+        val_curve=[tuple(p) for p in run.val_curve],
         completed=stop == cfg.train.steps,
     )
     if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 

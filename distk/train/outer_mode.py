@@ -9,8 +9,10 @@ functions are what it calls in this mode.
 * :func:`outer_schedule`: the config the mode runs (step-counted schedules of the
   compressor converted into syncs);
 * :func:`outer_mode_config`: the ``"outer"`` mode of ``--compare``;
-* :class:`OuterTrainState`: stands where the DDP hook state stands (``stats`` per step,
-  ``state_dict`` / ``load_state_dict`` for checkpoints).
+* :class:`OuterTrainState`: stands where the DDP backend's CompressionState stands
+  (``stats`` per step as :class:`~distk.stats.StepStats`, ``totals``, ``metrics()``,
+  ``state_dict`` / ``load_state_dict`` for checkpoints); ``distk.train.loop.OuterBackend``
+  holds it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from distk.outer import OuterSync
 from distk.outer import enable as enable_outer
+from distk.stats import StepStats
 from distk.train.config import TrainConfig
 
 __all__ = [
@@ -71,27 +74,52 @@ def outer_mode_config(cfg: TrainConfig) -> TrainConfig:
 
 
 class OuterTrainState:
-    """What the training loop holds in outer mode in place of the DDP hook state.
+    """What :class:`~distk.train.loop.OuterBackend` holds where the DDP backend holds its
+    :class:`~distk.integrations.CompressionState` (the same reading surface for the loop:
+    ``stats``, ``totals``, ``metrics()``, ``state_dict`` / ``load_state_dict``).
 
     Attributes:
         outer: the :class:`~distk.outer.OuterSync`.
-        stats: after an optimizer step that synchronised, that sync's statistics
-            (:attr:`OuterSync.stats`); after any other step, ``{}`` (nothing was sent),
-            so that per-step totals add each sync once.
+        stats: after an optimizer step that synchronised, that sync's
+            :class:`~distk.stats.StepStats` (every parameter merged); after any other step
+            an empty one (nothing was sent).
+        synced: whether the last optimizer step synchronised.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  cfg: TrainConfig) -> None:
         self.outer: OuterSync = enable_outer(model, optimizer, cfg.sparsity)
-        self.stats: dict[str, Any] = {}
+        self.stats = StepStats()
+        self.synced = False
         self._syncs_seen = 0
         # Registered after the sync's own hook, so it runs after the sync.
         optimizer.register_step_post_hook(self._after_step)
 
     def _after_step(self, *_: Any) -> None:
-        synced = self.outer.syncs != self._syncs_seen
+        self.synced = self.outer.syncs != self._syncs_seen
         self._syncs_seen = self.outer.syncs
-        self.stats = dict(self.outer.stats) if synced else {}
+        self.stats = self.outer.step_stats if self.synced else StepStats()
+
+    @property
+    def totals(self) -> StepStats:
+        """Every buffer exchanged in the run (checkpointed with the compressor)."""
+        return self.outer.totals
+
+    def metrics(self, prefix: str = "distk/") -> dict[str, float]:
+        """After a sync: its :class:`~distk.stats.StepStats` metrics and the outer ones
+        (``sync``, ``bits_per_param_per_step``, ``pseudo_grad_norm``, ``update_norm``,
+        ``sync_seconds``); always the run totals (``<prefix>total_*``) and ``syncs``."""
+        metrics: dict[str, float] = {}
+        if self.synced:
+            metrics.update(self.stats.to_metrics(prefix))
+            extra = self.outer.stats
+            for key in ("bits_per_param_per_step", "pseudo_grad_norm", "update_norm"):
+                if extra.get(key) is not None:
+                    metrics[prefix + key] = float(extra[key])
+            metrics[prefix + "sync_seconds"] = float(extra["seconds"])
+        metrics.update(self.totals.to_metrics(prefix + "total_"))
+        metrics[prefix + "syncs"] = float(self.outer.syncs)
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return self.outer.state_dict()
@@ -99,3 +127,5 @@ class OuterTrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.outer.load_state_dict(state)
         self._syncs_seen = self.outer.syncs
+        self.synced = False
+        self.stats = StepStats()

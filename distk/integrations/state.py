@@ -1,0 +1,306 @@
+"""The one seam between a framework and the compressor: :class:`CompressionState`.
+
+Every integration is a thin adapter over it: a framework hands over one gradient buffer
+at a time (a DDP ``GradBucket``, an FSDP2 reduce-scatter input, an FSDP1 flat-parameter
+gradient, a DeepSpeed gradient) and the adapter calls :meth:`CompressionState.reduce_async`
+(returns a ``torch.futures.Future``; DDP) or :meth:`CompressionState.reduce` (returns
+when done; FSDP, DeepSpeed) under a stable key. The state owns what the adapters share:
+
+- config coercion (:func:`~distk.compressor.as_sparsity_config`), the collective
+  :func:`~distk.comm.check_same_config`, the refusal of sparse gradients and of outer
+  synchronisation (``sync_every > 1``), all at construction, before any exchange;
+- the one step counter (:attr:`CompressionState.iteration`) that drives the
+  compressor's schedule (dense steps, warm-up, stats and recall intervals), and the one
+  step boundary: :meth:`CompressionState.end_step`. DDP and FSDP end a step when the
+  backward pass that reduced its buffers ends (an autograd final callback, queued behind
+  the framework's own, so every buffer is done); DeepSpeed ends it at the gradient
+  accumulation boundary (``engine.step``). Accumulation micro-steps that do not reach
+  the reduction (``no_sync``) are not counted;
+- the step's merged :class:`~distk.stats.StepStats` (:attr:`CompressionState.stats`)
+  and the run totals (:attr:`CompressionState.totals`, the compressor's);
+- checkpointing (``state_dict`` / ``load_state_dict``, refusing another config, rank or
+  world size) and pickling (the process group is not pickled; like PowerSGD's state, an
+  unpickled state binds to the default group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distk.comm import check_same_config, rank_and_world
+from distk.compressor import GradientCompressor, as_sparsity_config
+from distk.config import SparsityConfig
+from distk.stats import StepStats
+
+__all__ = ["CompressionState", "refuse_outer_sync", "refuse_sparse_gradients"]
+
+_NOT_IN_BACKWARD = -1  # torch._C._current_graph_task_id() outside a backward pass
+
+
+def refuse_sparse_gradients(model: torch.nn.Module, entry: str) -> None:
+    """Raise ValueError (naming ``entry`` and the module) when ``model`` has an embedding
+    with ``sparse=True``: frameworks hand those gradients over as sparse tensors, which
+    distk does not exchange. Local and deterministic, so every rank raises alike."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding | torch.nn.EmbeddingBag) and module.sparse:
+            raise ValueError(
+                f"{entry} does not support sparse gradients: module {name!r} is an "
+                "embedding with sparse=True; use sparse=False or leave it out of the model")
+
+
+def refuse_outer_sync(cfg: SparsityConfig, entry: str) -> None:
+    """Raise ValueError for ``sync_every > 1`` (outer synchronisation, :mod:`distk.outer`):
+    DDP, FSDP and DeepSpeed exchange gradients at every backward pass / engine step, so
+    ranks cannot take local steps under them. Local and deterministic (every rank holds
+    the same config), so every rank raises alike."""
+    if cfg.sync_every == 1:
+        return
+    why = ("DeepSpeed's engine reduces (and under ZeRO partitions) gradients inside every "
+           "backward/step, so ranks cannot take local steps without replacing its optimizer "
+           "step" if "deepspeed" in entry.lower() else
+           "DDP/FSDP all-reduce or reduce-scatter gradients at every backward pass")
+    raise ValueError(
+        f"SparsityConfig.sync_every={cfg.sync_every} (outer synchronisation) is not supported "
+        f"by {entry}: {why}. Use distk.outer.enable(model, optimizer, cfg) on a plain "
+        "(unwrapped) model under torchrun, or set sync_every=1.")
+
+
+class CompressionState:
+    """What ``distk.ddp.enable`` / ``distk.fsdp.enable`` / ``distk.deepspeed.enable`` return.
+
+    Args:
+        cfg: a :class:`~distk.config.SparsityConfig` or a dict of its keys.
+        process_group: the group gradients are averaged over (``None`` = default).
+        model: when given, refused if it has sparse gradients.
+        entry: the public entry point named in errors (e.g. ``"distk.ddp.enable"``).
+
+    Collective: every rank constructs it with the same config (checked; a mismatch raises
+    :class:`~distk.comm.RankMismatchError` on every rank).
+
+    Attributes:
+        cfg: the validated config (identical on every rank).
+        compressor: the one :class:`~distk.compressor.GradientCompressor` every buffer
+            goes through (residuals keyed by bucket index, module or parameter name).
+        process_group, rank, world_size: where gradients are averaged.
+        iteration: completed steps (the one step counter; checkpointed).
+        stats: :class:`~distk.stats.StepStats` of the last completed step (all buffers
+            merged); empty before the first one.
+    """
+
+    __slots__ = ("cfg", "compressor", "process_group", "rank", "world_size", "iteration",
+                 "stats", "_step_stats", "_step_open", "_step_backward", "_inflight",
+                 "_errors")
+
+    STEP_ENDS_WITH_BACKWARD = True
+    """Whether :meth:`end_step` is called by an autograd callback at the end of the
+    backward pass that opened the step (DDP, FSDP) or by the adapter (DeepSpeed)."""
+
+    def __init__(self, cfg: SparsityConfig | dict[str, Any],
+                 process_group: dist.ProcessGroup | None = None, *,
+                 model: torch.nn.Module | None = None, entry: str = "distk") -> None:
+        self.cfg = as_sparsity_config(cfg)
+        refuse_outer_sync(self.cfg, f"{type(self).__name__} ({entry})")
+        if model is not None:
+            refuse_sparse_gradients(model, entry)
+        check_same_config(self.cfg, process_group)
+        self._bind(process_group)
+        self.iteration = 0
+        self.stats = StepStats()
+
+    def _bind(self, process_group: dist.ProcessGroup | None) -> None:
+        self.process_group = process_group
+        self.rank, self.world_size = rank_and_world(process_group)
+        self.compressor = GradientCompressor(self.cfg, group=process_group)
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self._step_stats: list[StepStats] = []
+        self._step_open = False
+        self._step_backward = _NOT_IN_BACKWARD
+        self._inflight: list[torch.futures.Future] = []
+        # (launch order, error) of failed asynchronous exchanges; finishes run on the
+        # backend's threads in any order, the first launched one is raised.
+        self._errors: list[tuple[int, BaseException]] = []
+
+    # -- the seam ----------------------------------------------------------------------
+    def reduce_async(self, tensor: torch.Tensor, key: Hashable,
+                     out: torch.Tensor | None = None, *,
+                     stateless: bool = False) -> torch.futures.Future:
+        """Average ``tensor`` over ranks through the compressor, asynchronously.
+
+        Returns once the exchange's collectives are enqueued; the future completes with
+        ``out`` (default: ``tensor`` itself, overwritten) holding the update. An error of
+        the exchange (non-finite gradient under ``nonfinite="raise"``, ranks that
+        disagree, a failed collective) does not fail the future (frameworks would
+        re-wrap it as a RuntimeError): :meth:`end_step` raises it, with its type, on
+        every rank. ``stateless``: see :meth:`GradientCompressor.launch`.
+        """
+        target = tensor if out is None else out
+        work, _ = self._launch(tensor, key, target, stateless)
+        order = len(self._inflight)
+
+        def finish(_: torch.futures.Future) -> torch.Tensor:
+            try:
+                result = work.finish()
+            except Exception as err:  # noqa: BLE001 - re-raised by end_step, typed
+                self._errors.append((order, err))
+                return target
+            self._step_stats.append(work.stats)
+            return self._into(target, result)
+
+        future = work.future.then(finish)
+        self._inflight.append(future)
+        return future
+
+    def reduce(self, tensor: torch.Tensor, key: Hashable, out: torch.Tensor | None = None, *,
+               stateless: bool = False) -> torch.Tensor:
+        """:meth:`reduce_async`, waited for: returns ``out`` (default ``tensor``) holding
+        the update, and raises the exchange's errors here."""
+        target = tensor if out is None else out
+        work, _ = self._launch(tensor, key, target, stateless)
+        result = work.wait()
+        self._step_stats.append(work.stats)
+        return self._into(target, result)
+
+    def end_step(self) -> bool:
+        """Close the current step: merge its buffers' stats into :attr:`stats`, advance
+        :attr:`iteration`, and raise the first error an asynchronous exchange of the step
+        met (then the step is dropped: not counted, stats unchanged). Returns False (and
+        does nothing) when no buffer was reduced since the last call."""
+        if not self._step_open:
+            return False
+        if self._inflight:  # already complete where the framework waited for them (DDP)
+            torch.futures.wait_all(self._inflight)
+        error = min(self._errors, key=lambda item: item[0])[1] if self._errors else None
+        merged = StepStats()
+        for stats in self._step_stats:
+            merged = merged.merge(stats)
+        self._reset_step()
+        if error is not None:
+            raise error
+        self.stats = merged
+        self.iteration += 1
+        self._on_step_end()
+        return True
+
+    def metrics(self, prefix: str = "distk/") -> dict[str, float]:
+        """The last step's statistics, the run totals (``<prefix>total_*``) and the step
+        counter as ``{name: value}`` (what the loggers and DeepSpeed's monitor receive)."""
+        return {**self.stats.to_metrics(prefix), **self.totals.to_metrics(prefix + "total_"),
+                prefix + "iteration": float(self.iteration)}
+
+    @property
+    def totals(self) -> StepStats:
+        """:class:`~distk.stats.StepStats` of every buffer exchanged in this run (the
+        compressor's totals, checkpointed with it)."""
+        return self.compressor.totals
+
+    def _launch(self, tensor: torch.Tensor, key: Hashable, target: torch.Tensor,
+                stateless: bool) -> tuple[Any, torch.Tensor]:
+        self._open_step()
+        # One flattening rule: contiguous buffers are exchanged and written in place;
+        # others go through a contiguous copy that _into writes back.
+        flat = tensor.reshape(-1)
+        out = target.view(-1) if target.is_contiguous() and target.dtype == tensor.dtype \
+            else None
+        work = self.compressor.launch(flat, key, out, step=self.iteration,
+                                      stateless=stateless)
+        return work, flat
+
+    @staticmethod
+    def _into(target: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if result.data_ptr() != target.data_ptr():
+            target.copy_(result.view_as(target))
+        return target
+
+    def _open_step(self) -> None:
+        if not self.STEP_ENDS_WITH_BACKWARD:
+            self._step_open = True
+            return
+        backward = torch._C._current_graph_task_id()
+        if backward == _NOT_IN_BACKWARD:
+            raise RuntimeError(
+                f"{type(self).__name__}: gradients must be reduced inside a backward pass "
+                "(the step ends with it); call end_step() yourself otherwise")
+        if self._step_open and backward == self._step_backward:
+            return
+        if self._step_open:
+            # The previous backward raised before its step ended: its buffers are stale.
+            self._reset_step()
+        self._step_open = True
+        self._step_backward = backward
+        # Queued from inside the backward; it queues end_step once more, so that it runs
+        # after every final callback the framework queued meanwhile (DDP queues its own
+        # wait for the bucket futures when the last bucket is ready).
+        engine = torch.autograd.Variable._execution_engine
+        engine.queue_callback(lambda: engine.queue_callback(self._end_step_callback))
+
+    def _end_step_callback(self) -> None:
+        self.end_step()  # autograd callbacks must return None
+
+    def _on_step_end(self) -> None:
+        """Hook for adapters (DDP marks its buckets final)."""
+
+    # -- checkpointing ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Residuals, momenta, counters, config, rank and world size (``torch.save``
+        works; ``weights_only=True`` loading too)."""
+        return {
+            "config": self.cfg.to_dict(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "iteration": self.iteration,
+            "compressor": self.compressor.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (residuals included).
+
+        Raises ValueError when the checkpoint was written under another config (residuals
+        computed under another density or method are not meaningful here), or by another
+        rank or world size (residuals hold what that rank did not send)."""
+        saved = state_dict.get("config")
+        current = self.cfg.to_dict()
+        if saved != current:
+            saved = saved or {}
+            diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current)
+                    if saved.get(k) != current.get(k)}
+            raise ValueError(
+                "distk checkpoint was written with a different SparsityConfig; differing "
+                f"keys (checkpoint, current): {diff}")
+        where = (state_dict.get("rank"), state_dict.get("world_size"))
+        if where != (self.rank, self.world_size):
+            raise ValueError(
+                f"distk checkpoint was written by rank {where[0]} of world size {where[1]}; "
+                f"this is rank {self.rank} of world size {self.world_size}. Residuals belong "
+                "to the rank that kept them: resume with the same world size and rank order.")
+        self.iteration = int(state_dict["iteration"])
+        self.compressor.load_state_dict(state_dict["compressor"])
+        self._reset_step()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The process group cannot be pickled; everything else goes through state_dict.
+        return {"state_dict": self.state_dict(), "stats": self.stats.to_dict(),
+                **self._extra_getstate()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.cfg = SparsityConfig.from_dict(state["state_dict"]["config"])
+        self._bind(None)  # the default group, as PowerSGDState does
+        self.stats = StepStats.from_dict(state["stats"])
+        self.iteration = 0
+        self._extra_setstate(state)
+        self.load_state_dict(state["state_dict"])
+
+    def _extra_getstate(self) -> dict[str, Any]:
+        return {}
+
+    def _extra_setstate(self, state: dict[str, Any]) -> None:
+        del state
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(method={self.cfg.method!r}, density={self.cfg.density}, "
+                f"iteration={self.iteration})")

@@ -1,0 +1,97 @@
+"""Ahead-of-time compile of every Triton kernel variant the launch spec can produce.
+
+Run by ``tests/test_triton_compile.py`` (CI, no GPU needed: ``triton.compile`` with a
+``GPUTarget`` uses the ``ptxas`` shipped in the triton wheel) and usable alone::
+
+    python tests/aot_compile.py            # table of registers, shared memory, spills
+
+Each variant is compiled for sm_80 and sm_90 with every input dtype it loads;
+``cuobjdump --dump-resource-usage`` (same folder as ptxas) reports registers, stack
+(spill) bytes and shared memory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+TARGETS = (80, 90)
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def compile_one(job: tuple[int, int]) -> dict:
+    """Compile variant ``index`` for compute capability ``cc``."""
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    index, cc = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from distk.selection import triton_kernel as tk
+
+    launch = list(tk.all_launch_variants())[index]
+    row = {"kernel": launch.kernel, "constexprs": dict(launch.constexprs),
+           "num_warps": launch.num_warps, "dtype": str(launch.dtype).removeprefix("torch."),
+           "sm": cc}
+    try:
+        source = triton.compiler.ASTSource(tk.KERNELS[launch.kernel],
+                                           launch.signature(), dict(launch.constexprs))
+        compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32),
+                                  options={"num_warps": launch.num_warps})
+    except Exception as err:  # noqa: BLE001 - reported, and the test fails on it
+        row["error"] = f"{type(err).__name__}: {err}"
+        return row
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(compiled.asm["cubin"])
+        handle.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", handle.name],
+                               capture_output=True, text=True, check=True).stdout
+    for name in ("REG", "STACK", "SHARED", "LOCAL"):
+        match = re.search(rf"\b{name}:(\d+)", usage)
+        row[name.lower()] = int(match.group(1)) if match else None
+    return row
+
+
+def jobs() -> list[tuple[int, int]]:
+    from distk.selection import triton_kernel as tk
+
+    count = sum(1 for _ in tk.all_launch_variants())
+    return [(index, cc) for index in range(count) for cc in TARGETS]
+
+
+def compile_all(workers: int | None = None) -> list[dict]:
+    """Every variant x dtype x target, compiled in a process pool."""
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(compile_one, jobs(), chunksize=4))
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'kernel':8} {'constexprs':62} {'warps':>5} {'dtype':9} {'sm':>3} "
+             f"{'regs':>4} {'stack':>5} {'shared':>6}"]
+    for row in rows:
+        consts = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}"
+                          for k, v in row["constexprs"].items())
+        if "error" in row:
+            lines.append(f"{row['kernel']:8} {consts:62} ERROR {row['error'][:200]}")
+            continue
+        lines.append(f"{row['kernel']:8} {consts:62} {row['num_warps']:>5} {row['dtype']:9} "
+                     f"{row['sm']:>3} {row['reg']:>4} {row['stack']:>5} {row['shared']:>6}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    results = compile_all()
+    print(format_rows(results))
+    bad = [r for r in results if "error" in r or r.get("stack") or r.get("local")]
+    print(f"{len(results)} compiles, {len(bad)} with errors or spills")
+    sys.exit(1 if bad else 0)
