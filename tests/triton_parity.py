@@ -47,7 +47,7 @@ CASES = [
     ("stream", 2, 2100, 2, 3, F32, True, True, False),
     ("stream", 1, 2300, 2, 5, BF16, False, False, False),
     ("stream", 1, 4200, 3, 1, F16, True, True, False),
-    ("stream", 1, 2050, 1, 40, F32, True, False, False),
+    ("reference", 1, 2050, 1, 40, F32, True, False, False),
     ("compact", 2, 1500, 30, 3, F32, True, True, True),
     ("compact", 2, 1500, 30, 3, F32, False, True, True),
     ("compact", 1, 3001, 7, 12, BF16, True, False, True),
