@@ -8,6 +8,8 @@ Layers (each usable alone):
 - ``distk.SparsityConfig`` and ``distk.GradientCompressor``: the one config type and the
   one compressor (error feedback, momentum correction, warm-up) every integration shares;
 - ``distk.ddp``, ``distk.fsdp``, ``distk.deepspeed``: thin integrations;
+- ``distk.outer``: sparse outer synchronisation (DiLoCo/SparseLoCo style) of a plain
+  model every ``sync_every`` optimizer steps;
 - ``distk.nn``: activation top-k layers and sparse activation exchange;
 - ``distk.train``: the main job (``distk-train``).
 """
@@ -29,6 +31,7 @@ _LAZY_MODULES = {
     "ddp": "distk.integrations.ddp",
     "fsdp": "distk.integrations.fsdp",
     "deepspeed": "distk.integrations.deepspeed",
+    "outer": "distk.outer",
     "train": "distk.train",
 }
 _LAZY_NAMES = {

@@ -7,8 +7,8 @@ gradient, a DeepSpeed gradient) and the adapter calls :meth:`CompressionState.re
 when done; FSDP, DeepSpeed) under a stable key. The state owns what the adapters share:
 
 - config coercion (:func:`~distk.compressor.as_sparsity_config`), the collective
-  :func:`~distk.comm.check_same_config` and the refusal of sparse gradients, all at
-  construction, before any exchange;
+  :func:`~distk.comm.check_same_config`, the refusal of sparse gradients and of outer
+  synchronisation (``sync_every > 1``), all at construction, before any exchange;
 - the one step counter (:attr:`CompressionState.iteration`) that drives the
   compressor's schedule (dense steps, warm-up, stats and recall intervals), and the one
   step boundary: :meth:`CompressionState.end_step`. DDP and FSDP end a step when the
@@ -36,7 +36,7 @@ from distk.compressor import GradientCompressor, as_sparsity_config
 from distk.config import SparsityConfig
 from distk.stats import StepStats
 
-__all__ = ["CompressionState", "refuse_sparse_gradients"]
+__all__ = ["CompressionState", "refuse_outer_sync", "refuse_sparse_gradients"]
 
 _NOT_IN_BACKWARD = -1  # torch._C._current_graph_task_id() outside a backward pass
 
@@ -50,6 +50,23 @@ def refuse_sparse_gradients(model: torch.nn.Module, entry: str) -> None:
             raise ValueError(
                 f"{entry} does not support sparse gradients: module {name!r} is an "
                 "embedding with sparse=True; use sparse=False or leave it out of the model")
+
+
+def refuse_outer_sync(cfg: SparsityConfig, entry: str) -> None:
+    """Raise ValueError for ``sync_every > 1`` (outer synchronisation, :mod:`distk.outer`):
+    DDP, FSDP and DeepSpeed exchange gradients at every backward pass / engine step, so
+    ranks cannot take local steps under them. Local and deterministic (every rank holds
+    the same config), so every rank raises alike."""
+    if cfg.sync_every == 1:
+        return
+    why = ("DeepSpeed's engine reduces (and under ZeRO partitions) gradients inside every "
+           "backward/step, so ranks cannot take local steps without replacing its optimizer "
+           "step" if "deepspeed" in entry.lower() else
+           "DDP/FSDP all-reduce or reduce-scatter gradients at every backward pass")
+    raise ValueError(
+        f"SparsityConfig.sync_every={cfg.sync_every} (outer synchronisation) is not supported "
+        f"by {entry}: {why}. Use distk.outer.enable(model, optimizer, cfg) on a plain "
+        "(unwrapped) model under torchrun, or set sync_every=1.")
 
 
 class CompressionState:
@@ -86,6 +103,7 @@ class CompressionState:
                  process_group: dist.ProcessGroup | None = None, *,
                  model: torch.nn.Module | None = None, entry: str = "distk") -> None:
         self.cfg = as_sparsity_config(cfg)
+        refuse_outer_sync(self.cfg, f"{type(self).__name__} ({entry})")
         if model is not None:
             refuse_sparse_gradients(model, entry)
         check_same_config(self.cfg, process_group)
