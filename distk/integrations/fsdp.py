@@ -247,15 +247,24 @@ def _enable_fsdp2(model: nn.Module, cfg: SparsityConfig | dict[str, Any],
     if replicate_group is not None:
         return _enable_hsdp(model, cfg, group, replicate_group, units, names)
     state = FSDPCompressionState(cfg, group, "fsdp2", names, model=model)
+
+    def install(module: FSDPModule, key: str) -> None:
+        module.set_custom_reduce_scatter(SparseReduceScatter(state, key))
+        module.set_force_sum_reduction_for_comms(True)
+
+    _install_on_units(units, names, "a custom reduce-scatter", install)
+    return state
+
+
+def _install_on_units(units: list[tuple[str, FSDPModule, list[nn.Parameter]]],
+                      names: list[str], what: str, install: Any) -> None:
+    """``install(module, key)`` on every unit; torch's ValueError names the module."""
     for (_, module, _), key in zip(units, names):
         try:
-            module.set_custom_reduce_scatter(SparseReduceScatter(state, key))
+            install(module, key)
         except ValueError as err:
             raise ValueError(
-                f"distk.fsdp.enable: module {key!r} cannot take a custom reduce-scatter: {err}"
-            ) from err
-        module.set_force_sum_reduction_for_comms(True)
-    return state
+                f"distk.fsdp.enable: module {key!r} cannot take {what}: {err}") from err
 
 
 def _enable_hsdp(model: nn.Module, cfg: SparsityConfig | dict[str, Any],
@@ -275,13 +284,8 @@ def _enable_hsdp(model: nn.Module, cfg: SparsityConfig | dict[str, Any],
     # Every rank, not just each replica group, must agree (collective over the world).
     check_same_config(as_sparsity_config(cfg))
     state = FSDPCompressionState(cfg, replicate_group, "hsdp", names, model=model)
-    for (_, module, _), key in zip(units, names):
-        try:
-            module.set_all_reduce_hook(_hsdp_hook(state, key))
-        except ValueError as err:
-            raise ValueError(
-                f"distk.fsdp.enable: module {key!r} cannot take an all-reduce hook: {err}"
-            ) from err
+    _install_on_units(units, names, "an all-reduce hook",
+                      lambda module, key: module.set_all_reduce_hook(_hsdp_hook(state, key)))
     return state
 
 
