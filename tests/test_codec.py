@@ -185,7 +185,10 @@ def test_wire_and_config_validation():
 
 
 def test_compressor_single_process_keeps_quantization_error():
-    cfg = SparsityConfig(density=1 / 64, value_bits=2, min_numel=0, recall_interval=0)
+    # An explicit plan (8 buckets of 4096): 2-bit values + 12-bit offsets + the per-bucket
+    # range amortised to 1 bit per entry.
+    cfg = SparsityConfig(density=1 / 64, value_bits=2, min_numel=0, recall_interval=0,
+                         buckets=8, k_per_bucket=64)
     compressor = GradientCompressor(cfg)
     gen = torch.Generator().manual_seed(3)
     grads = [torch.randn(4096 * 8, generator=gen) for _ in range(4)]
@@ -242,7 +245,10 @@ def test_conservation_and_identical_bits_on_two_ranks(bits, exchange):
 
 
 def test_step_stats_carry_bits_per_entry_and_per_param():
-    cfg = SparsityConfig(density=1 / 64, value_bits=2, min_numel=0, recall_interval=0)
+    # An explicit plan (8 buckets of 4096): 2-bit values + 12-bit offsets + the per-bucket
+    # range amortised to 1 bit per entry.
+    cfg = SparsityConfig(density=1 / 64, value_bits=2, min_numel=0, recall_interval=0,
+                         buckets=8, k_per_bucket=64)
     compressor = GradientCompressor(cfg)
     work = compressor.launch(torch.randn(4096 * 8, generator=torch.Generator().manual_seed(0)),
                              "w")

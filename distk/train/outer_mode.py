@@ -95,6 +95,12 @@ class OuterTrainState:
         # Registered after the sync's own hook, so it runs after the sync.
         optimizer.register_step_post_hook(self._after_step)
 
+    def end_step(self) -> bool:
+        """The training loop's step boundary. Outer sync ends its steps in the optimizer
+        post-hook (:meth:`_after_step`), so there is nothing to close here; returns
+        whether the last optimizer step synced."""
+        return self.synced
+
     def _after_step(self, *_: Any) -> None:
         self.synced = self.outer.syncs != self._syncs_seen
         self._syncs_seen = self.outer.syncs
