@@ -11,6 +11,10 @@ logging; ``train.comm_hook`` picks the DDP hook):
 * ``powersgd_r1``, ``powersgd_r4``: PyTorch's ``powerSGD_hook`` at rank 1 and 4, error
   feedback and warm start on, ``start_powerSGD_iter`` = max(2, warm-up, 10% of steps);
 * ``exact``, ``bucketed``: distk's top-k exchange with ``torch.topk`` / bucketed selection.
+* ``bucketed_2bit``: bucketed with the compact codec (2-bit values, bit-packed offsets);
+* ``outer_h8_2bit``, ``outer_h32_4bit``: outer synchronisation (``distk.outer``, no DDP)
+  every 8 / 32 steps of bucketed top-k pseudo-gradients with 2- / 4-bit values
+  (``--methods`` only; not in the default set).
 
 Protocol (see docs/netem.md, "Dilated emulation" and "The protocol"):
 
@@ -31,7 +35,7 @@ Protocol (see docs/netem.md, "Dilated emulation" and "The protocol"):
 
 Root only. Not a test: the full protocol takes hours on a small CPU machine.
 
-    sudo .venv/bin/python benchmarks/e2e.py --quick        # 2 ranks, tiny model, ~3.5 min on 2 loaded cores
+    sudo .venv/bin/python benchmarks/e2e.py --quick        # 2 ranks, tiny model, ~3.5 min
     sudo .venv/bin/python benchmarks/e2e.py                # the full protocol
     sudo .venv/bin/python benchmarks/e2e.py --dry-run      # print the commands
     sudo .venv/bin/python benchmarks/e2e.py --rates 1gbit  # fixed links instead of R
@@ -73,7 +77,15 @@ METHODS: dict[str, list[str]] = {
                     "--set", "train.powersgd_rank=4"],
     "exact": ["--mode", "exact"],
     "bucketed": ["--mode", "bucketed"],
+    "bucketed_2bit": ["--mode", "bucketed", "--set", "sparsity.value_bits=2"],
+    "outer_h8_2bit": ["--mode", "bucketed", "--set", "sparsity.sync_every=8",
+                      "--set", "sparsity.value_bits=2"],
+    "outer_h32_4bit": ["--mode", "bucketed", "--set", "sparsity.sync_every=32",
+                       "--set", "sparsity.value_bits=4"],
 }
+"""Methods (``--methods``); the first six run by default (``DEFAULT_METHODS``)."""
+DEFAULT_METHODS = ["dense_fp32", "dense_bf16", "powersgd_r1", "powersgd_r4", "exact",
+                   "bucketed"]
 
 # Per optimizer: fixed settings and the default 3-point learning-rate grid.
 OPTIMIZERS: dict[str, dict[str, Any]] = {
@@ -122,7 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rates", nargs="+", default=None,
                         help="fixed link rates (tc syntax, e.g. 1gbit) instead of --ratios: "
                              "no dilation; the table shows the ratio each rate gave")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                        help="methods to run (default: the six per-step methods; also "
+                             "bucketed_2bit, outer_h8_2bit, outer_h32_4bit)")
     parser.add_argument("--optimizers", nargs="+", default=None, choices=list(OPTIMIZERS),
                         help="tables to run; the first is the headline (adamw sgd; quick adamw)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="(0 1)")

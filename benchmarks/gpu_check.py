@@ -349,7 +349,6 @@ def run_profile(quick: bool) -> list[dict]:
                 log(f"      {t:8.1f} us x{count:<3} {key[:90]}")
             out.append({"shape": name, "call": label, "wall_us": wall_us,
                         "kernel_us": total, "kernels": kernels[:12]})
-        del x
         torch.cuda.empty_cache()
     return out
 

@@ -10,6 +10,8 @@ Layers (each usable alone):
 - ``distk.ddp``, ``distk.fsdp``, ``distk.deepspeed``: thin integrations; ``distk.enable``
   picks one from the wrapper's type; ``distk.integrations.hf`` / ``.accelerate`` /
   ``.lightning`` adapt HF Trainer, Accelerate and Lightning;
+- ``distk.outer``: sparse outer synchronisation (DiLoCo/SparseLoCo style) of a plain
+  model every ``sync_every`` optimizer steps;
 - ``distk.nn``: activation top-k layers and sparse activation exchange;
 - ``distk.train``: the main job (``distk-train``).
 """
@@ -32,6 +34,7 @@ _LAZY_MODULES = {
     "fsdp": "distk.integrations.fsdp",
     "deepspeed": "distk.integrations.deepspeed",
     "integrations": "distk.integrations",
+    "outer": "distk.outer",
     "train": "distk.train",
 }
 _LAZY_NAMES = {

@@ -21,7 +21,8 @@ One call of :meth:`GradientCompressor.step` for a key::
     acc = residual + u                    (error_feedback; else acc = u)
     sel = top-k of |acc| (bucketed or exact), k from the schedule
     update = average over ranks of the sent entries (dense, same shape/dtype as grad)
-    residual = acc - sent                 (sent = acc[sel] rounded to the wire dtype)
+    residual = acc - sent                 (sent = acc[sel] as receivers decode it: rounded
+                                           to the wire dtype, or quantized by the codec)
     u[sel] = 0                            (DGC momentum factor masking)
 
 Conservation (error feedback, full-precision wire, exact arithmetic): over any number of
@@ -134,11 +135,12 @@ class _Plan:
     k_per_bucket: int | None
     packed: bool  # bucketed with no second stage: implicit bucket ids on the wire
 
-    def wire(self, numel: int, value_dtype: torch.dtype, interleaved: bool) -> WireFormat:
+    def wire(self, numel: int, value_dtype: torch.dtype, interleaved: bool,
+             value_bits: int | None = None) -> WireFormat:
         if self.packed:
             return WireFormat(numel, self.k, value_dtype, self.buckets, self.k_per_bucket,
-                              interleaved)
-        return WireFormat(numel, self.k, value_dtype)
+                              interleaved, value_bits)
+        return WireFormat(numel, self.k, value_dtype, value_bits=value_bits)
 
 
 def _key_tag(key: Hashable) -> int:
@@ -352,7 +354,9 @@ class GradientCompressor:
         schedule = count if step is None else step
         stats_step = schedule % cfg.stats_interval == 0
         state_dtype = torch.promote_types(grad.dtype, torch.float32)
-        value_dtype = cfg.wire_dtype or grad.dtype
+        # The compact codec (value_bits) decodes to float32; dense steps then travel fp32.
+        value_dtype = (torch.float32 if cfg.value_bits is not None
+                       else cfg.wire_dtype or grad.dtype)
         _, world = rank_and_world(self.group)
         if numel == 0:
             if not stateless:
@@ -424,7 +428,7 @@ class GradientCompressor:
             scheme = "dense"
         else:
             k = plan.k
-            wire = plan.wire(numel, value_dtype, cfg.interleaved)
+            wire = plan.wire(numel, value_dtype, cfg.interleaved, cfg.value_bits)
             if nonfinite:  # nothing will be sent; keep the metadata consistent
                 positions = torch.zeros(k, dtype=torch.int64, device=acc.device)
             else:
@@ -476,12 +480,13 @@ class GradientCompressor:
                                           world, stats_step, recall, plan, wire, skipped=True)
                 return torch.zeros_like(grad) if out is None else out.zero_()
 
-            # What this rank actually sent (rounded to the wire dtype) leaves the residual.
+            # What receivers decode from this rank (values rounded to the wire dtype, or
+            # quantized by the codec) leaves the residual; the rest stays.
             if keep_residual:
                 if dense:
-                    acc.sub_(sent.to(value_dtype).to(state_dtype))
+                    acc.sub_(wire.decoded(sent).to(state_dtype))
                 else:
-                    acc[positions] = values - sent.to(value_dtype).to(state_dtype)
+                    acc[positions] = values - wire.decoded(sent).to(state_dtype)
                 self._residuals[key] = acc
             if velocity is not None:
                 if dense:
@@ -598,6 +603,9 @@ class GradientCompressor:
             "compression": dense_bytes / result.bytes_sent if result.bytes_sent else 1.0,
             "index_bytes": 0 if scheme == "dense" and k == numel else wire.index_bytes,
             "value_bytes": wire.value_bytes,
+            # This rank's payload: bits per sent entry, and per entry of the tensor.
+            "bits_per_entry": 8 * result.payload_bytes / k if k else 0.0,
+            "bits_per_param": 8 * result.payload_bytes / numel,
             "buckets": plan.buckets if plan else None,
             "k_per_bucket": plan.k_per_bucket if plan else None,
             "accumulate_seconds": accumulate_seconds,
@@ -612,6 +620,7 @@ class GradientCompressor:
             self._overlap[key] = result.union_per_shard / (min(world * k, numel) / world)
         stats = StepStats(
             buffers=1, numel=numel, sent=k, bytes_sent=result.bytes_sent,
+            payload_bytes=0 if skipped else result.payload_bytes,
             dense_bytes=dense_bytes, accumulate_seconds=accumulate_seconds,
             selection_seconds=selection_seconds, comm_seconds=comm_seconds,
             skipped=int(skipped), schemes={scheme: 1},

@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["SparsityConfig", "VALUE_DTYPES"]
+__all__ = ["SparsityConfig", "VALUE_BITS", "VALUE_DTYPES"]
 
 METHODS = ("bucketed", "exact", "dense")
 EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")
 NONFINITE_POLICIES = ("raise", "skip", "zero")
+VALUE_BITS = (1, 2, 4, 8)
+"""Widths accepted by ``SparsityConfig.value_bits`` (``distk.comm.codec.VALUE_BITS``)."""
 VALUE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -105,6 +107,34 @@ class SparsityConfig:
     """Dtype of values on the wire: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None``
     (the gradient's dtype). The rounding error stays in the residual."""
 
+    value_bits: int | None = None
+    """Compact wire codec: ``None`` (values in ``value_dtype``, byte-aligned indices) or
+    1, 2, 4, 8: values quantized to that many bits (a sign bit and ``2**(bits-1)``
+    magnitude levels spanning each bucket's least to largest selected magnitude, sent as
+    two float32 per bucket, or per group of at least 64 entries; 1 bit = sign times the
+    mean magnitude) and indices bit-packed at ``ceil(log2(bucket size))`` bits. The
+    quantization error stays in the residual. Needs ``value_dtype=None`` and ``exchange``
+    ``"auto"`` or ``"allgather"`` (the only scheme that sends entries as packed)."""
+
+    sync_every: int = 1
+    """Outer synchronisation period ``H`` (``distk.outer``): ranks take ``H`` local
+    optimizer steps, then exchange the compressed pseudo-gradient (parameters at the last
+    sync minus parameters now) and apply an outer step. 1 = every step; the DDP, FSDP
+    and DeepSpeed integrations exchange gradients every step and refuse ``H > 1``."""
+
+    outer_lr: float = 1.0
+    """Outer learning rate (``distk.outer``): parameters move by ``outer_lr`` times the
+    averaged pseudo-gradient step; > 0. With 1.0, no momentum and density 1.0, a sync
+    averages the ranks' parameters."""
+
+    outer_momentum: float = 0.0
+    """Outer SGD momentum in [0, 1) (DiLoCo: 0.9 with Nesterov, outer_lr 0.7). 0 = no outer
+    momentum: error feedback of the compressed pseudo-gradient takes its place, as in
+    SparseLoCo."""
+
+    outer_nesterov: bool = True
+    """Nesterov form of the outer momentum (ignored when ``outer_momentum`` is 0)."""
+
     min_numel: int = 1024
     """Tensors with fewer entries than this are exchanged dense (sparse does not pay)."""
 
@@ -142,7 +172,7 @@ class SparsityConfig:
         if self.k_per_bucket is not None and (not _is_int(self.k_per_bucket)
                                               or self.k_per_bucket < 1):
             _fail("k_per_bucket", self.k_per_bucket, "None or an integer >= 1")
-        for name in ("interleaved", "error_feedback"):
+        for name in ("interleaved", "error_feedback", "outer_nesterov"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "a bool (true or false)")
         if not _is_number(self.momentum) or not 0.0 <= self.momentum < 1.0:
@@ -166,6 +196,25 @@ class SparsityConfig:
             _fail("value_dtype", self.value_dtype, f"None or one of {tuple(VALUE_DTYPES)}")
         if self.exchange not in EXCHANGES:
             _fail("exchange", self.exchange, f"one of {EXCHANGES}")
+        if self.value_bits is not None:
+            if not _is_int(self.value_bits) or self.value_bits not in VALUE_BITS:
+                _fail("value_bits", self.value_bits, f"None or one of {VALUE_BITS}")
+            if self.value_dtype is not None:
+                _fail("value_dtype", self.value_dtype,
+                      f"None when value_bits={self.value_bits} is set (the codec sets the "
+                      "values' encoding)")
+            if self.exchange not in ("auto", "allgather"):
+                _fail("exchange", self.exchange,
+                      f"'auto' or 'allgather' when value_bits={self.value_bits} is set (only "
+                      "the all-gather sends packed entries)")
+        if not _is_int(self.sync_every) or self.sync_every < 1:
+            _fail("sync_every", self.sync_every, "an integer >= 1")
+        if not _is_number(self.outer_lr) or not 0.0 < self.outer_lr < math.inf:
+            _fail("outer_lr", self.outer_lr, "a finite number > 0")
+        self.outer_lr = float(self.outer_lr)
+        if not _is_number(self.outer_momentum) or not 0.0 <= self.outer_momentum < 1.0:
+            _fail("outer_momentum", self.outer_momentum, "a number in [0, 1)")
+        self.outer_momentum = float(self.outer_momentum)
         if self.nonfinite not in NONFINITE_POLICIES:
             _fail("nonfinite", self.nonfinite, f"one of {NONFINITE_POLICIES}")
 

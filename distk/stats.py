@@ -32,6 +32,9 @@ class StepStats:
     """Entries this rank sent (the selected ``k``; all entries of a dense buffer)."""
     bytes_sent: int = 0
     """Bytes this rank transmitted (metadata included)."""
+    payload_bytes: int = 0
+    """Bytes of this rank's own packed entries (ranges, values and indices; no metadata,
+    nothing counted twice for the collective's fan-out); 0 for skipped buffers."""
     dense_bytes: int = 0
     """Bytes a dense fp32 ring all-reduce of the same buffers would transmit."""
     accumulate_seconds: float = 0.0
@@ -62,6 +65,16 @@ class StepStats:
     def compression(self) -> float:
         """``dense_bytes / bytes_sent`` (1.0 when nothing was sent)."""
         return self.dense_bytes / self.bytes_sent if self.bytes_sent else 1.0
+
+    @property
+    def bits_per_entry(self) -> float:
+        """Payload bits per sent entry (index, value and the codec's amortised ranges)."""
+        return 8 * self.payload_bytes / self.sent if self.sent else 0.0
+
+    @property
+    def bits_per_param(self) -> float:
+        """Payload bits per gradient entry (``bits_per_entry * density``)."""
+        return 8 * self.payload_bytes / self.numel if self.numel else 0.0
 
     @property
     def residual_norm(self) -> float | None:
@@ -98,6 +111,8 @@ class StepStats:
             "buffers": self.buffers, "numel": self.numel, "k": self.sent,
             "density": self.density, "compression": self.compression,
             "bytes_sent": self.bytes_sent, "dense_bytes": self.dense_bytes,
+            "payload_bytes": self.payload_bytes, "bits_per_entry": self.bits_per_entry,
+            "bits_per_param": self.bits_per_param,
             "accumulate_seconds": self.accumulate_seconds,
             "selection_seconds": self.selection_seconds, "comm_seconds": self.comm_seconds,
             "skipped": self.skipped, "residual_norm": self.residual_norm,

@@ -17,7 +17,9 @@ def test_contract_fields_and_defaults():
         "density": 0.01, "k": None, "method": "bucketed", "recall_target": 0.95,
         "buckets": None, "k_per_bucket": None, "interleaved": True, "error_feedback": True,
         "momentum": 0.0, "clip_norm": None, "warmup_steps": 0, "warmup_density": 0.25,
-        "dense_steps": 0, "value_dtype": None, "min_numel": 1024, "exchange": "auto",
+        "dense_steps": 0, "value_dtype": None, "value_bits": None, "sync_every": 1,
+        "outer_lr": 1.0, "outer_momentum": 0.0, "outer_nesterov": True,
+        "min_numel": 1024, "exchange": "auto",
         "nonfinite": "raise", "stats_interval": 10, "recall_interval": 50,
     }
     assert cfg.to_dict() == expected

@@ -242,9 +242,63 @@ def _checkpoint_results() -> list[dict]:
 def test_unsupported_configurations_are_refused_on_every_rank() -> None:
     for messages in (res["refusals"] for res in _checkpoint_results()):
         assert "2-D device mesh" in messages["hsdp"]
+        assert "replicate_group=mesh" in messages["hsdp"]  # points to distk's HSDP
         assert "HYBRID_SHARD" in messages["hybrid"]
 
 
 def test_enable_rejects_unsharded_models() -> None:
     with pytest.raises(TypeError, match="fully_shard"):
         distk.fsdp.enable(nn.Linear(2, 2), distk.SparsityConfig())
+
+
+# -- HSDP: FSDP2 over the shard dimension, distk across the replicas -------------------------
+
+HSDP_MESH = (2, 2)  # (replicate, shard): 4 gloo ranks
+
+
+def _hsdp_pair(seed: int = 0) -> tuple[nn.Module, nn.Module, object]:
+    """(plain native HSDP on the 2-D mesh, FSDP2 on its shard dimension, the mesh)."""
+    mesh = init_device_mesh("cpu", HSDP_MESH, mesh_dim_names=("replicate", "shard"))
+    models = []
+    for shard_mesh in (mesh, mesh["shard"]):
+        model = _model(seed)
+        fully_shard(model[2], mesh=shard_mesh)
+        fully_shard(model, mesh=shard_mesh)
+        models.append(model)
+    return models[0], models[1], mesh
+
+
+def _hsdp_worker(rank: int, world: int) -> dict:
+    plain, sparse, mesh = _hsdp_pair()
+    _train(plain, rank, steps=4, accumulate=2)
+    cfg = distk.SparsityConfig(density=1.0, method="exact", min_numel=1)
+    state = distk.fsdp.enable(sparse, cfg, replicate_group=mesh["replicate"].get_group())
+    _train(sparse, rank, steps=4, accumulate=2)
+    # Sparse training across replicas: the loss must still fall at 5 % density.
+    _, trained, mesh = _hsdp_pair(seed=1)
+    sparse_state = distk.fsdp.enable(
+        trained, distk.SparsityConfig(density=0.05, min_numel=16),
+        replicate_group=mesh["replicate"].get_group())
+    losses = _train(trained, rank, steps=60, lr=0.1)
+    return {"plain": _full_params(plain), "sparse": _full_params(sparse),
+            "flavour": state.flavour, "iteration": state.iteration,
+            "world": state.world_size, "density": sparse_state.stats.density,
+            "trained": _full_params(trained), "losses": losses}
+
+
+@pytest.mark.timeout(300)
+def test_hsdp_density_one_matches_plain_hsdp_on_a_2x2_mesh() -> None:
+    results = run_distributed(_hsdp_worker, 4, timeout=280)
+    for res in results:
+        # Each entry: a sum of 2 in the shard group's reduce-scatter, halved, then the
+        # same across the 2 replicas: one fp32 addition and an exact halving each way.
+        torch.testing.assert_close(res["sparse"], res["plain"], rtol=PARITY_RTOL,
+                                   atol=PARITY_ATOL)
+        assert res["flavour"] == "hsdp" and res["world"] == 2  # replicas, not all ranks
+        assert res["iteration"] == 4  # accumulation micro-steps are not counted
+        assert 0.0 < res["density"] < 0.2
+        early, late = sum(res["losses"][:5]) / 5, sum(res["losses"][-10:]) / 10
+        assert late < 0.6 * early, (early, late)
+    # Every replica and shard group ends with the same full parameters.
+    for res in results[1:]:
+        assert torch.equal(res["trained"], results[0]["trained"])

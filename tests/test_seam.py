@@ -84,7 +84,9 @@ def _net() -> nn.Module:
                          nn.Linear(256, 1))
 
 
-def _ddp_future_worker(rank: int, world: int) -> dict:
+def _ddp_future_worker(rank: int, world: int, marker_dir: str) -> dict:
+    from pathlib import Path
+
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from distk.integrations.ddp import DDPCompressionState, sparse_allreduce_hook
@@ -95,20 +97,29 @@ def _ddp_future_worker(rank: int, world: int) -> dict:
     state = DDPCompressionState(distk.SparsityConfig(density=0.05, min_numel=64),
                                 ddp.process_group, model=ddp.module)
     done_at_return: list[bool] = []
+    steps = []
 
     def recording(hook_state, bucket):  # distk's hook, noting whether it came back done
+        # Rank 1 launches a step's first bucket only after rank 0's hook has returned its
+        # future (a marker file: no collective), so that future cannot be complete then,
+        # however the scheduler runs the two processes. On verified steps rank 0's hook
+        # waits for rank 1's metadata instead: rank 1 then goes on after PEER_DELAY, late.
+        marker = Path(marker_dir) / f"step{len(steps)}"
+        if rank == 1 and not done_at_return:
+            deadline = time.monotonic() + PEER_DELAY
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
         future = sparse_allreduce_hook(hook_state, bucket)
         done_at_return.append(future.done())
+        if rank == 0 and len(done_at_return) == 1:
+            marker.touch()
         return future
 
     ddp.register_comm_hook(state, recording)
-    steps = []
     for step in range(4):
         gen = torch.Generator().manual_seed(10 * step + rank)
         x, y = torch.randn(32, 16, generator=gen), torch.randn(32, 1, generator=gen)
         loss = nn.functional.mse_loss(ddp(x), y)
-        if rank == 1:
-            time.sleep(PEER_DELAY / 3)
         done_at_return.clear()
         loss.backward()
         steps.append({"iteration": state.iteration, "buffers": state.stats.buffers,
@@ -120,13 +131,14 @@ def _ddp_future_worker(rank: int, world: int) -> dict:
 
 
 @pytest.mark.distributed
-def test_ddp_hook_returns_futures_that_complete_after_the_hook_returns():
-    results = run_distributed(_ddp_future_worker, 2, timeout=120, pg_timeout=30)
+def test_ddp_hook_returns_futures_that_complete_after_the_hook_returns(tmp_path):
+    results = run_distributed(_ddp_future_worker, 2, str(tmp_path), timeout=120,
+                              pg_timeout=30)
     rank0 = results[0]["steps"]
     # One step per backward (the step boundary ends with the backward pass).
     assert [s["iteration"] for s in rank0] == [1, 2, 3, 4]
     assert all(s["buffers"] >= 2 for s in rank0[1:]), rank0  # rebuilt into 2+ buckets
-    # Rank 1 arrives late: rank 0's first bucket future was pending when the hook returned.
+    # Rank 1 launched late: rank 0's first bucket future was pending when the hook returned.
     for step in rank0:
         assert step["done_at_return"] and not step["done_at_return"][0], step
     assert torch.equal(results[0]["params"], results[1]["params"])

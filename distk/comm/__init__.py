@@ -2,7 +2,8 @@
 
 * :mod:`distk.comm.wire`: :class:`WireFormat` packs ``(indices, values)`` into bytes
   (int32/16-bit absolute indices or implicit-bucket offsets; values in the tensor's
-  dtype or bf16/fp16);
+  dtype or bf16/fp16; with ``value_bits``, the compact codec of :mod:`distk.comm.codec`:
+  1/2/4/8-bit values in per-bucket ranges and bit-packed indices);
 * :mod:`distk.comm.cost`: bytes per rank of each exchange scheme and the choice;
 * :mod:`distk.comm.exchange`: :func:`sparse_allreduce`, :func:`exchange` (all-gather,
   reduce-scatter and dense schemes, metadata checks across ranks), its asynchronous

@@ -16,6 +16,11 @@ with the real sizes filled in.
   compressor) or the pessimistic ``min(P * k, n) / P`` (no overlap between ranks).
 * ``dense``: ring all-reduce of the densified selection in the value dtype.
 
+With the compact codec (:mod:`distk.comm.codec`) entries are not a whole number of bytes:
+the all-gather then costs ``(P-1) * payload_bytes`` with the codec's exact payload (ranges,
+bit-packed values and indices), and is the only sparse scheme (summed shards would have
+to be re-quantized).
+
 Every scheme also pays one small metadata all-gather (:data:`META_FIELDS` + ``P`` int64
 per rank), which checks that ranks agree and carries the reduce-scatter routing counts.
 """
@@ -51,7 +56,8 @@ def shard_size(numel: int, world_size: int) -> int:
 
 
 def scheme_bytes(numel: int, k: int, world_size: int, index_bytes: int, value_bytes: int,
-                 union_per_shard: float | None = None) -> dict[str, int]:
+                 union_per_shard: float | None = None,
+                 payload_bytes: int | None = None) -> dict[str, int]:
     """Modelled bytes one rank transmits for each scheme.
 
     Args:
@@ -60,6 +66,8 @@ def scheme_bytes(numel: int, k: int, world_size: int, index_bytes: int, value_by
             wire format.
         union_per_shard: expected largest number of distinct selected positions in one
             shard (reduce-scatter); ``None`` = assume no overlap between ranks.
+        payload_bytes: exact bytes of one rank's all-gather payload when entries are
+            bit-packed (compact codec); ``None`` = ``k * (index_bytes + value_bytes)``.
     """
     p = world_size
     if p <= 1:
@@ -73,7 +81,8 @@ def scheme_bytes(numel: int, k: int, world_size: int, index_bytes: int, value_by
     phase1 = math.ceil(k * (p - 1) / p) * shard_entry
     phase2 = (p - 1) * min(math.ceil(union_per_shard) * shard_entry, shard * value_bytes)
     return {
-        "allgather": meta + (p - 1) * k * (index_bytes + value_bytes),
+        "allgather": meta + (p - 1) * (k * (index_bytes + value_bytes) if payload_bytes is None
+                                       else payload_bytes),
         "reduce_scatter": meta + (p - 1) * 8 + phase1 + phase2,
         "dense": meta + 2 * (p - 1) * shard * value_bytes,
     }

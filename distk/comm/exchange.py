@@ -341,9 +341,13 @@ def launch_exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: i
               and out.device == values.device else None)
     rank, world = rank_and_world(group)
     if scheme == "auto":
-        scheme = choose_scheme(numel, k, world, wire.index_bytes, wire.value_bytes, union_hint)
+        scheme = ("allgather" if wire.codec is not None else
+                  choose_scheme(numel, k, world, wire.index_bytes, wire.value_bytes, union_hint))
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be 'auto' or one of {SCHEMES}, got {scheme!r}")
+    if wire.codec is not None and scheme != "allgather":
+        raise ValueError(f"the compact codec (value_bits={wire.value_bits}) travels only with "
+                         f"the 'allgather' scheme (or 'auto'), got {scheme!r}")
     if scheme == "reduce_scatter":
         verify = True  # its routing counts travel in the metadata
     out_device = values.device
@@ -362,7 +366,7 @@ def launch_exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: i
             return PendingExchange.done(ExchangeResult(
                 None, scheme, 0, payload_bytes, nonfinite_ranks=[0],
                 seconds=time.perf_counter() - started))
-        sent_values = values.to(wire.value_dtype).to(acc_dtype)
+        sent_values = wire.decoded(values).to(acc_dtype)
         if dense_input:
             result = (buffer.copy_(sent_values) if buffer is not None
                       else sent_values.clone())  # never alias the caller's tensor

@@ -18,6 +18,13 @@ larger element size first, so that both can be viewed in place without copies:
 
 16-bit indices are stored as int16 holding ``index - 32768`` (torch has no general
 uint16 arithmetic), covering 0..65535.
+
+With ``value_bits`` set (the compact codec of :mod:`distk.comm.codec`), the payload is
+instead: float32 ranges (two per group of :func:`codec_group_size` entries), values
+packed at ``value_bits`` bits each, then indices packed at ``index_bits`` bits each
+(``ceil(log2(bucket size))`` for bucket offsets, ``ceil(log2(numel))`` for positions).
+Values then decode to float32; :meth:`WireFormat.decoded` gives exactly what receivers
+decode.
 """
 
 from __future__ import annotations
@@ -27,10 +34,14 @@ from dataclasses import dataclass
 
 import torch
 
+from distk.comm.codec import VALUE_BITS, ValueCodec, bits_for, pack_bits, packed_nbytes, unpack_bits
+
 __all__ = [
+    "CODEC_GROUP",
     "DTYPE_CODES",
     "WireFormat",
     "bucket_offsets",
+    "codec_group_size",
     "decode_indices",
     "encode_indices",
     "index_dtype_for",
@@ -45,9 +56,23 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 }
 """Small integer codes of the value dtypes, exchanged in metadata to check agreement."""
 
+CODEC_GROUP = 64
+"""Entries sharing one range in the compact codec when bucket ids are not implicit (and
+the least a group of whole buckets holds: see :func:`codec_group_size`)."""
+
 _UINT16_LIMIT = 1 << 16
 _INT16_BIAS = 1 << 15
 _INT32_LIMIT = 1 << 31
+
+
+def codec_group_size(k_per_bucket: int | None) -> int:
+    """Entries per range group of the compact codec: whole buckets (one bucket when it
+    sends at least :data:`CODEC_GROUP` entries, else as many buckets as fit in
+    :data:`CODEC_GROUP`, so the 8-byte range never costs more than 1 bit per entry);
+    :data:`CODEC_GROUP` consecutive entries without implicit buckets."""
+    if k_per_bucket is None:
+        return CODEC_GROUP
+    return k_per_bucket * max(1, CODEC_GROUP // k_per_bucket)
 
 
 def index_dtype_for(limit: int) -> torch.dtype:
@@ -111,6 +136,9 @@ class WireFormat:
             bucket, i.e. a bucketed selection with no second stage); ``None`` = absolute
             indices.
         interleaved: bucket layout (see the module docstring).
+        value_bits: ``None`` (values in ``value_dtype``, byte-aligned indices) or 1, 2, 4,
+            8: the compact codec (values quantized in per-group float32 ranges and
+            decoded to ``value_dtype``, which must then be float32; bit-packed indices).
     """
 
     numel: int
@@ -119,6 +147,7 @@ class WireFormat:
     buckets: int | None = None
     k_per_bucket: int | None = None
     interleaved: bool = True
+    value_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.numel < 1:
@@ -138,6 +167,13 @@ class WireFormat:
                 f"bucket-offset indices need buckets * k_per_bucket == k and at least "
                 f"k_per_bucket entries per bucket: numel={self.numel}, k={self.k}, "
                 f"buckets={self.buckets}, k_per_bucket={self.k_per_bucket}")
+        if self.value_bits is not None:
+            if self.value_dtype != torch.float32:
+                raise ValueError(f"the compact codec (value_bits={self.value_bits}) decodes "
+                                 f"to float32; got value_dtype={self.value_dtype}")
+            if self.value_bits not in VALUE_BITS:
+                raise ValueError(f"value_bits must be None or one of {VALUE_BITS}, got "
+                                 f"{self.value_bits!r}")
 
     @staticmethod
     def bucket_packable(numel: int, k: int, buckets: int, k_per_bucket: int) -> bool:
@@ -157,32 +193,72 @@ class WireFormat:
         return math.ceil(self.numel / self.buckets) if self.bucketed else self.numel
 
     @property
+    def codec(self) -> ValueCodec | None:
+        """The value codec (``None`` without ``value_bits``)."""
+        if self.value_bits is None:
+            return None
+        return ValueCodec(self.value_bits, self.k, codec_group_size(self.k_per_bucket))
+
+    @property
+    def index_bits(self) -> int:
+        """Bits of one index on the wire (bit-packed with the codec, else the dtype's)."""
+        if self.value_bits is None:
+            return 8 * self.index_dtype.itemsize
+        return bits_for(self.bucket_size)
+
+    @property
+    def bits_per_entry(self) -> float:
+        """Payload bits per selected entry (index, value and amortised ranges)."""
+        return 8 * self.payload_bytes / self.k if self.k else 0.0
+
+    def decoded(self, values: torch.Tensor) -> torch.Tensor:
+        """Exactly what receivers decode from ``values`` (in ``value_dtype``): the codec's
+        round trip, or the cast to the wire dtype."""
+        codec = self.codec
+        return values.to(self.value_dtype) if codec is None else codec.roundtrip(values)
+
+    @property
     def index_dtype(self) -> torch.dtype:
         """Dtype of indices on the wire."""
         return index_dtype_for(self.bucket_size)
 
     @property
-    def index_bytes(self) -> int:
+    def index_bytes(self) -> int | float:
+        """Bytes of one index (with the codec: ``index_bits / 8``, a fraction)."""
+        if self.value_bits is not None:
+            return self.index_bits / 8
         return self.index_dtype.itemsize
 
     @property
-    def value_bytes(self) -> int:
+    def value_bytes(self) -> int | float:
+        """Bytes of one value (with the codec: its bits and its share of the ranges,
+        over 8)."""
+        codec = self.codec
+        if codec is not None:
+            return codec.nbytes / self.k if self.k else 0.0
         return self.value_dtype.itemsize
 
     @property
-    def entry_bytes(self) -> int:
+    def entry_bytes(self) -> int | float:
         """Bytes per selected entry (index + value)."""
         return self.index_bytes + self.value_bytes
 
     @property
     def payload_bytes(self) -> int:
         """Bytes of one rank's packed entries."""
+        codec = self.codec
+        if codec is not None:
+            return codec.nbytes + packed_nbytes(self.k, self.index_bits)
         return self.k * self.entry_bytes
 
     @property
     def index_code(self) -> int:
-        """Small integer describing the index encoding (exchanged to check agreement)."""
-        return (2 if self.bucketed else 0) * 8 + self.index_bytes
+        """Small integer describing the index and value encoding (exchanged to check
+        agreement)."""
+        code = (2 if self.bucketed else 0) * 8 + self.index_dtype.itemsize
+        if self.value_bits is not None:
+            code += (self.value_bits << 8) + (self.index_bits << 16)
+        return code
 
     def _sections(self) -> tuple[tuple[str, int, int], ...]:
         value_len = self.k * self.value_bytes
@@ -203,6 +279,9 @@ class WireFormat:
         if self.bucketed:
             indices = bucket_offsets(indices, self.numel, self.buckets, self.k_per_bucket,
                                      self.interleaved)
+        codec = self.codec
+        if codec is not None:
+            return torch.cat([codec.pack(values), pack_bits(indices, self.index_bits)])
         parts = {
             "indices": encode_indices(indices, self.index_dtype).view(torch.uint8),
             "values": values.to(self.value_dtype).contiguous().view(torch.uint8),
@@ -215,6 +294,14 @@ class WireFormat:
             raise ValueError(f"unpack expects uint8 payloads of {self.payload_bytes} bytes, "
                              f"got {payload.dtype} of shape {tuple(payload.shape)}")
         payload = payload if payload.stride(-1) == 1 else payload.contiguous()
+        codec = self.codec
+        if codec is not None:
+            values = codec.unpack(payload[..., : codec.nbytes])
+            indices = unpack_bits(payload[..., codec.nbytes:], self.k, self.index_bits)
+            if self.bucketed:
+                indices = positions_from_offsets(indices, self.numel, self.buckets,
+                                                 self.k_per_bucket, self.interleaved)
+            return indices, values
         out = {}
         for name, start, stop in self._sections():
             dtype = self.index_dtype if name == "indices" else self.value_dtype

@@ -28,9 +28,14 @@ gradient per unit, like DDP's residuals). Compressor key = the unit's module nam
   interpret AVG or PREMUL_SUM reductions).
 - FSDP1: ``FullyShardedDataParallel.register_comm_hook`` on the root, with one hook state
   per FSDP unit so that each unit keeps its own residual.
+- HSDP (``enable(model, cfg, replicate_group=...)``, the model sharded with FSDP2 over the
+  shard dimension of a 2-D mesh): FSDP2's own dense reduce-scatter runs inside the shard
+  group (the fast intra-node links) and ``FSDPModule.set_all_reduce_hook`` hands each
+  rank's reduced shard to distk, which exchanges it sparsely across the replicas (the
+  slow inter-node links). Residuals are then per shard.
 
-Refused (ValueError naming the configuration): HSDP / 2-D meshes in FSDP2 (the extra
-replicate all-reduce would run dense and unsparsified), FSDP1 hybrid strategies
+Refused (ValueError naming the configuration): FSDP2 on a 2-D mesh (native HSDP would
+all-reduce across replicas densely; use ``replicate_group`` as above), FSDP1 hybrid strategies
 (HYBRID_SHARD, _HYBRID_SHARD_ZERO2: torch has no comm hook for them), FSDP2 modules
 with several parameter groups (per-parameter meshes), a model that is neither FSDP1
 nor FSDP2, or a model mixing both.
@@ -52,6 +57,8 @@ try:  # the interface FSDPModule.set_custom_reduce_scatter documents (private pa
 except ImportError:  # pragma: no cover - FSDP only duck-types allocate() and __call__
     _ReduceScatterBase = object
 
+from distk.comm import check_same_config
+from distk.compressor import as_sparsity_config
 from distk.config import SparsityConfig
 from distk.integrations.state import CompressionState
 
@@ -69,7 +76,7 @@ class FSDPCompressionState(CompressionState):
     synchronously (``reduce``): FSDP's comm seams take no future.
 
     Attributes:
-        flavour: ``"fsdp2"`` or ``"fsdp1"``.
+        flavour: ``"fsdp2"``, ``"hsdp"`` (FSDP2 with ``replicate_group``) or ``"fsdp1"``.
         unit_names: the compressor keys, one per FSDP unit that owns parameters.
     """
 
@@ -188,9 +195,20 @@ def _fsdp2_units(model: nn.Module) -> list[tuple[str, FSDPModule, list[nn.Parame
     return units
 
 
-def _enable_fsdp2(model: nn.Module, cfg: SparsityConfig | dict[str, Any]
-                  ) -> FSDPCompressionState:
-    for method in ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms"):
+def _hsdp_hook(state: FSDPCompressionState, key: str) -> Any:
+    """FSDP2 all-reduce hook: average this rank's reduce-scattered shard across the
+    replicas (``state.process_group``) through distk, in place."""
+
+    def hook(reduce_output: torch.Tensor) -> None:
+        state.reduce(reduce_output, key)
+
+    return hook
+
+
+def _enable_fsdp2(model: nn.Module, cfg: SparsityConfig | dict[str, Any],
+                  replicate_group: dist.ProcessGroup | None = None) -> FSDPCompressionState:
+    for method in ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms",
+                   "set_all_reduce_hook"):
         if not hasattr(FSDPModule, method):
             raise RuntimeError(
                 f"distk.fsdp.enable needs FSDPModule.{method}, which this torch "
@@ -212,7 +230,9 @@ def _enable_fsdp2(model: nn.Module, cfg: SparsityConfig | dict[str, Any]
                 raise ValueError(
                     f"distk.fsdp.enable: module {name or '<root>'!r} is sharded over a "
                     f"{mesh.ndim}-D device mesh {tuple(mesh.mesh_dim_names or ())}; only a "
-                    "1-D mesh (plain FSDP) is supported, not HSDP or FSDP+TP"
+                    "1-D mesh is supported (FSDP+TP is not; for HSDP shard over the shard "
+                    "dimension, fully_shard(module, mesh=mesh['shard']), and pass "
+                    "replicate_group=mesh['replicate'].get_group())"
                 )
             if all(mesh is not seen for seen in meshes):
                 meshes.append(mesh)
@@ -224,15 +244,48 @@ def _enable_fsdp2(model: nn.Module, cfg: SparsityConfig | dict[str, Any]
         )
     group = meshes[0].get_group()
     names = [name or "<root>" for name, _, _ in units]
+    if replicate_group is not None:
+        return _enable_hsdp(model, cfg, group, replicate_group, units, names)
     state = FSDPCompressionState(cfg, group, "fsdp2", names, model=model)
+
+    def install(module: FSDPModule, key: str) -> None:
+        module.set_custom_reduce_scatter(SparseReduceScatter(state, key))
+        module.set_force_sum_reduction_for_comms(True)
+
+    _install_on_units(units, names, "a custom reduce-scatter", install)
+    return state
+
+
+def _install_on_units(units: list[tuple[str, FSDPModule, list[nn.Parameter]]],
+                      names: list[str], what: str, install: Any) -> None:
+    """``install(module, key)`` on every unit; torch's ValueError names the module."""
     for (_, module, _), key in zip(units, names):
         try:
-            module.set_custom_reduce_scatter(SparseReduceScatter(state, key))
+            install(module, key)
         except ValueError as err:
             raise ValueError(
-                f"distk.fsdp.enable: module {key!r} cannot take a custom reduce-scatter: {err}"
-            ) from err
-        module.set_force_sum_reduction_for_comms(True)
+                f"distk.fsdp.enable: module {key!r} cannot take {what}: {err}") from err
+
+
+def _enable_hsdp(model: nn.Module, cfg: SparsityConfig | dict[str, Any],
+                 shard_group: dist.ProcessGroup, replicate_group: dist.ProcessGroup,
+                 units: list[tuple[str, FSDPModule, list[nn.Parameter]]],
+                 names: list[str]) -> FSDPCompressionState:
+    """HSDP: FSDP2's own dense reduce-scatter inside the shard group (fast links), then
+    distk's sparse exchange of each rank's shard across the replicas (slow links), through
+    ``set_all_reduce_hook`` (torch's seam for a custom replica all-reduce on a 1-D mesh)."""
+    shard_ranks = set(dist.get_process_group_ranks(shard_group))
+    replica_ranks = set(dist.get_process_group_ranks(replicate_group))
+    if shard_ranks & replica_ranks != {dist.get_rank()}:
+        raise ValueError(
+            "distk.fsdp.enable: replicate_group must hold this rank and one rank of every "
+            f"other replica, none of its own shard group; got shard group "
+            f"{sorted(shard_ranks)} and replicate group {sorted(replica_ranks)}")
+    # Every rank, not just each replica group, must agree (collective over the world).
+    check_same_config(as_sparsity_config(cfg))
+    state = FSDPCompressionState(cfg, replicate_group, "hsdp", names, model=model)
+    _install_on_units(units, names, "an all-reduce hook",
+                      lambda module, key: module.set_all_reduce_hook(_hsdp_hook(state, key)))
     return state
 
 
@@ -265,7 +318,8 @@ def _enable_fsdp1(model: FSDP1, cfg: SparsityConfig | dict[str, Any]) -> FSDPCom
     return state
 
 
-def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any]) -> FSDPCompressionState:
+def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any], *,
+           replicate_group: dist.ProcessGroup | None = None) -> FSDPCompressionState:
     """Sparsify the gradient reduction of an FSDP2 (``fully_shard``) or FSDP1 model.
 
     Args:
@@ -275,6 +329,11 @@ def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any]) -> FSDPCompre
         cfg: a :class:`~distk.config.SparsityConfig` (or a dict for
             ``SparsityConfig.from_dict``); must be the same on every rank (checked
             collectively; a mismatch raises on every rank).
+        replicate_group: HSDP (FSDP2 only): the model is sharded over the shard
+            dimension of a 2-D mesh (``fully_shard(m, mesh=mesh["shard"])``) and this is
+            ``mesh["replicate"].get_group()``. FSDP2's dense reduce-scatter stays inside
+            the shard group; distk exchanges each rank's reduced shard sparsely across
+            the replicas (residuals are then per shard).
 
     Returns:
         The :class:`FSDPCompressionState` (``.compressor``, ``.stats``, ``state_dict()``,
@@ -292,8 +351,11 @@ def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any]) -> FSDPCompre
     has_fsdp1 = any(isinstance(m, FSDP1) for m in model.modules())
     if has_fsdp1 and has_fsdp2:
         raise ValueError("distk.fsdp.enable: the model mixes FSDP1 and FSDP2 modules")
+    if replicate_group is not None and not has_fsdp2:
+        raise ValueError("distk.fsdp.enable: replicate_group (HSDP) needs an FSDP2 model "
+                         "(fully_shard over the shard dimension of the mesh)")
     if has_fsdp2:
-        return _enable_fsdp2(model, cfg)
+        return _enable_fsdp2(model, cfg, replicate_group)
     if isinstance(model, FSDP1):
         return _enable_fsdp1(model, cfg)
     if has_fsdp1:

@@ -7,12 +7,12 @@ gradient, a DeepSpeed gradient) and the adapter calls :meth:`CompressionState.re
 when done; FSDP, DeepSpeed) under a stable key. The state owns what the adapters share:
 
 - config coercion (:func:`~distk.compressor.as_sparsity_config`; a dict is accepted), the
-  refusal of sparse gradients (at construction) and the collective
-  :func:`~distk.comm.check_same_config`: at construction when the process group exists,
-  otherwise on the first exchange (a state built for a framework's hook slot before the
-  group is initialised, e.g. Lightning's ``DDPStrategy(ddp_comm_state=...)``; every
-  rank reaches that first exchange, so the check stays collective), before any
-  gradient is exchanged;
+  refusal of sparse gradients and of outer synchronisation (``sync_every > 1``), both at
+  construction, and the collective :func:`~distk.comm.check_same_config`: at
+  construction when the process group exists, otherwise on the first exchange (a state
+  built for a framework's hook slot before the group is initialised, e.g. Lightning's
+  ``DDPStrategy(ddp_comm_state=...)``; every rank reaches that first exchange, so the
+  check stays collective), before any gradient is exchanged;
 - the one step counter (:attr:`CompressionState.iteration`) that drives the
   compressor's schedule (dense steps, warm-up, stats and recall intervals), and the one
   step boundary: :meth:`CompressionState.end_step`. DDP and FSDP end a step when the
@@ -40,7 +40,7 @@ from distk.compressor import GradientCompressor, as_sparsity_config
 from distk.config import SparsityConfig
 from distk.stats import StepStats
 
-__all__ = ["CompressionState", "refuse_sparse_gradients"]
+__all__ = ["CompressionState", "refuse_outer_sync", "refuse_sparse_gradients"]
 
 _NOT_IN_BACKWARD = -1  # torch._C._current_graph_task_id() outside a backward pass
 
@@ -58,6 +58,23 @@ def refuse_sparse_gradients(model: torch.nn.Module, entry: str) -> None:
             raise ValueError(
                 f"{entry} does not support sparse gradients: module {name!r} is an "
                 "embedding with sparse=True; use sparse=False or leave it out of the model")
+
+
+def refuse_outer_sync(cfg: SparsityConfig, entry: str) -> None:
+    """Raise ValueError for ``sync_every > 1`` (outer synchronisation, :mod:`distk.outer`):
+    DDP, FSDP and DeepSpeed exchange gradients at every backward pass / engine step, so
+    ranks cannot take local steps under them. Local and deterministic (every rank holds
+    the same config), so every rank raises alike."""
+    if cfg.sync_every == 1:
+        return
+    why = ("DeepSpeed's engine reduces (and under ZeRO partitions) gradients inside every "
+           "backward/step, so ranks cannot take local steps without replacing its optimizer "
+           "step" if "deepspeed" in entry.lower() else
+           "DDP/FSDP all-reduce or reduce-scatter gradients at every backward pass")
+    raise ValueError(
+        f"SparsityConfig.sync_every={cfg.sync_every} (outer synchronisation) is not supported "
+        f"by {entry}: {why}. Use distk.outer.enable(model, optimizer, cfg) on a plain "
+        "(unwrapped) model under torchrun, or set sync_every=1.")
 
 
 class CompressionState:
@@ -96,6 +113,7 @@ class CompressionState:
                  process_group: dist.ProcessGroup | None = None, *,
                  model: torch.nn.Module | None = None, entry: str = "distk") -> None:
         self.cfg = as_sparsity_config(cfg)
+        refuse_outer_sync(self.cfg, f"{type(self).__name__} ({entry})")
         if model is not None:
             refuse_sparse_gradients(model, entry)
         ready = _group_ready()

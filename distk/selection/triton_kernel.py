@@ -24,8 +24,9 @@ launcher and the ahead-of-time compile test both use it):
 
 Everything else (``kept > 64`` on long buckets with no floor) runs the plain-PyTorch
 reference on the GPU. A floor whose candidate lists would exceed ``MAX_SELECT_P2`` keys
-is not used (the floor only ever saves work: callers get the same final result). Tested under ``TRITON_INTERPRET=1`` against ``reference.py`` and
-compiled ahead of time for sm_80 and sm_90 in ``tests/test_triton_compile.py``.
+is not used (the floor only ever saves work: callers get the same final result).
+Tested under ``TRITON_INTERPRET=1`` against ``reference.py`` and compiled ahead of time
+for sm_80 and sm_90 in ``tests/test_triton_compile.py``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ examples:
   NPROC=2 launchers/torchrun.sh --mode bucketed --set train.steps=100
   launchers/torchrun.sh --config configs/tiny.json --set sparsity.density=0.05 --wandb
   launchers/torchrun.sh --compare --resume              # continue an interrupted compare
+  launchers/torchrun.sh --set sparsity.sync_every=30 --set sparsity.value_bits=2
+                                                        # outer sync every 30 steps, 2-bit
+  launchers/torchrun.sh --compare --modes dense,bucketed,outer --set sparsity.value_bits=2
 
 --set takes dotted keys of the JSON config; values are parsed as JSON (numbers,
 true/false/null) and otherwise kept as strings, e.g. --set sparsity.nonfinite=skip.
@@ -45,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true",
                         help="run dense, exact and bucketed one after another with the same "
                              "seed and data; print a table, write compare.json/compare.png")
+    parser.add_argument("--modes", metavar="M1,M2,...",
+                        help="modes of --compare, comma-separated, from dense, exact, bucketed "
+                             "and outer (outer synchronisation every sparsity.sync_every steps, "
+                             "8 when it is 1); default: dense,exact,bucketed")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run directory's checkpoint (if any)")
     parser.add_argument("--name", help="shorthand for --set name=NAME (the run directory)")
@@ -77,6 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"distk-train: error: {err}", file=sys.stderr)
         return 2
+    modes = tuple(m for m in (args.modes or "").split(",") if m)
+    if modes:  # (imports torch: only when asked for)
+        from distk.train.compare import ALL_MODES
+        from distk.train.outer_mode import OUTER_MODE
+
+        unknown = [m for m in modes if m not in ALL_MODES]
+        problem = None
+        if unknown:
+            problem = f"unknown mode(s) {unknown}; allowed: {', '.join(ALL_MODES)}"
+        elif not args.compare:
+            problem = "--modes needs --compare"
+        elif args.deepspeed and OUTER_MODE in modes:
+            problem = (f"mode {OUTER_MODE!r} trains a plain model with local steps, not "
+                       "through DeepSpeed (whose engine reduces gradients at every step); "
+                       "leave it out of --modes with --deepspeed")
+        if problem:
+            print(f"distk-train: error: {problem}", file=sys.stderr)
+            return 2
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
@@ -89,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, _, _ = setup_distributed(cfg)
     if args.compare:
-        run_compare(cfg, resume=args.resume, ds_config=args.deepspeed)
+        run_compare(cfg, resume=args.resume, ds_config=args.deepspeed,
+                    **({"modes": modes} if modes else {}))
     elif args.deepspeed:
         deepspeed_job.run(cfg, args.deepspeed, resume=args.resume)
     else:

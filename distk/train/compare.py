@@ -21,10 +21,15 @@ from distk.train import deepspeed_job
 from distk.train.config import TrainConfig
 from distk.train.data import build_corpus
 from distk.train.loop import RunResult, mode_config, train
+from distk.train.outer_mode import OUTER_MODE
 
-__all__ = ["COMPARE_MODES", "format_table", "plot_curves", "run_compare"]
+__all__ = ["ALL_MODES", "COMPARE_MODES", "format_table", "plot_curves", "run_compare"]
 
 COMPARE_MODES = ("dense", "exact", "bucketed")
+"""Modes of ``--compare`` by default."""
+
+ALL_MODES = (*COMPARE_MODES, OUTER_MODE)
+"""Modes ``--compare --modes`` accepts (``outer``: see :mod:`distk.train.outer_mode`)."""
 
 
 def run_compare(cfg: TrainConfig, *, resume: bool = False,
@@ -35,6 +40,10 @@ def run_compare(cfg: TrainConfig, *, resume: bool = False,
     ``result.json`` says it completed is not re-run, and an interrupted mode continues from
     its checkpoint. With ``ds_config`` every mode trains through DeepSpeed (the JSON's
     ``"distk"`` block with its ``method`` replaced by the mode)."""
+    if ds_config is not None and OUTER_MODE in modes:
+        raise ValueError(f"mode {OUTER_MODE!r} trains a plain model with local steps; it does "
+                         "not run through DeepSpeed (whose engine reduces gradients at every "
+                         "step)")
     run_dir = cfg.run_dir
     corpus = build_corpus(cfg)
     results: dict[str, RunResult] = {}

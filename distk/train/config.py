@@ -151,6 +151,16 @@ class OptimConfig:
     the dense mode keeps it in the optimizer. Ignored when ``sparsity.momentum`` is set
     or the optimizer is AdamW."""
 
+    adamw_dense_steps: int = 50
+    """Sparse modes under AdamW exchange at least this many first steps dense
+    (``sparsity.dense_steps`` is raised to it; the dense mode and SGD are untouched).
+    Measured on the default model: see docs/train.md, "Sparse training with AdamW". >= 0."""
+
+    adamw_warmup_steps: int = 150
+    """Sparse modes under AdamW decay the density over at least this many steps after the
+    dense ones (``sparsity.warmup_steps`` is raised to it), from ``sparsity.warmup_density``
+    to ``sparsity.density``. >= 0."""
+
     eval_every: int = 100
     """Evaluate on the validation split every N steps (and always at the end); 0 = end only."""
 
@@ -204,6 +214,8 @@ class OptimConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a float >= 0")
         _check(0.0 <= self.beta1 < 1.0, "train.beta1", self.beta1, "a float in [0, 1)")
         _check(0.0 <= self.beta2 < 1.0, "train.beta2", self.beta2, "a float in [0, 1)")
+        for key in ("adamw_dense_steps", "adamw_warmup_steps"):
+            _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "an int >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "an int >= 0")
         _check(self.eval_windows >= 1, "train.eval_windows", self.eval_windows, "an int >= 1")

@@ -17,6 +17,9 @@ The optimizer is the DDP job's (``build_optimizer``: SGD by default, or AdamW) w
 schedule (``lr_at``), passed to DeepSpeed as a client optimizer, so a JSON
 ``"optimizer"`` block is refused; ``train.momentum_correction`` moves SGD momentum into
 the ``"distk"`` block's compressor exactly as in the DDP job (``momentum_placement``).
+As in the DDP job, a sparse ``"distk"`` block under AdamW gets at least
+``train.adamw_dense_steps`` dense steps and a ``train.adamw_warmup_steps`` density
+warm-up (``distk.train.placement.adamw_block_schedule``).
 Without a ``"distk"`` block the run is plain DeepSpeed (no compression, no distk stats).
 
 The loop is the DDP job's (:func:`distk.train.loop.run_loop`) over a
@@ -50,6 +53,7 @@ from distk.train.loop import (
     setup_distributed,
 )
 from distk.train.model import build_model
+from distk.train.placement import adamw_block_schedule
 
 __all__ = ["DeepSpeedBackend", "checkpoint_root", "deepspeed_config_for", "run"]
 
@@ -74,6 +78,7 @@ def deepspeed_config_for(cfg: TrainConfig, ds_config: str | dict[str, Any],
             its own optimizer), or ``method`` without a ``"distk"`` block.
     """
     stripped, sparsity = split_config(ds_config)
+    sparsity = adamw_block_schedule(cfg, sparsity)  # AdamW: dense start, longer warm-up
     config = dict(stripped)
     if "optimizer" in config:
         raise ValueError(

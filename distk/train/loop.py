@@ -4,9 +4,11 @@ One loop (:func:`run_loop`) over a small step backend: :class:`DDPBackend` here 
 mode — ``dense``, ``exact``, ``bucketed`` (``SparsityConfig.method``) — goes through
 ``DistributedDataParallel`` + ``distk.ddp.enable``; "dense" is the plain all-reduce
 baseline inside the same hook, so bytes and communication seconds are measured the same
-way in every mode) and ``distk.train.deepspeed_job.DeepSpeedBackend``. The loop owns the
-schedule, logging, evaluation, checkpoint cadence and the :class:`RunResult`; a typed
-:class:`RunState` travels in checkpoints.
+way in every mode), :class:`OuterBackend` (``sparsity.sync_every > 1``: the model is not
+wrapped in DDP; ranks take local steps and :mod:`distk.train.outer_mode` synchronises
+them every ``sync_every`` steps) and ``distk.train.deepspeed_job.DeepSpeedBackend``. The
+loop owns the schedule, logging, evaluation, checkpoint cadence and the
+:class:`RunResult`; a typed :class:`RunState` travels in checkpoints.
 
 Reusable pieces: :func:`setup_distributed`, :func:`resolve_device`, :func:`lr_at`,
 :func:`build_optimizer`, :func:`train`, :func:`run_loop`.
@@ -36,10 +38,19 @@ from distk.train.checkpoint import checkpoint_dir, load_checkpoint, restore_rng,
 from distk.train.config import TrainConfig
 from distk.train.data import ByteCorpus, build_corpus, build_data
 from distk.train.model import build_model, evaluate
+from distk.train.outer_mode import (
+    OUTER_MODE,
+    OuterTrainState,
+    outer_mode_config,
+    outer_schedule,
+    uses_outer_sync,
+)
 from distk.train.peer_hooks import enable_peer_hook, powersgd_start_iter
+from distk.train.placement import adamw_schedule
 
 __all__ = [
     "DDPBackend",
+    "OuterBackend",
     "RunResult",
     "RunState",
     "StepBackend",
@@ -317,30 +328,62 @@ class DDPBackend(StepBackend):
                                   device=self.device)
         if payload is None:
             return None
-        rebuild_ddp_buckets(self.ddp_model, self.data.train_batch(payload["step"]))
+        self._before_load(int(payload["step"]))
         self.module.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.state.load_state_dict(payload["distk"])
         restore_rng(payload, self.device)
         return int(payload["step"]), RunState.from_dict(payload["extra"])
 
+    def _before_load(self, step: int) -> None:
+        rebuild_ddp_buckets(self.ddp_model, self.data.train_batch(step))
+
+
+class OuterBackend(DDPBackend):
+    """Outer synchronisation (``sparsity.sync_every > 1``, mode ``outer``): the plain model
+    (no DDP wrapper) trains with local optimizer steps, and
+    :class:`~distk.train.outer_mode.OuterTrainState` (an optimizer step post-hook)
+    exchanges the compressed pseudo-gradients every ``sync_every`` steps. Steps, logging,
+    checkpoints and resume are :class:`DDPBackend`'s."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, data: Any, device: torch.device
+                 ) -> None:
+        self.cfg, self.run_dir, self.data, self.device = cfg, run_dir, data, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.module = build_model(cfg, device)
+        self.ddp_model = self.module  # local steps: nothing reduces gradients
+        self.optimizer = build_optimizer(self.module, cfg)
+        self.state = OuterTrainState(self.module, self.optimizer, cfg)
+        self.mode = OUTER_MODE
+        self.label = f"mode={self.mode} sync_every={cfg.sparsity.sync_every}"
+        self.log_config = cfg.to_dict()
+
+    def train_step(self, step: int, want_magnitudes: bool) -> StepOutput:
+        # Gradients here are local, not the exchanged update: no histogram of them.
+        del want_magnitudes
+        return super().train_step(step, False)
+
+    def _before_load(self, step: int) -> None:
+        del step  # no DDP buckets to rebuild
+
 
 def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
           corpus: ByteCorpus | None = None, wandb_group: str | None = None) -> RunResult:
     """Train one run of ``cfg`` (mode ``cfg.sparsity.method``) through DDP in the current
-    process group: :func:`run_loop` over a :class:`DDPBackend`.
+    process group: :func:`run_loop` over a :class:`DDPBackend`; with
+    ``sparsity.sync_every > 1`` (mode ``outer``) over an :class:`OuterBackend`.
 
     Every rank calls it. Writes ``metrics.jsonl`` (rank 0), checkpoints (every rank, when
     ``train.checkpoint_every`` or ``train.stop_after`` asks) and ``result.json`` (rank 0)
     under ``run_dir``. With ``resume``, continues from ``run_dir``'s checkpoint when there is
     one (bitwise identical to an uninterrupted run on CPU with dropout 0).
     """
-    cfg = momentum_placement(cfg)
+    cfg = outer_schedule(adamw_schedule(momentum_placement(cfg)))
     run_dir = Path(run_dir)
     rank, world, device = dist.get_rank(), dist.get_world_size(), resolve_device(cfg)
     data = build_data(cfg, rank, world, device, corpus=corpus if corpus else build_corpus(cfg))
-    return run_loop(cfg, run_dir, DDPBackend(cfg, run_dir, data, device), data,
-                    resume=resume, wandb_group=wandb_group)
+    backend = (OuterBackend if uses_outer_sync(cfg) else DDPBackend)(cfg, run_dir, data, device)
+    return run_loop(cfg, run_dir, backend, data, resume=resume, wandb_group=wandb_group)
 
 
 def run_loop(cfg: TrainConfig, run_dir: Path, backend: StepBackend, data: Any, *,
@@ -471,7 +514,8 @@ def momentum_placement(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with SGD momentum moved into the compressor for sparse modes, when
     ``train.momentum_correction`` asks (see its docstring); otherwise ``cfg``."""
     sparse = cfg.sparsity.method != "dense"
-    if (not sparse or not cfg.train.momentum_correction or cfg.train.optimizer != "sgd"
+    if (not sparse or uses_outer_sync(cfg) or not cfg.train.momentum_correction
+            or cfg.train.optimizer != "sgd"
             or cfg.sparsity.momentum > 0 or cfg.train.beta1 == 0):
         return cfg
     return replace(cfg, sparsity=cfg.sparsity.replace(momentum=cfg.train.beta1),
@@ -479,8 +523,11 @@ def momentum_placement(cfg: TrainConfig) -> TrainConfig:
 
 
 def mode_config(cfg: TrainConfig, mode: str) -> TrainConfig:
-    """``cfg`` with ``sparsity.method`` set to ``mode`` (validated)."""
-    return replace(cfg, sparsity=cfg.sparsity.replace(method=mode))
+    """``cfg`` for ``mode``: ``sparsity.method`` set to ``mode`` with per-step exchange
+    (``sync_every=1``), or the outer-synchronisation mode for ``"outer"``."""
+    if mode == OUTER_MODE:
+        return outer_mode_config(cfg)
+    return replace(cfg, sparsity=cfg.sparsity.replace(method=mode, sync_every=1))
 
 
 def format_result(result: RunResult) -> str:

@@ -1,0 +1,122 @@
+"""AdamW ablation of distk-train: run named variants (2 ranks each), several at a time.
+
+Each variant is one ``distk-train`` run of ``configs/default.json`` under AdamW
+(``train.optimizer=adamw``, ``train.lr=0.003``, ``train.weight_decay=0.1``) plus the
+variant's own ``--set`` overrides. Runs go to ``<root>/<variant>/`` and the summary (final
+validation loss, wall seconds, bytes, the exact command) to ``<out>``, rewritten after
+every finished run. docs/train.md ("Sparse training with AdamW") reports the results.
+
+    python benchmarks/adamw_ablation.py --only dense,bucketed_ef,bucketed
+    python benchmarks/adamw_ablation.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ADAMW = ["train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.1"]
+# The SGD-tuned schedule (sparsity.warmup_steps 50 from configs/default.json, no dense
+# steps) instead of AdamW's default (train.adamw_dense_steps / adamw_warmup_steps).
+SGD_SCHEDULE = ["train.adamw_dense_steps=0", "train.adamw_warmup_steps=0"]
+
+VARIANTS: dict[str, list[str]] = {
+    # dense AdamW, the reference
+    "dense": ADAMW + ["sparsity.method=dense"],
+    "dense_seed1": ADAMW + ["sparsity.method=dense", "seed=1"],
+    # error feedback on the gradient, AdamW after the exchange, SGD's schedule (before)
+    "bucketed_ef": ADAMW + SGD_SCHEDULE,
+    "bucketed_ef_lr0.006": ADAMW + SGD_SCHEDULE + ["train.lr=0.006"],
+    # dense start and longer density warm-up
+    "bucketed_dense30_warmup100": ADAMW + ["train.adamw_dense_steps=30",
+                                           "train.adamw_warmup_steps=100"],
+    "bucketed": ADAMW,                       # the AdamW default: 50 dense, 150 warm-up
+    "bucketed_seed1": ADAMW + ["seed=1"],
+    "exact": ADAMW + ["sparsity.method=exact"],
+    "bucketed_dense75_warmup200": ADAMW + ["train.adamw_dense_steps=75",
+                                           "train.adamw_warmup_steps=200"],
+    "bucketed_dense75_warmup200_seed1": ADAMW + ["train.adamw_dense_steps=75",
+                                                 "train.adamw_warmup_steps=200", "seed=1"],
+    # SGD (configs/default.json as is) must keep its quality
+    "sgd_dense": ["sparsity.method=dense"],
+    "sgd_bucketed": ["sparsity.method=bucketed"],
+}
+"""Variants runnable on this revision. The exchange variants of the ablation
+(``sparsity.local_optimizer=adam|adam_moments|adam_update|adam_precond``) exist at commit
+be5c0eb only; docs/train.md gives their commands."""
+
+
+def command(name: str, root: str, extra: list[str], python: str) -> list[str]:
+    sets = [*VARIANTS[name], f"run_root={root}", f"name={name}", "logging.progress=false",
+            *extra]
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "distk.train", "--config", "configs/default.json",
+            *[a for s in sets for a in ("--set", s)]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="comma-separated variant names (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (2 ranks each)")
+    parser.add_argument("--root", default="runs/adamw", help="run_root of the runs")
+    parser.add_argument("--out", default="runs/adamw/summary.json")
+    parser.add_argument("--set", dest="extra", action="append", default=[],
+                        help="extra override for every variant (e.g. data.root=...)")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--skip-done", action="store_true",
+                        help="skip variants whose result.json is there (summarised as is)")
+    args = parser.parse_args()
+    if args.list:
+        for name, sets in VARIANTS.items():
+            print(name, " ".join(sets))
+        return
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, dict] = json.loads(out.read_text()) if out.exists() else {}
+    lock = threading.Lock()
+
+    def run(name: str) -> None:
+        cmd = command(name, args.root, args.extra, sys.executable)
+        started = time.time()
+        log = Path(args.root) / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if args.skip_done and (Path(args.root) / name / "result.json").exists():
+            rc = 0
+        else:
+            with open(log, "w") as handle:
+                rc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+        entry = {"overrides": VARIANTS[name], "rc": rc, "seconds": time.time() - started,
+                 "command": "python -m distk.train --config configs/default.json "
+                            + " ".join(f"--set {shlex.quote(s)}" for s in VARIANTS[name])}
+        result = Path(args.root) / name / "result.json"
+        if rc == 0 and result.exists():
+            res = json.loads(result.read_text())
+            entry.update({k: res[k] for k in ("mode", "final_val_loss", "final_train_loss",
+                                              "wall_seconds", "bytes_sent", "dense_bytes",
+                                              "val_curve")})
+        with lock:
+            summary[name] = entry
+            out.write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"{name}: rc={rc} val={entry.get('final_val_loss')} "
+              f"({entry['seconds']:.0f}s)", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(run, names))
+
+
+if __name__ == "__main__":
+    main()

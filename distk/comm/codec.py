@@ -1,0 +1,231 @@
+"""Compact wire codecs: low-bit values with per-group ranges and bit-packed indices.
+
+With ``SparsityConfig.value_bits`` set, a rank's selected entries travel as
+
+* **ranges**: per group of ``group_size`` consecutive entries (a bucket's
+  ``k_per_bucket`` entries when bucket ids are implicit), two float32 ``lo <= hi``;
+* **value codes**: ``value_bits`` (1, 2, 4 or 8) bits per entry, sign-magnitude: the top
+  bit is the sign, the other ``b - 1`` bits pick one of ``M = 2**(b-1)`` magnitudes, the
+  centres of ``M`` equal cells of ``[lo, hi]``: ``lo + (j + 1/2) (hi - lo) / M``. For
+  2..8 bits ``lo, hi`` are the group's least and largest magnitudes and ``j`` the cell
+  of ``|v|`` (the nearest centre). For 1 bit (sign) ``lo = hi`` = the group's mean
+  magnitude, the L2-optimal scale of a sign code. Selected top-k entries of a bucket
+  have magnitudes in a narrow band, which this grid spends every code on;
+* **index codes**: ``index_bits`` bits per entry, the offset inside the bucket
+  (``ceil(log2(bucket size))`` bits, 12 for buckets of 4096) or the absolute position.
+
+Bits are packed little-endian: code ``i`` occupies bits ``i*w .. i*w+w-1`` of the
+section, bit ``j`` of a section is bit ``j % 8`` of its byte ``j // 8``.
+
+:meth:`ValueCodec.roundtrip` returns exactly what receivers decode (decoding is a few
+elementwise IEEE operations on the transmitted floats, so every device decodes the
+same bits), which lets the compressor keep ``acc - decoded`` in the residual:
+quantization error is delayed, not lost. Everything is plain tensor arithmetic on the
+input's device (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "VALUE_BITS",
+    "ValueCodec",
+    "bits_for",
+    "pack_bits",
+    "packed_nbytes",
+    "unpack_bits",
+]
+
+VALUE_BITS = (1, 2, 4, 8)
+"""Widths of the value codes."""
+
+SCALE_DTYPE = torch.float32
+"""Dtype of the per-group ranges on the wire."""
+
+
+def bits_for(limit: int) -> int:
+    """Bits of a code for integers in ``[0, limit)``: ``ceil(log2(limit))`` (0 for 1)."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    return (limit - 1).bit_length()
+
+
+def packed_nbytes(count: int, width: int) -> int:
+    """Bytes holding ``count`` codes of ``width`` bits."""
+    return (count * width + 7) // 8
+
+
+def pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """``(..., n)`` integer codes in ``[0, 2**width)`` -> ``(..., packed_nbytes(n, width))``
+    uint8, little-endian bit order (see the module docstring). ``width`` in 0..31."""
+    if not 0 <= width <= 31:
+        raise ValueError(f"width must be in [0, 31], got {width}")
+    *lead, n = codes.shape
+    nbytes = packed_nbytes(n, width)
+    if nbytes == 0:
+        return torch.zeros(*lead, 0, dtype=torch.uint8, device=codes.device)
+    device = codes.device
+    if 8 % width == 0:
+        # Whole codes per byte: pad to a multiple of 8 // width and shift them in.
+        per_byte = 8 // width
+        padded = torch.nn.functional.pad(codes.to(torch.int32), (0, nbytes * per_byte - n))
+        shifts = torch.arange(0, 8, width, dtype=torch.int32, device=device)
+        byte = (padded.view(*lead, nbytes, per_byte) << shifts).sum(-1)
+        return byte.to(torch.uint8)
+    # Any width: code i, shifted to its bit offset inside its first byte, spans at most
+    # `span` bytes; add each byte's share in (bit ranges of codes never overlap, so the
+    # sums are ORs). Integer sums: exact and order-independent on every device.
+    rows = codes.reshape(-1, n).to(torch.int64)
+    start = torch.arange(n, dtype=torch.int64, device=device) * width
+    first, shift = start >> 3, start & 7
+    shifted = rows << shift
+    span = (width + 7 + 7) // 8
+    out = torch.zeros(rows.shape[0], nbytes + span, dtype=torch.int64, device=device)
+    for m in range(span):
+        out.index_add_(1, first + m, (shifted >> (8 * m)) & 0xFF)
+    return out[:, :nbytes].to(torch.uint8).reshape(*lead, nbytes)
+
+
+def unpack_bits(packed: torch.Tensor, count: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``(..., nbytes)`` uint8 -> ``(..., count)`` int64."""
+    if not 0 <= width <= 31:
+        raise ValueError(f"width must be in [0, 31], got {width}")
+    *lead, nbytes = packed.shape
+    if nbytes != packed_nbytes(count, width):
+        raise ValueError(f"{count} codes of {width} bits take {packed_nbytes(count, width)} "
+                         f"bytes, got {nbytes}")
+    device = packed.device
+    if width == 0:
+        return torch.zeros(*lead, count, dtype=torch.int64, device=device)
+    if 8 % width == 0:
+        per_byte = 8 // width
+        shifts = torch.arange(0, 8, width, dtype=torch.int32, device=device)
+        codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << width) - 1)
+        return codes.reshape(*lead, nbytes * per_byte)[..., :count].to(torch.int64)
+    span = (width + 7 + 7) // 8
+    byte = torch.nn.functional.pad(packed.to(torch.int64), (0, span))
+    start = torch.arange(count, dtype=torch.int64, device=device) * width
+    first, shift = start >> 3, start & 7
+    word = torch.zeros(*lead, count, dtype=torch.int64, device=device)
+    for m in range(span):
+        word |= byte[..., first + m] << (8 * m)
+    return (word >> shift) & ((1 << width) - 1)
+
+
+@dataclass(frozen=True)
+class ValueCodec:
+    """Quantizer of ``k`` values in groups of ``group_size`` consecutive entries.
+
+    Args:
+        bits: code width, one of :data:`VALUE_BITS` (1 = sign with a mean-magnitude scale).
+        k: number of values.
+        group_size: entries sharing one range (the last group may be shorter).
+    """
+
+    bits: int
+    k: int
+    group_size: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in VALUE_BITS:
+            raise ValueError(f"value bits must be one of {VALUE_BITS}, got {self.bits!r}")
+        if self.k < 0:
+            raise ValueError(f"k must be >= 0, got {self.k}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+
+    @property
+    def groups(self) -> int:
+        return math.ceil(self.k / self.group_size)
+
+    @property
+    def magnitudes(self) -> int:
+        """``M = 2**(bits - 1)``: magnitude levels per group."""
+        return 1 << (self.bits - 1)
+
+    @property
+    def scale_bytes(self) -> int:
+        """Bytes of the ranges: ``(lo, hi)`` float32 per group."""
+        return 2 * self.groups * SCALE_DTYPE.itemsize
+
+    @property
+    def code_bytes(self) -> int:
+        return packed_nbytes(self.k, self.bits)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the value section: ranges and packed codes."""
+        return self.scale_bytes + self.code_bytes
+
+    def _grouped(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """``(k,)`` -> ``(groups, group_size)``, padded with ``fill``."""
+        padded = torch.nn.functional.pad(values, (0, self.groups * self.group_size - self.k),
+                                         value=fill)
+        return padded.view(self.groups, self.group_size)
+
+    def _group_of_entry(self, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.k, device=device) // self.group_size
+
+    def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k,)`` finite floats -> ``(codes (k,) int64, ranges (groups, 2) float32)``."""
+        if values.shape != (self.k,):
+            raise ValueError(f"encode expects values of shape ({self.k},), got "
+                             f"{tuple(values.shape)}")
+        values = values.to(SCALE_DTYPE)
+        magnitude = values.abs()
+        negative = (values < 0).to(torch.int64)
+        if self.bits == 1:
+            sizes = (self.k - torch.arange(self.groups, device=values.device)
+                     * self.group_size).clamp(max=self.group_size)
+            # Summed in float64: a CUDA gradient packed on the CPU (gloo) then gets the
+            # same float32 mean as its own device computes for the residual, except at
+            # a float32 rounding tie.
+            total = self._grouped(magnitude.double(), 0.0).sum(-1)
+            mean = (total / sizes.double()).to(SCALE_DTYPE)
+            return negative, torch.stack([mean, mean], dim=-1)
+        lo = self._grouped(magnitude, math.inf).amin(-1)
+        hi = self._grouped(magnitude, 0.0).amax(-1)
+        group = self._group_of_entry(values.device)
+        width = hi - lo
+        safe = torch.where(width > 0, width, torch.ones_like(width))
+        cell = ((magnitude - lo[group]) / safe[group] * self.magnitudes).floor()
+        level = cell.clamp(0, self.magnitudes - 1).to(torch.int64)
+        return level + negative * self.magnitudes, torch.stack([lo, hi], dim=-1)
+
+    def decode(self, codes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+        """``(..., k)`` codes and ``(..., groups, 2)`` ranges -> ``(..., k)`` float32.
+
+        Elementwise IEEE operations on transmitted floats, one at a time (no fused
+        multiply-add): bitwise the same on any device."""
+        ranges = ranges.to(SCALE_DTYPE)
+        group = self._group_of_entry(codes.device)
+        lo, hi = ranges[..., 0][..., group], ranges[..., 1][..., group]
+        level = (codes % self.magnitudes).to(SCALE_DTYPE)
+        fraction = (level + 0.5) / self.magnitudes  # exact: M is a power of two
+        magnitude = lo + fraction * (hi - lo)
+        return torch.where(codes >= self.magnitudes, -magnitude, magnitude)
+
+    def roundtrip(self, values: torch.Tensor) -> torch.Tensor:
+        """What receivers decode from :meth:`encode` of ``values`` (float32, ``(k,)``)."""
+        return self.decode(*self.encode(values))
+
+    def pack(self, values: torch.Tensor) -> torch.Tensor:
+        """``(k,)`` values -> ``(nbytes,)`` uint8: ranges, then packed codes."""
+        codes, ranges = self.encode(values)
+        return torch.cat([ranges.contiguous().view(torch.uint8).reshape(-1),
+                          pack_bits(codes, self.bits)])
+
+    def unpack(self, payload: torch.Tensor) -> torch.Tensor:
+        """``(..., nbytes)`` uint8 -> ``(..., k)`` float32 decoded values."""
+        if payload.shape[-1] != self.nbytes:
+            raise ValueError(f"value section must hold {self.nbytes} bytes, got "
+                             f"{payload.shape[-1]}")
+        range_part = payload[..., : self.scale_bytes].clone(
+            memory_format=torch.contiguous_format)  # fresh, aligned for the float view
+        ranges = range_part.view(SCALE_DTYPE).unflatten(-1, (self.groups, 2))
+        codes = unpack_bits(payload[..., self.scale_bytes:], self.k, self.bits)
+        return self.decode(codes, ranges)

@@ -1,0 +1,137 @@
+"""The outer-synchronisation mode of ``distk-train`` (``sparsity.sync_every > 1``).
+
+Instead of DDP, every rank trains the plain model with its own AdamW/SGD and, every
+``sync_every`` optimizer steps, :mod:`distk.outer` exchanges the compressed
+pseudo-gradients and applies the outer step. The training loop keeps its shape: these
+functions are what it calls in this mode.
+
+* :func:`uses_outer_sync`: whether a config asks for the mode;
+* :func:`outer_schedule`: the config the mode runs (step-counted schedules of the
+  compressor converted into syncs);
+* :func:`outer_mode_config`: the ``"outer"`` mode of ``--compare``;
+* :class:`OuterTrainState`: stands where the DDP backend's CompressionState stands
+  (``stats`` per step as :class:`~distk.stats.StepStats`, ``totals``, ``metrics()``,
+  ``state_dict`` / ``load_state_dict`` for checkpoints); ``distk.train.loop.OuterBackend``
+  holds it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from distk.outer import OuterSync
+from distk.outer import enable as enable_outer
+from distk.stats import StepStats
+from distk.train.config import TrainConfig
+
+__all__ = [
+    "COMPARE_SYNC_EVERY",
+    "OUTER_MODE",
+    "OuterTrainState",
+    "outer_mode_config",
+    "outer_schedule",
+    "uses_outer_sync",
+]
+
+OUTER_MODE = "outer"
+"""Name of the mode in ``--compare`` and in results."""
+
+COMPARE_SYNC_EVERY = 8
+"""``sync_every`` of the ``"outer"`` compare mode when the config leaves it at 1."""
+
+
+def uses_outer_sync(cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` trains with outer synchronisation instead of DDP."""
+    return cfg.sparsity.sync_every > 1
+
+
+def outer_schedule(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the compressor's step-counted schedule expressed in syncs.
+
+    The compressor counts one step per sync in this mode, so ``warmup_steps`` and
+    ``dense_steps`` (given in training steps, like every other count of the job) become
+    ``ceil(steps / sync_every)`` syncs. Idempotent only on configs it has not converted:
+    call it once, where the run starts."""
+    sparsity = cfg.sparsity
+    every = sparsity.sync_every
+    if every == 1:
+        return cfg
+    return replace(cfg, sparsity=sparsity.replace(
+        warmup_steps=math.ceil(sparsity.warmup_steps / every),
+        dense_steps=math.ceil(sparsity.dense_steps / every)))
+
+
+def outer_mode_config(cfg: TrainConfig) -> TrainConfig:
+    """The ``"outer"`` mode of ``--compare``: bucketed selection of pseudo-gradients every
+    ``sparsity.sync_every`` steps (:data:`COMPARE_SYNC_EVERY` when the config says 1);
+    every other sparsity option (density, ``value_bits``, ``outer_*``) as configured."""
+    every = cfg.sparsity.sync_every if cfg.sparsity.sync_every > 1 else COMPARE_SYNC_EVERY
+    return replace(cfg, sparsity=cfg.sparsity.replace(method="bucketed", sync_every=every))
+
+
+class OuterTrainState:
+    """What :class:`~distk.train.loop.OuterBackend` holds where the DDP backend holds its
+    :class:`~distk.integrations.CompressionState` (the same reading surface for the loop:
+    ``stats``, ``totals``, ``metrics()``, ``state_dict`` / ``load_state_dict``).
+
+    Attributes:
+        outer: the :class:`~distk.outer.OuterSync`.
+        stats: after an optimizer step that synchronised, that sync's
+            :class:`~distk.stats.StepStats` (every parameter merged); after any other step
+            an empty one (nothing was sent).
+        synced: whether the last optimizer step synchronised.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 cfg: TrainConfig) -> None:
+        self.outer: OuterSync = enable_outer(model, optimizer, cfg.sparsity)
+        self.stats = StepStats()
+        self.synced = False
+        self._syncs_seen = 0
+        # Registered after the sync's own hook, so it runs after the sync.
+        optimizer.register_step_post_hook(self._after_step)
+
+    def end_step(self) -> bool:
+        """The training loop's step boundary. Outer sync ends its steps in the optimizer
+        post-hook (:meth:`_after_step`), so there is nothing to close here; returns
+        whether the last optimizer step synced."""
+        return self.synced
+
+    def _after_step(self, *_: Any) -> None:
+        self.synced = self.outer.syncs != self._syncs_seen
+        self._syncs_seen = self.outer.syncs
+        self.stats = self.outer.step_stats if self.synced else StepStats()
+
+    @property
+    def totals(self) -> StepStats:
+        """Every buffer exchanged in the run (checkpointed with the compressor)."""
+        return self.outer.totals
+
+    def metrics(self, prefix: str = "distk/") -> dict[str, float]:
+        """After a sync: its :class:`~distk.stats.StepStats` metrics and the outer ones
+        (``sync``, ``bits_per_param_per_step``, ``pseudo_grad_norm``, ``update_norm``,
+        ``sync_seconds``); always the run totals (``<prefix>total_*``) and ``syncs``."""
+        metrics: dict[str, float] = {}
+        if self.synced:
+            metrics.update(self.stats.to_metrics(prefix))
+            extra = self.outer.stats
+            for key in ("bits_per_param_per_step", "pseudo_grad_norm", "update_norm"):
+                if extra.get(key) is not None:
+                    metrics[prefix + key] = float(extra[key])
+            metrics[prefix + "sync_seconds"] = float(extra["seconds"])
+        metrics.update(self.totals.to_metrics(prefix + "total_"))
+        metrics[prefix + "syncs"] = float(self.outer.syncs)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.outer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.outer.load_state_dict(state)
+        self._syncs_seen = self.outer.syncs
+        self.synced = False
+        self.stats = StepStats()

@@ -1,0 +1,264 @@
+"""Compact wire codecs: bit packing, value quantization, wire round trips, and the
+compressor with quantized values on real gloo ranks (conservation, identical bits)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distk.comm.codec import VALUE_BITS, ValueCodec, bits_for, pack_bits, unpack_bits
+from distk.comm.cost import scheme_bytes
+from distk.comm.wire import WireFormat, codec_group_size
+from distk.compressor import GradientCompressor
+from distk.config import VALUE_BITS as CONFIG_VALUE_BITS
+from distk.config import SparsityConfig
+from distk.selection import per_bucket_topk
+from distk.selection.reference import positions_of
+from tests.distributed import run_distributed
+
+
+def reference_pack_bits(codes: list[int], width: int) -> bytes:
+    """The plain definition: one Python integer holding code i at bits i*width.."""
+    stream = 0
+    for i, code in enumerate(codes):
+        assert 0 <= code < (1 << width) or width == 0
+        stream |= code << (i * width)
+    return stream.to_bytes((len(codes) * width + 7) // 8, "little")
+
+
+def reference_quantize(values: list[float], bits: int, group: int) -> list[float]:
+    """Plain per-group sign-magnitude quantizer (float64): the sign, and the nearest of
+    the centres of 2**(bits-1) equal cells of [least, largest magnitude]; 1 bit: the
+    sign times the mean magnitude."""
+    cells = 1 << (bits - 1)
+    out = []
+    for start in range(0, len(values), group):
+        chunk = values[start:start + group]
+        mags = [abs(v) for v in chunk]
+        if bits == 1:
+            centres = [sum(mags) / len(mags)]
+        else:
+            lo, hi = min(mags), max(mags)
+            centres = [lo + (j + 0.5) * (hi - lo) / cells for j in range(cells)]
+        for v in chunk:
+            magnitude = min(centres, key=lambda c: abs(c - abs(v)))
+            out.append(-magnitude if v < 0 else magnitude)
+    return out
+
+
+WIDTHS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17, 31]
+COUNTS = [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 63, 64, 65]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_pack_bits_matches_reference_and_round_trips(width):
+    gen = torch.Generator().manual_seed(width)
+    for count in COUNTS:
+        high = 1 << width
+        codes = torch.randint(0, high, (count,), generator=gen, dtype=torch.int64)
+        if count:  # the extremes of the range
+            codes[0] = high - 1
+            codes[-1] = 0 if count > 1 else codes[-1]
+        packed = pack_bits(codes, width)
+        assert packed.dtype == torch.uint8
+        assert bytes(packed.tolist()) == reference_pack_bits(codes.tolist(), width), (width, count)
+        assert torch.equal(unpack_bits(packed, count, width), codes), (width, count)
+
+
+def test_unpack_bits_batched_rows():
+    codes = torch.randint(0, 1 << 12, (3, 11), generator=torch.Generator().manual_seed(0))
+    packed = torch.stack([pack_bits(row, 12) for row in codes])
+    assert torch.equal(unpack_bits(packed, 11, 12), codes)
+    with pytest.raises(ValueError, match="take 17 bytes"):
+        unpack_bits(packed[:, :-1], 11, 12)
+
+
+def test_bits_for_bucket_sizes():
+    # ceil(log2(size)): 12 bits for 4096, 13 just past a power of two, 0 for one entry.
+    assert [bits_for(n) for n in (1, 2, 3, 4, 5, 4096, 4097, 65536, 65537)] == \
+        [0, 1, 2, 2, 3, 12, 13, 16, 17]
+
+
+@pytest.mark.parametrize("bits", VALUE_BITS)
+@pytest.mark.parametrize("k,group", [(1, 1), (1, 64), (5, 2), (63, 64), (64, 64), (65, 64),
+                                     (130, 13), (9, 4)])
+def test_value_codec_matches_reference(bits, k, group):
+    values = torch.randn(k, generator=torch.Generator().manual_seed(k * 10 + bits))
+    codec = ValueCodec(bits, k, group)
+    decoded = codec.roundtrip(values)
+    expected = torch.tensor(reference_quantize(values.double().tolist(), bits, group),
+                            dtype=torch.float64)
+    # float32 range and level arithmetic vs float64: a few ulps of the largest magnitude.
+    torch.testing.assert_close(decoded.double(), expected, rtol=1e-6, atol=1e-6)
+    # What goes over the wire decodes to exactly the round trip.
+    payload = codec.pack(values)
+    assert payload.numel() == codec.nbytes == 8 * math.ceil(k / group) + (k * bits + 7) // 8
+    assert torch.equal(codec.unpack(payload), decoded)
+    assert torch.equal(codec.unpack(torch.stack([payload, payload])), torch.stack([decoded] * 2))
+
+
+def test_value_codec_edge_values():
+    codec = ValueCodec(2, 6, 3)
+    zeros = torch.zeros(6)
+    assert torch.equal(codec.roundtrip(zeros).abs(), zeros)  # all-zero group: range [0, 0]
+    values = torch.tensor([3.0, -3.0, 1.0, 0.5, -0.5, 0.5])
+    # Group 1: magnitudes in [1, 3], 2 cells with centres 1.5 and 2.5; group 2 (one
+    # magnitude): every entry decodes to it, with its sign.
+    assert codec.roundtrip(values).tolist() == [2.5, -2.5, 1.5, 0.5, -0.5, 0.5]
+    sign = ValueCodec(1, 4, 4).roundtrip(torch.tensor([1.0, -2.0, 3.0, -6.0]))
+    assert sign.tolist() == [3.0, -3.0, 3.0, -3.0]
+    # Top-k values of a bucket share a narrow magnitude band: 2 bits keep them close.
+    band = torch.tensor([2.6, -2.9, 3.4, -4.1, 2.7, 3.0, -2.5, 3.8])
+    error = (ValueCodec(2, 8, 8).roundtrip(band) - band).norm() / band.norm()
+    assert error < 0.1
+    with pytest.raises(ValueError, match="value bits must be one of"):
+        ValueCodec(3, 4, 4)
+
+
+def _bucketed_selection(numel, buckets, k_per_bucket, interleaved, seed):
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    keys = per_bucket_topk(x.view(1, -1), buckets, k_per_bucket, interleaved, True)
+    return x, positions_of(keys).reshape(-1)
+
+
+@pytest.mark.parametrize("bits", VALUE_BITS)
+@pytest.mark.parametrize("numel,buckets,k_per_bucket,interleaved", [
+    (4096 * 4, 4, 64, True),        # buckets of 2^12: 12-bit offsets
+    ((4096 + 1) * 3, 3, 5, True),   # 2^12 + 1: 13-bit offsets, k not a multiple of 8
+    (4097 * 3 - 2, 3, 7, False),    # contiguous, uneven bucket sizes
+    (16, 16, 1, True),              # one-entry buckets: 0-bit offsets
+    (33, 2, 3, True),
+])
+def test_wire_round_trip_bucketed(bits, numel, buckets, k_per_bucket, interleaved):
+    x, positions = _bucketed_selection(numel, buckets, k_per_bucket, interleaved, bits)
+    k = buckets * k_per_bucket
+    wire = WireFormat(numel, k, torch.float32, buckets, k_per_bucket, interleaved, bits)
+    assert wire.index_bits == bits_for(math.ceil(numel / buckets))
+    payload = wire.pack(positions, x[positions])
+    group = codec_group_size(k_per_bucket)
+    assert payload.numel() == wire.payload_bytes == (
+        8 * math.ceil(k / group) + (k * bits + 7) // 8 + (k * wire.index_bits + 7) // 8)
+    indices, values = wire.unpack(torch.stack([payload, payload]))
+    assert torch.equal(indices, torch.stack([positions] * 2))
+    assert torch.equal(values[1], wire.decoded(x[positions]))
+
+
+@pytest.mark.parametrize("numel,k", [(1, 1), (2, 1), (1000, 3), (65537, 100), (4096, 4096)])
+def test_wire_round_trip_absolute(numel, k):
+    gen = torch.Generator().manual_seed(numel)
+    positions = torch.randperm(numel, generator=gen)[:k]
+    values = torch.randn(k, generator=gen)
+    wire = WireFormat(numel, k, torch.float32, value_bits=4)
+    assert wire.index_bits == bits_for(numel)
+    indices, decoded = wire.unpack(wire.pack(positions, values))
+    assert torch.equal(indices, positions)
+    assert torch.equal(decoded, ValueCodec(4, k, 64).roundtrip(values))
+
+
+def test_sparseloco_setting_bits():
+    # 64 of every 4096 entries, 2-bit values, 12-bit offsets, a 64-bit range per bucket.
+    wire = WireFormat(4096 * 256, 64 * 256, torch.float32, 256, 64, True, 2)
+    assert wire.bits_per_entry == 2 + 12 + 64 / 64
+    assert wire.bits_per_entry * 64 / 4096 == pytest.approx(0.2344, abs=1e-4)
+    cost = scheme_bytes(wire.numel, wire.k, 4, wire.index_bytes, wire.value_bytes,
+                        payload_bytes=wire.payload_bytes)
+    plain = scheme_bytes(wire.numel, wire.k, 4, 2, 4)
+    assert cost["allgather"] - plain["allgather"] == 3 * (wire.payload_bytes - wire.k * 6)
+
+
+def test_wire_and_config_validation():
+    with pytest.raises(ValueError, match="decodes to float32"):
+        WireFormat(100, 10, torch.bfloat16, value_bits=2)
+    with pytest.raises(ValueError, match="value_bits must be None or one of"):
+        WireFormat(100, 10, torch.float32, value_bits=3)
+    assert CONFIG_VALUE_BITS == VALUE_BITS
+    with pytest.raises(ValueError, match=r"SparsityConfig.value_bits must be None or one of"
+                                         r" \(1, 2, 4, 8\), got 16"):
+        SparsityConfig(value_bits=16)
+    with pytest.raises(ValueError, match="SparsityConfig.value_dtype must be None when"):
+        SparsityConfig(value_bits=2, value_dtype="bfloat16")
+    with pytest.raises(ValueError, match="SparsityConfig.exchange must be 'auto' or"):
+        SparsityConfig(value_bits=2, exchange="reduce_scatter")
+    assert SparsityConfig.from_dict({"value_bits": 4}).value_bits == 4
+
+
+def test_compressor_single_process_keeps_quantization_error():
+    # An explicit plan (8 buckets of 4096): 2-bit values + 12-bit offsets + the per-bucket
+    # range amortised to 1 bit per entry.
+    cfg = SparsityConfig(density=1 / 64, value_bits=2, min_numel=0, recall_interval=0,
+                         buckets=8, k_per_bucket=64)
+    compressor = GradientCompressor(cfg)
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(4096 * 8, generator=gen) for _ in range(4)]
+    total = torch.zeros(4096 * 8, dtype=torch.float64)
+    for step, grad in enumerate(grads):
+        update = compressor.step(grad, "w")
+        total += update.double()
+        stats = compressor.stats
+        assert stats["bits_per_entry"] == 8 * stats["payload_bytes"] / stats["k"]
+        assert stats["bits_per_param"] == 8 * stats["payload_bytes"] / 4096 / 8
+        # Every sent entry arrives non-zero (sign-magnitude codes have no zero level).
+        assert update.count_nonzero() == stats["k"], step
+    residual = compressor.residual("w").double()
+    torch.testing.assert_close(total + residual, sum(g.double() for g in grads),
+                               rtol=0, atol=1e-5)
+
+
+def _conservation(rank, world, bits, exchange):
+    cfg = SparsityConfig(density=0.02, value_bits=bits, exchange=exchange, min_numel=1024,
+                         dense_steps=1, recall_interval=0)
+    compressor = GradientCompressor(cfg)
+    sizes = {"big": 4096 * 6 + 17, "small": 300, "mid": 5000}
+    updates = {key: torch.zeros(n, dtype=torch.float64) for key, n in sizes.items()}
+    grads = {key: torch.zeros(n, dtype=torch.float64) for key, n in sizes.items()}
+    sent = []
+    for step in range(5):
+        for key, n in sizes.items():
+            gen = torch.Generator().manual_seed(1000 * step + 10 * rank + n)
+            grad = torch.randn(n, generator=gen) * (1 + rank)
+            update = compressor.step(grad, key)
+            updates[key] += update.double()
+            grads[key] += grad.double()
+            sent.append(update)
+        stats = compressor.stats
+    residuals = {key: compressor.residual(key).double() for key in sizes}
+    return updates, grads, residuals, sent, stats
+
+
+@pytest.mark.parametrize("bits,exchange", [(2, "auto"), (1, "allgather"), (8, "auto")])
+def test_conservation_and_identical_bits_on_two_ranks(bits, exchange):
+    world = 2
+    results = run_distributed(_conservation, world, bits, exchange, timeout=120)
+    for key in results[0][0]:
+        updates = results[0][0][key]
+        residuals = sum(r[2][key] for r in results)
+        grads = sum(r[1][key] for r in results)
+        # Sums of a few float32 updates/residuals in float64: fp32 rounding of each term.
+        torch.testing.assert_close(world * updates + residuals, grads, rtol=0, atol=1e-4)
+    for a, b in zip(results[0][3], results[1][3], strict=True):
+        assert torch.equal(a, b)  # every rank applies bitwise the same update
+    stats = results[0][4]
+    assert stats["scheme"] == "allgather"
+    assert stats["bits_per_entry"] <= bits + 13 + 1
+
+
+def test_step_stats_carry_bits_per_entry_and_per_param():
+    # An explicit plan (8 buckets of 4096): 2-bit values + 12-bit offsets + the per-bucket
+    # range amortised to 1 bit per entry.
+    cfg = SparsityConfig(density=1 / 64, value_bits=2, min_numel=0, recall_interval=0,
+                         buckets=8, k_per_bucket=64)
+    compressor = GradientCompressor(cfg)
+    work = compressor.launch(torch.randn(4096 * 8, generator=torch.Generator().manual_seed(0)),
+                             "w")
+    work.wait()
+    stats = work.stats
+    assert stats.payload_bytes == compressor.stats["payload_bytes"]
+    assert stats.bits_per_entry == compressor.stats["bits_per_entry"] == 2 + 12 + 1
+    assert stats.bits_per_param == compressor.stats["bits_per_param"]
+    merged = stats.merge(stats)
+    assert merged.bits_per_entry == stats.bits_per_entry
+    metrics = compressor.totals.to_metrics()
+    assert metrics["distk/bits_per_entry"] == 15.0
+    assert metrics["distk/bits_per_param"] == 15.0 / 64
