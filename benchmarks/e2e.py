@@ -113,7 +113,10 @@ FULL = {"world": 4, "ratios": [1.0, 4.0, 16.0], "steps": 300, "eval_every": 25,
 QUICK_CONFIG: dict[str, Any] = {
     "data": {"max_train_bytes": 200_000, "max_val_bytes": 20_000},
     "model": {"n_layer": 1, "n_head": 2, "d_model": 64, "context": 32},
-    "train": {"batch_size": 4, "lr_warmup_steps": 2, "eval_windows": 16, "num_threads": 1},
+    # AdamW's dense start and density warm-up scaled to 8 steps (the defaults, 50 and
+    # 150, would leave every step of the sparse methods dense).
+    "train": {"batch_size": 4, "lr_warmup_steps": 2, "eval_windows": 16, "num_threads": 1,
+              "adamw_dense_steps": 1, "adamw_warmup_steps": 2},
     "logging": {"progress": False, "histogram_every": 0},
     "sparsity": {"density": 0.05, "min_numel": 256, "recall_interval": 0,
                  "warmup_steps": 2},

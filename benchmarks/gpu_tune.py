@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,26 +19,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_check import time_cuda  # noqa: E402  (benchmarks/ is this script's folder)
+
 import distk  # noqa: E402
 from distk.selection.reference import order_keys  # noqa: E402
 from distk.selection.triton_kernel import KERNELS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def bench(fn, repeats=20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return statistics.median(times)
 
 
 def compact_variants(rows, n, dtype, buckets, above_per_bucket, out):
@@ -67,7 +53,7 @@ def compact_variants(rows, n, dtype, buckets, above_per_bucket, out):
                     KERNELS["compact"][grid](x, fl, cand, count, n, buckets, length, seg_len,
                                              blocks, cap, 1, TILE_T=tile_t, BLOCK_B=block_b,
                                              INTERLEAVED=True, num_warps=warps)
-                us = bench(call)
+                us = time_cuda(lambda _: call(), [None]) * 1000
                 row = {"rows": rows, "n": n, "dtype": str(dtype), "buckets": buckets,
                        "tile_t": tile_t, "block_b": block_b, "warps": warps,
                        "segments": segments, "programs": grid[0] * grid[1], "floor": label,
