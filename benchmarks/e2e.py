@@ -26,7 +26,10 @@ Protocol (see docs/netem.md, "Dilated emulation" and "The protocol"):
    unshaped network: the loss per step does not depend on the link) at each learning
    rate of its optimizer's grid; the rate with the lowest final validation loss is kept
    (ties: the smaller rate). A grid of one point skips the sweep.
-4. **Measure**: every method, at its rate, for each R and seed, ``--steps`` steps.
+4. **Measure**: every method, at its rate, ``--steps`` steps, for each R under netem with
+   ``--netem-seeds`` (default: the first seed); every other seed once per method on the
+   unshaped link, its evaluations placed on the netem run's clock (``compose``: the loss
+   per step does not depend on the link, the time per step not on the seed).
    Target = mean over seeds of dense fp32's final validation loss x (1 + slack); time to
    target = training wall time (evaluation excluded) at the first evaluation at or below
    it, per seed; also the final loss (equal steps), the loss at equal wall time (the
@@ -35,7 +38,7 @@ Protocol (see docs/netem.md, "Dilated emulation" and "The protocol"):
 
 Root only. Not a test: the full protocol takes hours on a small CPU machine.
 
-    sudo .venv/bin/python benchmarks/e2e.py --quick        # 2 ranks, tiny model, ~3.5 min
+    sudo .venv/bin/python benchmarks/e2e.py --quick        # 2 ranks, tiny model, about a minute
     sudo .venv/bin/python benchmarks/e2e.py                # the full protocol
     sudo .venv/bin/python benchmarks/e2e.py --dry-run      # print the commands
     sudo .venv/bin/python benchmarks/e2e.py --rates 1gbit  # fixed links instead of R
@@ -96,16 +99,17 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
             "lrs": [0.1, 0.3, 0.9]},
 }
 
-# The full protocol's job: 3.2M parameters (4 layers, width 256), 16 x 128 = 2048 tokens
-# per rank and step, 300 steps, 20-step warm-up then cosine decay to 10%.
+# The full protocol's job: the main job's model (configs/default.json: 4 layers, width
+# 128, 0.84M parameters), 16 x 128 = 2048 tokens per rank and step, 300 steps, 20-step
+# warm-up then cosine decay to 10%.
 FULL_CONFIG: dict[str, Any] = {
-    "model": {"n_layer": 4, "n_head": 4, "d_model": 256, "context": 128},
+    "model": {"n_layer": 4, "n_head": 4, "d_model": 128, "context": 128},
     "train": {"batch_size": 16, "lr_warmup_steps": 20, "min_lr_ratio": 0.1,
               "eval_windows": 128, "num_threads": 1},
     "logging": {"progress": False, "histogram_every": 0},
     "sparsity": {"density": 0.01, "recall_interval": 0},
 }
-FULL = {"world": 4, "ratios": [1.0, 4.0, 16.0], "steps": 300, "eval_every": 25,
+FULL = {"world": 2, "ratios": [1.0, 4.0, 16.0], "steps": 300, "eval_every": 25,
         "sweep_steps": 100, "seeds": [0, 1], "optimizers": ["adamw", "sgd"],
         "check_mb": 16.0, "calibrate_steps": 10}
 
@@ -143,6 +147,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--optimizers", nargs="+", default=None, choices=list(OPTIMIZERS),
                         help="tables to run; the first is the headline (adamw sgd; quick adamw)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="(0 1)")
+    parser.add_argument("--netem-seeds", type=int, nargs="+", default=None,
+                        help="seeds run under netem at every R (default: the first of "
+                             "--seeds; name them all to run every seed under netem); "
+                             "the other seeds run once on the unshaped link and take their "
+                             "wall time per step from the first netem seed's run")
     parser.add_argument("--steps", type=int, default=None, help="steps of every run (300)")
     parser.add_argument("--eval-every", type=int, default=None, help="(25; quick 4)")
     parser.add_argument("--sweep-steps", type=int, default=None,
@@ -184,6 +193,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--eval-every {args.eval_every} is invalid: allowed 1..{args.steps}")
     if any(r <= 0 for r in args.ratios):
         parser.error(f"--ratios {args.ratios} is invalid: allowed floats > 0")
+    if args.netem_seeds is None:
+        args.netem_seeds = list(args.seeds[:1])
+    if not args.netem_seeds or not set(args.netem_seeds) <= set(args.seeds):
+        parser.error(f"--netem-seeds {args.netem_seeds} is invalid: allowed a non-empty "
+                     f"subset of --seeds {args.seeds}")
     if "dense_fp32" not in args.methods:
         parser.error("--methods must include dense_fp32: it sets the target and the rate")
     if args.sweep_steps < 0:
@@ -337,6 +351,35 @@ def loss_at_wall(val_vs_wall: list[list[float]], budget: float) -> float | None:
     return last
 
 
+def compose(loss_run: dict[str, Any], timing_run: dict[str, Any], timing_seed: int
+            ) -> dict[str, Any]:
+    """A run on the unshaped link (``loss_run``) placed on the clock of the same method's
+    netem run of another seed (``timing_run``): the loss after a step does not depend on
+    the link and the time of a step does not depend on the seed, so each evaluation keeps
+    its loss and takes the wall time the netem run had at that step (linear between logged
+    steps). Timing totals (wall, selection, hook seconds) come from the netem run."""
+    clock = sorted({(0, 0.0)} | {(step, wall) for step, wall, _ in
+                                 timing_run["train_vs_wall"] + timing_run["val_vs_wall"]})
+    total_steps, total_wall = timing_run["steps"], timing_run["wall_seconds"]
+    if clock[-1][0] < total_steps:
+        clock.append((total_steps, total_wall))
+
+    def wall_at(step: int) -> float:
+        for (s0, w0), (s1, w1) in zip(clock, clock[1:]):
+            if s0 <= step <= s1:
+                return w0 if s1 == s0 else w0 + (w1 - w0) * (step - s0) / (s1 - s0)
+        return total_wall * step / total_steps
+
+    out = dict(loss_run)
+    for key in ("wall_seconds", "selection_seconds", "comm_seconds"):
+        out[key] = timing_run[key]
+    out["val_vs_wall"] = [(step, wall_at(step), loss) for step, _, loss in loss_run["val_vs_wall"]]
+    out["train_vs_wall"] = [(step, wall_at(step), loss)
+                            for step, _, loss in loss_run["train_vs_wall"]]
+    out["timing_from_seed"] = timing_seed
+    return out
+
+
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.fmean(vals) if len(vals) == len(values) and vals else None
@@ -475,11 +518,21 @@ def main(argv: list[str] | None = None) -> int:
                     print("# train.lr below: each method's rate chosen by the sweep (shown: "
                           "the grid's first point)")
                 for method in args.methods:
-                    for seed in args.seeds:
+                    for seed in args.netem_seeds:
                         print(" ".join(train_command(
                             args, rate=rate, method=method, opt=opt, lr=args.lrs[opt][0],
                             seed=seed, steps=args.steps, config_path=config_path,
                             run_dir=root / opt / f"R{key}" / f"{method}-s{seed}")))
+            unshaped_seeds = [s for s in args.seeds if s not in args.netem_seeds]
+            if unshaped_seeds:
+                print(f"# seeds {unshaped_seeds}: once per method on the unshaped link, "
+                      f"placed on seed {args.netem_seeds[0]}'s netem clock at each R")
+            for method in args.methods:
+                for seed in unshaped_seeds:
+                    print(" ".join(train_command(
+                        args, rate="none", method=method, opt=opt, lr=args.lrs[opt][0],
+                        seed=seed, steps=args.steps, config_path=config_path,
+                        run_dir=root / opt / "unshaped" / f"{method}-s{seed}")))
         return 0
     if os.geteuid() != 0:
         print("e2e.py: must run as root: it builds network namespaces with "
@@ -497,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     sweeping = args.sweep_steps > 0
     total = sum((len(args.methods) * len(args.lrs[o]) if sweeping and len(args.lrs[o]) > 1
-                 else 0) + len(args.ratios) * len(args.methods) * len(args.seeds)
+                 else 0) + len(args.methods) * (len(args.ratios) * len(args.netem_seeds)
+                                                 + len(args.seeds) - len(args.netem_seeds))
                 for o in args.optimizers)
     bar = tqdm(total=total, desc="e2e", unit="run")
     results: dict[str, Any] = {}
@@ -534,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{lr:g}": {"final_val_loss": r["final_val_loss"],
                             "edge": lr in (min(grid), max(grid))} for lr, r in sweep.items()}
         table["lr"] = chosen
+        unshaped_seeds = [s for s in args.seeds if s not in args.netem_seeds]
+        unshaped: dict[tuple[str, int], dict[str, Any]] = {}
+        table["netem_seeds"], table["unshaped_seeds"] = list(args.netem_seeds), unshaped_seeds
         # 3. measure at each R (or each fixed --rates rate)
         for key, rate, ratio, bits in links(args, calib["dense_bytes_per_rank"], compute):
             check = None
@@ -543,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, dict[str, Any]] = {}
             for method in args.methods:
                 runs[method] = {}
-                for seed in args.seeds:
+                for seed in args.netem_seeds:
                     bar.set_postfix_str(f"{opt} R={key} {method} seed {seed}")
                     run_dir = root / opt / f"R{key}" / f"{method}-s{seed}"
                     runs[method][str(seed)] = run_training(train_command(
@@ -551,6 +608,18 @@ def main(argv: list[str] | None = None) -> int:
                         seed=seed, steps=args.steps, run_dir=run_dir,
                         config_path=config_path), run_dir, env)
                     bar.update()
+                clock_seed = args.netem_seeds[0]
+                for seed in unshaped_seeds:
+                    if (method, seed) not in unshaped:
+                        bar.set_postfix_str(f"{opt} unshaped {method} seed {seed}")
+                        run_dir = root / opt / "unshaped" / f"{method}-s{seed}"
+                        unshaped[method, seed] = run_training(train_command(
+                            args, rate="none", method=method, opt=opt, lr=chosen[method],
+                            seed=seed, steps=args.steps, run_dir=run_dir,
+                            config_path=config_path), run_dir, env)
+                        bar.update()
+                    runs[method][str(seed)] = compose(unshaped[method, seed],
+                                                      runs[method][str(clock_seed)], clock_seed)
             target, budget, rows = summarise(runs, compute, args.target_slack, chosen)
             dense = next(r for r in rows if r["method"] == "dense_fp32")
             table["ratios"][key] = {
@@ -565,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         c = table["calibration"]
         print(f"\n## {opt}: dense compute {c['compute_seconds']:.4f} s/step, "
               f"{c['dense_bytes_per_rank'] / 1e6:.3f} MB per rank per dense all-reduce; "
-              f"lr {table['lr']}")
+              f"lr {table['lr']}; seeds under netem {table['netem_seeds']}, on the "
+              f"unshaped link with the netem clock {table['unshaped_seeds'] or '-'}")
         for key, block in table["ratios"].items():
             print(f"\n### {opt} R={key}: rate {block['rate']}, all-reduce check "
                   f"{block['check_gbit_per_s'] or float('nan'):.3f} Gbit/s, dense fp32 "

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SparsityConfig", "VALUE_BITS", "VALUE_DTYPES"]
+__all__ = ["SparsityConfig", "VALUE_BITS", "VALUE_DTYPES", "is_adam_family", "optimizer_chain"]
 
 METHODS = ("bucketed", "exact", "dense")
 EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")
@@ -30,6 +30,34 @@ VALUE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 """Names accepted by ``SparsityConfig.value_dtype`` and the dtypes they stand for."""
+
+def optimizer_chain(optimizer: object) -> list[object]:
+    """``optimizer`` and the optimizers it wraps (Accelerate's ``.optimizer``, Lightning's
+    ``._optimizer``, DeepSpeed ZeRO's ``.optimizer``), outermost first."""
+    chain: list[object] = []
+    while optimizer is not None and len(chain) < 8 and all(optimizer is not o for o in chain):
+        chain.append(optimizer)
+        inner = None
+        for attr in ("optimizer", "_optimizer"):
+            try:
+                inner = getattr(optimizer, attr, None)
+            except Exception:  # a wrapper whose property raises: stop there
+                inner = None
+            if inner is not None and not isinstance(inner, (str, bool, int, float)):
+                break
+            inner = None
+        optimizer = inner
+    return chain
+
+
+def is_adam_family(optimizer: object) -> bool:
+    """Whether ``optimizer`` (a ``torch.optim.Optimizer``, a wrapper of one, or a name such
+    as ``"adamw"``) keeps Adam's second moment: its class name (or the name) contains
+    "adam" (Adam, AdamW, NAdam, RAdam, DeepSpeed's FusedAdam / DeepSpeedCPUAdam,
+    bitsandbytes' AdamW8bit, ...)."""
+    if isinstance(optimizer, str):
+        return "adam" in optimizer.lower()
+    return any("adam" in type(o).__name__.lower() for o in optimizer_chain(optimizer))
 
 
 def _is_int(value: object) -> bool:
@@ -156,6 +184,21 @@ class SparsityConfig:
     """Every this many steps, measure the recall of the selection against exact top-k
     (costs one exact top-k); 0 = never."""
 
+    adam_dense_steps: int = 50
+    """The Adam schedule's dense steps: under an Adam-family optimizer (see
+    :func:`is_adam_family`), ``dense_steps`` is raised to at least this
+    (:meth:`for_optimizer`). The DDP, FSDP and DeepSpeed integrations apply it when they
+    are given or find the optimizer (``distk.ddp.enable(..., optimizer=opt)``; a DeepSpeed
+    engine, HF Trainer, Lightning and Accelerate name theirs) and say so on rank 0.
+    Measured on the main job with AdamW at density 1%: +11.9% validation loss against
+    dense without the schedule, +1.6% / +3.1% (two seeds) with 50 and 150 (docs/train.md,
+    "Sparse training with AdamW"). >= 0; 0 with ``adam_warmup_steps=0`` turns it off.
+    Not applied with ``method="dense"``."""
+
+    adam_warmup_steps: int = 150
+    """The Adam schedule's density warm-up: under an Adam-family optimizer,
+    ``warmup_steps`` is raised to at least this (see ``adam_dense_steps``); >= 0."""
+
     def __post_init__(self) -> None:
         if not _is_number(self.density) or not 0.0 < self.density <= 1.0:
             _fail("density", self.density, "a number in (0, 1]")
@@ -181,7 +224,8 @@ class SparsityConfig:
         if self.clip_norm is not None and (not _is_number(self.clip_norm)
                                            or not 0.0 < self.clip_norm < math.inf):
             _fail("clip_norm", self.clip_norm, "None or a finite number > 0")
-        for name in ("warmup_steps", "dense_steps", "min_numel", "recall_interval"):
+        for name in ("warmup_steps", "dense_steps", "min_numel", "recall_interval",
+                     "adam_dense_steps", "adam_warmup_steps"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 _fail(name, getattr(self, name), "an integer >= 0")
         if not _is_int(self.stats_interval) or self.stats_interval < 1:
@@ -255,6 +299,20 @@ class SparsityConfig:
     def replace(self, **changes: Any) -> SparsityConfig:
         """A validated copy with some options changed."""
         return dataclasses.replace(self, **changes)
+
+    def for_optimizer(self, optimizer: object) -> SparsityConfig:
+        """This config under ``optimizer`` (an optimizer, a wrapper of one or a name such
+        as ``"adamw"``): with an Adam-family optimizer and a sparse ``method``,
+        ``dense_steps`` / ``warmup_steps`` raised to at least ``adam_dense_steps`` /
+        ``adam_warmup_steps``; otherwise (or when nothing changes) ``self``. Applying it
+        twice changes nothing more."""
+        if self.method == "dense" or optimizer is None or not is_adam_family(optimizer):
+            return self
+        dense = max(self.dense_steps, self.adam_dense_steps)
+        warmup = max(self.warmup_steps, self.adam_warmup_steps)
+        if (dense, warmup) == (self.dense_steps, self.warmup_steps):
+            return self
+        return self.replace(dense_steps=dense, warmup_steps=warmup)
 
     # -- schedule -----------------------------------------------------------------------
 

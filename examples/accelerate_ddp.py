@@ -14,7 +14,7 @@ import argparse
 
 import torch
 from accelerate import Accelerator
-from common import distk_summary, tiny_gpt2, token_rows
+from common import add_distk_arguments, distk_config, distk_summary, tiny_gpt2, token_rows
 
 import distk
 import distk.integrations.accelerate
@@ -23,7 +23,7 @@ import distk.integrations.accelerate
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--density", type=float, default=0.01)
+    add_distk_arguments(parser)
     parser.add_argument("--output-dir", default="runs/examples/accelerate_ddp")
     args = parser.parse_args()
 
@@ -34,7 +34,7 @@ def main() -> None:
         token_rows(512, seed=accelerator.process_index), batch_size=8, shuffle=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = distk.integrations.accelerate.enable(  # the one line
-        accelerator, {"density": args.density}, model=model)
+        accelerator, distk_config(args), model=model)
 
     batches = iter(loader)
     for step in range(1, args.steps + 1):

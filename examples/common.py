@@ -9,6 +9,23 @@ from transformers import GPT2Config, GPT2LMHeadModel
 VOCAB, SEQ = 256, 32
 
 
+def add_distk_arguments(parser) -> None:
+    """``--density`` and the Adam schedule's two lengths (distk's defaults are 50 dense
+    steps and a 150-step density warm-up under AdamW; these 20-step demos shorten them so
+    that the sparse exchange shows)."""
+    parser.add_argument("--density", type=float, default=0.01)
+    parser.add_argument("--adam-dense-steps", type=int, default=5,
+                        help="dense steps under AdamW (distk's default 50; 5 for the demo)")
+    parser.add_argument("--adam-warmup-steps", type=int, default=5,
+                        help="density warm-up under AdamW (distk's default 150; 5 here)")
+
+
+def distk_config(args) -> dict:
+    """The distk config of the examples' arguments."""
+    return {"density": args.density, "adam_dense_steps": args.adam_dense_steps,
+            "adam_warmup_steps": args.adam_warmup_steps}
+
+
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     """2 layers, width 64: ~0.1M parameters, enough for distk to have something to drop."""
     torch.manual_seed(seed)

@@ -15,7 +15,7 @@ import os
 
 import pytorch_lightning as pl
 import torch
-from common import distk_summary, tiny_gpt2, token_rows
+from common import add_distk_arguments, distk_config, distk_summary, tiny_gpt2, token_rows
 
 from distk.integrations.lightning import DistkCallback
 
@@ -37,12 +37,12 @@ class LitGPT2(pl.LightningModule):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--density", type=float, default=0.01)
+    add_distk_arguments(parser)
     parser.add_argument("--output-dir", default="runs/examples/lightning_ddp")
     parser.add_argument("--resume", action="store_true", help="resume from last.ckpt")
     args = parser.parse_args()
 
-    callback = DistkCallback({"density": args.density})  # the one line
+    callback = DistkCallback(distk_config(args))  # the one line
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=os.path.join(args.output_dir, "ckpt"),
                                                save_last=True, every_n_train_steps=10)
     trainer = pl.Trainer(

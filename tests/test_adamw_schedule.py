@@ -91,3 +91,112 @@ def test_adamw_run_exchanges_dense_then_warms_up_through_the_ddp_hook(tmp_path: 
     # dense, then the target density straight away.
     sgd = density["sgd"]
     assert sgd[0] == 1.0 and all(math.isclose(d, target, rel_tol=0.15) for d in sgd[1:]), sgd
+
+
+# -- the same schedule outside distk-train: SparsityConfig.adam_* and the integrations ------
+
+def test_for_optimizer_raises_the_schedule_for_adam_family_only():
+    import torch
+
+    from distk.config import SparsityConfig, is_adam_family
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    adamw, sgd = torch.optim.AdamW(params), torch.optim.SGD(params, lr=0.1)
+
+    class Outer:  # Accelerate's AcceleratedOptimizer keeps .optimizer
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    class Lightning:  # Lightning's LightningOptimizer keeps ._optimizer
+        def __init__(self, inner):
+            self._optimizer = inner
+
+    assert is_adam_family(adamw) and is_adam_family(torch.optim.Adam(params))
+    assert is_adam_family(Outer(Lightning(adamw))) and is_adam_family("adamw")
+    assert not is_adam_family(sgd) and not is_adam_family(Outer(sgd))
+    assert not is_adam_family("sgd") and not is_adam_family(None)
+
+    cfg = SparsityConfig(density=0.01)
+    got = cfg.for_optimizer(Outer(adamw))
+    assert (got.dense_steps, got.warmup_steps) == (50, 150)
+    assert got.replace(dense_steps=0, warmup_steps=0) == cfg  # nothing else changes
+    assert got.for_optimizer(adamw) is got  # applying it twice changes nothing more
+    assert cfg.for_optimizer(sgd) is cfg and cfg.for_optimizer(None) is cfg
+    dense = SparsityConfig(method="dense")
+    assert dense.for_optimizer(adamw) is dense
+    off = SparsityConfig(adam_dense_steps=0, adam_warmup_steps=0)
+    assert off.for_optimizer(adamw) is off
+    larger = SparsityConfig(dense_steps=80, warmup_steps=10).for_optimizer(adamw)
+    assert (larger.dense_steps, larger.warmup_steps) == (80, 150)  # user values kept if larger
+    for key in ("adam_dense_steps", "adam_warmup_steps"):
+        with pytest.raises(ValueError, match=rf"SparsityConfig.{key} must be an integer >= 0, "
+                                             r"got -1"):
+            SparsityConfig(**{key: -1})
+
+
+def _ddp_schedule_worker(rank: int, world: int) -> dict:
+    import contextlib
+    import io
+
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    import distk
+
+    cfg = {"density": 0.05, "min_numel": 16, "adam_dense_steps": 2, "adam_warmup_steps": 0}
+    out: dict = {}
+    for name, make in (("adamw", lambda p: torch.optim.AdamW(p, lr=1e-3)),
+                       ("sgd", lambda p: torch.optim.SGD(p, lr=0.01))):
+        torch.manual_seed(0)
+        model = DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(32, 32),
+                                                            torch.nn.Linear(32, 4)))
+        optimizer = make(model.parameters())
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            state = distk.ddp.enable(model, cfg, optimizer=optimizer)
+        densities = []
+        for step in range(4):
+            torch.manual_seed(100 * rank + step)
+            model(torch.randn(8, 32)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            densities.append(state.stats.density)
+        out[name] = {"said": stderr.getvalue(), "densities": densities,
+                     "schedule": (state.cfg.dense_steps, state.cfg.warmup_steps)}
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_ddp_enable_applies_the_adam_schedule_for_the_given_optimizer():
+    from distributed import run_distributed as run
+
+    results = run(_ddp_schedule_worker, 2, timeout=150)
+    for rank, result in enumerate(results):
+        adamw, sgd = result["adamw"], result["sgd"]
+        assert adamw["schedule"] == (2, 0) and sgd["schedule"] == (0, 0)
+        # AdamW: 2 dense steps, then sparse; SGD: only DDP's bucket-rebuild step is dense.
+        assert adamw["densities"][:2] == [1.0, 1.0], adamw
+        assert all(d < 0.5 for d in adamw["densities"][2:]), adamw
+        assert sgd["densities"][0] == 1.0 and all(d < 0.5 for d in sgd["densities"][1:]), sgd
+        # rank 0 announces the change, once; nothing for SGD or on rank 1
+        if rank == 0:
+            assert "AdamW) is Adam-family, so dense_steps 0 -> 2" in adamw["said"], adamw
+        else:
+            assert adamw["said"] == "", adamw
+        assert sgd["said"] == "", sgd
+
+
+def test_job_amounts_travel_in_the_block_so_deepspeed_does_not_reapply_defaults():
+    # train.adamw_*=0 turns the schedule off; the block must say so too, or
+    # distk.deepspeed.enable (which sees the engine's AdamW) would apply 50 / 150.
+    from distk.config import SparsityConfig
+
+    off = load_config(None, [*ADAMW, "train.adamw_dense_steps=0", "train.adamw_warmup_steps=0"])
+    block = adamw_block_schedule(off, SparsityConfig(density=0.01))
+    assert block.for_optimizer("adamw") is block
+    assert (block.dense_steps, block.warmup_steps) == (0, 0)
+    short = load_config(None, [*ADAMW, "train.adamw_dense_steps=3", "train.adamw_warmup_steps=4"])
+    block = adamw_block_schedule(short, SparsityConfig(density=0.01))
+    assert (block.dense_steps, block.warmup_steps) == (3, 4)
+    assert block.for_optimizer("adamw") is block

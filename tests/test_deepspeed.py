@@ -221,7 +221,9 @@ SPARSE_CASES = {
     "zero1-bf16-fp32acc": (1, True, True),  # DeepSpeed's BF16_Optimizer
     "zero2-bf16": (2, True, False),
 }
-SPARSE_BLOCK = {"density": 0.05, "method": "exact", "min_numel": 256}
+# The engines train with AdamW: the Adam schedule applies, shortened to fit 40 steps.
+SPARSE_BLOCK = {"density": 0.05, "method": "exact", "min_numel": 256,
+                "adam_dense_steps": 2, "adam_warmup_steps": 3}
 SPARSE_STEPS = 40
 
 
@@ -280,6 +282,7 @@ def _sparse_worker(rank: int, world_size: int, tmp: str) -> dict:
             "optimizer": type(optimizer).__name__, "calls": calls[0],
             "n_params": len(list(engine.module.parameters())), "seam": state.seam,
             "density": state.stats.density,
+            "schedule": (state.cfg.dense_steps, state.cfg.warmup_steps),
         }
         if name in ("zero0-fp32", "zero2-fp32"):
             results[name]["checkpoint"] = _checkpoint_round_trip(engine, state, stage, rank,
@@ -344,6 +347,9 @@ def test_loss_falls_at_five_percent_density(sparse, case):
         # the mean of the last 5 losses to be under half the mean of the first 5.
         assert result["last"] < 0.5 * result["first"], result
         assert result["calls"] == SPARSE_STEPS * result["n_params"], result
+        # the engine's AdamW (built from the JSON "optimizer" block) was found
+        assert result["schedule"] == (2, 3), result
+        assert result["density"] < 0.5, result
 
 
 def test_bf16_paths_use_the_expected_deepspeed_optimizers(sparse):

@@ -53,6 +53,27 @@ def test_lr_rule_time_to_target_and_equal_wall():
     assert e2e.loss_at_wall(curve, 2.5) == 2.5 and e2e.loss_at_wall(curve, 0.5) is None
 
 
+def test_compose_places_an_unshaped_seed_on_the_netem_clock():
+    e2e = _e2e_module()
+    # The netem seed logged steps 0..8 at uneven times (a slow dense start); the unshaped
+    # seed has its own losses and a fast clock, which must be replaced.
+    timing = {"steps": 8, "wall_seconds": 10.0, "selection_seconds": 1.0,
+              "comm_seconds": 3.0,
+              "train_vs_wall": [[4, 6.0, 3.1], [8, 10.0, 2.9]],
+              "val_vs_wall": [[4, 6.0, 3.2], [8, 10.0, 3.0]]}
+    loss_run = {"steps": 8, "wall_seconds": 2.0, "selection_seconds": 0.5,
+                "comm_seconds": 0.1, "final_val_loss": 2.8,
+                "train_vs_wall": [[2, 0.5, 3.3], [8, 2.0, 2.7]],
+                "val_vs_wall": [[4, 1.0, 3.0], [8, 2.0, 2.8]]}
+    out = e2e.compose(loss_run, timing, timing_seed=0)
+    assert out["val_vs_wall"] == [(4, 6.0, 3.0), (8, 10.0, 2.8)]
+    assert out["train_vs_wall"] == [(2, 3.0, 3.3), (8, 10.0, 2.7)]  # step 2: 0..6 s linear
+    assert (out["wall_seconds"], out["selection_seconds"], out["comm_seconds"]) == (10.0, 1.0,
+                                                                                      3.0)
+    assert out["final_val_loss"] == 2.8 and out["timing_from_seed"] == 0
+    assert loss_run["wall_seconds"] == 2.0  # the input is not modified
+
+
 def test_dry_run_lists_every_method_without_root(tmp_path):
     proc = subprocess.run([sys.executable, str(E2E), "--quick", "--dry-run",
                            "--compute-seconds", "0.01", "--out", "e2e_test_dry"],
@@ -85,7 +106,13 @@ def test_quick_runs_every_method(tmp_path):
     assert _namespaces(prefix) == []
     payload = json.loads((tmp_path / "e2e_quick_test.json").read_text())
     assert (tmp_path / "e2e_quick_test.png").stat().st_size > 0
+    assert payload["results"]["adamw"]["netem_seeds"] == [0]
+    assert payload["results"]["adamw"]["unshaped_seeds"] == [1]
     block = payload["results"]["adamw"]["ratios"]["4"]
+    # seed 1 ran on the unshaped link and carries seed 0's netem clock
+    assert block["runs"]["bucketed"]["1"]["timing_from_seed"] == 0
+    assert (block["runs"]["bucketed"]["1"]["wall_seconds"]
+            == block["runs"]["bucketed"]["0"]["wall_seconds"])
     rows = {row["method"]: row for row in block["rows"]}
     assert set(rows) == {"dense_fp32", "dense_bf16", "powersgd_r1", "powersgd_r4", "exact",
                          "bucketed"}

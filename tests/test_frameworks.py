@@ -21,6 +21,12 @@ pytestmark = pytest.mark.distributed
 
 VOCAB, SEQ, BATCH = 256, 32, 4
 DENSITY = 0.05
+# Every framework here trains with AdamW, so distk applies the Adam schedule it finds the
+# optimizer for; shortened to 1 dense step and a 1-step warm-up to fit these few steps
+# (the defaults, 50 and 150, would keep every step dense). SCHEDULE is what the state's
+# config must then hold: (dense_steps, warmup_steps), both 0 unless the optimizer was seen.
+CFG = {"density": DENSITY, "adam_dense_steps": 1, "adam_warmup_steps": 1}
+SCHEDULE = (1, 1)
 
 
 # -- helpers that run inside the ranks ------------------------------------------------------
@@ -133,11 +139,12 @@ def _hf_job(rank: int, world_size: int, output_dir: str, deepspeed: dict | None,
                 probes["restored_iteration"] = self.distk_callback.state.iteration
 
     data = _token_rows(64, seed=rank)
-    callback = DistkCallback(None if deepspeed is not None else {"density": DENSITY})
+    callback = DistkCallback(None if deepspeed is not None else CFG)
     trainer = Trainer(model=_gpt2(), args=_hf_args(output_dir, max_steps=4, deepspeed=deepspeed),
                       train_dataset=data, callbacks=[callback])
     trainer.add_callback(Probe(callback, "first"))
     trainer.train()
+    probes["schedule"] = (callback.state.cfg.dense_steps, callback.state.cfg.warmup_steps)
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     wrapped_type = type(trainer.model_wrapped).__name__
     if deepspeed is not None:
@@ -146,7 +153,7 @@ def _hf_job(rank: int, world_size: int, output_dir: str, deepspeed: dict | None,
         probes["engine_saw_block"] = "distk" in trainer.model_wrapped.config
         probes["installed"] = distk.deepspeed.installed()
 
-    callback2 = DistkCallback(None if deepspeed is not None else {"density": DENSITY})
+    callback2 = DistkCallback(None if deepspeed is not None else CFG)
     resumed = Trainer(model=_gpt2(seed=1),
                       args=_hf_args(output_dir, max_steps=4, deepspeed=deepspeed),
                       train_dataset=data, callbacks=[callback2])
@@ -203,6 +210,7 @@ def test_hf_trainer_ddp_callback_acts_logs_and_resumes_per_rank(tmp_path):
         logged = [entry for entry in result["history"] if "distk/bytes_sent" in entry]
         assert len(logged) == 4, result["history"]  # every logged step carries distk stats
         assert logged[0]["distk/density"] == 1.0  # DDP's bucket-rebuild step is dense
+        assert result["schedule"] == SCHEDULE  # the callback passed the Trainer's AdamW
         _assert_acted(logged[-1])
         assert logged[-1]["distk/total_bytes_sent"] < logged[-1]["distk/total_dense_bytes"]
     _assert_restored_per_rank(results)
@@ -217,7 +225,7 @@ def _ds_config(stage: int) -> dict:
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
-        "distk": {"density": DENSITY},
+        "distk": CFG,
     }
 
 
@@ -238,6 +246,7 @@ def test_hf_trainer_deepspeed_json_distk_block_acts_and_resumes_per_rank(tmp_pat
         assert result["resumed_steps"] == 4
         logged = [entry for entry in result["history"] if "distk/bytes_sent" in entry]
         assert len(logged) == 4, result["history"]
+        assert result["schedule"] == SCHEDULE  # the engine's own (HF-built) AdamW
         _assert_acted(logged[-1])
     _assert_restored_per_rank(results)
 
@@ -258,11 +267,11 @@ def _accelerate_job(rank: int, world_size: int, output_dir: str) -> dict:
     loader = torch.utils.data.DataLoader(rows, batch_size=BATCH)
     model, optimizer = accelerator.prepare(model, optimizer)
     try:  # Accelerate keeps no DDP wrapper: without model= this must refuse, not no-op
-        distk.integrations.accelerate.enable(accelerator, {"density": DENSITY})
+        distk.integrations.accelerate.enable(accelerator, CFG)
         without_model = ""
     except ValueError as err:
         without_model = str(err)
-    state = distk.integrations.accelerate.enable(accelerator, {"density": DENSITY}, model=model)
+    state = distk.integrations.accelerate.enable(accelerator, CFG, model=model)
     batches = iter(loader)
 
     def train_step():
@@ -283,7 +292,7 @@ def _accelerate_job(rank: int, world_size: int, output_dir: str) -> dict:
     restored = _residuals(state)
     swapped = _load_swapped_files(output_dir, state)
     return {"metrics": metrics, "saved": saved, "restored": restored, "moved": moved,
-            "swapped": swapped,
+            "swapped": swapped, "schedule": (state.cfg.dense_steps, state.cfg.warmup_steps),
             "wrapped": type(model).__name__, "refusal": _refusal_of_other_rank(output_dir, state),
             "without_model": without_model}
 
@@ -294,6 +303,7 @@ def test_accelerate_ddp_acts_and_save_load_state_is_per_rank(tmp_path):
     results = run_distributed(_accelerate_job, 2, str(tmp_path / "state"), timeout=180)
     for result in results:
         assert result["wrapped"] == "DistributedDataParallel"
+        assert result["schedule"] == SCHEDULE  # the accelerator's one prepared AdamW
         _assert_acted(result["metrics"])
         assert result["moved"], "the extra step did not change residuals: the test is vacuous"
         assert "pass what prepare returned" in result["without_model"]
@@ -349,7 +359,7 @@ def _lightning_job(rank: int, world_size: int, root: str, via_strategy_hook: boo
             callback = DistkCallback()
         else:
             strategy = DDPStrategy()
-            callback = DistkCallback({"density": DENSITY})
+            callback = DistkCallback(CFG)
         trainer = pl.Trainer(
             accelerator="cpu", devices=world_size, strategy=strategy, max_steps=max_steps,
             callbacks=[callback, Probe(callback)], default_root_dir=root, logger=False,
@@ -370,6 +380,7 @@ def _lightning_job(rank: int, world_size: int, root: str, via_strategy_hook: boo
     resumed, callback2 = make(4)
     resumed.fit(_lightning_module(), loader, ckpt_path=path)
     return {"metrics": metrics, "saved": saved, **probes,
+            "schedule": (callback.state.cfg.dense_steps, callback.state.cfg.warmup_steps),
             "refusal": _refusal_of_other_rank(folder, callback2.state),
             "resumed_steps": resumed.global_step}
 
@@ -383,6 +394,9 @@ def test_lightning_ddp_on_cpu_acts_and_resumes_per_rank(tmp_path, via_strategy_h
     for result in results:
         assert result["wrapped"] == "DistributedDataParallel"
         assert result["resumed_steps"] == 4
+        # The callback passes the trainer's AdamW; a state the user built for the strategy
+        # saw no optimizer (a warning says so) and keeps its config.
+        assert result["schedule"] == ((0, 0) if via_strategy_hook else SCHEDULE)
         _assert_acted(result["metrics"])
     _assert_restored_per_rank(results)
 

@@ -93,7 +93,8 @@ def enable(accelerator: Any, cfg: Any = None, model: Any = None) -> Any:
             f"DDPCommunicationHookType values; the callable {handler.comm_hook!r} was not "
             "registered by Accelerate. distk registers its own hook here instead.",
             RuntimeWarning, stacklevel=2)
-    state = auto.enable(model, cfg)
+    optimizers = getattr(accelerator, "_optimizers", [])
+    state = auto.enable(model, cfg, optimizer=optimizers[0] if len(optimizers) == 1 else None)
 
     def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
         del models, weights

@@ -115,7 +115,7 @@ def config_for(cfg: Any, ds_config: Any, *, where: str) -> Any:
     return cfg
 
 
-def enable(wrapped: Any, cfg: Any = None) -> Any:
+def enable(wrapped: Any, cfg: Any = None, optimizer: Any = None) -> Any:
     """Sparsify the gradient exchange of a wrapped model, whichever wrapper it is.
 
     Args:
@@ -125,6 +125,9 @@ def enable(wrapped: Any, cfg: Any = None) -> Any:
         cfg: a :class:`~distk.config.SparsityConfig`, a dict of its keys, or None: then
             the ``"distk"`` block of the DeepSpeed engine's config (for DDP and FSDP a
             config is required).
+        optimizer: the training optimizer for DDP and FSDP, optional: an Adam-family one
+            gets the Adam schedule (``cfg.adam_dense_steps`` / ``adam_warmup_steps``). A
+            DeepSpeed engine uses its own optimizer.
 
     Returns:
         The integration's state (``.stats``, ``.compressor``, ``state_dict()``), also
@@ -155,11 +158,13 @@ def enable(wrapped: Any, cfg: Any = None) -> Any:
     if isinstance(module, DistributedDataParallel):
         from distk.integrations import ddp
 
-        state = ddp.enable(module, resolve_config(cfg, where="distk.enable"))
+        state = ddp.enable(module, resolve_config(cfg, where="distk.enable"),
+                           optimizer=optimizer)
     elif _is_fsdp(module):
         from distk.integrations import fsdp
 
-        state = fsdp.enable(module, resolve_config(cfg, where="distk.enable"))
+        state = fsdp.enable(module, resolve_config(cfg, where="distk.enable"),
+                            optimizer=optimizer)
     else:
         raise TypeError(
             "distk.enable expects a torch.nn.parallel.DistributedDataParallel module, an "

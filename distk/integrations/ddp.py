@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from distk.config import SparsityConfig
-from distk.integrations.state import CompressionState
+from distk.integrations.state import CompressionState, schedule_for_optimizer
 
 __all__ = ["DDPCompressionState", "enable", "sparse_allreduce_hook"]
 
@@ -119,8 +119,8 @@ def sparse_allreduce_hook(
     return state.reduce_bucket(bucket)
 
 
-def enable(ddp_model: DistributedDataParallel,
-           cfg: SparsityConfig | dict[str, Any]) -> DDPCompressionState:
+def enable(ddp_model: DistributedDataParallel, cfg: SparsityConfig | dict[str, Any], *,
+           optimizer: Any = None) -> DDPCompressionState:
     """Register the distk sparse-gradient communication hook on ``ddp_model``.
 
     Args:
@@ -129,6 +129,11 @@ def enable(ddp_model: DistributedDataParallel,
         cfg: a :class:`~distk.config.SparsityConfig` (a dict is accepted and passed to
             ``SparsityConfig.from_dict``). Every rank must pass the same config; this is
             checked collectively and a mismatch raises on every rank.
+        optimizer: the training optimizer (or a wrapper of it), optional. An Adam-family
+            one (Adam, AdamW, ...) gets the Adam schedule (``cfg.adam_dense_steps`` /
+            ``adam_warmup_steps``: at least 50 dense steps and a 150-step density
+            warm-up), announced on rank 0. Without it the hook cannot know the optimizer
+            and uses ``cfg`` as given.
 
     Returns:
         The :class:`DDPCompressionState`: ``.compressor``, ``.stats`` (last step, all
@@ -146,6 +151,7 @@ def enable(ddp_model: DistributedDataParallel,
             "distk.ddp.enable expects a torch.nn.parallel.DistributedDataParallel module, "
             f"got {type(ddp_model).__name__}; for FSDP use distk.fsdp.enable"
         )
+    cfg = schedule_for_optimizer(cfg, optimizer, "distk.ddp.enable")
     state = DDPCompressionState(cfg, ddp_model.process_group, model=ddp_model.module)
     ddp_model.register_comm_hook(state, sparse_allreduce_hook)
     return state

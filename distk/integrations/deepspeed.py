@@ -57,7 +57,11 @@ import torch
 import torch.distributed as dist
 
 from distk.config import SparsityConfig
-from distk.integrations.state import CompressionState, refuse_sparse_gradients
+from distk.integrations.state import (
+    CompressionState,
+    refuse_sparse_gradients,
+    schedule_for_optimizer,
+)
 
 __all__ = [
     "CONFIG_KEY",
@@ -527,7 +531,10 @@ def enable(engine: Any, cfg: Any) -> DeepSpeedCompressionState:
 
     Args:
         engine: a ``deepspeed.DeepSpeedEngine`` (ZeRO stage 0, 1 or 2; fp32 or bf16).
-        cfg: a :class:`~distk.config.SparsityConfig` or a dict of its keys.
+        cfg: a :class:`~distk.config.SparsityConfig` or a dict of its keys. With the
+            engine's optimizer Adam-family (its config's ``"optimizer"`` or the client
+            optimizer), the Adam schedule applies (``cfg.adam_dense_steps`` /
+            ``adam_warmup_steps``).
 
     Returns:
         The :class:`DeepSpeedCompressionState`, also stored as ``engine.distk``.
@@ -572,6 +579,10 @@ def enable(engine: Any, cfg: Any) -> DeepSpeedCompressionState:
         _require_methods(engine, _ENGINE_SEAM_METHODS)
         seam, group = "engine", engine.seq_data_parallel_group
         sum_gradients = not engine.gradient_average
+    # The engine's own optimizer (the client's or the one its config built) decides the
+    # Adam schedule (cfg.adam_dense_steps / adam_warmup_steps).
+    cfg = schedule_for_optimizer(cfg, getattr(engine, "basic_optimizer", None) or optimizer,
+                                 "distk.deepspeed")
     state = DeepSpeedCompressionState(cfg, group, seam=seam, zero_stage=stage,
                                       sum_gradients=sum_gradients, model=engine.module)
     if seam == "zero":

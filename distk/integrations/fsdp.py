@@ -60,7 +60,7 @@ except ImportError:  # pragma: no cover - FSDP only duck-types allocate() and __
 from distk.comm import check_same_config
 from distk.compressor import as_sparsity_config
 from distk.config import SparsityConfig
-from distk.integrations.state import CompressionState
+from distk.integrations.state import CompressionState, schedule_for_optimizer
 
 __all__ = ["FSDPCompressionState", "SparseReduceScatter", "enable"]
 
@@ -319,7 +319,8 @@ def _enable_fsdp1(model: FSDP1, cfg: SparsityConfig | dict[str, Any]) -> FSDPCom
 
 
 def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any], *,
-           replicate_group: dist.ProcessGroup | None = None) -> FSDPCompressionState:
+           replicate_group: dist.ProcessGroup | None = None,
+           optimizer: Any = None) -> FSDPCompressionState:
     """Sparsify the gradient reduction of an FSDP2 (``fully_shard``) or FSDP1 model.
 
     Args:
@@ -334,6 +335,9 @@ def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any], *,
             ``mesh["replicate"].get_group()``. FSDP2's dense reduce-scatter stays inside
             the shard group; distk exchanges each rank's reduced shard sparsely across
             the replicas (residuals are then per shard).
+        optimizer: the training optimizer, optional; an Adam-family one gets the Adam
+            schedule (``cfg.adam_dense_steps`` / ``adam_warmup_steps``; as in
+            :func:`distk.ddp.enable`).
 
     Returns:
         The :class:`FSDPCompressionState` (``.compressor``, ``.stats``, ``state_dict()``,
@@ -354,6 +358,7 @@ def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any], *,
     if replicate_group is not None and not has_fsdp2:
         raise ValueError("distk.fsdp.enable: replicate_group (HSDP) needs an FSDP2 model "
                          "(fully_shard over the shard dimension of the mesh)")
+    cfg = schedule_for_optimizer(cfg, optimizer, "distk.fsdp.enable")
     if has_fsdp2:
         return _enable_fsdp2(model, cfg, replicate_group)
     if isinstance(model, FSDP1):

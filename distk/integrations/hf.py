@@ -107,7 +107,7 @@ class DistkCallback(TrainerCallback):
                 cfg = None  # an engine built with distk (distk.deepspeed.install())
             else:
                 cfg = auto.config_for(self.cfg, ds_config, where="distk DistkCallback")
-            self.state = auto.enable(wrapped, cfg)
+            self.state = auto.enable(wrapped, cfg, optimizer=trainer.optimizer)
         # Run before the reporting callbacks (wandb, TensorBoard) so they see our stats.
         callbacks = trainer.callback_handler.callbacks
         callbacks.remove(self)

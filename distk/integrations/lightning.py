@@ -107,14 +107,23 @@ class DistkCallback(pl.Callback):
                               "exchange to sparsify; distk is inactive",
                               RuntimeWarning, stacklevel=2)
                 return
+            optimizers = trainer.optimizers
+            optimizer = optimizers[0] if len(optimizers) == 1 else None
             state = auto.get_state(wrapped) or self._strategy_hook_state(trainer, wrapped)
+            if state is not None and state.cfg.for_optimizer(optimizer) != state.cfg:
+                warnings.warn(
+                    "distk DistkCallback: the strategy's distk state was built before the "
+                    f"optimizer ({type(optimizer).__name__}, Adam-family) was known, so the "
+                    "Adam schedule is not applied; set dense_steps / warmup_steps in its "
+                    "config yourself (docs/train.md, \"Sparse training with AdamW\") or "
+                    "give the config to DistkCallback instead", RuntimeWarning, stacklevel=2)
             if state is None:
                 cfg = self.cfg
                 if cfg is None:
                     config = getattr(trainer.strategy, "config", None)
                     cfg = auto.resolve_config(None, config if isinstance(config, dict) else None,
                                               where="distk DistkCallback")
-                state = auto.enable(wrapped, cfg)
+                state = auto.enable(wrapped, cfg, optimizer=optimizer)
             self.state = state
         if self._restore_expected:
             if self._restore_from is None:

@@ -29,6 +29,7 @@ when done; FSDP, DeepSpeed) under a stable key. The state owns what the adapters
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable
 from typing import Any
 
@@ -37,10 +38,11 @@ import torch.distributed as dist
 
 from distk.comm import check_same_config, rank_and_world
 from distk.compressor import GradientCompressor, as_sparsity_config
-from distk.config import SparsityConfig
+from distk.config import SparsityConfig, optimizer_chain
 from distk.stats import StepStats
 
-__all__ = ["CompressionState", "refuse_outer_sync", "refuse_sparse_gradients"]
+__all__ = ["CompressionState", "refuse_outer_sync", "refuse_sparse_gradients",
+           "schedule_for_optimizer"]
 
 _NOT_IN_BACKWARD = -1  # torch._C._current_graph_task_id() outside a backward pass
 
@@ -75,6 +77,24 @@ def refuse_outer_sync(cfg: SparsityConfig, entry: str) -> None:
         f"SparsityConfig.sync_every={cfg.sync_every} (outer synchronisation) is not supported "
         f"by {entry}: {why}. Use distk.outer.enable(model, optimizer, cfg) on a plain "
         "(unwrapped) model under torchrun, or set sync_every=1.")
+
+
+def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,
+                           entry: str) -> SparsityConfig:
+    """``cfg`` (coerced) under ``optimizer`` (:meth:`SparsityConfig.for_optimizer`): the
+    Adam schedule for an Adam-family optimizer. When it changes the config, rank 0 says
+    so once on stderr, naming ``entry``. ``optimizer=None`` leaves ``cfg`` as it is."""
+    cfg = as_sparsity_config(cfg)
+    scheduled = cfg.for_optimizer(optimizer)
+    if scheduled != cfg and (not _group_ready() or dist.get_rank() == 0):
+        names = " -> ".join(type(o).__name__ for o in optimizer_chain(optimizer))
+        print(f"[distk] {entry}: the optimizer ({names}) is Adam-family, "
+              f"so dense_steps {cfg.dense_steps} -> {scheduled.dense_steps} and warmup_steps "
+              f"{cfg.warmup_steps} -> {scheduled.warmup_steps} (SparsityConfig."
+              "adam_dense_steps / adam_warmup_steps; 0 and 0 turn it off; docs/train.md, "
+              "\"Sparse training with AdamW\")",
+              file=sys.stderr, flush=True)
+    return scheduled
 
 
 class CompressionState:

@@ -11,17 +11,18 @@ the dense start was in place. So under AdamW the sparse modes raise
 (50) and ``train.adamw_warmup_steps`` (150). SGD (momentum correction) and the dense mode are
 untouched.
 
-A DDP / FSDP / DeepSpeed user gets the same by setting the two ``SparsityConfig`` fields
-(``SparsityConfig(density=0.01, dense_steps=50, warmup_steps=150)``, or ``"dense_steps":
-50, "warmup_steps": 150`` in the DeepSpeed ``"distk"`` block); nothing else changes, the
-optimizer stays the user's AdamW.
+The same schedule is ``SparsityConfig.adam_dense_steps`` / ``adam_warmup_steps`` (50 and
+150 by default), which the DDP, FSDP and DeepSpeed integrations apply when they see an
+Adam-family optimizer (``distk.ddp.enable(model, cfg, optimizer=opt)``, a DeepSpeed
+engine's own optimizer, HF Trainer's, Lightning's, Accelerate's); nothing else changes,
+the optimizer stays the user's AdamW. Here the amounts come from ``train.adamw_*``.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from distk.config import SparsityConfig
+from distk.config import SparsityConfig, is_adam_family
 from distk.train.config import TrainConfig
 
 __all__ = ["adamw_block_schedule", "adamw_schedule"]
@@ -33,11 +34,15 @@ def adamw_block_schedule(cfg: TrainConfig, sparsity: SparsityConfig | None
     is sparse (``method`` not "dense"): ``dense_steps`` and ``warmup_steps`` raised to
     ``train.adamw_dense_steps`` / ``train.adamw_warmup_steps``. Otherwise unchanged
     (``None`` stays ``None``)."""
-    if sparsity is None or cfg.train.optimizer != "adamw" or sparsity.method == "dense":
+    if sparsity is None:
+        return None
+    # The job's amounts become the config's Adam schedule, so an integration that applies
+    # it again (distk.deepspeed.enable sees the engine's AdamW) changes nothing more.
+    if not is_adam_family(cfg.train.optimizer):
         return sparsity
-    return sparsity.replace(
-        dense_steps=max(sparsity.dense_steps, cfg.train.adamw_dense_steps),
-        warmup_steps=max(sparsity.warmup_steps, cfg.train.adamw_warmup_steps))
+    return sparsity.replace(adam_dense_steps=cfg.train.adamw_dense_steps,
+                            adam_warmup_steps=cfg.train.adamw_warmup_steps
+                            ).for_optimizer(cfg.train.optimizer)
 
 
 def adamw_schedule(cfg: TrainConfig) -> TrainConfig:
