@@ -12,6 +12,8 @@ logging; ``train.comm_hook`` picks the DDP hook):
   feedback and warm start on, ``start_powerSGD_iter`` = max(2, warm-up, 10% of steps);
 * ``exact``, ``bucketed``: distk's top-k exchange with ``torch.topk`` / bucketed selection.
 * ``bucketed_2bit``: bucketed with the compact codec (2-bit values, bit-packed offsets);
+* ``bucketed_bf16_long``: bucketed with bf16 values on the wire (dense steps included) and
+  AdamW's longer schedule (75 dense steps, 200-step warm-up; SGD: unchanged);
 * ``outer_h8_2bit``, ``outer_h32_4bit``: outer synchronisation (``distk.outer``, no DDP)
   every 8 / 32 steps of bucketed top-k pseudo-gradients with 2- / 4-bit values
   (``--methods`` only; not in the default set).
@@ -81,6 +83,9 @@ METHODS: dict[str, list[str]] = {
     "exact": ["--mode", "exact"],
     "bucketed": ["--mode", "bucketed"],
     "bucketed_2bit": ["--mode", "bucketed", "--set", "sparsity.value_bits=2"],
+    "bucketed_bf16_long": ["--mode", "bucketed", "--set", "sparsity.value_dtype=bfloat16",
+                           "--set", "train.adamw_dense_steps=75",
+                           "--set", "train.adamw_warmup_steps=200"],
     "outer_h8_2bit": ["--mode", "bucketed", "--set", "sparsity.sync_every=8",
                       "--set", "sparsity.value_bits=2"],
     "outer_h32_4bit": ["--mode", "bucketed", "--set", "sparsity.sync_every=32",
