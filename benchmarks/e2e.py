@@ -12,8 +12,6 @@ logging; ``train.comm_hook`` picks the DDP hook):
   feedback and warm start on, ``start_powerSGD_iter`` = max(2, warm-up, 10% of steps);
 * ``exact``, ``bucketed``: distk's top-k exchange with ``torch.topk`` / bucketed selection.
 * ``bucketed_2bit``: bucketed with the compact codec (2-bit values, bit-packed offsets);
-* ``bucketed_bf16_long``: bucketed with bf16 values on the wire (dense steps included) and
-  AdamW's longer schedule (75 dense steps, 200-step warm-up; SGD: unchanged);
 * ``outer_h8_2bit``, ``outer_h32_4bit``: outer synchronisation (``distk.outer``, no DDP)
   every 8 / 32 steps of bucketed top-k pseudo-gradients with 2- / 4-bit values
   (``--methods`` only; not in the default set).
@@ -83,9 +81,6 @@ METHODS: dict[str, list[str]] = {
     "exact": ["--mode", "exact"],
     "bucketed": ["--mode", "bucketed"],
     "bucketed_2bit": ["--mode", "bucketed", "--set", "sparsity.value_bits=2"],
-    "bucketed_bf16_long": ["--mode", "bucketed", "--set", "sparsity.value_dtype=bfloat16",
-                           "--set", "train.adamw_dense_steps=75",
-                           "--set", "train.adamw_warmup_steps=200"],
     "outer_h8_2bit": ["--mode", "bucketed", "--set", "sparsity.sync_every=8",
                       "--set", "sparsity.value_bits=2"],
     "outer_h32_4bit": ["--mode", "bucketed", "--set", "sparsity.sync_every=32",
@@ -122,8 +117,8 @@ FULL = {"world": 2, "ratios": [1.0, 4.0, 16.0], "steps": 300, "eval_every": 25,
 QUICK_CONFIG: dict[str, Any] = {
     "data": {"max_train_bytes": 200_000, "max_val_bytes": 20_000},
     "model": {"n_layer": 1, "n_head": 2, "d_model": 64, "context": 32},
-    # AdamW's dense start and density warm-up scaled to 8 steps (the defaults, 50 and
-    # 150, would leave every step of the sparse methods dense).
+    # AdamW's dense start and density warm-up scaled to 8 steps (the defaults, 75 and
+    # 200, would leave every step of the sparse methods dense).
     "train": {"batch_size": 4, "lr_warmup_steps": 2, "eval_windows": 16, "num_threads": 1,
               "adamw_dense_steps": 1, "adamw_warmup_steps": 2},
     "logging": {"progress": False, "histogram_every": 0},

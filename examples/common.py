@@ -10,14 +10,14 @@ VOCAB, SEQ = 256, 32
 
 
 def add_distk_arguments(parser) -> None:
-    """``--density`` and the Adam schedule's two lengths (distk's defaults are 50 dense
-    steps and a 150-step density warm-up under AdamW; these 20-step demos shorten them so
+    """``--density`` and the Adam schedule's two lengths (distk's defaults are 75 dense
+    steps and a 200-step density warm-up under AdamW; these 20-step demos shorten them so
     that the sparse exchange shows)."""
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--adam-dense-steps", type=int, default=5,
-                        help="dense steps under AdamW (distk's default 50; 5 for the demo)")
+                        help="dense steps under AdamW (distk's default 75; 5 for the demo)")
     parser.add_argument("--adam-warmup-steps", type=int, default=5,
-                        help="density warm-up under AdamW (distk's default 150; 5 here)")
+                        help="density warm-up under AdamW (distk's default 200; 5 here)")
 
 
 def distk_config(args) -> dict:

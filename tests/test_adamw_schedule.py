@@ -1,7 +1,8 @@
 """AdamW's sparse schedule (docs/train.md, "Sparse training with AdamW").
 
-Sparse modes under AdamW get at least ``train.adamw_dense_steps`` dense steps and a
-``train.adamw_warmup_steps`` density warm-up; SGD and the dense mode are untouched. The
+Sparse modes under AdamW get at least ``train.adamw_dense_steps`` dense steps, a
+``train.adamw_warmup_steps`` density warm-up and bf16 values on the wire
+(``sparsity.adam_value_dtype``); SGD and the dense mode are untouched. The
 distributed test trains through the real DDP hook on 2 gloo processes and reads the
 density each step actually exchanged.
 """
@@ -27,21 +28,30 @@ def test_adamw_sparse_modes_get_the_schedule_and_nothing_else_does():
     for mode in ("exact", "bucketed"):
         cfg = load_config(None, [*ADAMW, f"sparsity.method={mode}"])
         scheduled = adamw_schedule(cfg)
-        assert (scheduled.sparsity.dense_steps, scheduled.sparsity.warmup_steps) == (50, 150)
-        # Only those two fields change; the optimizer stays AdamW.
-        assert scheduled.sparsity.replace(dense_steps=cfg.sparsity.dense_steps,
-                                          warmup_steps=cfg.sparsity.warmup_steps) == cfg.sparsity
+        got = scheduled.sparsity
+        assert (got.dense_steps, got.warmup_steps, got.value_dtype) == (75, 200, "bfloat16")
+        # Only those three fields change; the optimizer stays AdamW.
+        assert got.replace(dense_steps=cfg.sparsity.dense_steps,
+                           warmup_steps=cfg.sparsity.warmup_steps,
+                           value_dtype=cfg.sparsity.value_dtype) == cfg.sparsity
         assert scheduled.train == cfg.train
     # Larger user values are kept; 0 turns the rule off.
-    cfg = load_config(None, [*ADAMW, "sparsity.dense_steps=60", "sparsity.warmup_steps=160"])
+    cfg = load_config(None, [*ADAMW, "sparsity.dense_steps=80", "sparsity.warmup_steps=260"])
     assert (adamw_schedule(cfg).sparsity.dense_steps,
-            adamw_schedule(cfg).sparsity.warmup_steps) == (60, 160)
+            adamw_schedule(cfg).sparsity.warmup_steps) == (80, 260)
     for overrides in ([*ADAMW, "sparsity.method=dense"],
                       [*ADAMW, "train.adamw_dense_steps=0", "train.adamw_warmup_steps=0"],
                       ["sparsity.method=bucketed"]):            # SGD: the default config
         cfg = load_config(None, overrides)
         assert adamw_schedule(cfg).sparsity.dense_steps == cfg.sparsity.dense_steps
         assert adamw_schedule(cfg).sparsity.warmup_steps == cfg.sparsity.warmup_steps
+    # The wire dtype has its own switch; a user's codec or dtype is kept.
+    for overrides, wire in ((["sparsity.adam_value_dtype=null"], None),
+                            (["sparsity.value_dtype=\"float32\""], "float32"),
+                            (["sparsity.value_bits=2"], None)):
+        cfg = load_config(None, [*ADAMW, *overrides])
+        assert adamw_schedule(cfg).sparsity.value_dtype == wire, overrides
+        assert adamw_schedule(cfg).sparsity.dense_steps == 75
 
 
 def test_deepspeed_block_gets_the_schedule():
@@ -49,7 +59,7 @@ def test_deepspeed_block_gets_the_schedule():
 
     cfg = load_config(None, ADAMW)
     block = adamw_block_schedule(cfg, SparsityConfig(density=0.01))
-    assert (block.dense_steps, block.warmup_steps) == (50, 150)
+    assert (block.dense_steps, block.warmup_steps, block.value_dtype) == (75, 200, "bfloat16")
     assert adamw_block_schedule(cfg, None) is None
     sgd = load_config(None, [])
     assert adamw_block_schedule(sgd, SparsityConfig()) == SparsityConfig()
@@ -118,20 +128,28 @@ def test_for_optimizer_raises_the_schedule_for_adam_family_only():
 
     cfg = SparsityConfig(density=0.01)
     got = cfg.for_optimizer(Outer(adamw))
-    assert (got.dense_steps, got.warmup_steps) == (50, 150)
-    assert got.replace(dense_steps=0, warmup_steps=0) == cfg  # nothing else changes
+    assert (got.dense_steps, got.warmup_steps, got.value_dtype) == (75, 200, "bfloat16")
+    # nothing else changes
+    assert got.replace(dense_steps=0, warmup_steps=0, value_dtype=None) == cfg
     assert got.for_optimizer(adamw) is got  # applying it twice changes nothing more
     assert cfg.for_optimizer(sgd) is cfg and cfg.for_optimizer(None) is cfg
     dense = SparsityConfig(method="dense")
     assert dense.for_optimizer(adamw) is dense
-    off = SparsityConfig(adam_dense_steps=0, adam_warmup_steps=0)
+    off = SparsityConfig(adam_dense_steps=0, adam_warmup_steps=0, adam_value_dtype=None)
     assert off.for_optimizer(adamw) is off
     larger = SparsityConfig(dense_steps=80, warmup_steps=10).for_optimizer(adamw)
-    assert (larger.dense_steps, larger.warmup_steps) == (80, 150)  # user values kept if larger
+    assert (larger.dense_steps, larger.warmup_steps) == (80, 200)  # user values kept if larger
+    # a wire the user chose (a dtype or the compact codec) is kept
+    assert SparsityConfig(value_dtype="float16").for_optimizer(adamw).value_dtype == "float16"
+    assert SparsityConfig(value_bits=4).for_optimizer(adamw).value_dtype is None
+    assert SparsityConfig(adam_value_dtype="float16").for_optimizer(adamw).value_dtype == "float16"
     for key in ("adam_dense_steps", "adam_warmup_steps"):
         with pytest.raises(ValueError, match=rf"SparsityConfig.{key} must be an integer >= 0, "
                                              r"got -1"):
             SparsityConfig(**{key: -1})
+    with pytest.raises(ValueError, match=r"SparsityConfig.adam_value_dtype must be None or one "
+                                         r"of .*'bfloat16'.*, got 'bf16'"):
+        SparsityConfig(adam_value_dtype="bf16")
 
 
 def _ddp_schedule_worker(rank: int, world: int) -> dict:
@@ -162,7 +180,8 @@ def _ddp_schedule_worker(rank: int, world: int) -> dict:
             optimizer.zero_grad()
             densities.append(state.stats.density)
         out[name] = {"said": stderr.getvalue(), "densities": densities,
-                     "schedule": (state.cfg.dense_steps, state.cfg.warmup_steps)}
+                     "schedule": (state.cfg.dense_steps, state.cfg.warmup_steps,
+                                  state.cfg.value_dtype)}
     return out
 
 
@@ -174,7 +193,7 @@ def test_ddp_enable_applies_the_adam_schedule_for_the_given_optimizer():
     results = run(_ddp_schedule_worker, 2, timeout=150)
     for rank, result in enumerate(results):
         adamw, sgd = result["adamw"], result["sgd"]
-        assert adamw["schedule"] == (2, 0) and sgd["schedule"] == (0, 0)
+        assert adamw["schedule"] == (2, 0, "bfloat16") and sgd["schedule"] == (0, 0, None)
         # AdamW: 2 dense steps, then sparse; SGD: only DDP's bucket-rebuild step is dense.
         assert adamw["densities"][:2] == [1.0, 1.0], adamw
         assert all(d < 0.5 for d in adamw["densities"][2:]), adamw
@@ -182,6 +201,7 @@ def test_ddp_enable_applies_the_adam_schedule_for_the_given_optimizer():
         # rank 0 announces the change, once; nothing for SGD or on rank 1
         if rank == 0:
             assert "AdamW) is Adam-family, so dense_steps 0 -> 2" in adamw["said"], adamw
+            assert "value_dtype None -> bfloat16" in adamw["said"], adamw
         else:
             assert adamw["said"] == "", adamw
         assert sgd["said"] == "", sgd
@@ -189,7 +209,7 @@ def test_ddp_enable_applies_the_adam_schedule_for_the_given_optimizer():
 
 def test_job_amounts_travel_in_the_block_so_deepspeed_does_not_reapply_defaults():
     # train.adamw_*=0 turns the schedule off; the block must say so too, or
-    # distk.deepspeed.enable (which sees the engine's AdamW) would apply 50 / 150.
+    # distk.deepspeed.enable (which sees the engine's AdamW) would apply 75 / 200.
     from distk.config import SparsityConfig
 
     off = load_config(None, [*ADAMW, "train.adamw_dense_steps=0", "train.adamw_warmup_steps=0"])

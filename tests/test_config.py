@@ -21,7 +21,7 @@ def test_contract_fields_and_defaults():
         "outer_lr": 1.0, "outer_momentum": 0.0, "outer_nesterov": True,
         "min_numel": 1024, "exchange": "auto",
         "nonfinite": "raise", "stats_interval": 10, "recall_interval": 50,
-        "adam_dense_steps": 50, "adam_warmup_steps": 150,
+        "adam_dense_steps": 75, "adam_warmup_steps": 200, "adam_value_dtype": "bfloat16",
     }
     assert cfg.to_dict() == expected
 

@@ -282,7 +282,7 @@ def _sparse_worker(rank: int, world_size: int, tmp: str) -> dict:
             "optimizer": type(optimizer).__name__, "calls": calls[0],
             "n_params": len(list(engine.module.parameters())), "seam": state.seam,
             "density": state.stats.density,
-            "schedule": (state.cfg.dense_steps, state.cfg.warmup_steps),
+            "schedule": (state.cfg.dense_steps, state.cfg.warmup_steps, state.cfg.value_dtype),
         }
         if name in ("zero0-fp32", "zero2-fp32"):
             results[name]["checkpoint"] = _checkpoint_round_trip(engine, state, stage, rank,
@@ -348,7 +348,7 @@ def test_loss_falls_at_five_percent_density(sparse, case):
         assert result["last"] < 0.5 * result["first"], result
         assert result["calls"] == SPARSE_STEPS * result["n_params"], result
         # the engine's AdamW (built from the JSON "optimizer" block) was found
-        assert result["schedule"] == (2, 3), result
+        assert result["schedule"] == (2, 3, "bfloat16"), result
         assert result["density"] < 0.5, result
 
 

@@ -23,10 +23,11 @@ VOCAB, SEQ, BATCH = 256, 32, 4
 DENSITY = 0.05
 # Every framework here trains with AdamW, so distk applies the Adam schedule it finds the
 # optimizer for; shortened to 1 dense step and a 1-step warm-up to fit these few steps
-# (the defaults, 50 and 150, would keep every step dense). SCHEDULE is what the state's
-# config must then hold: (dense_steps, warmup_steps), both 0 unless the optimizer was seen.
+# (the defaults, 75 and 200, would keep every step dense). SCHEDULE is what the state's
+# config must then hold: (dense_steps, warmup_steps, value_dtype), (0, 0, None) unless the
+# optimizer was seen.
 CFG = {"density": DENSITY, "adam_dense_steps": 1, "adam_warmup_steps": 1}
-SCHEDULE = (1, 1)
+SCHEDULE = (1, 1, "bfloat16")
 
 
 # -- helpers that run inside the ranks ------------------------------------------------------
@@ -144,7 +145,8 @@ def _hf_job(rank: int, world_size: int, output_dir: str, deepspeed: dict | None,
                       train_dataset=data, callbacks=[callback])
     trainer.add_callback(Probe(callback, "first"))
     trainer.train()
-    probes["schedule"] = (callback.state.cfg.dense_steps, callback.state.cfg.warmup_steps)
+    probes["schedule"] = (callback.state.cfg.dense_steps, callback.state.cfg.warmup_steps,
+                          callback.state.cfg.value_dtype)
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     wrapped_type = type(trainer.model_wrapped).__name__
     if deepspeed is not None:
@@ -292,7 +294,8 @@ def _accelerate_job(rank: int, world_size: int, output_dir: str) -> dict:
     restored = _residuals(state)
     swapped = _load_swapped_files(output_dir, state)
     return {"metrics": metrics, "saved": saved, "restored": restored, "moved": moved,
-            "swapped": swapped, "schedule": (state.cfg.dense_steps, state.cfg.warmup_steps),
+            "swapped": swapped, "schedule": (state.cfg.dense_steps, state.cfg.warmup_steps,
+                         state.cfg.value_dtype),
             "wrapped": type(model).__name__, "refusal": _refusal_of_other_rank(output_dir, state),
             "without_model": without_model}
 
@@ -380,7 +383,8 @@ def _lightning_job(rank: int, world_size: int, root: str, via_strategy_hook: boo
     resumed, callback2 = make(4)
     resumed.fit(_lightning_module(), loader, ckpt_path=path)
     return {"metrics": metrics, "saved": saved, **probes,
-            "schedule": (callback.state.cfg.dense_steps, callback.state.cfg.warmup_steps),
+            "schedule": (callback.state.cfg.dense_steps, callback.state.cfg.warmup_steps,
+                          callback.state.cfg.value_dtype),
             "refusal": _refusal_of_other_rank(folder, callback2.state),
             "resumed_steps": resumed.global_step}
 
@@ -396,7 +400,7 @@ def test_lightning_ddp_on_cpu_acts_and_resumes_per_rank(tmp_path, via_strategy_h
         assert result["resumed_steps"] == 4
         # The callback passes the trainer's AdamW; a state the user built for the strategy
         # saw no optimizer (a warning says so) and keeps its config.
-        assert result["schedule"] == ((0, 0) if via_strategy_hook else SCHEDULE)
+        assert result["schedule"] == ((0, 0, None) if via_strategy_hook else SCHEDULE)
         _assert_acted(result["metrics"])
     _assert_restored_per_rank(results)
 

@@ -126,7 +126,7 @@ def enable(wrapped: Any, cfg: Any = None, optimizer: Any = None) -> Any:
             the ``"distk"`` block of the DeepSpeed engine's config (for DDP and FSDP a
             config is required).
         optimizer: the training optimizer for DDP and FSDP, optional: an Adam-family one
-            gets the Adam schedule (``cfg.adam_dense_steps`` / ``adam_warmup_steps``). A
+            gets the Adam schedule (``cfg.adam_*``, as in :func:`distk.ddp.enable`). A
             DeepSpeed engine uses its own optimizer.
 
     Returns:

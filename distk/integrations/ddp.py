@@ -131,8 +131,8 @@ def enable(ddp_model: DistributedDataParallel, cfg: SparsityConfig | dict[str, A
             checked collectively and a mismatch raises on every rank.
         optimizer: the training optimizer (or a wrapper of it), optional. An Adam-family
             one (Adam, AdamW, ...) gets the Adam schedule (``cfg.adam_dense_steps`` /
-            ``adam_warmup_steps``: at least 50 dense steps and a 150-step density
-            warm-up), announced on rank 0. Without it the hook cannot know the optimizer
+            ``adam_warmup_steps`` / ``adam_value_dtype``: at least 75 dense steps, a
+            200-step density warm-up and bf16 values), announced on rank 0. Without it the hook cannot know the optimizer
             and uses ``cfg`` as given.
 
     Returns:

@@ -534,7 +534,7 @@ def enable(engine: Any, cfg: Any) -> DeepSpeedCompressionState:
         cfg: a :class:`~distk.config.SparsityConfig` or a dict of its keys. With the
             engine's optimizer Adam-family (its config's ``"optimizer"`` or the client
             optimizer), the Adam schedule applies (``cfg.adam_dense_steps`` /
-            ``adam_warmup_steps``).
+            ``adam_warmup_steps`` / ``adam_value_dtype``).
 
     Returns:
         The :class:`DeepSpeedCompressionState`, also stored as ``engine.distk``.
@@ -580,7 +580,7 @@ def enable(engine: Any, cfg: Any) -> DeepSpeedCompressionState:
         seam, group = "engine", engine.seq_data_parallel_group
         sum_gradients = not engine.gradient_average
     # The engine's own optimizer (the client's or the one its config built) decides the
-    # Adam schedule (cfg.adam_dense_steps / adam_warmup_steps).
+    # Adam schedule (cfg.adam_dense_steps / adam_warmup_steps / adam_value_dtype).
     cfg = schedule_for_optimizer(cfg, getattr(engine, "basic_optimizer", None) or optimizer,
                                  "distk.deepspeed")
     state = DeepSpeedCompressionState(cfg, group, seam=seam, zero_stage=stage,

@@ -336,7 +336,7 @@ def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any], *,
             the shard group; distk exchanges each rank's reduced shard sparsely across
             the replicas (residuals are then per shard).
         optimizer: the training optimizer, optional; an Adam-family one gets the Adam
-            schedule (``cfg.adam_dense_steps`` / ``adam_warmup_steps``; as in
+            schedule (``cfg.adam_*``; as in
             :func:`distk.ddp.enable`).
 
     Returns:

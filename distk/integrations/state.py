@@ -88,11 +88,13 @@ def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,
     scheduled = cfg.for_optimizer(optimizer)
     if scheduled != cfg and (not _group_ready() or dist.get_rank() == 0):
         names = " -> ".join(type(o).__name__ for o in optimizer_chain(optimizer))
+        wire = ("" if scheduled.value_dtype == cfg.value_dtype
+                else f", value_dtype {cfg.value_dtype} -> {scheduled.value_dtype}")
         print(f"[distk] {entry}: the optimizer ({names}) is Adam-family, "
-              f"so dense_steps {cfg.dense_steps} -> {scheduled.dense_steps} and warmup_steps "
-              f"{cfg.warmup_steps} -> {scheduled.warmup_steps} (SparsityConfig."
-              "adam_dense_steps / adam_warmup_steps; 0 and 0 turn it off; docs/train.md, "
-              "\"Sparse training with AdamW\")",
+              f"so dense_steps {cfg.dense_steps} -> {scheduled.dense_steps}, warmup_steps "
+              f"{cfg.warmup_steps} -> {scheduled.warmup_steps}{wire} (SparsityConfig."
+              "adam_dense_steps / adam_warmup_steps / adam_value_dtype; 0, 0 and None turn "
+              "it off; docs/train.md, \"Sparse training with AdamW\")",
               file=sys.stderr, flush=True)
     return scheduled
 

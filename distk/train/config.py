@@ -151,12 +151,12 @@ class OptimConfig:
     the dense mode keeps it in the optimizer. Ignored when ``sparsity.momentum`` is set
     or the optimizer is AdamW."""
 
-    adamw_dense_steps: int = 50
+    adamw_dense_steps: int = 75
     """Sparse modes under AdamW exchange at least this many first steps dense
     (``sparsity.dense_steps`` is raised to it; the dense mode and SGD are untouched).
     Measured on the default model: see docs/train.md, "Sparse training with AdamW". >= 0."""
 
-    adamw_warmup_steps: int = 150
+    adamw_warmup_steps: int = 200
     """Sparse modes under AdamW decay the density over at least this many steps after the
     dense ones (``sparsity.warmup_steps`` is raised to it), from ``sparsity.warmup_density``
     to ``sparsity.density``. >= 0."""
