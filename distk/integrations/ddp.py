@@ -132,8 +132,8 @@ def enable(ddp_model: DistributedDataParallel, cfg: SparsityConfig | dict[str, A
         optimizer: the training optimizer (or a wrapper of it), optional. An Adam-family
             one (Adam, AdamW, ...) gets the Adam schedule (``cfg.adam_dense_steps`` /
             ``adam_warmup_steps`` / ``adam_value_dtype``: at least 75 dense steps, a
-            200-step density warm-up and bf16 values), announced on rank 0. Without it the hook cannot know the optimizer
-            and uses ``cfg`` as given.
+            200-step density warm-up and bf16 values), announced on rank 0. Without it
+            the hook cannot know the optimizer and uses ``cfg`` as given.
 
     Returns:
         The :class:`DDPCompressionState`: ``.compressor``, ``.stats`` (last step, all
