@@ -40,6 +40,7 @@ VARIANTS: dict[str, list[str]] = {
     # dense AdamW, the reference
     "dense": ADAMW + ["sparsity.method=dense"],
     "dense_seed1": ADAMW + ["sparsity.method=dense", "seed=1"],
+    "dense_seed2": ADAMW + ["sparsity.method=dense", "seed=2"],
     # error feedback on the gradient, AdamW after the exchange, SGD's schedule (before)
     "bucketed_ef": ADAMW + SGD_SCHEDULE,
     "bucketed_ef_lr0.006": ADAMW + SGD_SCHEDULE + ["train.lr=0.006"],
@@ -50,9 +51,11 @@ VARIANTS: dict[str, list[str]] = {
     "exact_dense50_warmup150": ADAMW + _schedule(50, 150) + ["sparsity.method=exact"],
     "bucketed_dense75_warmup200": ADAMW + _schedule(75, 200),
     "bucketed_dense75_warmup200_seed1": ADAMW + _schedule(75, 200) + ["seed=1"],
+    "bucketed_dense75_warmup200_seed2": ADAMW + _schedule(75, 200) + ["seed=2"],
     # the AdamW default: 75 dense steps, a 200-step warm-up, bf16 values
     "bucketed": ADAMW,
     "bucketed_seed1": ADAMW + ["seed=1"],
+    "bucketed_seed2": ADAMW + ["seed=2"],
     "exact": ADAMW + ["sparsity.method=exact"],
     # SGD (configs/default.json as is) must keep its quality
     "sgd_dense": ["sparsity.method=dense"],
