@@ -193,8 +193,9 @@ class SparsityConfig:
     With AdamW at density 1%, error feedback's bursts cost +11.9% validation loss against
     dense without the schedule; with it (75 dense steps, a 200-step warm-up, bf16 values)
     the end-to-end protocol's runs end +0.94% / +0.58% (two seeds) over dense fp32, the
-    main job +1.1% to +3.5% (three seeds) (docs/train.md, "Sparse training with AdamW"). >= 0; 0 with ``adam_warmup_steps=0`` (and
-    ``adam_value_dtype=None``) turns it off. Not applied with ``method="dense"``."""
+    main job +1.1% to +3.5% (three seeds) (docs/train.md, "Sparse training with AdamW").
+    >= 0; 0 with ``adam_warmup_steps=0`` (and ``adam_value_dtype=None``) turns it off. Not
+    applied with ``method="dense"``."""
 
     adam_warmup_steps: int = 200
     """The Adam schedule's density warm-up: under an Adam-family optimizer,
