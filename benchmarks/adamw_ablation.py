@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ADAMW = ["train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.1"]
-# The ablation's rows before the last were measured with values in fp32 on the wire;
-# AdamW's default now sends bf16 (sparsity.adam_value_dtype).
+# Rows 1-16 of the ablation (docs/train.md) were measured with fp32 values on the wire;
+# AdamW's default now sends bf16 (sparsity.adam_value_dtype), so those variants pin fp32.
 FP32 = ["sparsity.adam_value_dtype=null"]
 # The SGD-tuned schedule (sparsity.warmup_steps 50 from configs/default.json, no dense
 # steps) instead of AdamW's default (train.adamw_dense_steps / adamw_warmup_steps).
