@@ -114,8 +114,9 @@ class DistkCallback(pl.Callback):
                 warnings.warn(
                     "distk DistkCallback: the strategy's distk state was built before the "
                     f"optimizer ({type(optimizer).__name__}, Adam-family) was known, so the "
-                    "Adam schedule is not applied; set dense_steps / warmup_steps in its "
-                    "config yourself (docs/train.md, \"Sparse training with AdamW\") or "
+                    "Adam schedule is not applied; set dense_steps / warmup_steps / "
+                    "value_dtype in its config yourself (docs/train.md, \"Sparse training "
+                    "with AdamW\") or "
                     "give the config to DistkCallback instead", RuntimeWarning, stacklevel=2)
             if state is None:
                 cfg = self.cfg

@@ -35,8 +35,10 @@ def adamw_block_schedule(cfg: TrainConfig, sparsity: SparsityConfig | None
                          ) -> SparsityConfig | None:
     """``sparsity`` with AdamW's schedule when ``cfg`` trains with AdamW and ``sparsity``
     is sparse (``method`` not "dense"): ``dense_steps`` and ``warmup_steps`` raised to
-    ``train.adamw_dense_steps`` / ``train.adamw_warmup_steps``. Otherwise unchanged
-    (``None`` stays ``None``)."""
+    ``train.adamw_dense_steps`` / ``train.adamw_warmup_steps``, and ``value_dtype`` set
+    to ``sparsity.adam_value_dtype`` when no wire dtype or codec is set
+    (:meth:`SparsityConfig.for_optimizer`). Otherwise unchanged (``None`` stays
+    ``None``)."""
     if sparsity is None:
         return None
     # The job's amounts become the config's Adam schedule, so an integration that applies
