@@ -316,11 +316,18 @@ class SparsityConfig:
         ``dense_steps`` / ``warmup_steps`` raised to at least ``adam_dense_steps`` /
         ``adam_warmup_steps``, and ``value_dtype`` set to ``adam_value_dtype`` when neither
         it nor ``value_bits`` is set; otherwise (or when nothing changes) ``self``.
-        Applying it twice changes nothing more."""
-        if self.method == "dense" or optimizer is None or not is_adam_family(optimizer):
+        Applying it twice changes nothing more.
+
+        The schedule never makes a valid config invalid: there is no warm-up towards a
+        ``density`` at or above ``warmup_density`` (:attr:`adam_warms_up`), and nothing
+        changes at all at ``density=1.0`` (every entry is sent anyway)."""
+        if (self.method == "dense" or optimizer is None or not is_adam_family(optimizer)
+                or (self.k is None and self.density >= 1.0)):
             return self
         dense = max(self.dense_steps, self.adam_dense_steps)
-        warmup = max(self.warmup_steps, self.adam_warmup_steps)
+        warmup = self.warmup_steps
+        if self.adam_warms_up:
+            warmup = max(warmup, self.adam_warmup_steps)
         value_dtype = self.value_dtype
         if value_dtype is None and self.value_bits is None:
             value_dtype = self.adam_value_dtype
@@ -328,6 +335,13 @@ class SparsityConfig:
                                             self.value_dtype):
             return self
         return self.replace(dense_steps=dense, warmup_steps=warmup, value_dtype=value_dtype)
+
+    @property
+    def adam_warms_up(self) -> bool:
+        """Whether :meth:`for_optimizer` adds the Adam density warm-up: only when the
+        warm-up would decay towards a smaller density (``k`` set, or ``density`` below
+        ``warmup_density``)."""
+        return self.k is not None or self.density < self.warmup_density
 
     # -- schedule -----------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from distk.comm import check_same_config, rank_and_world
+from distk.comm.group import collective_device
 from distk.compressor import GradientCompressor, as_sparsity_config
 from distk.config import SparsityConfig
 from distk.stats import StepStats
@@ -255,9 +256,7 @@ def check_same_parameters(params: list[tuple[str, torch.Tensor]], group: Any = N
     if world == 1:
         return
     digests = torch.stack([_digest(p) for _, p in params]).cpu()
-    device = torch.device("cpu")
-    if "nccl" in str(dist.get_backend(group)):
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = collective_device(group)
     gathered = torch.empty(world * digests.numel(), dtype=torch.int64, device=device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(gathered, digests.to(device), group=group)

@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(args.run_dir)
-    device = torch.device("cpu")
 
     torch.manual_seed(args.seed)
     model = Regressor()
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
     start = 0
-    payload = load_checkpoint(run_dir, rank=rank, world_size=world, device=device) \
+    payload = load_checkpoint(run_dir, rank=rank, world_size=world) \
         if args.resume else None
     if payload is not None:
         # A new DDP model rebuilds its buckets after its first backward; do that now (one

@@ -220,3 +220,30 @@ def test_job_amounts_travel_in_the_block_so_deepspeed_does_not_reapply_defaults(
     block = adamw_block_schedule(short, SparsityConfig(density=0.01))
     assert (block.dense_steps, block.warmup_steps) == (3, 4)
     assert block.for_optimizer("adamw") is block
+
+
+@pytest.mark.parametrize("density", [0.25, 0.5, 1.0])
+def test_adam_schedule_never_makes_a_valid_config_invalid(density):
+    """A density at or above warmup_density gets no warm-up (the warm-up decays towards
+    the density), density 1.0 gets nothing; the result validates."""
+    from distk.config import SparsityConfig
+
+    cfg = SparsityConfig(density=density)
+    scheduled = cfg.for_optimizer("adamw")
+    SparsityConfig.from_dict(scheduled.to_dict())  # still valid
+    assert scheduled.warmup_steps == 0
+    if density == 1.0:
+        assert scheduled is cfg
+    else:
+        assert (scheduled.dense_steps, scheduled.value_dtype) == (75, "bfloat16")
+    # Below warmup_density the warm-up still applies.
+    assert SparsityConfig(density=0.2).for_optimizer("adamw").warmup_steps == 200
+
+
+def test_adam_schedule_announces_a_skipped_warmup(capsys):
+    from distk.integrations.state import schedule_for_optimizer
+
+    scheduled = schedule_for_optimizer({"density": 0.5}, "adamw", "distk.ddp.enable")
+    said = capsys.readouterr().err
+    assert scheduled.warmup_steps == 0 and scheduled.dense_steps == 75
+    assert "dense_steps 0 -> 75" in said and "no density warm-up (density 0.5" in said

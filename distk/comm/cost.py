@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 
+from distk.comm.group import ring_allreduce_bytes
 from distk.comm.wire import index_dtype_for
 
 __all__ = ["META_FIELDS", "SCHEMES", "choose_scheme", "scheme_bytes"]
@@ -84,7 +85,7 @@ def scheme_bytes(numel: int, k: int, world_size: int, index_bytes: int, value_by
         "allgather": meta + (p - 1) * (k * (index_bytes + value_bytes) if payload_bytes is None
                                        else payload_bytes),
         "reduce_scatter": meta + (p - 1) * 8 + phase1 + phase2,
-        "dense": meta + 2 * (p - 1) * shard * value_bytes,
+        "dense": meta + ring_allreduce_bytes(numel, p, value_bytes),
     }
 
 

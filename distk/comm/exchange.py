@@ -27,7 +27,6 @@ Tensors go over the wire on the device the backend needs: CUDA for NCCL, CPU oth
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from distk.comm.cost import (
     meta_bytes,
     shard_size,
 )
+from distk.comm.group import collective_device, digest63, rank_and_world, ring_allreduce_bytes
 from distk.comm.wire import DTYPE_CODES, WireFormat, decode_indices, encode_indices
 
 __all__ = [
@@ -122,23 +122,6 @@ class ExchangeResult:
     union_per_shard: float | None = None
     nonfinite_ranks: list[int] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def rank_and_world(group: Any = None) -> tuple[int, int]:
-    """``(rank, world size)`` in ``group``; ``(0, 1)`` when no process group is initialised."""
-    if not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _comm_device(group: Any, like: torch.Tensor) -> torch.device:
-    """Device the backend exchanges on: CUDA for NCCL, the CPU otherwise."""
-    backend = str(dist.get_backend(group))
-    if like.is_cuda and "nccl" in backend:
-        return like.device
-    if backend == "nccl":
-        raise ValueError(f"the NCCL backend needs CUDA tensors, got a tensor on {like.device}")
-    return torch.device("cpu")
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
@@ -265,12 +248,6 @@ class PendingExchange:
         return self.finish()
 
 
-def _signature(fields: list[int]) -> int:
-    """63-bit digest of the metadata fields (identical on ranks that agree on them)."""
-    text = ",".join(map(str, fields)).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
-
-
 def _trailer_check(signatures: list[int], flags: list[int], numel: int) -> list[int]:
     """Ranks that flagged a non-finite gradient; raises on a signature mismatch."""
     if any(s != signatures[0] for s in signatures):
@@ -378,7 +355,7 @@ def launch_exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: i
             _into(out, result.to(out_dtype)), scheme, 0, payload_bytes,
             seconds=time.perf_counter() - started))
 
-    device = _comm_device(group, values)
+    device = collective_device(group, values)
     indices, values = indices.to(device), values.to(device)
     fields = [_PROTOCOL, numel, k, SCHEMES.index(scheme), DTYPE_CODES[wire.value_dtype],
               -1 if dense_input else wire.index_code, wire.buckets or 0,
@@ -429,7 +406,7 @@ def launch_exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: i
         return PendingExchange.done(result_of(result, sent, union))
     # Unverified steps carry the metadata digest and the flags in front of the payload.
     trailer = None if verify else torch.tensor(
-        [_signature(fields[:_NONFINITE_FIELD] + fields[_NONFINITE_FIELD + 1:]), fields[
+        [digest63(fields[:_NONFINITE_FIELD] + fields[_NONFINITE_FIELD + 1:]), fields[
             _NONFINITE_FIELD]], dtype=torch.int64, device=device)
     if scheme == "allgather":
         launched = _launch_allgather(indices, values, wire, world, group, acc_dtype,
@@ -504,7 +481,7 @@ def _launch_dense(indices, values, wire, rank, world, group, acc_dtype, *, flag_
     future = _launch(dist.all_reduce, "a dense all-reduce", group, dense)
 
     def complete():
-        sent = 2 * (world - 1) * shard_size(numel, world) * wire.value_bytes
+        sent = ring_allreduce_bytes(numel, world, wire.value_bytes)
         if extra:
             flags = dense[numel:].cpu().tolist()
             flagged = [r for r, f in enumerate(flags) if f != 0]
@@ -650,14 +627,11 @@ def sparse_allreduce(indices: torch.Tensor, values: torch.Tensor, numel: int,
 
 def dense_allreduce_bytes(numel: int, world_size: int, itemsize: int = 4) -> int:
     """Bytes one rank transmits in a ring all-reduce of ``numel`` entries (fp32 default)."""
-    if world_size <= 1:
-        return 0
-    return 2 * (world_size - 1) * shard_size(numel, world_size) * itemsize
+    return ring_allreduce_bytes(numel, world_size, itemsize)
 
 
 def _config_digest(config: dict[str, Any]) -> int:
-    text = json.dumps(config, sort_keys=True, default=str)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+    return digest63([json.dumps(config, sort_keys=True, default=str)])
 
 
 def check_same_config(config: dict[str, Any] | Any, group: Any = None) -> None:
@@ -675,9 +649,7 @@ def check_same_config(config: dict[str, Any] | Any, group: Any = None) -> None:
     rank, world = rank_and_world(group)
     if world == 1:
         return
-    device = torch.device("cpu")
-    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = collective_device(group)
     digest = torch.tensor([_config_digest(config)], dtype=torch.int64, device=device)
     digests = torch.empty(world, dtype=torch.int64, device=device)
     _all_gather(digests, digest, group)

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distk.comm.group import agree
+
 __all__ = ["FILE_NAME", "load_rank_state", "rank_file", "read_rank_state", "save_rank_state"]
 
 FILE_NAME = "distk_rank{rank:05d}.pt"
@@ -92,12 +94,6 @@ def read_rank_state(path: str | os.PathLike[str], state: Any) -> dict[str, Any]:
     return saved
 
 
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def load_rank_state(directory: str | os.PathLike[str], state: Any, *,
                     missing: str = "warn") -> bool:
     """Restore every rank's own state from ``directory`` (collective; all ranks call it).
@@ -132,9 +128,7 @@ def load_rank_state(directory: str | os.PathLike[str], state: Any, *,
             code = _OK
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             code, local_error = _REFUSED, f"{type(err).__name__}: {err}"
-    flag = torch.tensor([code], dtype=torch.int32, device=_collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    worst = int(flag.item())
+    worst = agree(code)
     if worst == _REFUSED:
         raise ValueError(local_error or (
             f"distk: another rank refused its state file in {os.fspath(directory)}; "

@@ -88,14 +88,16 @@ def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,
     scheduled = cfg.for_optimizer(optimizer)
     if scheduled != cfg and (not _group_ready() or dist.get_rank() == 0):
         names = " -> ".join(type(o).__name__ for o in optimizer_chain(optimizer))
-        wire = ("" if scheduled.value_dtype == cfg.value_dtype
-                else f", value_dtype {cfg.value_dtype} -> {scheduled.value_dtype}")
-        print(f"[distk] {entry}: the optimizer ({names}) is Adam-family, "
-              f"so dense_steps {cfg.dense_steps} -> {scheduled.dense_steps}, warmup_steps "
-              f"{cfg.warmup_steps} -> {scheduled.warmup_steps}{wire} (SparsityConfig."
-              "adam_dense_steps / adam_warmup_steps / adam_value_dtype; 0, 0 and None turn "
-              "it off; docs/train.md, \"Sparse training with AdamW\")",
-              file=sys.stderr, flush=True)
+        changes = [f"{name} {getattr(cfg, name)} -> {getattr(scheduled, name)}"
+                   for name in ("dense_steps", "warmup_steps", "value_dtype")
+                   if getattr(cfg, name) != getattr(scheduled, name)]
+        if not scheduled.adam_warms_up:
+            changes.append(f"no density warm-up (density {cfg.density} is not below "
+                           f"warmup_density {cfg.warmup_density})")
+        print(f"[distk] {entry}: the optimizer ({names}) is Adam-family, so "
+              f"{', '.join(changes)} (SparsityConfig.adam_dense_steps / adam_warmup_steps / "
+              "adam_value_dtype; 0, 0 and None turn it off; docs/train.md, \"Sparse "
+              "training with AdamW\")", file=sys.stderr, flush=True)
     return scheduled
 
 

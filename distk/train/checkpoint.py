@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distk.comm.group import agree
+
 __all__ = ["checkpoint_dir", "load_checkpoint", "restore_rng", "save_checkpoint"]
 
 
@@ -70,8 +72,7 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module,
     return path
 
 
-def load_checkpoint(run_dir: Path, *, rank: int, world_size: int,
-                    device: torch.device) -> dict[str, Any] | None:
+def load_checkpoint(run_dir: Path, *, rank: int, world_size: int) -> dict[str, Any] | None:
     """This rank's checkpoint payload, or None when the run has none (every rank agrees).
 
     Raises ValueError when the checkpoint was written by a different world size or the
@@ -79,12 +80,8 @@ def load_checkpoint(run_dir: Path, *, rank: int, world_size: int,
     """
     path = checkpoint_dir(run_dir) / f"rank-{rank}.pt"
     payload = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
-    found = torch.tensor([-1 if payload is None else payload["step"]] * 2, dtype=torch.int64,
-                         device=device)
-    found[1] = -found[1]
-    if dist.is_initialized():
-        dist.all_reduce(found, op=dist.ReduceOp.MAX)
-    highest, lowest = int(found[0]), -int(found[1])
+    found = -1 if payload is None else int(payload["step"])
+    highest, lowest = agree(found, op="max"), agree(found, op="min")
     if highest == -1:
         return None
     if lowest != highest:

@@ -324,8 +324,7 @@ class DDPBackend(StepBackend):
                         rank=self.rank, world_size=self.world)
 
     def load(self) -> tuple[int, RunState] | None:
-        payload = load_checkpoint(self.run_dir, rank=self.rank, world_size=self.world,
-                                  device=self.device)
+        payload = load_checkpoint(self.run_dir, rank=self.rank, world_size=self.world)
         if payload is None:
             return None
         self._before_load(int(payload["step"]))

@@ -1,0 +1,78 @@
+"""Process-group helpers every collective caller shares: where a collective runs, whether
+all ranks agree, a digest that is the same on ranks that agree, and the ring formula.
+
+One helper per concern, used everywhere (the exchange, the config check, the per-rank
+checkpoints, outer synchronisation, the DeepSpeed adapter), so that "NCCL needs CUDA
+tensors" or "all ranks restore or none" is decided in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["agree", "collective_device", "digest63", "rank_and_world", "ring_allreduce_bytes"]
+
+
+def rank_and_world(group: Any = None) -> tuple[int, int]:
+    """``(rank, world size)`` in ``group``; ``(0, 1)`` when no process group is initialised."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def collective_device(group: Any = None, like: torch.Tensor | None = None) -> torch.device:
+    """The device a collective of ``group`` runs on: CUDA for NCCL (``like``'s device when
+    it is a CUDA tensor, else the current CUDA device), the CPU for every other backend
+    (a CUDA tensor on gloo is staged through the CPU).
+
+    Raises:
+        ValueError: NCCL with a ``like`` tensor that is not on a CUDA device.
+    """
+    backend = str(dist.get_backend(group))
+    if "nccl" not in backend:
+        return torch.device("cpu")
+    if like is not None:
+        if like.is_cuda:
+            return like.device
+        if backend == "nccl":
+            raise ValueError(f"the NCCL backend needs CUDA tensors, got a tensor on "
+                             f"{like.device}")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def agree(code: int, group: Any = None, *, op: str = "max") -> int:
+    """Every rank's ``code`` combined by ``op`` (``"max"`` or ``"min"``); collective, and
+    every rank gets the same answer. The one way ranks decide together ("all restore or
+    none", "does any rank have a file"): encode the outcomes so that the worst one is the
+    largest (``"max"``) or smallest (``"min"``). Without a process group: ``code``."""
+    if op not in ("max", "min"):
+        raise ValueError(f"op must be 'max' or 'min', got {op!r}")
+    _, world = rank_and_world(group)
+    if world == 1:
+        return int(code)
+    flag = torch.tensor([int(code)], dtype=torch.int64, device=collective_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN,
+                    group=group)
+    return int(flag.item())
+
+
+def digest63(fields: Iterable[Any]) -> int:
+    """A 63-bit digest of ``fields`` (their ``str``), the same in every process: what
+    ranks compare to learn, in one int64, whether they hold the same sizes, options or
+    mask."""
+    text = ",".join(map(str, fields)).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def ring_allreduce_bytes(numel: int, world_size: int, itemsize: int) -> int:
+    """Bytes one rank transmits in a ring all-reduce of ``numel`` entries of ``itemsize``
+    bytes: ``2 (P - 1) ceil(n / P)`` entries (reduce-scatter, then all-gather)."""
+    if world_size <= 1:
+        return 0
+    return 2 * (world_size - 1) * math.ceil(numel / world_size) * itemsize
