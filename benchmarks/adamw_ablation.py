@@ -61,6 +61,25 @@ VARIANTS: dict[str, list[str]] = {
     "sgd_dense": ["sparsity.method=dense"],
     "sgd_bucketed": ["sparsity.method=bucketed"],
 }
+# Shared masks (docs/comm-and-compressor.md, "Shared masks"): each policy against local
+# masks, under SGD and AdamW, seeds 0 and 1.
+for _seed in (0, 1):
+    _tail = [] if _seed == 0 else [f"seed={_seed}"]
+    _suffix = "" if _seed == 0 else f"_seed{_seed}"
+    for _mask in ("local", "leader", "moment", "sketch"):
+        _sets = (["sparsity.mask=local"] if _mask == "local"
+                 else ["sparsity.mask=shared", f"sparsity.mask_policy={_mask}"])
+        VARIANTS[f"sgd_mask_{_mask}{_suffix}"] = [*_sets, *_tail]
+        VARIANTS[f"adamw_mask_{_mask}{_suffix}"] = [*ADAMW, *_sets, *_tail]
+    VARIANTS[f"sgd_dense{_suffix}"] = ["sparsity.method=dense", *_tail]
+    for _mask in ("predicted", "oracle"):
+        _sets = ["sparsity.mask=shared", f"sparsity.mask_policy={_mask}"]
+        VARIANTS[f"sgd_mask_{_mask}{_suffix}"] = [*_sets, *_tail]
+        VARIANTS[f"adamw_mask_{_mask}{_suffix}"] = [*ADAMW, *_sets, *_tail]
+    VARIANTS[f"sgd_mask_local_d0.005{_suffix}"] = ["sparsity.mask=local",
+                                                   "sparsity.density=0.005", *_tail]
+    VARIANTS[f"sgd_mask_leader_d0.02{_suffix}"] = [
+        "sparsity.mask=shared", "sparsity.mask_policy=leader", "sparsity.density=0.02", *_tail]
 """Variants runnable on this revision. The exchange variants of the ablation
 (``sparsity.local_optimizer=adam|adam_moments|adam_update|adam_precond``) exist at commit
 be5c0eb only; docs/train.md gives their commands."""

@@ -17,10 +17,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["SparsityConfig", "VALUE_BITS", "VALUE_DTYPES", "is_adam_family", "optimizer_chain"]
+__all__ = ["MASKS", "MASK_POLICIES", "SparsityConfig", "VALUE_BITS", "VALUE_DTYPES",
+           "is_adam_family", "optimizer_chain"]
 
 METHODS = ("bucketed", "exact", "dense")
 EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")
+MASKS = ("auto", "local", "shared")
+MASK_POLICIES = ("leader", "moment", "sketch", "predicted", "oracle")
 NONFINITE_POLICIES = ("raise", "skip", "zero")
 VALUE_BITS = (1, 2, 4, 8)
 """Widths accepted by ``SparsityConfig.value_bits`` (``distk.comm.codec.VALUE_BITS``)."""
@@ -170,6 +173,31 @@ class SparsityConfig:
     """Exchange scheme: ``"auto"`` (cost model picks per call), ``"allgather"``,
     ``"reduce_scatter"`` or ``"dense"`` (all-reduce of the densified selection)."""
 
+    mask: str = "auto"
+    """Whose positions each rank sends. ``"local"``: every rank its own top-k (exchanged
+    by ``exchange``: all-gather or reduce-scatter, bytes per rank growing with the number
+    of ranks). ``"shared"``: every rank the same positions, agreed by ``mask_policy``, so
+    one all-reduce sums the values, no index travels and the bytes per rank do not grow
+    with the number of ranks. ``"auto"``: the cost model (:mod:`distk.comm.cost`) picks
+    per buffer, the shared mask wherever it sends fewer bytes (never with ``value_bits``,
+    whose per-bucket ranges do not sum). ``"shared"`` needs ``value_bits=None`` and
+    ``exchange="auto"``."""
+
+    mask_policy: str = "leader"
+    """How ranks agree on a shared mask (``distk.compressor.masks``): ``"leader"`` (in
+    turn one rank's top-k, its positions broadcast bit-packed; ScaleCom), ``"moment"``
+    (top entries of a moving average of the averaged updates, identical on every rank,
+    plus a sweep; no collective; after SCAPE) or ``"sketch"`` (whole chunks ranked by a
+    small all-reduced sketch of the ranks' magnitudes; after ARC-Top-K)."""
+
+    mask_beta: float = 0.9
+    """``mask_policy="moment"``: decay of the moving average per step, in [0, 1) (0: the
+    previous step's update alone)."""
+
+    mask_explore: float = 0.25
+    """``mask_policy="moment"``: share of the ``k`` positions that sweep the buffer (every
+    position is visited every ``numel / (mask_explore * k)`` steps), in (0, 1]."""
+
     nonfinite: str = "raise"
     """Policy for NaN/Inf in a gradient: ``"raise"`` (error on every rank naming the step
     and key), ``"skip"`` (the step's update is zero on every rank; residuals untouched)
@@ -269,6 +297,26 @@ class SparsityConfig:
         if not _is_number(self.outer_momentum) or not 0.0 <= self.outer_momentum < 1.0:
             _fail("outer_momentum", self.outer_momentum, "a number in [0, 1)")
         self.outer_momentum = float(self.outer_momentum)
+        if self.mask not in MASKS:
+            _fail("mask", self.mask, f"one of {MASKS}")
+        if self.mask_policy not in MASK_POLICIES:
+            _fail("mask_policy", self.mask_policy, f"one of {MASK_POLICIES}")
+        if not _is_number(self.mask_beta) or not 0.0 <= self.mask_beta < 1.0:
+            _fail("mask_beta", self.mask_beta, "a number in [0, 1)")
+        self.mask_beta = float(self.mask_beta)
+        if not _is_number(self.mask_explore) or not 0.0 < self.mask_explore <= 1.0:
+            _fail("mask_explore", self.mask_explore, "a number in (0, 1]")
+        self.mask_explore = float(self.mask_explore)
+        if self.mask == "shared":
+            if self.value_bits is not None:
+                _fail("mask", self.mask,
+                      f"'auto' or 'local' when value_bits={self.value_bits} is set (the "
+                      "codec's per-bucket ranges differ across ranks, so its values cannot "
+                      "be summed by an all-reduce; bf16, fp16 and fp32 values can)")
+            if self.exchange != "auto":
+                _fail("exchange", self.exchange,
+                      "'auto' when mask='shared' (a shared mask is exchanged by one "
+                      "all-reduce of its values)")
         if self.nonfinite not in NONFINITE_POLICIES:
             _fail("nonfinite", self.nonfinite, f"one of {NONFINITE_POLICIES}")
 

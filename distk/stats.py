@@ -15,6 +15,8 @@ from typing import Any
 
 __all__ = ["StepStats"]
 
+_MEASURED = ("residual_sq", "input_sq", "update_sq")  # None unless measured on every buffer
+
 
 @dataclass
 class StepStats:
@@ -47,9 +49,21 @@ class StepStats:
     """Buffers per exchange scheme, e.g. ``{"allgather": 3, "dense": 1}``."""
     residual_sq: float | None = None
     """Sum of squared residual norms; ``None`` unless measured on every buffer."""
+    input_sq: float | None = None
+    """Sum of squared norms of what the owner handed over (gradients, or outer
+    synchronisation's pseudo-gradients); ``None`` unless measured on every buffer."""
+    update_sq: float | None = None
+    """Sum of squared norms of the averaged updates; ``None`` unless measured on every
+    buffer."""
     recall_sum: float = 0.0
     """Sum of ``recall * k`` over buffers whose recall was measured."""
     recall_weight: int = 0
+    global_recall_sum: float = 0.0
+    """Sum of ``global_recall * k`` over shared-mask buffers where it was measured: the
+    share of the top-k of the *summed* accumulators (all ranks) that the shared mask
+    covered (estimated; :meth:`GradientCompressor._shared_recall
+    <distk.compressor.GradientCompressor._shared_recall>`)."""
+    global_recall_weight: int = 0
     step: int | None = None
     """Training step (of the owning state) of the last merged buffer."""
     target_density: float | None = None
@@ -82,9 +96,27 @@ class StepStats:
         return None if self.residual_sq is None else math.sqrt(self.residual_sq)
 
     @property
+    def input_norm(self) -> float | None:
+        """2-norm over every merged input (``None`` when not measured)."""
+        return None if self.input_sq is None else math.sqrt(self.input_sq)
+
+    @property
+    def update_norm(self) -> float | None:
+        """2-norm over every merged averaged update (``None`` when not measured)."""
+        return None if self.update_sq is None else math.sqrt(self.update_sq)
+
+    @property
     def recall(self) -> float | None:
-        """``k``-weighted mean recall of the buffers where it was measured."""
+        """``k``-weighted mean recall of the buffers where it was measured: each rank's
+        selection against the exact top-k of its own accumulator (local masks)."""
         return self.recall_sum / self.recall_weight if self.recall_weight else None
+
+    @property
+    def global_recall(self) -> float | None:
+        """``k``-weighted mean recall of shared masks against the top-k of the summed
+        accumulators, where it was measured."""
+        return (self.global_recall_sum / self.global_recall_weight
+                if self.global_recall_weight else None)
 
     def merge(self, other: StepStats) -> StepStats:
         """A new ``StepStats`` holding both (an empty one is the identity)."""
@@ -95,11 +127,12 @@ class StepStats:
         schemes = dict(self.schemes)
         for name, count in other.schemes.items():
             schemes[name] = schemes.get(name, 0) + count
-        residual = (None if self.residual_sq is None or other.residual_sq is None
-                    else self.residual_sq + other.residual_sq)
+        measured = {name: (None if getattr(self, name) is None or getattr(other, name) is None
+                           else getattr(self, name) + getattr(other, name))
+                    for name in _MEASURED}
         summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
-                  if f.name not in ("schemes", "residual_sq", "step", "target_density")}
-        return StepStats(**summed, schemes=schemes, residual_sq=residual,
+                  if f.name not in ("schemes", "step", "target_density", *_MEASURED)}
+        return StepStats(**summed, schemes=schemes, **measured,
                          step=other.step if other.step is not None else self.step,
                          target_density=(other.target_density
                                          if other.target_density is not None
@@ -116,7 +149,9 @@ class StepStats:
             "accumulate_seconds": self.accumulate_seconds,
             "selection_seconds": self.selection_seconds, "comm_seconds": self.comm_seconds,
             "skipped": self.skipped, "residual_norm": self.residual_norm,
-            "recall": self.recall, "target_density": self.target_density,
+            "input_norm": self.input_norm, "update_norm": self.update_norm,
+            "recall": self.recall, "global_recall": self.global_recall,
+            "target_density": self.target_density,
         }
         return {prefix + name: float(value) for name, value in values.items()
                 if value is not None}

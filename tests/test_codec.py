@@ -194,13 +194,13 @@ def test_compressor_single_process_keeps_quantization_error():
     grads = [torch.randn(4096 * 8, generator=gen) for _ in range(4)]
     total = torch.zeros(4096 * 8, dtype=torch.float64)
     for step, grad in enumerate(grads):
-        update = compressor.step(grad, "w")
+        update = compressor.step(grad, "w", step=step)
         total += update.double()
-        stats = compressor.stats
-        assert stats["bits_per_entry"] == 8 * stats["payload_bytes"] / stats["k"]
-        assert stats["bits_per_param"] == 8 * stats["payload_bytes"] / 4096 / 8
+        stats = compressor.last
+        assert stats.bits_per_entry == 8 * stats.payload_bytes / stats.sent
+        assert stats.bits_per_param == 8 * stats.payload_bytes / 4096 / 8
         # Every sent entry arrives non-zero (sign-magnitude codes have no zero level).
-        assert update.count_nonzero() == stats["k"], step
+        assert update.count_nonzero() == stats.sent, step
     residual = compressor.residual("w").double()
     torch.testing.assert_close(total + residual, sum(g.double() for g in grads),
                                rtol=0, atol=1e-5)
@@ -218,11 +218,11 @@ def _conservation(rank, world, bits, exchange):
         for key, n in sizes.items():
             gen = torch.Generator().manual_seed(1000 * step + 10 * rank + n)
             grad = torch.randn(n, generator=gen) * (1 + rank)
-            update = compressor.step(grad, key)
+            update = compressor.step(grad, key, step=step)
             updates[key] += update.double()
             grads[key] += grad.double()
             sent.append(update)
-        stats = compressor.stats
+        stats = compressor.last
     residuals = {key: compressor.residual(key).double() for key in sizes}
     return updates, grads, residuals, sent, stats
 
@@ -240,8 +240,8 @@ def test_conservation_and_identical_bits_on_two_ranks(bits, exchange):
     for a, b in zip(results[0][3], results[1][3], strict=True):
         assert torch.equal(a, b)  # every rank applies bitwise the same update
     stats = results[0][4]
-    assert stats["scheme"] == "allgather"
-    assert stats["bits_per_entry"] <= bits + 13 + 1
+    assert stats.schemes == {"allgather": 1}
+    assert stats.bits_per_entry <= bits + 13 + 1
 
 
 def test_step_stats_carry_bits_per_entry_and_per_param():
@@ -251,12 +251,12 @@ def test_step_stats_carry_bits_per_entry_and_per_param():
                          buckets=8, k_per_bucket=64)
     compressor = GradientCompressor(cfg)
     work = compressor.launch(torch.randn(4096 * 8, generator=torch.Generator().manual_seed(0)),
-                             "w")
+                             "w", step=0)
     work.wait()
     stats = work.stats
-    assert stats.payload_bytes == compressor.stats["payload_bytes"]
-    assert stats.bits_per_entry == compressor.stats["bits_per_entry"] == 2 + 12 + 1
-    assert stats.bits_per_param == compressor.stats["bits_per_param"]
+    assert stats == compressor.last
+    assert stats.bits_per_entry == 2 + 12 + 1
+    assert stats.bits_per_param == stats.bits_per_entry / 64
     merged = stats.merge(stats)
     assert merged.bits_per_entry == stats.bits_per_entry
     metrics = compressor.totals.to_metrics()

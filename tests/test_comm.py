@@ -12,12 +12,13 @@ import torch
 import torch.distributed as dist
 
 from distk.comm import (
-    SCHEMES,
+    LOCAL_SCHEMES,
     RankMismatchError,
     WireFormat,
     check_same_config,
     choose_scheme,
     exchange,
+    meta_bytes,
     scheme_bytes,
     sparse_allreduce,
 )
@@ -89,9 +90,26 @@ def test_cost_model_shapes():
     # With many ranks and heavy overlap, the reduce-scatter exchange wins.
     assert choose_scheme(numel, numel // 20, 64, 4, 4, union_per_shard=numel / 64 / 20) \
         == "reduce_scatter"
-    costs = scheme_bytes(numel, 1000, world, 4, 4)
-    assert costs["allgather"] - costs["dense"] == 3 * 1000 * 8 - 2 * 3 * (numel // 4) * 4
-    assert scheme_bytes(numel, 1000, 1, 4, 4) == dict.fromkeys(SCHEMES, 0)
+    # "shared" is a candidate only when a shared mask is possible.
+    assert "shared" not in scheme_bytes(numel, 1000, world, 4, 4)
+    assert set(scheme_bytes(numel, 1000, 1, 4, 4, shared_overhead=0).values()) == {0}
+
+
+def test_shared_mask_bytes_do_not_grow_with_ranks():
+    """Per rank, the all-gather grows as (P-1) k; a shared mask's all-reduce stays near
+    2 k values at any P (the metadata row, which grows, is paid on verified steps only)."""
+    numel, k = 124_000_000, 1_240_000  # a 124M-parameter model at density 1%
+    shared, gathered = [], []
+    for world in (2, 8, 32, 128, 512):
+        costs = scheme_bytes(numel, k, world, 2, 2, shared_overhead=0)
+        shared.append(costs["shared"] - meta_bytes(world))
+        gathered.append(costs["allgather"] - meta_bytes(world))
+        assert choose_scheme(numel, k, world, 2, 2, shared_overhead=0) == "shared"
+    assert max(shared) <= 2 * k * 2 and min(shared) >= k * 2  # between 1x and 2x k values
+    assert gathered[-1] > 100 * gathered[0]
+    # A leader's positions (one offset per entry) still keep it flat.
+    costs = scheme_bytes(numel, k, 512, 2, 2, shared_overhead=2 * k)
+    assert costs["shared"] < costs["allgather"] / 100
 
 
 # -- collectives on gloo ----------------------------------------------------------------
@@ -117,7 +135,7 @@ def _schemes_agree(rank, world):
         dist.all_reduce(dense)
         dense /= world
         out = {"dense_reference": dense.numpy()}
-        for scheme in SCHEMES:
+        for scheme in LOCAL_SCHEMES:
             result = exchange(indices, values, numel, scheme=scheme, measure_union=True)
             out[scheme] = result.output.numpy()
             out[scheme + "_bytes"] = result.bytes_sent
@@ -135,12 +153,12 @@ def test_schemes_equal_dense_allreduce(world):
         reference = torch.from_numpy(results[0][case]["dense_reference"])
         for rank_result in results:
             # Exact equality: integer-valued fp64 sums are exact in any order.
-            for name in (*SCHEMES, "sparse_allreduce", "dense_reference"):
+            for name in (*LOCAL_SCHEMES, "sparse_allreduce", "dense_reference"):
                 assert torch.equal(torch.from_numpy(rank_result[case][name]), reference), \
                     (numel, k, name)
             assert torch.equal(torch.from_numpy(rank_result[case]["sum"]), reference * world)
         if world == 1:
-            assert all(results[0][case][s + "_bytes"] == 0 for s in SCHEMES)
+            assert all(results[0][case][s + "_bytes"] == 0 for s in LOCAL_SCHEMES)
 
 
 def _bitwise_same(rank, world, numel, k):
@@ -151,7 +169,7 @@ def _bitwise_same(rank, world, numel, k):
     values = torch.randn(k, generator=gen)
     return {(s, str(v)): sparse_allreduce(indices, values, numel, scheme=s,
                                           value_dtype=v).numpy()
-            for s in SCHEMES for v in (None, torch.bfloat16)}
+            for s in LOCAL_SCHEMES for v in (None, torch.bfloat16)}
 
 
 @pytest.mark.distributed
@@ -161,7 +179,7 @@ def test_every_rank_holds_same_bits():
     for key in results[0]:
         for rank_result in results[1:]:
             assert torch.equal(rank_result[key], results[0][key]), key
-    fp32 = {s: results[0][(s, "None")] for s in SCHEMES}
+    fp32 = {s: results[0][(s, "None")] for s in LOCAL_SCHEMES}
     # Values travel in fp32, the accumulation dtype: reduce-scatter does the same
     # additions in the same order as all-gather, so it matches bit for bit.
     assert torch.equal(fp32["reduce_scatter"], fp32["allgather"])

@@ -44,7 +44,7 @@ def test_checkpointed_state_with_another_config_or_version_is_refused():
     state = CompressionState(SparsityConfig(density=0.01))
     with pytest.raises(ValueError, match=r"different SparsityConfig.*'density': \(0.05, 0.01\)"):
         state.load_state_dict(saved)
-    with pytest.raises(ValueError, match="compressor state version must be 2, got 99"):
+    with pytest.raises(ValueError, match="compressor state version must be 2 or 3, got 99"):
         GradientCompressor(SparsityConfig()).load_state_dict({**saved["compressor"],
                                                              "version": 99})
 
@@ -74,7 +74,7 @@ def test_training_checkpoint_from_another_world_size_is_refused(tmp_path):
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_compressor_refuses_non_floating_and_sparse_gradients(make, match):
     with pytest.raises(ValueError, match=match):
-        GradientCompressor(SparsityConfig(min_numel=1)).step(make(), "w")
+        GradientCompressor(SparsityConfig(min_numel=1)).step(make(), "w", step=0)
 
 
 @pytest.mark.parametrize("method", ["bucketed", "exact"])
@@ -82,16 +82,16 @@ def test_k_larger_than_numel_sends_the_whole_tensor(method):
     comp = GradientCompressor(SparsityConfig(k=5000, method=method, min_numel=1))
     grad = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     # One process: the "average" is the tensor itself, nothing is rounded.
-    assert torch.equal(comp.step(grad, "w"), grad)
-    assert comp.stats["k"] == 1000 and comp.stats["density"] == 1.0
+    assert torch.equal(comp.step(grad, "w", step=0), grad)
+    assert comp.last.sent == 1000 and comp.last.density == 1.0
     assert torch.equal(comp.residual("w"), torch.zeros(1000))
 
 
 def test_a_key_whose_size_changes_is_refused():
     comp = GradientCompressor(SparsityConfig(density=0.1, min_numel=1))
-    comp.step(torch.randn(2000), "layer")
+    comp.step(torch.randn(2000), "layer", step=0)
     with pytest.raises(ValueError, match=r"key 'layer' had 2000 entries .* has 1000 now"):
-        comp.step(torch.randn(1000), "layer")
+        comp.step(torch.randn(1000), "layer", step=1)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -133,7 +133,7 @@ def test_residuals_and_velocities_are_never_poisoned(policy, momentum, dense_ste
     for step in range(5):
         before = comp.state_dict()
         try:
-            update = comp.step(_poisoned(1000, step), "w")
+            update = comp.step(_poisoned(1000, step), "w", step=step)
         except NonFiniteGradientError as err:
             assert policy == "raise" and step == 2
             assert "at step 2 for key 'w' on rank(s) [0]" in str(err)
@@ -151,7 +151,7 @@ def test_residuals_and_velocities_are_never_poisoned(policy, momentum, dense_ste
                 for key, tensor in before[table].items():
                     assert torch.equal(state[table][key], tensor), (table, key)
             if policy == "skip":
-                assert torch.equal(update, torch.zeros(1000)) and comp.stats["skipped"]
+                assert torch.equal(update, torch.zeros(1000)) and comp.last.skipped
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -163,7 +163,8 @@ def test_zero_policy_equals_the_gradient_with_those_entries_zeroed(momentum):
         grad = _poisoned(1000, step)
         zeroed = torch.where(torch.isfinite(grad), grad, torch.zeros(()))
         # Same arithmetic on the same finite inputs: bitwise equal.
-        assert torch.equal(poisoned.step(grad, "w"), clean.step(zeroed, "w")), step
+        assert torch.equal(poisoned.step(grad, "w", step=step),
+                           clean.step(zeroed, "w", step=step)), step
         assert torch.equal(poisoned.residual("w"), clean.residual("w")), step
 
 
@@ -173,7 +174,7 @@ def test_a_narrow_wire_dtype_never_overflows_into_the_residual(method):
                                              value_dtype="float16"))
     grad = torch.randn(1000, generator=torch.Generator().manual_seed(1))
     grad[7] = 1e6  # beyond fp16's largest finite value, 65504
-    update = comp.step(grad, "w")
+    update = comp.step(grad, "w", step=0)
     assert torch.isfinite(update).all() and torch.isfinite(comp.residual("w")).all()
     assert update[7] == 65504.0  # clamped to the wire's range; the excess stays behind
     assert comp.residual("w")[7] == 1e6 - 65504.0

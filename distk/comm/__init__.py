@@ -5,43 +5,57 @@
   dtype or bf16/fp16; with ``value_bits``, the compact codec of :mod:`distk.comm.codec`:
   1/2/4/8-bit values in per-bucket ranges and bit-packed indices);
 * :mod:`distk.comm.cost`: bytes per rank of each exchange scheme and the choice;
+* :mod:`distk.comm.group`: the collective device, ranks agreeing, digests, ring bytes;
 * :mod:`distk.comm.exchange`: :func:`sparse_allreduce`, :func:`exchange` (all-gather,
-  reduce-scatter and dense schemes, metadata checks across ranks), its asynchronous
-  halves :func:`launch_exchange` / :class:`PendingExchange`, and
+  reduce-scatter, dense and shared-mask schemes, metadata checks across ranks), its
+  asynchronous halves :func:`launch` (an :class:`ExchangeRequest`) /
+  :func:`launch_exchange` / :class:`PendingExchange`, and
   :func:`check_same_config`; a collective that fails because a peer rank died or stalled
   past the process group's timeout raises :class:`CollectiveError`.
 
 This layer knows nothing of models: it moves ``(indices, values)`` of flat tensors.
 """
 
-from distk.comm.cost import SCHEMES, choose_scheme, scheme_bytes
+from distk.comm.cost import LOCAL_SCHEMES, SCHEMES, choose_scheme, meta_bytes, scheme_bytes
 from distk.comm.exchange import (
     CollectiveError,
+    ExchangeRequest,
     ExchangeResult,
     PendingExchange,
     RankMismatchError,
     check_same_config,
+    check_same_digest,
     dense_allreduce_bytes,
     exchange,
+    launch,
     launch_exchange,
     rank_and_world,
     sparse_allreduce,
+    verify_layout,
 )
+from distk.comm.group import ring_allreduce_bytes
 from distk.comm.wire import WireFormat
 
 __all__ = [
+    "LOCAL_SCHEMES",
     "SCHEMES",
     "CollectiveError",
+    "ExchangeRequest",
     "ExchangeResult",
     "PendingExchange",
     "RankMismatchError",
     "WireFormat",
     "check_same_config",
+    "check_same_digest",
     "choose_scheme",
     "dense_allreduce_bytes",
     "exchange",
+    "launch",
     "launch_exchange",
+    "meta_bytes",
     "rank_and_world",
+    "ring_allreduce_bytes",
     "scheme_bytes",
     "sparse_allreduce",
+    "verify_layout",
 ]

@@ -1,9 +1,10 @@
 """Sparse collectives: sum every rank's selected entries into one dense tensor.
 
-Every call first all-gathers a small int64 metadata row per rank (sizes, ``k``, scheme,
-dtypes, wire encoding, a key tag, a non-finite flag, and the reduce-scatter routing
-counts). If the ranks disagree, every rank raises :class:`RankMismatchError` naming the
-field and each rank's value, instead of hanging in a collective of mismatched sizes.
+A verified call first all-gathers a small int64 metadata row per rank (sizes, ``k``,
+scheme, dtypes, wire encoding, a key tag, a non-finite flag, a shared mask's digest, and
+the reduce-scatter routing counts). If the ranks disagree, every rank raises
+:class:`RankMismatchError` naming the field and each rank's value, instead of hanging in a
+collective of mismatched sizes.
 
 Schemes (see :mod:`distk.comm.cost` for their byte counts):
 
@@ -19,6 +20,13 @@ Schemes (see :mod:`distk.comm.cost` for their byte counts):
   that dtype too (one extra rounding).
 * ``"dense"``: all-reduce of the densified selection in the value dtype (the summation
   order is the backend's, so it matches the others up to floating-point rounding).
+* ``"shared"``: every rank passes the *same* positions (a shared mask, agreed by the
+  compressor's mask policy); one all-reduce sums the ``k`` values and every rank writes
+  them to those positions. No index travels and the bytes per rank do not grow with the
+  number of ranks. Verified steps compare a digest of the positions across ranks.
+
+The typed input is :class:`ExchangeRequest` (:func:`launch`); :func:`exchange` and
+:func:`launch_exchange` take its fields as keywords.
 
 Tensors go over the wire on the device the backend needs: CUDA for NCCL, CPU otherwise
 (CUDA inputs on gloo are staged through the CPU); results come back on the input's device.
@@ -27,6 +35,7 @@ Tensors go over the wire on the device the backend needs: CUDA for NCCL, CPU oth
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -48,17 +57,21 @@ from distk.comm.wire import DTYPE_CODES, WireFormat, decode_indices, encode_indi
 
 __all__ = [
     "CollectiveError",
+    "ExchangeRequest",
     "ExchangeResult",
     "RankMismatchError",
     "check_same_config",
     "PendingExchange",
     "exchange",
+    "check_same_digest",
+    "launch",
     "launch_exchange",
     "rank_and_world",
     "sparse_allreduce",
+    "verify_layout",
 ]
 
-_PROTOCOL = 0x64697374  # "dist": bumps when the metadata layout changes
+_PROTOCOL = 0x64697375  # bumps when the metadata layout changes
 _META_NAMES = ("protocol version", "numel", "k", "exchange scheme", "value dtype",
                "index encoding", "buckets", "k_per_bucket", "interleaved", "key tag",
                "non-finite flag", "output dtype")
@@ -154,57 +167,89 @@ def _check_metadata(rows: torch.Tensor) -> None:
             "the exchange with the same tensor sizes, k, key and options, in the same order.")
 
 
-def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, group: Any = None,
-             average: bool = True, wire: WireFormat | None = None, scheme: str = "allgather",
-             out_dtype: torch.dtype | None = None, tag: int = 0, nonfinite: bool = False,
-             union_hint: float | None = None, measure_union: bool = False,
-             out: torch.Tensor | None = None, verify: bool = True) -> ExchangeResult:
-    """Sum (or average) every rank's selected entries into a dense tensor; collective.
+@dataclass
+class ExchangeRequest:
+    """One rank's contribution to one exchange: the typed input of :func:`launch`.
 
-    :func:`launch_exchange` followed by :meth:`PendingExchange.wait`: returns once the
-    result is written.
+    Payload (mechanism): ``values`` at ``indices`` of a dense ``(numel,)`` tensor, the
+    ``wire`` format and the ``scheme``. Checks the caller decides on (policy, passed as
+    data): ``tag``, ``verify``, ``nonfinite``, ``union_hint`` / ``measure_union``.
 
-    Args:
+    Attributes:
+        values: ``(k,)`` values at ``indices`` (or the dense ``(numel,)`` tensor when
+            ``indices`` is ``None``).
+        numel: size of the dense result; the same on every rank.
         indices: ``(k,)`` integer positions in ``[0, numel)``, distinct within a rank
-            (duplicates are summed; on CUDA in an unspecified order); ``None``: ``values``
-            is the whole dense tensor, exchanged with the ``"dense"`` scheme (``k = numel``).
-        values: ``(k,)`` values at those positions.
-        numel: size of the dense result; must be the same on every rank.
-        group: process group (``None`` = the default group; no initialised group =
-            a single process).
-        average: divide the sum by the world size.
+            (duplicates are summed; on CUDA in an unspecified order). ``None``: ``values``
+            is the whole tensor, exchanged with the ``"dense"`` scheme. With the
+            ``"shared"`` scheme every rank passes the same positions.
         wire: wire format (``None`` = absolute indices, values in ``values.dtype``).
-        scheme: ``"allgather"``, ``"reduce_scatter"``, ``"dense"`` or ``"auto"`` (the
-            cheapest under :func:`distk.comm.cost.scheme_bytes`).
+        scheme: ``"allgather"``, ``"reduce_scatter"``, ``"dense"``, ``"shared"`` (one
+            all-reduce of the ``k`` values at positions every rank agreed on: no index
+            travels) or ``"auto"`` (the cheapest local-mask scheme under
+            :func:`distk.comm.cost.scheme_bytes`).
         out_dtype: dtype of the result (default: ``values.dtype``).
-        tag: integer that must match across ranks (the compressor passes a key digest, so
-            calls made in different orders are caught).
-        nonfinite: this rank's gradient had NaN/Inf; if any rank sets it, ``output`` is
-            ``None`` on every rank.
-        union_hint: expected largest distinct-position count per shard (cost model).
-        measure_union: with ``"allgather"``, also measure ``union_per_shard``.
         out: optional contiguous ``(numel,)`` tensor of ``out_dtype`` that receives the
-            result (``output`` is then ``out``); saves allocating a numel-sized tensor per
-            call. It may share memory with the caller's gradient but not with ``values``.
+            result (saves a numel-sized allocation per call); it may share memory with
+            the caller's gradient but not with ``values``.
+        average: divide the sum by the world size.
+        tag: integer that must match across ranks (the compressor passes a key digest).
+        nonfinite: this rank's gradient had NaN/Inf; if any rank sets it, the result is
+            ``None`` on every rank.
         verify: all-gather the metadata row first (sizes, dtypes, plan, key tag, range of
             the indices) and raise :class:`RankMismatchError` on every rank when the ranks
-            disagree. ``False`` (steady state of a caller that verified this exchange
-            before, with the same sizes): no metadata round trip and no host sync; the
-            payload carries a digest of the same fields and the non-finite flag, checked
-            when the data arrives (a digest mismatch still raises on every rank).
+            disagree. ``False`` (a steady state the caller verified before, or checked
+            with :func:`verify_layout`): no metadata round trip and no host sync; a
+            digest of the same fields and the non-finite flag travel with the payload
+            (all-gather), the non-finite flags as extra slots of the all-reduce (dense,
+            shared).
+        union_hint: expected largest distinct-position count per shard (cost model).
+        measure_union: with ``"allgather"``, also measure ``union_per_shard``.
+    """
+
+    values: torch.Tensor
+    numel: int
+    indices: torch.Tensor | None = None
+    wire: WireFormat | None = None
+    scheme: str = "allgather"
+    out_dtype: torch.dtype | None = None
+    out: torch.Tensor | None = None
+    average: bool = True
+    tag: int = 0
+    nonfinite: bool = False
+    verify: bool = True
+    union_hint: float | None = None
+    measure_union: bool = False
+
+
+def exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *, group: Any = None,
+             **options: Any) -> ExchangeResult:
+    """Sum (or average) every rank's selected entries into a dense tensor; collective.
+
+    ``launch(ExchangeRequest(values, numel, indices, **options), group).wait()``: returns
+    once the result is written. ``options`` are :class:`ExchangeRequest`'s fields
+    (``average``, ``wire``, ``scheme``, ``out_dtype``, ``tag``, ``nonfinite``,
+    ``union_hint``, ``measure_union``, ``out``, ``verify``).
 
     Raises:
         RankMismatchError: on every rank, when the ranks' sizes or options differ.
         ValueError: for malformed arguments.
     """
-    return launch_exchange(indices, values, numel, group=group, average=average, wire=wire,
-                           scheme=scheme, out_dtype=out_dtype, tag=tag, nonfinite=nonfinite,
-                           union_hint=union_hint, measure_union=measure_union, out=out,
-                           verify=verify).wait()
+    return launch_exchange(indices, values, numel, group=group, **options).wait()
+
+
+def launch_exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *,
+                    group: Any = None, **options: Any) -> PendingExchange:
+    """:func:`launch` of ``ExchangeRequest(values, numel, indices, **options)``."""
+    unknown = sorted(set(options) - set(ExchangeRequest.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"launch_exchange got unknown option(s) {unknown}; allowed: "
+                        f"{sorted(set(ExchangeRequest.__dataclass_fields__) - {'values'})}")
+    return launch(ExchangeRequest(values, numel, indices, **options), group)
 
 
 class PendingExchange:
-    """An exchange whose collectives are enqueued (:func:`launch_exchange`).
+    """An exchange whose collectives are enqueued (:func:`launch`).
 
     Attributes:
         future: a ``torch.futures.Future`` completed when the collectives are done (its
@@ -263,15 +308,69 @@ def _trailer_check(signatures: list[int], flags: list[int], numel: int) -> list[
     return [r for r, f in enumerate(flags) if f & _FLAG_NONFINITE]
 
 
-def launch_exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: int, *,
-                    group: Any = None, average: bool = True, wire: WireFormat | None = None,
-                    scheme: str = "allgather", out_dtype: torch.dtype | None = None,
-                    tag: int = 0, nonfinite: bool = False, union_hint: float | None = None,
-                    measure_union: bool = False, out: torch.Tensor | None = None,
-                    verify: bool = True) -> PendingExchange:
-    """Start :func:`exchange` (same arguments): returns once its collectives are enqueued.
+@dataclass
+class _Context:
+    """What every scheme's launcher needs, resolved once by :func:`launch`."""
 
-    The ``"allgather"`` and ``"dense"`` schemes enqueue one collective with
+    request: ExchangeRequest
+    indices: torch.Tensor  # int64 on the collective device (empty for dense input)
+    values: torch.Tensor   # on the collective device
+    wire: WireFormat
+    rank: int
+    world: int
+    group: Any
+    acc_dtype: torch.dtype
+    buffer: torch.Tensor | None  # the caller's ``out`` when the sum can accumulate in it
+    trailer: torch.Tensor | None  # unverified all-gather: digest and flags in front
+
+
+def _validate(request: ExchangeRequest) -> tuple[ExchangeRequest, torch.Tensor, WireFormat]:
+    """Check the request's arguments; returns it with the scheme resolved for dense input,
+    the int64 indices and the wire format."""
+    values, numel = request.values, request.numel
+    if request.indices is None:
+        if values.dim() != 1 or values.numel() != numel:
+            raise ValueError(f"with indices=None, values must be the dense ({numel},) tensor, "
+                             f"got shape {tuple(values.shape)}")
+        indices = torch.empty(0, dtype=torch.int64, device=values.device)
+        request = dataclasses.replace(request, scheme="dense")
+    else:
+        indices = request.indices
+        if indices.dim() != 1 or values.dim() != 1 or indices.shape != values.shape:
+            raise ValueError(f"indices and values must be 1-D of the same length, got shapes "
+                             f"{tuple(indices.shape)} and {tuple(values.shape)}")
+        if indices.dtype not in (torch.int16, torch.int32, torch.int64):
+            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+    if not values.is_floating_point():
+        raise ValueError(f"values must be floating point, got {values.dtype}")
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
+        raise ValueError(f"numel must be an integer >= 1, got {numel!r}")
+    k = values.numel()
+    wire = request.wire if request.wire is not None else WireFormat(numel, k, values.dtype)
+    if wire.numel != numel or wire.k != k:
+        raise ValueError(f"wire format is for numel={wire.numel}, k={wire.k}; got "
+                         f"numel={numel}, k={k}")
+    out_dtype = values.dtype if request.out_dtype is None else request.out_dtype
+    if out_dtype not in DTYPE_CODES:
+        raise ValueError(f"out_dtype must be one of {list(DTYPE_CODES)}, got {out_dtype}")
+    out = request.out
+    if out is not None and (out.dtype != out_dtype or out.numel() != numel
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous tensor of {numel} {out_dtype} entries, got "
+                         f"{out.numel()} {out.dtype} (contiguous={out.is_contiguous()})")
+    if request.scheme not in ("auto", *SCHEMES):
+        raise ValueError(f"scheme must be 'auto' or one of {SCHEMES}, got {request.scheme!r}")
+    if wire.codec is not None and request.scheme not in ("auto", "allgather"):
+        raise ValueError(f"the compact codec (value_bits={wire.value_bits}) travels only with "
+                         f"the 'allgather' scheme (or 'auto'), got {request.scheme!r}")
+    return dataclasses.replace(request, out_dtype=out_dtype), indices.to(torch.int64), wire
+
+
+def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
+    """Start the exchange of ``request``; collective. Returns once its collectives are
+    enqueued.
+
+    The ``"allgather"``, ``"dense"`` and ``"shared"`` schemes enqueue one collective with
     ``async_op=True`` (gloo and NCCL) and return; the caller computes meanwhile and calls
     :meth:`PendingExchange.finish` once :attr:`PendingExchange.future` is done (or
     :meth:`PendingExchange.wait`). With ``verify=True`` the small metadata all-gather runs
@@ -280,56 +379,27 @@ def launch_exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: i
     metadata, so it always verifies and completes before returning.
 
     ``values`` and ``indices`` may be reused by the caller as soon as this returns (the
-    payload is packed into a buffer of its own); ``out`` is written only by ``finish``.
+    payload is copied into a buffer of its own); ``out`` is written only by ``finish``.
     """
     started = time.perf_counter()
-    dense_input = indices is None
-    if dense_input:
-        if values.dim() != 1 or values.numel() != numel:
-            raise ValueError(f"with indices=None, values must be the dense ({numel},) tensor, "
-                             f"got shape {tuple(values.shape)}")
-        indices = torch.empty(0, dtype=torch.int64, device=values.device)
-        scheme = "dense"
-    elif indices.dim() != 1 or values.dim() != 1 or indices.shape != values.shape:
-        raise ValueError(f"indices and values must be 1-D of the same length, got shapes "
-                         f"{tuple(indices.shape)} and {tuple(values.shape)}")
-    if indices.dtype not in (torch.int16, torch.int32, torch.int64):
-        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
-    if not values.is_floating_point():
-        raise ValueError(f"values must be floating point, got {values.dtype}")
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
-        raise ValueError(f"numel must be an integer >= 1, got {numel!r}")
-    k = values.numel()
-    if wire is None:
-        wire = WireFormat(numel, k, values.dtype)
-    if wire.numel != numel or wire.k != k:
-        raise ValueError(f"wire format is for numel={wire.numel}, k={wire.k}; got "
-                         f"numel={numel}, k={k}")
-    out_dtype = values.dtype if out_dtype is None else out_dtype
-    if out_dtype not in DTYPE_CODES:
-        raise ValueError(f"out_dtype must be one of {list(DTYPE_CODES)}, got {out_dtype}")
-    if out is not None and (out.dtype != out_dtype or out.numel() != numel
-                            or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous tensor of {numel} {out_dtype} entries, got "
-                         f"{out.numel()} {out.dtype} (contiguous={out.is_contiguous()})")
-    acc_dtype = _accumulation_dtype(wire.value_dtype, out_dtype)
+    request, indices, wire = _validate(request)
+    values, numel, out = request.values, request.numel, request.out
+    dense_input = request.indices is None
+    acc_dtype = _accumulation_dtype(wire.value_dtype, request.out_dtype)
     # The result accumulates in `out` directly where dtype and device allow.
     buffer = (out.view(-1) if out is not None and out.dtype == acc_dtype
               and out.device == values.device else None)
     rank, world = rank_and_world(group)
+    scheme = request.scheme
     if scheme == "auto":
         scheme = ("allgather" if wire.codec is not None else
-                  choose_scheme(numel, k, world, wire.index_bytes, wire.value_bytes, union_hint))
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be 'auto' or one of {SCHEMES}, got {scheme!r}")
-    if wire.codec is not None and scheme != "allgather":
-        raise ValueError(f"the compact codec (value_bits={wire.value_bits}) travels only with "
-                         f"the 'allgather' scheme (or 'auto'), got {scheme!r}")
-    if scheme == "reduce_scatter":
-        verify = True  # its routing counts travel in the metadata
+                  choose_scheme(numel, values.numel(), world, wire.index_bytes,
+                                wire.value_bytes, request.union_hint))
+    verify = request.verify or scheme == "reduce_scatter"  # its routing travels in metadata
     out_device = values.device
-    indices = indices.to(torch.int64)
-    payload_bytes = numel * wire.value_bytes if dense_input else wire.payload_bytes
+    payload_bytes = (numel * wire.value_bytes if dense_input
+                     else values.numel() * wire.value_bytes if scheme == "shared"
+                     else wire.payload_bytes)
     bad_indices = False
     if indices.numel() and (verify or world == 1):  # a host sync: verified steps only
         lowest, highest = torch.aminmax(indices)
@@ -337,45 +407,22 @@ def launch_exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: i
     if bad_indices and world == 1:
         raise ValueError(f"distk.comm: indices must lie in [0, numel={numel}), got values "
                          f"from {int(lowest)} to {int(highest)}")
-
     if world == 1:
-        if nonfinite:
-            return PendingExchange.done(ExchangeResult(
-                None, scheme, 0, payload_bytes, nonfinite_ranks=[0],
-                seconds=time.perf_counter() - started))
-        sent_values = wire.decoded(values).to(acc_dtype)
-        if dense_input:
-            result = (buffer.copy_(sent_values) if buffer is not None
-                      else sent_values.clone())  # never alias the caller's tensor
-        else:
-            result = zero_(buffer) if buffer is not None else torch.zeros(
-                numel, dtype=acc_dtype, device=out_device)
-            result.index_add_(0, indices, sent_values)
-        return PendingExchange.done(ExchangeResult(
-            _into(out, result.to(out_dtype)), scheme, 0, payload_bytes,
-            seconds=time.perf_counter() - started))
+        return PendingExchange.done(_single_process(request, indices, wire, scheme, acc_dtype,
+                                                    buffer, payload_bytes, started))
 
     device = collective_device(group, values)
     indices, values = indices.to(device), values.to(device)
-    fields = [_PROTOCOL, numel, k, SCHEMES.index(scheme), DTYPE_CODES[wire.value_dtype],
-              -1 if dense_input else wire.index_code, wire.buckets or 0,
-              wire.k_per_bucket or 0, int(wire.interleaved), tag,
-              _FLAG_NONFINITE * int(nonfinite) + _FLAG_BAD_INDICES * int(bad_indices),
-              DTYPE_CODES[out_dtype]]
+    fields = [_PROTOCOL, numel, values.numel(), SCHEMES.index(scheme),
+              DTYPE_CODES[wire.value_dtype], -1 if dense_input else wire.index_code,
+              wire.buckets or 0, wire.k_per_bucket or 0, int(wire.interleaved), request.tag,
+              _FLAG_NONFINITE * int(request.nonfinite) + _FLAG_BAD_INDICES * int(bad_indices),
+              DTYPE_CODES[request.out_dtype]]
     bytes_sent = 0
     routing = None
     if verify:
-        shard = shard_size(numel, world)
-        counts = (torch.bincount(indices // shard, minlength=world)
-                  if scheme == "reduce_scatter" and not bad_indices
-                  else torch.zeros(world, dtype=torch.int64, device=device))
-        header = torch.tensor(fields, dtype=torch.int64, device=device)
-        meta = torch.cat([header, counts.to(torch.int64)])
-        rows = torch.empty(world * meta.numel(), dtype=torch.int64, device=device)
-        _all_gather(rows, meta, group)
-        rows = rows.view(world, -1).cpu()
-        _check_metadata(rows)
-        bytes_sent = meta_bytes(world)
+        rows = _verify_metadata(fields, indices, scheme, world, group, device)
+        bytes_sent += meta_bytes(world)
         flags = rows[:, _NONFINITE_FIELD].tolist()
         bad_ranks = [r for r in range(world) if flags[r] & _FLAG_BAD_INDICES]
         if bad_ranks:  # raised on every rank, before any data moves
@@ -394,35 +441,109 @@ def launch_exchange(indices: torch.Tensor | None, values: torch.Tensor, numel: i
             return ExchangeResult(None, scheme, bytes_sent + sent, payload_bytes,
                                   nonfinite_ranks=flagged,
                                   seconds=time.perf_counter() - started)
-        if average:
+        if request.average:
             result /= world
-        return ExchangeResult(_into(out, result.to(device=out_device, dtype=out_dtype)),
-                              scheme, bytes_sent + sent, payload_bytes, union_per_shard=union,
-                              seconds=time.perf_counter() - started)
+        output = _into(out, result.to(device=out_device, dtype=request.out_dtype))
+        return ExchangeResult(output, scheme, bytes_sent + sent, payload_bytes,
+                              union_per_shard=union, seconds=time.perf_counter() - started)
 
+    # Unverified all-gathers carry the metadata digest and the flags in front of the payload.
+    trailer = None if verify or scheme != "allgather" else torch.tensor(
+        [digest63(fields[:_NONFINITE_FIELD] + fields[_NONFINITE_FIELD + 1:]),
+         fields[_NONFINITE_FIELD]], dtype=torch.int64, device=device)
+    ctx = _Context(request, indices, values, wire, rank, world, group, acc_dtype, buffer,
+                   trailer)
     if scheme == "reduce_scatter":
-        result, sent, union = _reduce_scatter(indices, values, wire, rank, world, group,
-                                              acc_dtype, routing)
+        result, sent, union = _reduce_scatter(ctx, routing)
         return PendingExchange.done(result_of(result, sent, union))
-    # Unverified steps carry the metadata digest and the flags in front of the payload.
-    trailer = None if verify else torch.tensor(
-        [digest63(fields[:_NONFINITE_FIELD] + fields[_NONFINITE_FIELD + 1:]), fields[
-            _NONFINITE_FIELD]], dtype=torch.int64, device=device)
-    if scheme == "allgather":
-        launched = _launch_allgather(indices, values, wire, world, group, acc_dtype,
-                                     measure_union, buffer, trailer)
-        what = "an all-gather"
-    else:
-        launched = _launch_dense(None if dense_input else indices, values, wire, rank, world,
-                                 group, acc_dtype, flag_slots=not verify, nonfinite=nonfinite)
-        what = "a dense all-reduce"
-    future, complete = launched
+    launcher, what = {"allgather": (_launch_allgather, "an all-gather"),
+                      "dense": (_launch_dense, "a dense all-reduce"),
+                      "shared": (_launch_shared, "a shared-mask all-reduce")}[scheme]
+    future, complete = launcher(ctx, flag_slots=not verify)
 
     def finish() -> ExchangeResult:
         result, sent, union, flagged = complete()
         return result_of(result, sent, union, flagged)
 
     return PendingExchange(future, finish, what, group)
+
+
+def _single_process(request: ExchangeRequest, indices: torch.Tensor, wire: WireFormat,
+                    scheme: str, acc_dtype: torch.dtype, buffer: torch.Tensor | None,
+                    payload_bytes: int, started: float) -> ExchangeResult:
+    """The exchange of a single process: the decoded entries, scattered (nothing moves)."""
+    if request.nonfinite:
+        return ExchangeResult(None, scheme, 0, payload_bytes, nonfinite_ranks=[0],
+                              seconds=time.perf_counter() - started)
+    values = request.values
+    sent_values = wire.decoded(values).to(acc_dtype)
+    if request.indices is None:
+        result = (buffer.copy_(sent_values) if buffer is not None
+                  else sent_values.clone())  # never alias the caller's tensor
+    else:
+        result = zero_(buffer) if buffer is not None else torch.zeros(
+            request.numel, dtype=acc_dtype, device=values.device)
+        result.index_add_(0, indices, sent_values)
+    return ExchangeResult(_into(request.out, result.to(request.out_dtype)), scheme, 0,
+                          payload_bytes, seconds=time.perf_counter() - started)
+
+
+def verify_layout(numel: int, wire: WireFormat, scheme: str, *, tag: int = 0,
+                  out_dtype: torch.dtype = torch.float32, group: Any = None) -> int:
+    """Check, before anything else moves, that every rank is about to exchange the same
+    layout (numel, k, scheme, dtypes, wire encoding, key tag); collective. Raises the same
+    :class:`RankMismatchError` on every rank otherwise; returns the bytes this rank sent.
+
+    For callers that run collectives of their own before the exchange (a shared mask's
+    policy), which would otherwise meet mismatched sizes first; the exchange itself then
+    runs with ``verify=False``."""
+    _, world = rank_and_world(group)
+    if world == 1:
+        return 0
+    device = collective_device(group)
+    fields = [_PROTOCOL, numel, wire.k, SCHEMES.index(scheme), DTYPE_CODES[wire.value_dtype],
+              wire.index_code, wire.buckets or 0, wire.k_per_bucket or 0,
+              int(wire.interleaved), tag, 0, DTYPE_CODES[out_dtype]]
+    _verify_metadata(fields, torch.empty(0, dtype=torch.int64, device=device), scheme, world,
+                     group, device)
+    return meta_bytes(world)
+
+
+def check_same_digest(digest: int, what: str, group: Any = None) -> int:
+    """Raise :class:`RankMismatchError` on every rank unless every rank passes the same
+    ``digest`` (of ``what``, named in the error); collective. Returns the bytes this rank
+    sent (one int64 all-gather)."""
+    _, world = rank_and_world(group)
+    if world == 1:
+        return 0
+    device = collective_device(group)
+    gathered = torch.empty(world, dtype=torch.int64, device=device)
+    _all_gather(gathered, torch.tensor([digest], dtype=torch.int64, device=device), group)
+    digests = gathered.tolist()
+    if any(d != digests[0] for d in digests):
+        per_rank = ", ".join(f"rank {r}: {d:#x}" for r, d in enumerate(digests))
+        raise RankMismatchError(f"distk.comm: ranks disagree on {what} (digests {per_rank}); "
+                                "every rank must hold the same one")
+    return (world - 1) * 8
+
+
+def _verify_metadata(fields: list[int], indices: torch.Tensor, scheme: str, world: int,
+                     group: Any, device: torch.device) -> torch.Tensor:
+    """All-gather every rank's metadata row (and the reduce-scatter routing counts); raise
+    the same :class:`RankMismatchError` on every rank if they disagree. The rows, on the
+    CPU."""
+    shard = shard_size(fields[1], world)
+    bad = fields[_NONFINITE_FIELD] & _FLAG_BAD_INDICES
+    counts = (torch.bincount(indices // shard, minlength=world)
+              if scheme == "reduce_scatter" and not bad
+              else torch.zeros(world, dtype=torch.int64, device=device))
+    header = torch.tensor(fields, dtype=torch.int64, device=device)
+    meta = torch.cat([header, counts.to(torch.int64)])
+    rows = torch.empty(world * meta.numel(), dtype=torch.int64, device=device)
+    _all_gather(rows, meta, group)
+    rows = rows.view(world, -1).cpu()
+    _check_metadata(rows)
+    return rows
 
 
 def _launch(collective: Any, what: str, group: Any, *args: Any) -> torch.futures.Future:
@@ -432,14 +553,16 @@ def _launch(collective: Any, what: str, group: Any, *args: Any) -> torch.futures
     return work.get_future()
 
 
-def _launch_allgather(indices, values, wire, world, group, acc_dtype, measure_union, buffer,
-                      trailer):
-    payload = wire.pack(indices, values)
+def _launch_allgather(ctx: _Context, *, flag_slots: bool):
+    """Every rank's packed entries to every rank; scatter-added in rank order."""
+    del flag_slots  # the trailer (ctx.trailer) carries the flags of unverified steps
+    wire, world, trailer, buffer = ctx.wire, ctx.world, ctx.trailer, ctx.buffer
+    payload = wire.pack(ctx.indices, ctx.values)
     if trailer is not None:  # 16 bytes in front: the payload sections stay aligned
         payload = torch.cat([trailer.view(torch.uint8), payload])
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    future = _launch(gather, "an all-gather", group, gathered, payload)
+    future = _launch(gather, "an all-gather", ctx.group, gathered, payload)
 
     def complete():
         rows = gathered.view(world, -1)
@@ -455,39 +578,77 @@ def _launch_allgather(indices, values, wire, world, group, acc_dtype, measure_un
             return None, sent, None, flagged
         all_indices, all_values = wire.unpack(rows)
         result = (zero_(buffer) if buffer is not None and buffer.device == payload.device
-                  else torch.zeros(wire.numel, dtype=acc_dtype, device=payload.device))
+                  else torch.zeros(wire.numel, dtype=ctx.acc_dtype, device=payload.device))
         for source in range(world):  # fixed order: bitwise-identical sums on every rank
-            result.index_add_(0, all_indices[source], all_values[source].to(acc_dtype))
-        union = _largest_shard_union(all_indices, wire.numel, world) if measure_union else None
+            result.index_add_(0, all_indices[source], all_values[source].to(ctx.acc_dtype))
+        union = (_largest_shard_union(all_indices, wire.numel, world)
+                 if ctx.request.measure_union else None)
         return result, sent, union, None
 
     return future, complete
 
 
-def _launch_dense(indices, values, wire, rank, world, group, acc_dtype, *, flag_slots,
-                  nonfinite):
-    """All-reduce of the densified selection. ``flag_slots`` (unverified steps): ``world``
-    extra entries, this rank's set to 1 when it flags a non-finite gradient (0 and 1 sum
+def _flagged_allreduce(ctx: _Context, dense: torch.Tensor, length: int, flag_slots: bool,
+                       what: str):
+    """All-reduce ``dense`` (``length`` entries, then ``world`` flag slots when
+    ``flag_slots``: this rank's set to 1 when it flags a non-finite gradient; 0 and 1 sum
     exactly in any float dtype, so the sum names the flagged ranks)."""
-    numel = wire.numel
-    extra = world if flag_slots else 0
-    dense = torch.zeros(numel + extra, dtype=wire.value_dtype, device=values.device)
-    if indices is None:
-        dense[:numel] = values
+    if flag_slots and ctx.request.nonfinite:
+        dense[length + ctx.rank] = 1
+    future = _launch(dist.all_reduce, what, ctx.group, dense)
+
+    def flagged() -> list[int] | None:
+        if not flag_slots:
+            return None
+        flags = dense[length:].cpu().tolist()
+        return [r for r, f in enumerate(flags) if f != 0] or None
+
+    return future, flagged
+
+
+def _launch_dense(ctx: _Context, *, flag_slots: bool):
+    """All-reduce of the densified selection, in the value dtype."""
+    wire, numel = ctx.wire, ctx.wire.numel
+    extra = ctx.world if flag_slots else 0
+    dense = torch.zeros(numel + extra, dtype=wire.value_dtype, device=ctx.values.device)
+    if ctx.request.indices is None:
+        dense[:numel] = ctx.values
     else:
-        dense[:numel].index_add_(0, indices, values.to(wire.value_dtype))
-    if extra and nonfinite:
-        dense[numel + rank] = 1
-    future = _launch(dist.all_reduce, "a dense all-reduce", group, dense)
+        dense[:numel].index_add_(0, ctx.indices, ctx.values.to(wire.value_dtype))
+    future, flagged = _flagged_allreduce(ctx, dense, numel, flag_slots, "a dense all-reduce")
 
     def complete():
-        sent = ring_allreduce_bytes(numel, world, wire.value_bytes)
-        if extra:
-            flags = dense[numel:].cpu().tolist()
-            flagged = [r for r, f in enumerate(flags) if f != 0]
-            if flagged:
-                return None, sent, None, flagged
-        return dense[:numel].to(acc_dtype), sent, None, None
+        sent = ring_allreduce_bytes(numel + extra, ctx.world, wire.value_bytes)
+        ranks = flagged()
+        if ranks:
+            return None, sent, None, ranks
+        return dense[:numel].to(ctx.acc_dtype), sent, None, None
+
+    return future, complete
+
+
+def _launch_shared(ctx: _Context, *, flag_slots: bool):
+    """All-reduce of the ``k`` values at positions every rank agreed on: no index travels,
+    and the bytes per rank, ``2 (P - 1) / P * k * value_bytes``, do not grow with ``P``.
+    Every rank scatters the same summed values to the same positions, so every rank holds
+    bitwise the same result."""
+    wire, k = ctx.wire, ctx.values.numel()
+    extra = ctx.world if flag_slots else 0
+    summed = torch.zeros(k + extra, dtype=wire.value_dtype, device=ctx.values.device)
+    summed[:k] = ctx.values
+    future, flagged = _flagged_allreduce(ctx, summed, k, flag_slots,
+                                         "a shared-mask all-reduce")
+
+    def complete():
+        sent = ring_allreduce_bytes(k + extra, ctx.world, wire.value_bytes)
+        ranks = flagged()
+        if ranks:
+            return None, sent, None, ranks
+        buffer = ctx.buffer
+        result = (zero_(buffer) if buffer is not None and buffer.device == summed.device
+                  else torch.zeros(wire.numel, dtype=ctx.acc_dtype, device=summed.device))
+        result[ctx.indices] = summed[:k].to(ctx.acc_dtype)
+        return result, sent, None, None
 
     return future, complete
 
@@ -526,7 +687,10 @@ def _unpack_rows(rows: torch.Tensor, index_dtype: torch.dtype,
     return local, values
 
 
-def _reduce_scatter(indices, values, wire, rank, world, group, acc_dtype, routing):
+def _reduce_scatter(ctx: _Context, routing: torch.Tensor):
+    """Route entries to shard owners, sum there, gather the summed shards back."""
+    indices, values, wire = ctx.indices, ctx.values, ctx.wire
+    rank, world, group, acc_dtype = ctx.rank, ctx.world, ctx.group, ctx.acc_dtype
     device = values.device
     numel = wire.numel
     shard = shard_size(numel, world)

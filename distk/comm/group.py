@@ -16,7 +16,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["agree", "collective_device", "digest63", "rank_and_world", "ring_allreduce_bytes"]
+__all__ = ["agree", "collective_device", "digest63", "rank_and_world", "ring_allreduce_bytes",
+           "tensor_digest"]
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_DIGEST_MULTIPLIER = 0x9E3779B1  # odd: position weights differ modulo 2^64
 
 
 def rank_and_world(group: Any = None) -> tuple[int, int]:
@@ -68,6 +72,17 @@ def digest63(fields: Iterable[Any]) -> int:
     mask."""
     text = ",".join(map(str, fields)).encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def tensor_digest(tensor: torch.Tensor) -> torch.Tensor:
+    """Exact-bits digest of a tensor as a 0-d int64 on its device (no host sync): the bit
+    patterns weighted by odd position-dependent factors, summed modulo 2^64. Equal
+    tensors give equal digests on every rank; what ranks all-gather to check that they
+    hold the same parameters or the same shared mask."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    bits = flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64)
+    weights = torch.arange(flat.numel(), dtype=torch.int64, device=flat.device)
+    return (bits * (weights * _DIGEST_MULTIPLIER + 1)).sum()
 
 
 def ring_allreduce_bytes(numel: int, world_size: int, itemsize: int) -> int:

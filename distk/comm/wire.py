@@ -211,6 +211,36 @@ class WireFormat:
         """Payload bits per selected entry (index, value and amortised ranges)."""
         return 8 * self.payload_bytes / self.k if self.k else 0.0
 
+    @property
+    def position_bits(self) -> int:
+        """Bits of one position sent without a value (a shared mask's positions, bit
+        packed): the offset inside its bucket with implicit bucket ids, else the position."""
+        return bits_for(self.bucket_size)
+
+    @property
+    def positions_nbytes(self) -> int:
+        """Bytes of ``k`` positions packed at :attr:`position_bits` each."""
+        return packed_nbytes(self.k, self.position_bits)
+
+    def pack_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """``(k,)`` int64 positions (in bucket order with implicit bucket ids) ->
+        ``(positions_nbytes,)`` uint8, bit-packed."""
+        if positions.shape != (self.k,):
+            raise ValueError(f"pack_positions expects ({self.k},) positions, got "
+                             f"{tuple(positions.shape)}")
+        if self.bucketed:
+            positions = bucket_offsets(positions, self.numel, self.buckets, self.k_per_bucket,
+                                       self.interleaved)
+        return pack_bits(positions, self.position_bits)
+
+    def unpack_positions(self, payload: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`pack_positions`: int64 positions, ``(k,)``."""
+        codes = unpack_bits(payload, self.k, self.position_bits)
+        if self.bucketed:
+            return positions_from_offsets(codes, self.numel, self.buckets, self.k_per_bucket,
+                                          self.interleaved)
+        return codes
+
     def decoded(self, values: torch.Tensor) -> torch.Tensor:
         """Exactly what receivers decode from ``values`` (in ``value_dtype``): the codec's
         round trip, or the cast to the wire dtype."""

@@ -36,19 +36,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distk.comm import check_same_config, rank_and_world
 from distk.compressor import GradientCompressor, as_sparsity_config
 from distk.config import SparsityConfig, optimizer_chain
+from distk.integrations.owner import StepOwner, group_ready
 from distk.stats import StepStats
 
 __all__ = ["CompressionState", "refuse_outer_sync", "refuse_sparse_gradients",
            "schedule_for_optimizer"]
 
 _NOT_IN_BACKWARD = -1  # torch._C._current_graph_task_id() outside a backward pass
-
-
-def _group_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def refuse_sparse_gradients(model: torch.nn.Module, entry: str) -> None:
@@ -86,7 +82,7 @@ def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,
     so once on stderr, naming ``entry``. ``optimizer=None`` leaves ``cfg`` as it is."""
     cfg = as_sparsity_config(cfg)
     scheduled = cfg.for_optimizer(optimizer)
-    if scheduled != cfg and (not _group_ready() or dist.get_rank() == 0):
+    if scheduled != cfg and (not group_ready() or dist.get_rank() == 0):
         names = " -> ".join(type(o).__name__ for o in optimizer_chain(optimizer))
         changes = [f"{name} {getattr(cfg, name)} -> {getattr(scheduled, name)}"
                    for name in ("dense_steps", "warmup_steps", "value_dtype")
@@ -101,7 +97,7 @@ def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,
     return scheduled
 
 
-class CompressionState:
+class CompressionState(StepOwner):
     """What ``distk.ddp.enable`` / ``distk.fsdp.enable`` / ``distk.deepspeed.enable`` return.
 
     Args:
@@ -125,9 +121,8 @@ class CompressionState:
             merged); empty before the first one.
     """
 
-    __slots__ = ("cfg", "compressor", "process_group", "rank", "world_size", "iteration",
-                 "stats", "_step_stats", "_step_open", "_step_backward", "_inflight",
-                 "_errors", "_config_checked")
+    __slots__ = ("compressor", "_step_stats", "_step_open", "_step_backward", "_inflight",
+                 "_errors")
 
     STEP_ENDS_WITH_BACKWARD = True
     """Whether :meth:`end_step` is called by an autograd callback at the end of the
@@ -136,32 +131,11 @@ class CompressionState:
     def __init__(self, cfg: SparsityConfig | dict[str, Any],
                  process_group: dist.ProcessGroup | None = None, *,
                  model: torch.nn.Module | None = None, entry: str = "distk") -> None:
-        self.cfg = as_sparsity_config(cfg)
-        refuse_outer_sync(self.cfg, f"{type(self).__name__} ({entry})")
+        cfg = as_sparsity_config(cfg)
+        refuse_outer_sync(cfg, f"{type(self).__name__} ({entry})")
         if model is not None:
             refuse_sparse_gradients(model, entry)
-        ready = _group_ready()
-        if ready:
-            check_same_config(self.cfg, process_group)
-        self._bind(process_group)
-        self._config_checked = ready
-        self.iteration = 0
-        self.stats = StepStats()
-
-    def _late_bind(self, check: bool) -> None:
-        """For a state built before the process group existed: take the rank and world
-        size now, and (``check``: on the first exchange, which every rank reaches) run the
-        cross-rank config check once."""
-        if self._config_checked or not _group_ready():
-            return
-        self.rank, self.world_size = rank_and_world(self.process_group)
-        if check:
-            check_same_config(self.cfg, self.process_group)
-            self._config_checked = True
-
-    def _bind(self, process_group: dist.ProcessGroup | None) -> None:
-        self.process_group = process_group
-        self.rank, self.world_size = rank_and_world(process_group)
+        super().__init__(cfg, process_group, entry=entry)
         self.compressor = GradientCompressor(self.cfg, group=process_group)
         self._reset_step()
 
@@ -236,12 +210,6 @@ class CompressionState:
         self._on_step_end()
         return True
 
-    def metrics(self, prefix: str = "distk/") -> dict[str, float]:
-        """The last step's statistics, the run totals (``<prefix>total_*``) and the step
-        counter as ``{name: value}`` (what the loggers and DeepSpeed's monitor receive)."""
-        return {**self.stats.to_metrics(prefix), **self.totals.to_metrics(prefix + "total_"),
-                prefix + "iteration": float(self.iteration)}
-
     @property
     def totals(self) -> StepStats:
         """:class:`~distk.stats.StepStats` of every buffer exchanged in this run (the
@@ -296,47 +264,11 @@ class CompressionState:
         """Hook for adapters (DDP marks its buckets final)."""
 
     # -- checkpointing ---------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Residuals, momenta, counters, config, rank and world size (``torch.save``
-        works; ``weights_only=True`` loading too)."""
-        self._late_bind(check=False)
-        return {
-            "config": self.cfg.to_dict(),
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "iteration": self.iteration,
-            "compressor": self.compressor.state_dict(),
-        }
+    def _payload(self) -> dict[str, Any]:
+        """Residuals, momenta and mask state (``weights_only=True`` loading works)."""
+        return {"compressor": self.compressor.state_dict()}
 
-    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Raise ValueError unless :meth:`load_state_dict` would accept ``state_dict``:
-        written under this config, by this rank, under this world size. The one check of
-        a checkpoint's origin (the frameworks' per-rank files use it too)."""
-        self._late_bind(check=False)
-        saved = state_dict.get("config")
-        current = self.cfg.to_dict()
-        if saved != current:
-            saved = saved or {}
-            diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current)
-                    if saved.get(k) != current.get(k)}
-            raise ValueError(
-                "distk checkpoint was written with a different SparsityConfig; differing "
-                f"keys (checkpoint, current): {diff}")
-        where = (state_dict.get("rank"), state_dict.get("world_size"))
-        if where != (self.rank, self.world_size):
-            raise ValueError(
-                f"distk checkpoint was written by rank {where[0]} of world size {where[1]}; "
-                f"this is rank {self.rank} of world size {self.world_size}. Residuals belong "
-                "to the rank that kept them: resume with the same world size and rank order.")
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (residuals included).
-
-        Raises ValueError when the checkpoint was written under another config (residuals
-        computed under another density or method are not meaningful here), or by another
-        rank or world size (residuals hold what that rank did not send)."""
-        self.check_state_dict(state_dict)
-        self.iteration = int(state_dict["iteration"])
+    def _restore(self, state_dict: dict[str, Any]) -> None:
         self.compressor.load_state_dict(state_dict["compressor"])
         self._reset_step()
 
@@ -346,11 +278,13 @@ class CompressionState:
                 **self._extra_getstate()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.cfg = SparsityConfig.from_dict(state["state_dict"]["config"])
-        self._bind(None)  # the default group, as PowerSGDState does
-        self._config_checked = _group_ready()  # else checked on the first exchange
+        # The default group, as PowerSGDState does; the config is checked on the first
+        # exchange when no group exists yet.
+        StepOwner.__init__(self, SparsityConfig.from_dict(state["state_dict"]["config"]),
+                           None, entry="distk")
+        self.compressor = GradientCompressor(self.cfg, group=None)
+        self._reset_step()
         self.stats = StepStats.from_dict(state["stats"])
-        self.iteration = 0
         self._extra_setstate(state)
         self.load_state_dict(state["state_dict"])
 

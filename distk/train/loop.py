@@ -89,6 +89,9 @@ class RunResult:
     mean_recall: float | None
     """``k``-weighted mean recall of the selection against exact top-k over the run's
     measured buffers (None when not measured)."""
+    mean_global_recall: float | None = None
+    """Shared masks: ``k``-weighted mean recall against the top-k of the summed
+    accumulators over the run's measured buffers (None when not measured)."""
     train_curve: list[tuple[int, float]] = field(default_factory=list)
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     completed: bool = True
@@ -424,8 +427,10 @@ def run_loop(cfg: TrainConfig, run_dir: Path, backend: StepBackend, data: Any, *
             loss_stats[1] += output.micro_batches
 
             metrics: dict[str, Any] = {}
-            if state is not None and state.stats.recall is not None:
-                metrics["distk/recall"] = state.stats.recall
+            if state is not None:
+                for name in ("recall", "global_recall"):
+                    if getattr(state.stats, name) is not None:
+                        metrics[f"distk/{name}"] = getattr(state.stats, name)
             done = step + 1
             if done % cfg.logging.log_every == 0 or done == stop:
                 dist.all_reduce(loss_stats)
@@ -469,6 +474,7 @@ def run_loop(cfg: TrainConfig, run_dir: Path, backend: StepBackend, data: Any, *
         bytes_sent=totals.bytes_sent,
         dense_bytes=totals.dense_bytes,
         mean_recall=totals.recall,
+        mean_global_recall=totals.global_recall,
         train_curve=[tuple(p) for p in run.train_curve],
         val_curve=[tuple(p) for p in run.val_curve],
         completed=stop == cfg.train.steps,

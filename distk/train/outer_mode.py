@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from distk.outer import OuterSync
-from distk.outer import enable as enable_outer
+from distk.integrations.outer import OuterSync
+from distk.integrations.outer import enable as enable_outer
 from distk.stats import StepStats
 from distk.train.config import TrainConfig
 
@@ -104,7 +104,7 @@ class OuterTrainState:
     def _after_step(self, *_: Any) -> None:
         self.synced = self.outer.syncs != self._syncs_seen
         self._syncs_seen = self.outer.syncs
-        self.stats = self.outer.step_stats if self.synced else StepStats()
+        self.stats = self.outer.stats if self.synced else StepStats()
 
     @property
     def totals(self) -> StepStats:
@@ -112,19 +112,15 @@ class OuterTrainState:
         return self.outer.totals
 
     def metrics(self, prefix: str = "distk/") -> dict[str, float]:
-        """After a sync: its :class:`~distk.stats.StepStats` metrics and the outer ones
-        (``sync``, ``bits_per_param_per_step``, ``pseudo_grad_norm``, ``update_norm``,
-        ``sync_seconds``); always the run totals (``<prefix>total_*``) and ``syncs``."""
-        metrics: dict[str, float] = {}
-        if self.synced:
-            metrics.update(self.stats.to_metrics(prefix))
-            extra = self.outer.stats
-            for key in ("bits_per_param_per_step", "pseudo_grad_norm", "update_norm"):
-                if extra.get(key) is not None:
-                    metrics[prefix + key] = float(extra[key])
-            metrics[prefix + "sync_seconds"] = float(extra["seconds"])
-        metrics.update(self.totals.to_metrics(prefix + "total_"))
-        metrics[prefix + "syncs"] = float(self.outer.syncs)
+        """After a sync: the sync's metrics (:meth:`OuterSync.metrics
+        <distk.integrations.outer.OuterSync.metrics>`: its StepStats, ``sync_seconds``,
+        ``bits_per_param_per_step``); otherwise the run totals (``<prefix>total_*``),
+        ``syncs`` and ``iteration`` only."""
+        metrics = self.outer.metrics(prefix)
+        if not self.synced:
+            metrics = {name: value for name, value in metrics.items()
+                       if name.startswith(prefix + "total_")
+                       or name in (prefix + "syncs", prefix + "iteration")}
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

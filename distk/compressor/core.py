@@ -1,0 +1,786 @@
+"""``GradientCompressor``: error feedback, selection and exchange of gradient buffers.
+
+One compressor serves every integration (through the step owners of
+:mod:`distk.integrations`): they hand it flat gradient buffers under stable keys, with
+the step they are at, and write back what it returns. Per key it keeps the **residual**
+(error feedback: everything computed but not yet sent; values that travel in bf16/fp16
+leave their rounding error here too), the **velocity** (DGC momentum correction, when
+``cfg.momentum > 0``), the layouts verified across ranks, and what the shared-mask policy
+keeps (:mod:`distk.compressor.masks`). It counts nothing itself: the owner's step drives
+the schedule (dense steps, warm-up, stats and recall intervals).
+
+A step of one buffer runs six named stages, each a method taking the typed record of
+the stages before it (:class:`StepRequest` → :class:`StepPlan` → :class:`Accumulated` →
+:class:`Selection` → the exchange → the result)::
+
+    plan        k from the schedule; dense, or the selection plan and the scheme:
+                a local mask (all-gather / reduce-scatter) or a shared one (all-reduce),
+                whichever the cost model finds cheaper (cfg.mask)
+    accumulate  g = grad (non-finite entries zeroed under nonfinite="zero"), clipped to
+                clip_norm; u = momentum * u + g; acc = residual + u
+    select      local: top-k of |acc| (bucketed or exact); shared: the mask policy's
+                positions, the same on every rank
+    encode      values = acc[positions], fitted to the wire dtype's range
+    send        the exchange's collectives enqueued (distk.comm)
+    finish      update = average over ranks of the sent entries;
+                residual = acc - sent (as receivers decode it); u[positions] = 0;
+                the mask policy observes the update; the buffer's StepStats
+
+:meth:`GradientCompressor.launch` runs the first five and returns a
+:class:`CompressorWork` whose :meth:`~CompressorWork.finish` runs the last;
+:meth:`GradientCompressor.step` is both.
+
+Conservation (error feedback, full-precision wire, exact arithmetic): over any number of
+steps, ``world * sum(updates) + sum over ranks of residuals == sum over ranks and steps
+of (clipped) gradients``, for local and shared masks alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import zlib
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from distk.comm import (
+    ExchangeRequest,
+    ExchangeResult,
+    PendingExchange,
+    WireFormat,
+    check_same_digest,
+    dense_allreduce_bytes,
+    launch,
+    rank_and_world,
+    scheme_bytes,
+    verify_layout,
+)
+from distk.comm.group import tensor_digest
+from distk.compressor.masks import MaskContext, MaskPolicy, make_mask_policy
+from distk.compressor.plan import SelectionPlan, make_plans
+from distk.config import SparsityConfig
+from distk.selection import per_bucket_topk, topk
+from distk.selection.reference import positions_of
+from distk.stats import StepStats
+
+__all__ = ["CompressorWork", "GradientCompressor", "NonFiniteGradientError",
+           "StepPlan", "StepRequest", "as_sparsity_config"]
+
+STATE_VERSION = 3
+"""Version of the :meth:`GradientCompressor.state_dict` layout (2 is still read)."""
+
+FUSE_ADD_MIN_NUMEL = 1 << 21
+"""From this many entries (8 MB of fp32, beyond the L2 caches) the residual addition of
+a packed local selection runs inside the selection kernel's pass: one pass over memory
+fewer. Smaller tensors stay in cache between the two passes, and keep the addition out
+of ``selection_seconds``."""
+
+RECALL_SAMPLE = 1 << 16
+"""Positions a shared mask's recall estimate sums across ranks (see
+:meth:`GradientCompressor._shared_recall`)."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient held NaN or Inf under ``nonfinite="raise"`` (raised on every rank)."""
+
+
+def as_sparsity_config(cfg: Any, what: str = "cfg") -> SparsityConfig:
+    """``cfg`` as a validated :class:`SparsityConfig` (a dict goes through ``from_dict``;
+    ``None`` means the defaults). The one coercion every entry point uses.
+
+    Raises:
+        TypeError: ``cfg`` is neither a SparsityConfig, a dict nor None.
+        ValueError: a key or value of the dict is invalid (named by ``from_dict``).
+    """
+    if isinstance(cfg, SparsityConfig):
+        return cfg
+    if cfg is None or isinstance(cfg, dict):
+        return SparsityConfig.from_dict(cfg)
+    raise TypeError(f"{what} must be a distk.SparsityConfig or a dict of its keys, got "
+                    f"{type(cfg).__name__}")
+
+
+def _has_nonfinite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds NaN or +-Inf: one reduction, no tensor-sized allocation
+    (a finite tensor whose sum overflows is confirmed entry by entry)."""
+    if bool(torch.isfinite(tensor.sum())):
+        return False
+    return not bool(torch.isfinite(tensor).all())
+
+
+def _fit_wire_range(values: torch.Tensor, value_dtype: torch.dtype,
+                    world: int) -> torch.Tensor:
+    """``values`` clamped to ``+-finfo(value_dtype).max / world`` when the wire dtype has a
+    smaller range than ``values`` (fp16, bf16 from fp32 state): no value, and no sum over
+    ``world`` ranks, can overflow to Inf on the wire. The excess stays in the residual."""
+    if torch.finfo(value_dtype).max >= torch.finfo(values.dtype).max:
+        return values
+    limit = torch.finfo(value_dtype).max / max(world, 1)
+    return values.clamp(-limit, limit)
+
+
+def _key_tag(key: Hashable) -> int:
+    """Digest of a key that is the same in every process (0 when its repr is not stable)."""
+    if isinstance(key, (str, int, float, bytes, tuple)):
+        return zlib.crc32(repr(key).encode()) & 0x7FFFFFFF
+    return 0
+
+
+# -- the typed records the stages pass along ---------------------------------------------
+
+@dataclass
+class StepRequest:
+    """One buffer at one step: what every stage reads.
+
+    Attributes:
+        key: stable name of the buffer.
+        grad: the caller's gradient (the result has its shape and dtype).
+        flat: ``grad`` viewed flat, detached.
+        out: flat view of the caller's ``out`` when the update can be written there
+            directly (same dtype as the state), else ``None``.
+        out_given: the caller's ``out`` (``None``: a new tensor is returned).
+        step: the owner's step, driving the schedule.
+        stateless: a dense average leaving residual, velocity and masks untouched.
+        world: ranks in the group.
+        state_dtype: dtype of residuals (fp32, or fp64 for fp64 gradients).
+        value_dtype: dtype of values on the wire.
+        stats_step: whether the costlier statistics are measured at this step.
+    """
+
+    key: Hashable
+    grad: torch.Tensor
+    flat: torch.Tensor
+    out: torch.Tensor | None
+    out_given: torch.Tensor | None
+    step: int
+    stateless: bool
+    world: int
+    state_dtype: torch.dtype
+    value_dtype: torch.dtype
+    stats_step: bool
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel()
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a step sends and how.
+
+    Attributes:
+        k: entries each rank sends (``numel`` when dense).
+        scheme: ``"dense"``, ``"shared"`` (every rank the same positions), or the
+            local-mask scheme handed to the exchange (``"auto"``, ``"allgather"``,
+            ``"reduce_scatter"``).
+        selection: the selection plan (``None`` when dense).
+        wire: the wire format of the sent entries.
+        verify: whether the ranks check their layout (sizes, plan, dtypes, key) this step:
+            on a key's first exchange, when its layout changes, and on stats steps.
+        signature: the layout, as recorded once verified.
+    """
+
+    k: int
+    scheme: str
+    selection: SelectionPlan | None
+    wire: WireFormat
+    verify: bool = True
+    signature: str = ""
+
+    @property
+    def dense(self) -> bool:
+        return self.selection is None
+
+
+@dataclass
+class Accumulated:
+    """The accumulate stage's output.
+
+    Attributes:
+        acc: residual + (momentum-corrected, clipped) gradient; the residual buffer itself
+            in steady state (updated in place), or a fresh tensor.
+        velocity: the DGC velocity (``None`` without momentum).
+        nonfinite: this rank's gradient held NaN/Inf (nothing of it reached ``acc``).
+        pending: a gradient whose addition to ``acc`` the selection kernel fuses into its
+            pass (large packed local selections), else ``None``.
+        keep_residual: whether ``acc`` becomes the key's residual after the step.
+        seconds: time spent.
+        input_sq: squared norm of the gradient handed over (stats steps), else ``None``.
+    """
+
+    acc: torch.Tensor
+    velocity: torch.Tensor | None
+    nonfinite: bool
+    pending: torch.Tensor | None
+    keep_residual: bool
+    seconds: float
+    input_sq: float | None = None
+
+
+@dataclass
+class Selection:
+    """The select and encode stages' output: what this rank sends.
+
+    Attributes:
+        positions: the selected positions (``None`` when dense).
+        values: ``acc`` at ``positions`` before fitting to the wire's range.
+        sent: the values handed to the exchange (fitted to the wire's range).
+        recall: on recall steps, recall against exact top-k: of this rank's own
+            accumulator (local masks), or of the summed accumulators (shared masks,
+            estimated; recorded as ``global_recall``).
+        overhead_bytes: bytes this rank spent for the ranks to agree on a shared mask
+            (and, on recall steps, to estimate its recall).
+        seconds: time spent selecting.
+        encode_seconds: time spent encoding (counted with the exchange's).
+    """
+
+    positions: torch.Tensor | None
+    values: torch.Tensor
+    sent: torch.Tensor
+    recall: float | None = None
+    overhead_bytes: int = 0
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+
+
+class CompressorWork:
+    """One :meth:`GradientCompressor.launch`: collectives enqueued, result not yet written.
+
+    Attributes:
+        future: completed when the exchange's collectives are done; chain :meth:`finish`
+            on it (``future.then(lambda _: work.finish())``) or call :meth:`wait`.
+        plan: the step's :class:`StepPlan` (``None`` for an empty buffer).
+        stats: the buffer's :class:`~distk.stats.StepStats`, set by :meth:`finish`.
+    """
+
+    __slots__ = ("future", "plan", "stats", "_complete", "_pending", "_result")
+
+    def __init__(self, pending: PendingExchange | None,
+                 complete: Callable[[ExchangeResult], tuple[torch.Tensor, StepStats]] | None,
+                 plan: StepPlan | None = None, result: torch.Tensor | None = None) -> None:
+        if pending is None:
+            self.future: torch.futures.Future = torch.futures.Future()
+            self.future.set_result(None)
+        else:
+            self.future = pending.future
+        self.plan = plan
+        self._pending = pending
+        self._complete = complete
+        self._result = result
+        self.stats: StepStats | None = None
+
+    def finish(self) -> torch.Tensor:
+        """Write the averaged update (into ``out`` when given) and update residuals.
+
+        Raises the exchange's errors (NonFiniteGradientError, RankMismatchError,
+        CollectiveError) in the calling thread."""
+        if self._complete is not None:
+            complete, self._complete = self._complete, None
+            self._result, self.stats = complete(self._pending.finish())
+        return self._result
+
+    def wait(self) -> torch.Tensor:
+        """Block until the exchange is done, then :meth:`finish`."""
+        if self._pending is not None:
+            self._pending.wait()
+        return self.finish()
+
+
+class GradientCompressor:
+    """Sparsify, exchange and average gradients with error feedback.
+
+    Args:
+        cfg: a :class:`~distk.SparsityConfig` (or a dict for ``SparsityConfig.from_dict``).
+        group: process group (``None`` = default; no initialised group = one process).
+
+    Attributes:
+        last: :class:`~distk.stats.StepStats` of the last buffer finished.
+        totals: :class:`~distk.stats.StepStats` of every buffer exchanged so far (the
+            run's totals; checkpointed).
+        masks: the shared-mask policy (``cfg.mask_policy``).
+    """
+
+    def __init__(self, cfg: SparsityConfig | dict[str, Any] | None = None,
+                 group: Any = None) -> None:
+        self.cfg = as_sparsity_config(cfg)
+        self.group = group
+        self.last = StepStats()
+        self.totals = StepStats()
+        self.masks: MaskPolicy = make_mask_policy(self.cfg, group)
+        self._residuals: dict[Hashable, torch.Tensor] = {}
+        self._momenta: dict[Hashable, torch.Tensor] = {}
+        self._overlap: dict[Hashable, float] = {}
+        self._plans: dict[tuple[int, int], tuple[SelectionPlan, ...]] = {}
+        # Per key, the layouts (sizes, plan, dtypes; the last four) whose metadata the ranks
+        # verified together; checkpointed, so that a resumed run exchanges exactly as the
+        # uninterrupted one (every rank resumes from the same step).
+        self._verified: dict[Hashable, tuple[str, ...]] = {}
+        # Exchanges of different keys may finish concurrently (DDP futures complete on
+        # the backend's threads); the totals are the only state they share.
+        self._totals_lock = threading.Lock()
+
+    # -- public API ----------------------------------------------------------------------
+
+    def residual(self, key: Hashable) -> torch.Tensor:
+        """A copy of the residual kept for ``key``: flat, float32 (float64 for fp64
+        gradients). (The compressor updates its own buffer in place at every step.)
+
+        Raises ``KeyError`` for a key that has no residual yet (before its first sparse
+        step, or with ``error_feedback=False``)."""
+        if key not in self._residuals:
+            raise KeyError(f"no residual for key {key!r} (known keys: {list(self._residuals)})")
+        return self._residuals[key].clone()
+
+    def reset(self, key: Hashable | None = None) -> None:
+        """Forget residual, velocity and mask state of ``key`` (``None``: of every key)."""
+        keys = list(self._residuals.keys() | self._momenta.keys() | self._verified.keys()
+                    ) if key is None else [key]
+        for name in keys:
+            for table in (self._residuals, self._momenta, self._overlap, self._verified):
+                table.pop(name, None)
+        self.masks.forget(key)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Residuals, velocities, mask state and totals (plain tensors/ints; torch.save)."""
+        return {
+            "version": STATE_VERSION,
+            "config": self.cfg.to_dict(),
+            "residuals": {k: v.detach().clone() for k, v in self._residuals.items()},
+            "momenta": {k: v.detach().clone() for k, v in self._momenta.items()},
+            "overlap": dict(self._overlap),
+            "verified": dict(self._verified),
+            "masks": self.masks.state_dict(),
+            "totals": self.totals.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (tensors move to each gradient's device on
+        use). Version 2 states (before shared masks) load with no mask state."""
+        version = state.get("version")
+        if version not in (2, STATE_VERSION):
+            raise ValueError(f"compressor state version must be 2 or {STATE_VERSION}, got "
+                             f"{version!r}")
+        self._residuals = {k: v.detach().clone() for k, v in state["residuals"].items()}
+        self._momenta = {k: v.detach().clone() for k, v in state["momenta"].items()}
+        self._overlap = dict(state.get("overlap", {}))
+        self._verified = {k: tuple(v) if isinstance(v, (list, tuple)) else (v,)
+                          for k, v in state.get("verified", {}).items()}
+        self.masks.load_state_dict(state.get("masks", {}))
+        self.totals = StepStats.from_dict(state["totals"])
+
+    def step(self, grad: torch.Tensor, key: Hashable, out: torch.Tensor | None = None, *,
+             step: int, stateless: bool = False) -> torch.Tensor:
+        """Add the residual, select, exchange; return the update averaged over ranks.
+
+        Collective: every rank calls it with the same key, numel and step, in the same
+        order. :meth:`launch` followed by :meth:`CompressorWork.wait`.
+
+        Args:
+            grad: this rank's gradient (any shape; fp32, fp64, fp16 or bf16).
+            key: stable name of the tensor (e.g. a bucket index or parameter name).
+            out: optional contiguous tensor shaped and typed like ``grad`` (``grad``
+                itself is allowed) that receives the update, sparing a numel-sized
+                allocation per step; the return value is then ``out``.
+            step: the owner's training step (0-based), driving the schedule.
+            stateless: see :meth:`launch`.
+
+        Returns:
+            The averaged update, same shape, dtype and device as ``grad``.
+
+        Raises:
+            NonFiniteGradientError: on every rank, when some rank's gradient holds NaN/Inf
+                under ``nonfinite="raise"``.
+            distk.comm.RankMismatchError: on every rank, when ranks disagree on numel, k,
+                key, options or a shared mask.
+        """
+        return self.launch(grad, key, out, step=step, stateless=stateless).wait()
+
+    def launch(self, grad: torch.Tensor, key: Hashable, out: torch.Tensor | None = None, *,
+               step: int, stateless: bool = False) -> CompressorWork:
+        """The first five stages of :meth:`step` (plan, accumulate, select, encode, send);
+        :meth:`CompressorWork.finish` runs the sixth and writes the update.
+
+        ``grad`` may be overwritten as soon as this returns (what is sent was copied);
+        ``out`` is written only by ``finish``. Keys launched together must differ.
+
+        ``stateless``: a dense average through the same exchange, leaving residual,
+        velocity and mask state of ``key`` untouched (DDP's bucket-rebuild step, whose
+        buffers are not keyed like later ones).
+
+        The exchange's metadata is verified across ranks on a key's first exchange, when
+        its size or plan changes, and on stats steps; other steps send only the payload.
+        """
+        request = self._request(grad, key, out, step, stateless)
+        if request.numel == 0:
+            empty = grad.detach().clone() if out is None else out
+            return CompressorWork(None, None, result=empty)
+        started = time.perf_counter()
+        plan = self._plan_step(request)
+        accumulated = self._accumulate(request, plan, started)
+        selection = self._select(request, plan, accumulated)
+        self._encode(request, plan, accumulated, selection)
+        pending = self._send(request, plan, accumulated, selection)
+        return CompressorWork(
+            pending, lambda result: self._finish(request, plan, accumulated, selection,
+                                                 result), plan)
+
+    # -- stages ------------------------------------------------------------------------
+
+    def _request(self, grad: torch.Tensor, key: Hashable, out: torch.Tensor | None,
+                 step: int, stateless: bool) -> StepRequest:
+        if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
+            raise ValueError(f"grad must be a floating-point tensor, got "
+                             f"{getattr(grad, 'dtype', type(grad).__name__)}")
+        if grad.layout != torch.strided:
+            raise ValueError(f"grad must be a dense (strided) tensor, got layout {grad.layout}; "
+                             "sparse gradients (e.g. nn.Embedding(sparse=True)) are not "
+                             "supported")
+        if out is not None and (out.shape != grad.shape or out.dtype != grad.dtype
+                                or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous tensor like grad ({tuple(grad.shape)}, "
+                             f"{grad.dtype}), got {tuple(out.shape)}, {out.dtype}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be the owner's step, an integer >= 0, got {step!r}")
+        cfg = self.cfg
+        state_dtype = torch.promote_types(grad.dtype, torch.float32)
+        # The compact codec (value_bits) decodes to float32; dense steps then travel fp32.
+        value_dtype = (torch.float32 if cfg.value_bits is not None
+                       else cfg.wire_dtype or grad.dtype)
+        direct = out is not None and out.dtype == state_dtype
+        return StepRequest(
+            key=key, grad=grad, flat=grad.detach().reshape(-1),
+            out=out.view(-1) if direct else None, out_given=out, step=step,
+            stateless=stateless, world=rank_and_world(self.group)[1],
+            state_dtype=state_dtype, value_dtype=value_dtype,
+            stats_step=step % cfg.stats_interval == 0)
+
+    def _plan_step(self, request: StepRequest) -> StepPlan:
+        """k from the schedule; dense, or the selection plan and the scheme; whether the
+        layout is verified across ranks this step."""
+        cfg, numel = self.cfg, request.numel
+        if request.stateless or cfg.is_dense_step(numel, request.step):
+            plan = StepPlan(numel, "dense", None, WireFormat(numel, numel, request.value_dtype))
+        else:
+            plan = self._sparse_plan(request.key, numel, request.step, request.value_dtype,
+                                     request.world)
+        signature = repr((numel, plan.k, plan.scheme, plan.selection, request.value_dtype,
+                          request.state_dtype))
+        # Packed plans alternate between two layouts: each is verified once, not at
+        # every change between them.
+        verify = (request.stats_step
+                  or signature not in self._verified.get(request.key, ()))
+        return dataclasses.replace(plan, verify=verify, signature=signature)
+
+    def _sparse_plan(self, key: Hashable, numel: int, step: int, value_dtype: torch.dtype,
+                     world: int) -> StepPlan:
+        cfg = self.cfg
+        k = cfg.k_at(numel, step)
+        plans = self._plans.get((numel, k))
+        if plans is None:
+            plans = self._plans[(numel, k)] = make_plans(cfg, numel, k)
+        selection = plans[step % len(plans)]
+        wire = selection.wire(numel, value_dtype, cfg.interleaved, cfg.value_bits)
+        return StepPlan(selection.k, self._scheme(key, wire, world), selection, wire)
+
+    def _scheme(self, key: Hashable, wire: WireFormat, world: int) -> str:
+        """``"shared"`` where the mask may be shared and the cost model finds it cheapest
+        (``cfg.mask``), else the configured local-mask scheme (``"auto"``: the exchange
+        picks among the local schemes with the same model)."""
+        cfg = self.cfg
+        if cfg.mask == "local" or cfg.value_bits is not None or cfg.exchange != "auto":
+            return cfg.exchange
+        if cfg.mask == "shared" or world == 1:
+            return "shared" if cfg.mask == "shared" else cfg.exchange
+        hint = None
+        if key in self._overlap:
+            hint = self._overlap[key] * min(world * wire.k, wire.numel) / world
+        costs = scheme_bytes(wire.numel, wire.k, world, wire.index_bytes, wire.value_bytes,
+                             hint, shared_overhead=self.masks.overhead_bytes(wire, world))
+        return "shared" if min(costs, key=costs.get) == "shared" else cfg.exchange
+
+    def _accumulate(self, request: StepRequest, plan: StepPlan,
+                    started: float) -> Accumulated:
+        """Non-finite policy, clipping, momentum, and the residual added in place."""
+        cfg, key, state_dtype = self.cfg, request.key, request.state_dtype
+        g = request.flat
+        # Measured before anything is written: the caller's buffer may receive the update.
+        input_sq = (float(torch.linalg.vector_norm(g, dtype=torch.float64).item()) ** 2
+                    if request.stats_step else None)
+        nonfinite = False
+        if cfg.nonfinite == "zero":
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        else:
+            nonfinite = _has_nonfinite(g)
+        if cfg.clip_norm is not None and not nonfinite:
+            norm = torch.linalg.vector_norm(g, dtype=state_dtype)
+            g = g.to(state_dtype) * torch.clamp(cfg.clip_norm / (norm + 1e-12), max=1.0)
+        velocity = None
+        if cfg.momentum > 0 and not nonfinite and not request.stateless:
+            velocity = self._momenta.get(key)
+            if velocity is None:
+                velocity = g.to(state_dtype, copy=True)
+            else:
+                velocity = self._check_state(velocity, key, request.numel, state_dtype,
+                                             g.device)
+                velocity.mul_(cfg.momentum).add_(g)
+            g = velocity
+        keep_residual = cfg.error_feedback and not request.stateless
+        residual = self._residuals.get(key) if keep_residual else None
+        pending = None
+        if residual is not None:
+            acc = self._check_state(residual, key, request.numel, state_dtype, g.device)
+            if nonfinite:
+                pass  # a non-finite gradient never reaches the residual
+            elif cfg.nonfinite == "skip":
+                # Another rank may still call the step off: keep the residual intact
+                # until the exchange has succeeded.
+                acc = acc + g
+            elif (plan.selection is not None and plan.selection.packed
+                  and plan.scheme != "shared" and g.dtype == state_dtype
+                  and request.numel >= FUSE_ADD_MIN_NUMEL):
+                pending = g  # in place, inside the selection's pass over memory
+            else:
+                # In place. Should another rank raise for a non-finite gradient, this
+                # rank's gradient stays in its residual (delayed, not lost).
+                acc.add_(g)
+        elif keep_residual:
+            acc = g.to(state_dtype, copy=True)  # becomes the residual buffer
+        else:
+            acc = g.to(state_dtype)
+        return Accumulated(acc, velocity, nonfinite, pending, keep_residual,
+                           time.perf_counter() - started, input_sq)
+
+    def _select(self, request: StepRequest, plan: StepPlan,
+                accumulated: Accumulated) -> Selection:
+        """The positions this rank sends: none (dense), its own top-k, or the shared mask."""
+        acc = accumulated.acc
+        if request.stats_step and acc.is_cuda:
+            torch.cuda.synchronize(acc.device)  # time selection alone
+        started = time.perf_counter()
+        if plan.dense:
+            return Selection(None, acc, acc)
+        overhead = 0
+        if plan.scheme == "shared":
+            # Every rank runs the policy (its collectives), flagged or not; a non-finite
+            # gradient never reached acc. The layout is checked before the policy's
+            # collectives could meet mismatched sizes, the mask itself after.
+            if plan.verify:
+                overhead += verify_layout(request.numel, plan.wire, "shared",
+                                          tag=_key_tag(request.key),
+                                          out_dtype=request.state_dtype, group=self.group)
+            positions = self.masks.positions(self._mask_context(request, plan, acc))
+            overhead += self.masks.overhead_bytes(plan.wire, request.world)
+            if plan.verify:
+                overhead += check_same_digest(int(tensor_digest(positions).item()),
+                                              f"the shared mask of key {request.key!r}",
+                                              self.group)
+        elif accumulated.nonfinite:  # nothing will be sent; keep the metadata consistent
+            positions = torch.arange(plan.k, dtype=torch.int64, device=acc.device)
+        else:
+            positions = self._select_local(acc, plan.selection, accumulated.pending)
+        if request.stats_step and acc.is_cuda:
+            torch.cuda.synchronize(acc.device)
+        seconds = time.perf_counter() - started
+        # The recall diagnostic runs an exact top-k: not part of the selection's time.
+        recall = None
+        if self.cfg.recall_interval and request.step % self.cfg.recall_interval == 0:
+            if plan.scheme == "shared":  # collective: every rank, flagged or not
+                recall, spent = self._shared_recall(acc, positions, request)
+                overhead += spent
+            elif self.cfg.method == "bucketed" and not accumulated.nonfinite:
+                recall = self._recall(acc, positions)
+        return Selection(positions, acc, acc, recall, overhead, seconds)
+
+    def _encode(self, request: StepRequest, plan: StepPlan, accumulated: Accumulated,
+                selection: Selection) -> None:
+        """The values at the positions, fitted to the wire dtype's range."""
+        started = time.perf_counter()
+        if selection.positions is not None:
+            selection.values = accumulated.acc[selection.positions]
+        selection.sent = _fit_wire_range(selection.values, request.value_dtype, request.world)
+        selection.encode_seconds = time.perf_counter() - started
+
+    def _send(self, request: StepRequest, plan: StepPlan, accumulated: Accumulated,
+              selection: Selection) -> PendingExchange:
+        """Enqueue the exchange; verify its metadata where the layout is new or on stats
+        steps; let the mask policy prepare the next step's mask."""
+        key, world = request.key, request.world
+        shared = plan.scheme == "shared"
+        # The overlap of the ranks' local selections (for the cost model) drifts slowly:
+        # measured on the first step of a key and on stats steps.
+        measure = (not plan.dense and not shared and self.cfg.exchange == "auto"
+                   and world > 2 and (request.stats_step or key not in self._overlap))
+        hint = None
+        if measure and key in self._overlap:
+            hint = self._overlap[key] * min(world * plan.k, request.numel) / world
+        pending = launch(ExchangeRequest(
+            selection.sent, request.numel, selection.positions, wire=plan.wire,
+            scheme=plan.scheme, out_dtype=request.state_dtype, out=request.out, average=True,
+            tag=_key_tag(key), nonfinite=accumulated.nonfinite,
+            verify=plan.verify and not shared,  # shared: checked in the select stage
+            union_hint=hint, measure_union=measure), self.group)
+        if plan.verify:
+            self._verified[key] = (*self._verified.get(key, ())[-3:], plan.signature)
+        if shared:  # every rank, flagged or not: the policy's collectives must match
+            self.masks.after_launch(self._mask_context(request, plan, accumulated.acc,
+                                                       ahead=True), selection.positions)
+        return pending
+
+    def _finish(self, request: StepRequest, plan: StepPlan, accumulated: Accumulated,
+                selection: Selection, result: ExchangeResult
+                ) -> tuple[torch.Tensor, StepStats]:
+        """Residual = acc - what receivers decoded; velocity masked; the mask policy
+        observes the update; the buffer's stats."""
+        cfg, key, acc = self.cfg, request.key, accumulated.acc
+        if result.nonfinite_ranks:
+            if cfg.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"non-finite gradient (NaN or Inf) at step {request.step} for key {key!r} "
+                    f"on rank(s) {result.nonfinite_ranks}; set SparsityConfig.nonfinite to "
+                    "'skip' (drop the step on every rank) or 'zero' (treat entries as 0)")
+            stats = self._record(request, plan, selection, result, accumulated, skipped=True)
+            out = request.out_given
+            return (torch.zeros_like(request.grad) if out is None else out.zero_()), stats
+        positions, decoded = selection.positions, plan.wire.decoded(selection.sent)
+        if accumulated.keep_residual:
+            if positions is None:
+                acc.sub_(decoded.to(request.state_dtype))
+            else:
+                acc[positions] = selection.values - decoded.to(request.state_dtype)
+            self._residuals[key] = acc
+        if accumulated.velocity is not None:
+            if positions is None:
+                accumulated.velocity.zero_()
+            else:
+                accumulated.velocity[positions] = 0
+            self._momenta[key] = accumulated.velocity
+        if not request.stateless:  # the update's support: the shared mask, or unknown
+            self.masks.observe(key, request.step, result.output,
+                               positions if plan.scheme == "shared" else None)
+        stats = self._record(request, plan, selection, result, accumulated, skipped=False)
+        if request.out is not None:
+            return request.out_given, stats
+        update = result.output.to(request.grad.dtype).view(request.grad.shape)
+        out = request.out_given
+        return (update if out is None else out.copy_(update)), stats
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _mask_context(self, request: StepRequest, plan: StepPlan, acc: torch.Tensor,
+                      ahead: bool = False) -> MaskContext:
+        following = None
+        if ahead:
+            step = request.step + 1
+            if not self.cfg.is_dense_step(request.numel, step):
+                nxt = self._sparse_plan(request.key, request.numel, step, request.value_dtype,
+                                        request.world)
+                if nxt.scheme == "shared":
+                    following = (nxt.selection, nxt.wire)
+        return MaskContext(request.key, request.step, acc, plan.selection, plan.wire,
+                           lambda tensor, selection: self._select_local(tensor, selection),
+                           following)
+
+    @staticmethod
+    def _check_state(tensor: torch.Tensor, key: Hashable, numel: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+        if tensor.numel() != numel:
+            raise ValueError(
+                f"key {key!r} had {tensor.numel()} entries in an earlier step and has {numel} "
+                f"now; keys must name tensors of fixed size (call reset({key!r}) after a "
+                f"layout change)")
+        return tensor.to(device=device, dtype=dtype)
+
+    def _select_local(self, acc: torch.Tensor, plan: SelectionPlan,
+                      pending: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's top-k positions of ``acc`` under ``plan`` (bucket order when
+        packed). ``pending``: ``acc += pending`` in place, fused into the selection
+        kernel's pass where the backend can (packed plans only)."""
+        cfg = self.cfg
+        if plan.packed:
+            keys = per_bucket_topk(acc.view(1, -1), plan.buckets, plan.k_per_bucket,
+                                   cfg.interleaved, True,
+                                   None if pending is None else pending.view(1, -1))
+            return positions_of(keys).reshape(-1)
+        method = "exact" if plan.buckets is None else cfg.method
+        _, positions = topk(acc, plan.k, method=method, buckets=plan.buckets,
+                            k_per_bucket=plan.k_per_bucket, interleaved=cfg.interleaved,
+                            recall_target=cfg.recall_target)
+        return positions
+
+    @staticmethod
+    def _recall(acc: torch.Tensor, positions: torch.Tensor) -> float:
+        k = positions.numel()
+        exact = torch.topk(acc.abs(), k, sorted=False).indices
+        chosen = torch.zeros(acc.numel(), dtype=torch.bool, device=acc.device)
+        chosen[positions] = True
+        return float(chosen[exact].sum().item()) / max(k, 1)
+
+    def _shared_recall(self, acc: torch.Tensor, positions: torch.Tensor,
+                       request: StepRequest) -> tuple[float, int]:
+        """Recall of a shared mask against the top-k of the *summed* accumulators, and the
+        bytes it cost. The k-th largest summed magnitude is estimated from
+        :data:`RECALL_SAMPLE` positions (the same on every rank) summed by one small
+        all-reduce; the summed values at the mask are summed by a second one; recall is
+        the share of the mask at or above the estimated threshold (the mask holds k
+        positions, so precision and recall against the top-k coincide)."""
+        import torch.distributed as dist
+
+        from distk.comm.group import collective_device, ring_allreduce_bytes
+
+        numel, k, world = acc.numel(), positions.numel(), request.world
+        generator = torch.Generator().manual_seed(request.step * 1_000_003 + _key_tag(
+            request.key))
+        sample = torch.randint(numel, (min(numel, RECALL_SAMPLE),), generator=generator)
+        both = torch.cat([acc[sample.to(acc.device)], acc[positions]]).to(torch.float32)
+        if world > 1:
+            device = collective_device(self.group, both)
+            both = both.to(device)
+            dist.all_reduce(both, group=self.group)
+        sampled, at_mask = both[: sample.numel()].abs(), both[sample.numel():].abs()
+        rank_of_kth = max(1, round(sample.numel() * k / numel))
+        threshold = torch.topk(sampled, min(rank_of_kth, sampled.numel())).values[-1]
+        recall = float((at_mask >= threshold).float().mean().item())
+        return recall, ring_allreduce_bytes(both.numel(), world, 4)
+
+    def _record(self, request: StepRequest, plan: StepPlan, selection: Selection,
+                result: ExchangeResult, accumulated: Accumulated, *,
+                skipped: bool) -> StepStats:
+        """The buffer's :class:`StepStats`, merged into the totals; also ``self.last``."""
+        numel, world = request.numel, request.world
+        comm_seconds = selection.encode_seconds + result.seconds
+        residual_sq = input_sq = update_sq = None
+        if request.stats_step:
+            residual = self._residuals.get(request.key)
+            residual_sq = (0.0 if residual is None
+                           else float(torch.linalg.vector_norm(residual).item()) ** 2)
+            input_sq = accumulated.input_sq
+            if result.output is not None:
+                update_sq = float(torch.linalg.vector_norm(result.output, dtype=torch.float64
+                                                           ).item()) ** 2
+        recall = selection.recall
+        shared = plan.scheme == "shared"
+        k = 0 if skipped else plan.k
+        bytes_sent = result.bytes_sent + selection.overhead_bytes
+        if result.union_per_shard is not None and plan.k:
+            self._overlap[request.key] = result.union_per_shard / (
+                min(world * plan.k, numel) / world)
+        stats = StepStats(
+            buffers=1, numel=numel, sent=k, bytes_sent=bytes_sent,
+            payload_bytes=0 if skipped else result.payload_bytes,
+            dense_bytes=dense_allreduce_bytes(numel, world, 4),
+            accumulate_seconds=accumulated.seconds, selection_seconds=selection.seconds,
+            comm_seconds=comm_seconds, skipped=int(skipped), schemes={result.scheme: 1},
+            residual_sq=residual_sq, input_sq=input_sq, update_sq=update_sq,
+            recall_sum=0.0 if recall is None or shared else recall * max(k, 1),
+            recall_weight=0 if recall is None or shared else max(k, 1),
+            global_recall_sum=recall * max(k, 1) if recall is not None and shared else 0.0,
+            global_recall_weight=max(k, 1) if recall is not None and shared else 0,
+            step=request.step)
+        with self._totals_lock:
+            self.last = stats
+            self.totals = self.totals.merge(stats)
+        return stats
