@@ -125,8 +125,8 @@ class Method:
             raise ValueError(f"method {self.name}: mode={self.mode!r} is invalid: allowed "
                              f"{', '.join(MODES)}")
         for key, values in self.tune.items():
-            if isinstance(values, str | bytes) or not isinstance(values, Sequence) \
-                    or not values:
+            is_list = isinstance(values, Sequence) and not isinstance(values, str | bytes)
+            if not is_list or not values:
                 raise ValueError(f"method {self.name}: tune[{key!r}]={values!r} is invalid: "
                                  "allowed a non-empty list of values")
         both = sorted(set(self.set) & set(self.tune))
