@@ -1,63 +1,81 @@
 """End-to-end benchmark: time to quality over a dilated emulated network, distk beside
-PyTorch's own communication hooks.
+PyTorch's own communication hooks, every method tuned on a seed of its own.
 
-The main training job (``python -m distk.train``) runs once per (optimizer, R, method,
-seed), one rank per network namespace (``launchers/netem.sh run``), so every gradient byte
-between ranks crosses a rate-limited link. Methods (one loop, data, model, timing and
-logging; ``train.comm_hook`` picks the DDP hook):
+Every run is the main training job (``python -m distk.train`` on ``configs/default.json``
+with the preset's changes, ``PRESETS``), one rank per network namespace
+(``launchers/netem.sh run``), so every gradient byte between ranks crosses a rate-limited
+link. The methods share the loop, data, model, timing and logging. Each is declared in
+``METHODS`` as a :class:`Method` (distk-train's ``--mode``, fixed ``--set`` overrides and
+the knobs to tune), and ``--method`` adds or replaces one from the command line:
 
-* ``dense_fp32``: fp32 all-reduce (distk's hook, ``sparsity.method=dense``);
+* ``dense_fp32``: fp32 all-reduce (distk's hook, ``sparsity.method=dense``): the
+  reference, which sets the link rate and the target;
 * ``dense_bf16``: PyTorch's ``bf16_compress_hook`` (``train.comm_hook=bf16``);
-* ``powersgd_r1``, ``powersgd_r4``: PyTorch's ``powerSGD_hook`` at rank 1 and 4, error
-  feedback and warm start on, ``start_powerSGD_iter`` = max(2, warm-up, 10% of steps);
-* ``exact``, ``bucketed``: distk's top-k exchange with ``torch.topk`` / bucketed selection.
-* ``bucketed_2bit``: bucketed with the compact codec (2-bit values, bit-packed offsets);
-* ``outer_h8_2bit``, ``outer_h32_4bit``: outer synchronisation (``distk.outer``, no DDP)
-  every 8 / 32 steps of bucketed top-k pseudo-gradients with 2- / 4-bit values
-  (``--methods`` only; not in the default set).
+* ``powersgd``: PyTorch's ``powerSGD_hook``, error feedback and warm start on, tuned over
+  rank {1, 2, 4, 8} x ``start_powerSGD_iter`` {10%, 25%} of the run x factors in fp32 or
+  in bf16 (PyTorch's ``bf16_compress_wrapper``);
+* ``exact``, ``bucketed``: distk's top-k exchange with ``torch.topk`` / bucketed selection;
+* ``bucketed_2bit``, ``outer_h8_2bit``, ``outer_h32_4bit`` (``--methods`` only): the
+  compact codec, and outer synchronisation every 8 / 32 steps (``distk.outer``).
 
-Protocol (see docs/netem.md, "Dilated emulation" and "The protocol"):
+Protocol (docs/netem.md, "The protocol"), per optimizer:
 
-1. **Calibrate** (per optimizer): ``benchmarks/e2e_compute.py`` times the dense step's
-   compute (forward + backward + optimizer under ``no_sync``) on the unshaped network.
+1. **Calibrate**: ``benchmarks/e2e_compute.py`` times the dense step's compute on the
+   unshaped network.
 2. **Dilate**: for each R in ``--ratios`` the link rate is set so that dense fp32's ring
    all-reduce takes R x that compute: ``rate = bytes_per_rank * 8 / (R * compute)``.
-3. **Tune**: every method runs ``--sweep-steps`` steps (own cosine schedule, seed 0,
-   unshaped network: the loss per step does not depend on the link) at each learning
-   rate of its optimizer's grid; the rate with the lowest final validation loss is kept
-   (ties: the smaller rate). A grid of one point skips the sweep.
-4. **Measure**: every method, at its rate, ``--steps`` steps, for each R under netem with
-   ``--netem-seeds`` (default: the first seed); every other seed once per method on the
-   unshaped link, its evaluations placed on the netem run's clock (``compose``: the loss
-   per step does not depend on the link, the time per step not on the seed).
-   Target = mean over seeds of dense fp32's final validation loss x (1 + slack); time to
-   target = training wall time (evaluation excluded) at the first evaluation at or below
-   it, per seed; also the final loss (equal steps), the loss at equal wall time (the
-   shortest run's wall time in that R), s/step split into compute (the calibration),
-   selection and exposed communication (the rest), and bytes sent per step.
+3. **Sweep the learning rate** on the tuning seed (``--tuning-seed``, never reported), on
+   the unshaped link (the loss per step does not depend on the link): every method runs
+   ``--sweep-steps`` steps at each rate of its optimizer's grid, its knobs at their first
+   values; the lowest final validation loss wins (ties: the smaller rate).
+4. **Tune the knobs** on the tuning seed at the chosen rate: every combination of a
+   method's knob values runs the full ``--steps`` once on the unshaped link, and so does
+   dense fp32 (the tuning target: its final loss x (1 + the first slack)). For each R,
+   each combination is put on that link's clock (wall time at an evaluation = its
+   unshaped wall time + the bytes it sent so far x 8 / rate); the one with the earliest
+   stable time to target is the method's setting at that R (none reaching it: the lowest
+   final loss; ties: fewer bytes).
+5. **Measure**: every method, at its rate and its setting for that R, runs ``--steps``
+   under netem once per reported seed (``--seeds``), all in this one run of the script.
+
+Reported per R and slack (``--slacks``; target = mean over the reported seeds of dense
+fp32's final validation loss x (1 + slack)): **time to target**, the training wall time
+(evaluation excluded) at the first evaluation after which every later one stays at or
+below the target (and at the first evaluation at or below it); the bytes sent, their
+fraction of dense fp32's and the effective density (entries sent / entries) up to that
+evaluation; the final loss (equal steps); the loss at equal wall time (the shortest mean
+run of that R) and at equal bytes (the smallest mean total of that R); seconds per step
+split into compute, selection and exposed communication; MB per step. Curves: validation
+loss against wall time, mean over the seeds with the min-max band, one panel per R.
 
 Root only. Not a test: the full protocol takes hours on a small CPU machine.
 
-    sudo .venv/bin/python benchmarks/e2e.py --quick        # 2 ranks, tiny model, about a minute
-    sudo .venv/bin/python benchmarks/e2e.py                # the full protocol
-    sudo .venv/bin/python benchmarks/e2e.py --dry-run      # print the commands
-    sudo .venv/bin/python benchmarks/e2e.py --rates 1gbit  # fixed links instead of R
+    sudo .venv/bin/python benchmarks/e2e.py --quick                  # plumbing, minutes
+    sudo .venv/bin/python benchmarks/e2e.py --optimizers adamw       # 2 ranks, R = 1 4 16
+    sudo .venv/bin/python benchmarks/e2e.py --preset full8 --optimizers adamw   # 8 ranks
+    sudo .venv/bin/python benchmarks/e2e.py --preset reduced --optimizers adamw
+    sudo .venv/bin/python benchmarks/e2e.py --dry-run                # plan and commands
 
-Prints the tables, writes ``benchmarks/results/<out>.json`` and ``<out>.png`` (validation
-loss against wall time, mean over seeds with the min-max band, one panel per R and
-optimizer). Run directories go under ``runs/e2e/<out>/``.
+Prints the tables, writes ``benchmarks/results/<out>.json`` and ``<out>.png``. Run
+directories go under ``runs/e2e/<out>/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
+import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,25 +88,138 @@ ROOT = Path(__file__).resolve().parent.parent
 NETEM = ROOT / "launchers" / "netem.sh"
 CHECK = ROOT / "launchers" / "netem_check.py"
 COMPUTE = Path(__file__).resolve().parent / "e2e_compute.py"
+MAIN_JOB = ROOT / "configs" / "default.json"
 
-METHODS: dict[str, list[str]] = {
-    "dense_fp32": ["--mode", "dense"],
-    "dense_bf16": ["--mode", "dense", "--set", "train.comm_hook=bf16"],
-    "powersgd_r1": ["--mode", "dense", "--set", "train.comm_hook=powersgd",
-                    "--set", "train.powersgd_rank=1"],
-    "powersgd_r4": ["--mode", "dense", "--set", "train.comm_hook=powersgd",
-                    "--set", "train.powersgd_rank=4"],
-    "exact": ["--mode", "exact"],
-    "bucketed": ["--mode", "bucketed"],
-    "bucketed_2bit": ["--mode", "bucketed", "--set", "sparsity.value_bits=2"],
-    "outer_h8_2bit": ["--mode", "bucketed", "--set", "sparsity.sync_every=8",
-                      "--set", "sparsity.value_bits=2"],
-    "outer_h32_4bit": ["--mode", "bucketed", "--set", "sparsity.sync_every=32",
-                       "--set", "sparsity.value_bits=4"],
-}
-"""Methods (``--methods``); the first six run by default (``DEFAULT_METHODS``)."""
-DEFAULT_METHODS = ["dense_fp32", "dense_bf16", "powersgd_r1", "powersgd_r4", "exact",
-                   "bucketed"]
+MODES = ("dense", "exact", "bucketed")
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?)%")
+
+
+# -- methods -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """One row of the tables: how ``distk-train`` runs it and what is tuned.
+
+    Attributes:
+        name: row name, lower case, digits and ``_``.
+        mode: distk-train's ``--mode`` ("dense", "exact" or "bucketed").
+        set: fixed config overrides (``key: value``, as ``--set key=value``).
+        tune: knobs tuned on the tuning seed, ``key: [values]``; every combination runs,
+            and each R takes its best. The first value of each knob is the setting of
+            the learning-rate sweep. A value ``"N%"`` is N% of the run's steps, rounded
+            up (``"10%"`` of 300 steps is 30).
+        about: one line for the docs and the JSON.
+    """
+
+    name: str
+    mode: str
+    set: Mapping[str, Any] = field(default_factory=dict)
+    tune: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    about: str = ""
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"method name {self.name!r} is invalid: allowed lower-case "
+                             "letters, digits and '_', starting with a letter")
+        if self.mode not in MODES:
+            raise ValueError(f"method {self.name}: mode={self.mode!r} is invalid: allowed "
+                             f"{', '.join(MODES)}")
+        for key, values in self.tune.items():
+            is_list = isinstance(values, Sequence) and not isinstance(values, str | bytes)
+            if not is_list or not values:
+                raise ValueError(f"method {self.name}: tune[{key!r}]={values!r} is invalid: "
+                                 "allowed a non-empty list of values")
+        both = sorted(set(self.set) & set(self.tune))
+        if both:
+            raise ValueError(f"method {self.name}: {both} both fixed (set) and tuned (tune): "
+                             "allowed in one of them")
+
+    def settings(self) -> list[dict[str, Any]]:
+        """Every combination of the knob values (unresolved); the first is the sweep's."""
+        keys = list(self.tune)
+        return [dict(zip(keys, combo)) for combo in
+                itertools.product(*(self.tune[k] for k in keys))]
+
+    def overrides(self, setting: Mapping[str, Any], steps: int) -> list[str]:
+        """``key=value`` overrides of this method at ``setting`` for a run of ``steps``."""
+        merged = {**self.set, **setting}
+        return [f"{key}={json.dumps(resolve(value, steps))}" for key, value in merged.items()]
+
+    def argv(self, setting: Mapping[str, Any], steps: int) -> list[str]:
+        """distk-train arguments of this method at ``setting``."""
+        out = ["--mode", self.mode]
+        for item in self.overrides(setting, steps):
+            out += ["--set", item]
+        return out
+
+
+def resolve(value: Any, steps: int) -> Any:
+    """A knob value for a run of ``steps``: ``"N%"`` -> ceil(N/100 x steps); else as is."""
+    if isinstance(value, str):
+        match = _PERCENT.fullmatch(value)
+        if match:
+            return math.ceil(float(match.group(1)) / 100 * steps)
+    return value
+
+
+def setting_label(setting: Mapping[str, Any]) -> str:
+    """Short text of a setting: each key's last part, e.g. ``powersgd_rank=4``."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={json.dumps(value).strip(chr(34))}"
+                    for key, value in setting.items()) or "-"
+
+
+def _parse_value(text: str) -> Any:
+    """JSON when it parses (numbers, true/false, null, lists), else the raw string (as
+    distk-train's ``--set`` reads it)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_method(tokens: Sequence[str]) -> Method:
+    """``--method NAME MODE [KEY=VALUE ...] [tune:KEY=V1,V2 ...]`` as a :class:`Method`."""
+    if len(tokens) < 2:
+        raise ValueError(f"--method {' '.join(tokens)} is invalid: allowed NAME MODE "
+                         "[KEY=VALUE ...] [tune:KEY=V1,V2 ...]")
+    name, mode, *items = tokens
+    fixed: dict[str, Any] = {}
+    tune: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--method {name}: {item!r} is invalid: allowed KEY=VALUE or "
+                             "tune:KEY=V1,V2")
+        if key.startswith("tune:"):
+            tune[key[len("tune:"):]] = [_parse_value(v) for v in value.split(",")]
+        else:
+            fixed[key] = _parse_value(value)
+    return Method(name, mode, fixed, tune, about="from --method")
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("dense_fp32", "dense",
+           about="fp32 ring all-reduce through distk's hook (reference: rate and target)"),
+    Method("dense_bf16", "dense", {"train.comm_hook": "bf16"},
+           about="PyTorch's bf16_compress_hook"),
+    Method("powersgd", "dense", {"train.comm_hook": "powersgd"},
+           tune={"train.powersgd_rank": [4, 1, 2, 8],
+                 "train.powersgd_start_iter": ["10%", "25%"],
+                 "train.powersgd_bf16": [False, True]},
+           about="PyTorch's powerSGD_hook (error feedback, warm start); factors in bf16 "
+                 "through PyTorch's bf16_compress_wrapper"),
+    Method("exact", "exact", about="distk, torch.topk selection"),
+    Method("bucketed", "bucketed", about="distk, bucketed selection"),
+    Method("bucketed_2bit", "bucketed", {"sparsity.value_bits": 2},
+           about="bucketed with 2-bit values and bit-packed offsets"),
+    Method("outer_h8_2bit", "bucketed", {"sparsity.sync_every": 8, "sparsity.value_bits": 2},
+           about="outer synchronisation every 8 steps, 2-bit values"),
+    Method("outer_h32_4bit", "bucketed",
+           {"sparsity.sync_every": 32, "sparsity.value_bits": 4},
+           about="outer synchronisation every 32 steps, 4-bit values"),
+]}
+"""The built-in methods; ``DEFAULT_METHODS`` run unless ``--methods`` says otherwise."""
+DEFAULT_METHODS = ["dense_fp32", "dense_bf16", "powersgd", "exact", "bucketed"]
 
 # Per optimizer: fixed settings and the default 3-point learning-rate grid.
 OPTIMIZERS: dict[str, dict[str, Any]] = {
@@ -99,92 +230,143 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
             "lrs": [0.1, 0.3, 0.9]},
 }
 
-# The full protocol's job: the main job's model (configs/default.json: 4 layers, width
-# 128, 0.84M parameters), 16 x 128 = 2048 tokens per rank and step, 300 steps, 20-step
-# warm-up then cosine decay to 10%.
-FULL_CONFIG: dict[str, Any] = {
-    "model": {"n_layer": 4, "n_head": 4, "d_model": 128, "context": 128},
-    "train": {"batch_size": 16, "lr_warmup_steps": 20, "min_lr_ratio": 0.1,
-              "eval_windows": 128, "num_threads": 1},
+# The protocol's job is the main job (configs/default.json: 4 layers, width 128, 0.84M
+# parameters, 16 x 128 = 2048 tokens per rank and step, 20-step warm-up then cosine decay
+# to 10%, density 1%, and the main job's sparsity schedule), with these changes.
+_PROTOCOL_JOB: dict[str, Any] = {
+    "train": {"eval_windows": 1024, "num_threads": 1},
     "logging": {"progress": False, "histogram_every": 0},
-    "sparsity": {"density": 0.01, "recall_interval": 0},
+    "sparsity": {"recall_interval": 0},
 }
-FULL = {"world": 2, "ratios": [1.0, 4.0, 16.0], "steps": 300, "eval_every": 25,
-        "sweep_steps": 100, "seeds": [0, 1], "optimizers": ["adamw", "sgd"],
-        "check_mb": 16.0, "calibrate_steps": 10}
-
-# --quick: the same pipeline on a tiny model and 2 ranks: plumbing, not a measurement.
-QUICK_CONFIG: dict[str, Any] = {
-    "data": {"max_train_bytes": 200_000, "max_val_bytes": 20_000},
-    "model": {"n_layer": 1, "n_head": 2, "d_model": 64, "context": 32},
-    # AdamW's dense start and density warm-up scaled to 8 steps (the defaults, 75 and
-    # 200, would leave every step of the sparse methods dense).
-    "train": {"batch_size": 4, "lr_warmup_steps": 2, "eval_windows": 16, "num_threads": 1,
-              "adamw_dense_steps": 1, "adamw_warmup_steps": 2},
-    "logging": {"progress": False, "histogram_every": 0},
-    "sparsity": {"density": 0.05, "min_numel": 256, "recall_interval": 0,
-                 "warmup_steps": 2},
+_FULL = {"world": 2, "ratios": [1.0, 4.0, 16.0], "steps": 300, "eval_every": 25,
+         "sweep_steps": 100, "seeds": [1, 2, 3], "tuning_seed": 0,
+         "optimizers": ["adamw", "sgd"], "check_mb": 16.0, "calibrate_steps": 10,
+         "lrs": {name: spec["lrs"] for name, spec in OPTIMIZERS.items()},
+         "tune": {}, "job": _PROTOCOL_JOB}
+PRESETS: dict[str, dict[str, Any]] = {
+    # The protocol at 2 ranks (one per core of a 2-core machine).
+    "full": _FULL,
+    # 8 ranks, 8 namespaces: R = 4 and 16.
+    "full8": {**_FULL, "world": 8, "ratios": [4.0, 16.0]},
+    # About an hour per optimizer at 2 ranks on an idle 2-core machine (docs/netem.md,
+    # "Presets and durations"): the full protocol at R = 4 only (the R of the 3x target).
+    "reduced": {**_FULL, "ratios": [4.0]},
+    # The same pipeline on a tiny model: plumbing, not a measurement. PowerSGD's grid is
+    # rank {2, 1} only, so the tuning stage runs with two candidates.
+    "quick": {"world": 2, "ratios": [4.0], "steps": 8, "eval_every": 4, "sweep_steps": 0,
+              "seeds": [1, 2], "tuning_seed": 0, "optimizers": ["adamw"], "check_mb": 1.0,
+              "calibrate_steps": 3, "lrs": {"adamw": [3e-3], "sgd": [0.1]},
+              "tune": {"powersgd": {"train.powersgd_rank": [2, 1]}},
+              "job": {"data": {"max_train_bytes": 200_000, "max_val_bytes": 20_000},
+                      "model": {"n_layer": 1, "n_head": 2, "d_model": 64, "context": 32},
+                      # AdamW's dense start and density warm-up scaled to 8 steps.
+                      "train": {"batch_size": 4, "lr_warmup_steps": 2, "eval_windows": 16,
+                                "num_threads": 1, "adamw_dense_steps": 1,
+                                "adamw_warmup_steps": 2},
+                      "logging": {"progress": False, "histogram_every": 0},
+                      "sparsity": {"density": 0.05, "min_numel": 256, "recall_interval": 0,
+                                   "warmup_steps": 2}}},
 }
-QUICK = {"world": 2, "ratios": [4.0], "steps": 8, "eval_every": 4, "sweep_steps": 0,
-         "seeds": [0, 1], "optimizers": ["adamw"], "check_mb": 1.0, "calibrate_steps": 3}
-QUICK_LRS = {"adamw": [3e-3], "sgd": [0.1]}
 
 
+def _merge(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` merged in, section by section (a deep copy)."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def job_config(preset: Mapping[str, Any]) -> dict[str, Any]:
+    """The training config of every run: the main job with the preset's changes."""
+    return _merge(json.loads(MAIN_JOB.read_text()), preset["job"])
+
+
+# -- arguments -----------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model, 2 ranks, R=4, AdamW, 2 seeds, one lr, 8 steps")
-    parser.add_argument("--world", type=int, default=None, help="ranks = namespaces (4; quick 2)")
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="full (default: 2 ranks, R 1 4 16), full8 (8 ranks, R 4 16), "
+                             "reduced (2 ranks, R 4), quick (tiny model, plumbing only)")
+    parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
+    parser.add_argument("--world", type=int, default=None, help="ranks = namespaces")
     parser.add_argument("--ratios", type=float, nargs="+", default=None,
-                        help="R: dense fp32 communication / compute (1 4 16; quick 4)")
+                        help="R: dense fp32 communication / compute")
     parser.add_argument("--rates", nargs="+", default=None,
                         help="fixed link rates (tc syntax, e.g. 1gbit) instead of --ratios: "
                              "no dilation; the table shows the ratio each rate gave")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
-                        help="methods to run (default: the six per-step methods; also "
-                             "bucketed_2bit, outer_h8_2bit, outer_h32_4bit)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"methods to run (default: {' '.join(DEFAULT_METHODS)}; also "
+                             f"{' '.join(m for m in METHODS if m not in DEFAULT_METHODS)}); "
+                             "--method adds its own")
+    parser.add_argument("--method", dest="extra_methods", nargs="+", action="append",
+                        default=[], metavar="TOKEN",
+                        help="add (or replace) a method: NAME MODE [KEY=VALUE ...] "
+                             "[tune:KEY=V1,V2 ...], e.g. --method shared bucketed "
+                             "sparsity.exchange=shared tune:sparsity.warmup_steps=0,50")
     parser.add_argument("--optimizers", nargs="+", default=None, choices=list(OPTIMIZERS),
-                        help="tables to run; the first is the headline (adamw sgd; quick adamw)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="(0 1)")
-    parser.add_argument("--netem-seeds", type=int, nargs="+", default=None,
-                        help="seeds run under netem at every R (default: the first of "
-                             "--seeds; name them all to run every seed under netem); "
-                             "the other seeds run once on the unshaped link and take their "
-                             "wall time per step from the first netem seed's run")
+                        help="tables to run; the first is the headline")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="reported seeds, each run under netem at every R (1 2 3)")
+    parser.add_argument("--tuning-seed", type=int, default=None,
+                        help="seed of the learning-rate sweep and the knob tuning, not "
+                             "among --seeds (0)")
     parser.add_argument("--steps", type=int, default=None, help="steps of every run (300)")
     parser.add_argument("--eval-every", type=int, default=None, help="(25; quick 4)")
     parser.add_argument("--sweep-steps", type=int, default=None,
-                        help="steps of the learning-rate sweep runs (100; quick 0 = no sweep)")
+                        help="steps of the learning-rate sweep runs (100; 0 = no sweep: "
+                             "the middle of the grid)")
     parser.add_argument("--lrs-adamw", type=float, nargs="+", default=None,
                         help="AdamW learning-rate grid (1e-3 2e-3 4e-3)")
     parser.add_argument("--lrs-sgd", type=float, nargs="+", default=None,
                         help="SGD learning-rate grid (0.1 0.3 0.9)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="distk-train override for every run")
-    parser.add_argument("--target-slack", type=float, default=0.01,
-                        help="target = dense fp32's mean final val loss x (1 + slack)")
+    parser.add_argument("--slacks", type=float, nargs="+", default=[0.01, 0.02],
+                        help="targets = dense fp32's mean final val loss x (1 + slack); "
+                             "the first also selects the tuned settings (0.01 0.02)")
     parser.add_argument("--compute-seconds", type=float, default=None,
                         help="skip the calibration and use this dense compute s/step")
     parser.add_argument("--calibrate-steps", type=int, default=None)
     parser.add_argument("--check-mb", type=float, default=None,
                         help="per-rate all-reduce check in MB (16; quick 1; 0 = skip)")
     parser.add_argument("--timeout", type=int, default=7200, help="seconds per run")
-    parser.add_argument("--out", default=None, help="result name (e2e / e2e_quick)")
+    parser.add_argument("--out", default=None, help="result name (e2e / e2e_<preset>)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS,
                         help="where <out>.json and <out>.png go (benchmarks/results)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the commands (rates from --compute-seconds or 0.1 s)")
+                        help="validate every method's config and print the plan and the "
+                             "commands (rates from --compute-seconds or 0.1 s)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key in preset:
+    if args.quick and args.preset not in (None, "quick"):
+        parser.error(f"--quick with --preset {args.preset} is invalid: allowed one of them")
+    args.preset = "quick" if args.quick else (args.preset or "full")
+    preset = PRESETS[args.preset]
+    for key in ("world", "ratios", "steps", "eval_every", "sweep_steps", "seeds",
+                "tuning_seed", "optimizers", "check_mb", "calibrate_steps"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    lrs = QUICK_LRS if args.quick else {k: v["lrs"] for k, v in OPTIMIZERS.items()}
-    args.lrs = {"adamw": args.lrs_adamw or lrs["adamw"], "sgd": args.lrs_sgd or lrs["sgd"]}
-    args.config = QUICK_CONFIG if args.quick else FULL_CONFIG
-    args.out = args.out or ("e2e_quick" if args.quick else "e2e")
+    args.lrs = {"adamw": args.lrs_adamw or preset["lrs"]["adamw"],
+                "sgd": args.lrs_sgd or preset["lrs"]["sgd"]}
+    args.config = job_config(preset)
+    args.out = args.out or ("e2e" if args.preset == "full" else f"e2e_{args.preset}")
+    try:
+        args.method_table = method_table(preset, args.extra_methods)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.methods is None:
+        args.methods = DEFAULT_METHODS + [m for m in args.method_table
+                                          if m not in METHODS and m not in DEFAULT_METHODS]
+    unknown = [m for m in args.methods if m not in args.method_table]
+    if unknown:
+        parser.error(f"--methods {unknown} unknown: allowed {', '.join(args.method_table)}")
+    if len(set(args.methods)) != len(args.methods):
+        parser.error(f"--methods {args.methods} is invalid: a method appears twice")
     if args.world < 2:
         parser.error(f"--world {args.world} is invalid: allowed an int >= 2")
     if args.steps < 1:
@@ -193,20 +375,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--eval-every {args.eval_every} is invalid: allowed 1..{args.steps}")
     if any(r <= 0 for r in args.ratios):
         parser.error(f"--ratios {args.ratios} is invalid: allowed floats > 0")
-    if args.netem_seeds is None:
-        args.netem_seeds = list(args.seeds[:1])
-    if not args.netem_seeds or not set(args.netem_seeds) <= set(args.seeds):
-        parser.error(f"--netem-seeds {args.netem_seeds} is invalid: allowed a non-empty "
-                     f"subset of --seeds {args.seeds}")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        parser.error(f"--seeds {args.seeds} is invalid: allowed distinct ints >= 0")
+    if args.tuning_seed < 0 or args.tuning_seed in args.seeds:
+        parser.error(f"--tuning-seed {args.tuning_seed} is invalid: allowed an int >= 0 "
+                     f"not among --seeds {args.seeds} (tuning is done apart from reporting)")
     if "dense_fp32" not in args.methods:
         parser.error("--methods must include dense_fp32: it sets the target and the rate")
     if args.sweep_steps < 0:
         parser.error(f"--sweep-steps {args.sweep_steps} is invalid: allowed an int >= 0")
     if any(lr <= 0 for grid in args.lrs.values() for lr in grid):
         parser.error(f"learning rates must be > 0, got {args.lrs}")
+    if not args.slacks or any(s < 0 for s in args.slacks):
+        parser.error(f"--slacks {args.slacks} is invalid: allowed floats >= 0")
     if args.compute_seconds is not None and args.compute_seconds <= 0:
         parser.error(f"--compute-seconds {args.compute_seconds} is invalid: allowed > 0")
     return args
+
+
+def method_table(preset: Mapping[str, Any], extra: list[list[str]]) -> dict[str, Method]:
+    """The built-in methods with the preset's knob grids, then ``--method`` additions (a
+    name already taken replaces that method)."""
+    table = dict(METHODS)
+    for name, grid in preset["tune"].items():
+        table[name] = Method(table[name].name, table[name].mode, table[name].set, grid,
+                             table[name].about)
+    for tokens in extra:
+        method = parse_method(tokens)
+        table[method.name] = method
+    return table
+
+
+def validate_configs(args: argparse.Namespace, config_path: Path) -> None:
+    """Load the config of every (optimizer, method, setting) as distk-train would, so a
+    wrong key or value fails now, naming the method, instead of hours into the run."""
+    from distk.train.config import load_config
+
+    for opt in args.optimizers:
+        for name in args.methods:
+            method = args.method_table[name]
+            for setting in method.settings():
+                overrides = [*optimizer_sets(opt), f"train.lr={args.lrs[opt][0]}",
+                             *args.overrides, *method.overrides(setting, args.steps),
+                             f"sparsity.method={method.mode}"]
+                try:
+                    load_config(config_path, overrides)
+                except ValueError as err:
+                    raise SystemExit(f"e2e.py: method {name} ({opt}, setting "
+                                     f"{setting_label(setting)}) is not a valid distk-train "
+                                     f"config: {err}") from None
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -222,8 +439,9 @@ def optimizer_sets(opt: str) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in OPTIMIZERS[opt]["set"].items()]
 
 
-def train_command(args: argparse.Namespace, *, rate: str, method: str, opt: str, lr: float,
-                  seed: int, steps: int, run_dir: Path, config_path: Path) -> list[str]:
+def train_command(args: argparse.Namespace, *, rate: str, method: str,
+                  setting: Mapping[str, Any], opt: str, lr: float, seed: int, steps: int,
+                  run_dir: Path, config_path: Path) -> list[str]:
     """The netem.sh command line of one run (one rank of distk-train per namespace)."""
     eval_every = min(args.eval_every, steps)
     overrides = [f"run_root={json.dumps(str(run_dir.parent))}", f"train.steps={steps}",
@@ -231,7 +449,7 @@ def train_command(args: argparse.Namespace, *, rate: str, method: str, opt: str,
                  f"seed={seed}", *optimizer_sets(opt), f"train.lr={lr}", *args.overrides]
     cmd = netem_prefix(args, rate, run_dir / "logs") + [
         sys.executable, "-m", "distk.train", "--config", str(config_path),
-        "--name", run_dir.name, *METHODS[method]]
+        "--name", run_dir.name, *args.method_table[method].argv(setting, steps)]
     for item in overrides:
         cmd += ["--set", item]
     return cmd
@@ -240,15 +458,22 @@ def train_command(args: argparse.Namespace, *, rate: str, method: str, opt: str,
 def compute_command(args: argparse.Namespace, opt: str, config_path: Path) -> list[str]:
     cmd = netem_prefix(args, "none", timeout=1800) + [
         sys.executable, str(COMPUTE), "--config", str(config_path),
-        "--steps", str(args.calibrate_steps), "--warmup", "2"]
+        "--steps", str(args.calibrate_steps), "--warmup", "2", "--eval"]
     for item in [*optimizer_sets(opt), f"train.lr={args.lrs[opt][0]}", *args.overrides]:
         cmd += ["--set", item]
     return cmd
 
 
 def check_command(args: argparse.Namespace, rate: str) -> list[str]:
-    return netem_prefix(args, rate, timeout=300) + [
+    return netem_prefix(args, rate, timeout=600) + [
         sys.executable, str(CHECK), "--mb", str(args.check_mb), "--repeats", "2"]
+
+
+def _check_module() -> Any:
+    spec = importlib.util.spec_from_file_location("netem_check", CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def links(args: argparse.Namespace, bytes_per_rank: int, compute: float
@@ -256,7 +481,8 @@ def links(args: argparse.Namespace, bytes_per_rank: int, compute: float
     """(key, tc rate, R asked for, bits/s) of every link setting: one per ``--ratios``
     value (key "4"), or one per fixed ``--rates`` rate (key the rate, R not set)."""
     if args.rates:
-        return [(rate, rate, None, None) for rate in args.rates]
+        bits = _check_module().rate_bits_per_second
+        return [(rate, rate, None, bits(rate)) for rate in args.rates]
     return [(f"{ratio:g}", *_rate_of(bytes_per_rank, compute, ratio)) for ratio in args.ratios]
 
 
@@ -299,8 +525,26 @@ def run_json(cmd: list[str], env: dict[str, str], what: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def read_evals(metrics_path: Path) -> list[dict[str, Any]]:
+    """Every evaluation of a run from its ``metrics.jsonl``: step, training wall seconds,
+    validation loss, and the run's totals up to that step (bytes sent, dense fp32 bytes,
+    effective density) with the step's own density; a total the run did not log is None."""
+    evals = []
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if "val/loss" not in record or record.get("train/wall_seconds") is None:
+            continue
+        evals.append({"step": record["step"], "wall": record["train/wall_seconds"],
+                      "loss": record["val/loss"],
+                      "bytes": record.get("distk/total_bytes_sent"),
+                      "dense_bytes": record.get("distk/total_dense_bytes"),
+                      "density": record.get("distk/total_density"),
+                      "step_density": record.get("distk/density")})
+    return evals
+
+
 def run_training(cmd: list[str], run_dir: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run one training job; its result.json plus the (step, wall seconds, loss) curves."""
+    """Run one training job; its result.json plus its evaluations (``read_evals``)."""
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         logs = "\n".join(f"--- {p.name} ---\n{_tail(p)}"
@@ -308,18 +552,7 @@ def run_training(cmd: list[str], run_dir: Path, env: dict[str, str]) -> dict[str
         raise RuntimeError(f"run {run_dir} failed (exit {proc.returncode}):\n"
                            f"{proc.stderr[-2000:]}\n{logs}")
     result = json.loads((run_dir / "result.json").read_text())
-    val_curve, train_curve = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        wall = record.get("train/wall_seconds")
-        if wall is None:
-            continue
-        if "val/loss" in record:
-            val_curve.append((record["step"], wall, record["val/loss"]))
-        if "train/loss" in record:
-            train_curve.append((record["step"], wall, record["train/loss"]))
-    result["val_vs_wall"] = val_curve
-    result["train_vs_wall"] = train_curve
+    result["evals"] = read_evals(run_dir / "metrics.jsonl")
     return result
 
 
@@ -332,60 +565,88 @@ def select_lr(sweep: dict[float, dict[str, Any]]) -> float:
     return min(sweep, key=key)
 
 
-# -- summarising ---------------------------------------------------------------------------
-def time_to_target(val_vs_wall: list[list[float]], target: float
-                   ) -> tuple[float | None, int | None]:
-    """(wall seconds, step) of the first evaluation at or below ``target``, or (None, None)."""
-    for step, wall, loss in val_vs_wall:
-        if loss <= target:
-            return wall, step
-    return None, None
+# -- time to target ------------------------------------------------------------------------
+def crossings(losses: Sequence[float], target: float) -> tuple[int | None, int | None]:
+    """(first, stable) indices: the first evaluation at or below ``target``, and the first
+    after which every evaluation stays at or below it; None when there is none."""
+    first = next((i for i, loss in enumerate(losses) if loss <= target), None)
+    stable = None
+    for i in range(len(losses) - 1, -1, -1):
+        if losses[i] > target or not math.isfinite(losses[i]):
+            break
+        stable = i
+    return first, stable
 
 
-def loss_at_wall(val_vs_wall: list[list[float]], budget: float) -> float | None:
-    """Validation loss of the last evaluation at or before ``budget`` wall seconds."""
-    last = None
-    for _, wall, loss in val_vs_wall:
-        if wall <= budget * (1 + 1e-9):
-            last = loss
-    return last
-
-
-def compose(loss_run: dict[str, Any], timing_run: dict[str, Any], timing_seed: int
-            ) -> dict[str, Any]:
-    """A run on the unshaped link (``loss_run``) placed on the clock of the same method's
-    netem run of another seed (``timing_run``): the loss after a step does not depend on
-    the link and the time of a step does not depend on the seed, so each evaluation keeps
-    its loss and takes the wall time the netem run had at that step (linear between logged
-    steps). Timing totals (wall, selection, hook seconds) come from the netem run."""
-    clock = sorted({(0, 0.0)} | {(step, wall) for step, wall, _ in
-                                 timing_run["train_vs_wall"] + timing_run["val_vs_wall"]})
-    total_steps, total_wall = timing_run["steps"], timing_run["wall_seconds"]
-    if clock[-1][0] < total_steps:
-        clock.append((total_steps, total_wall))
-
-    def wall_at(step: int) -> float:
-        for (s0, w0), (s1, w1) in zip(clock, clock[1:]):
-            if s0 <= step <= s1:
-                return w0 if s1 == s0 else w0 + (w1 - w0) * (step - s0) / (s1 - s0)
-        return total_wall * step / total_steps
-
-    out = dict(loss_run)
-    for key in ("wall_seconds", "selection_seconds", "comm_seconds"):
-        out[key] = timing_run[key]
-    out["val_vs_wall"] = [(step, wall_at(step), loss) for step, _, loss in loss_run["val_vs_wall"]]
-    out["train_vs_wall"] = [(step, wall_at(step), loss)
-                            for step, _, loss in loss_run["train_vs_wall"]]
-    out["timing_from_seed"] = timing_seed
+def at_target(evals: Sequence[Mapping[str, Any]], target: float) -> dict[str, Any]:
+    """Where one run reaches ``target``: wall seconds and step of the first and of the
+    stable crossing (``crossings``), and at the stable one the bytes sent so far, their
+    fraction of dense fp32's, the effective density so far and the step's density."""
+    first, stable = crossings([e["loss"] for e in evals], target)
+    out: dict[str, Any] = {"first_s": None, "first_step": None, "stable_s": None,
+                           "stable_step": None, "mb": None, "bytes_fraction": None,
+                           "density": None, "step_density": None}
+    if first is not None:
+        out["first_s"], out["first_step"] = evals[first]["wall"], evals[first]["step"]
+    if stable is not None:
+        at = evals[stable]
+        out["stable_s"], out["stable_step"] = at["wall"], at["step"]
+        if at.get("bytes") is not None:
+            out["mb"] = at["bytes"] / 1e6
+            if at.get("dense_bytes"):
+                out["bytes_fraction"] = at["bytes"] / at["dense_bytes"]
+        out["density"], out["step_density"] = at.get("density"), at.get("step_density")
     return out
 
 
-def _mean(values: list[float | None]) -> float | None:
+def loss_at(evals: Sequence[Mapping[str, Any]], key: str, budget: float) -> float | None:
+    """Validation loss of the last evaluation whose ``key`` ("wall" or "bytes") is at or
+    below ``budget``; None when there is none (or the run did not log ``key``)."""
+    last = None
+    for e in evals:
+        if e.get(key) is not None and e[key] <= budget * (1 + 1e-9):
+            last = e["loss"]
+    return last
+
+
+def on_link_clock(evals: Sequence[Mapping[str, Any]], bits: float | None
+                  ) -> list[dict[str, Any]]:
+    """Evaluations of an unshaped run placed on a link of ``bits``/s: each wall time plus
+    the bytes sent so far x 8 / bits (the tuning stage's model; None = unchanged)."""
+    if not bits:
+        return [dict(e) for e in evals]
+    return [{**e, "wall": e["wall"] + (e.get("bytes") or 0) * 8 / bits} for e in evals]
+
+
+def choose_setting(candidates: Sequence[Mapping[str, Any]], target: float,
+                   bits: float | None) -> tuple[int, list[dict[str, Any]]]:
+    """(index of the best candidate, one score per candidate) at a link of ``bits``/s.
+    ``candidates`` are tuning runs (``evals``, ``final_val_loss``, ``bytes_sent``); the
+    best has the earliest stable time to ``target`` on that link's clock (``on_link_clock``),
+    else the lowest final loss, then the fewest bytes."""
+    scores = []
+    for run in candidates:
+        reached = at_target(on_link_clock(run["evals"], bits), target)
+        loss = run["final_val_loss"]
+        scores.append({"modelled_time_to_target_s": reached["stable_s"],
+                       "final_val_loss": loss, "mb": run["bytes_sent"] / 1e6})
+
+    def key(i: int) -> tuple[float, float, float]:
+        s = scores[i]
+        loss = s["final_val_loss"]
+        return (s["modelled_time_to_target_s"] if s["modelled_time_to_target_s"] is not None
+                else math.inf, loss if math.isfinite(loss) else math.inf, s["mb"])
+    return min(range(len(candidates)), key=key), scores
+
+
+# -- summarising ---------------------------------------------------------------------------
+def _mean(values: Sequence[float | None]) -> float | None:
+    """Mean over seeds, or None when any seed has no value."""
     vals = [v for v in values if v is not None]
     return statistics.fmean(vals) if len(vals) == len(values) and vals else None
 
 
-def _spread(values: list[float | None]) -> float | None:
+def _spread(values: Sequence[float | None]) -> float | None:
     """Half the max-min range over seeds (None if any is missing or there is one seed)."""
     vals = [v for v in values if v is not None]
     if len(vals) != len(values) or len(vals) < 2:
@@ -393,60 +654,90 @@ def _spread(values: list[float | None]) -> float | None:
     return (max(vals) - min(vals)) / 2
 
 
-def summarise(runs: dict[str, dict[str, Any]], compute: float, slack: float,
-              lrs: dict[str, float]) -> tuple[float, float, list[dict[str, Any]]]:
-    """(target, equal-wall budget, one row per method) of one (optimizer, R); ``runs`` maps
+def summarise(runs: Mapping[str, Mapping[str, Mapping[str, Any]]], compute: float,
+              slacks: Sequence[float], lrs: Mapping[str, float],
+              settings: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Targets, budgets and one row per method of one (optimizer, R); ``runs`` maps
     method -> seed -> result."""
-    target = _mean([r["final_val_loss"] for r in runs["dense_fp32"].values()]) * (1 + slack)
-    budget = min(statistics.fmean(r["wall_seconds"] for r in seeds.values())
-                 for seeds in runs.values())
-    base_tt = None
+    dense_final = _mean([r["final_val_loss"] for r in runs["dense_fp32"].values()])
+    targets = {f"{s:g}": dense_final * (1 + s) for s in slacks}
+    wall_budget = min(statistics.fmean(r["wall_seconds"] for r in seeds.values())
+                      for seeds in runs.values())
+    bytes_budget = min(statistics.fmean(r["bytes_sent"] for r in seeds.values())
+                       for seeds in runs.values())
     rows = []
     for method, seeds in runs.items():
         res = list(seeds.values())
-        tts = [time_to_target(r["val_vs_wall"], target)[0] for r in res]
         per_step = [r["wall_seconds"] / r["steps"] for r in res]
         sel = [r["selection_seconds"] / r["steps"] for r in res]
-        tt = _mean(tts)
-        if method == "dense_fp32":
-            base_tt = tt
         mean_step, mean_sel = statistics.fmean(per_step), statistics.fmean(sel)
-        rows.append({
-            "method": method, "lr": lrs[method], "seeds": len(res),
-            "time_to_target_s": tt, "time_to_target_spread": _spread(tts),
-            "reached": sum(t is not None for t in tts),
+        row: dict[str, Any] = {
+            "method": method, "setting": setting_label(settings[method]),
+            "lr": lrs[method], "seeds": len(res),
             "final_val_loss": _mean([r["final_val_loss"] for r in res]),
             "final_val_spread": _spread([r["final_val_loss"] for r in res]),
-            "val_at_equal_wall": _mean([loss_at_wall(r["val_vs_wall"], budget) for r in res]),
+            "val_at_equal_wall": _mean([loss_at(r["evals"], "wall", wall_budget)
+                                        for r in res]),
+            "val_at_equal_bytes": _mean([loss_at(r["evals"], "bytes", bytes_budget)
+                                         for r in res]),
             "s_per_step": mean_step, "compute_s_per_step": compute,
             "selection_s_per_step": mean_sel,
             "exposed_comm_s_per_step": max(0.0, mean_step - compute - mean_sel),
             "hook_comm_s_per_step": statistics.fmean(r["comm_seconds"] / r["steps"]
                                                      for r in res),
             "mb_per_step": statistics.fmean(r["bytes_sent"] / r["steps"] for r in res) / 1e6,
-        })
+            "total_mb": statistics.fmean(r["bytes_sent"] for r in res) / 1e6,
+            "targets": {},
+        }
+        for slack, target in targets.items():
+            reached = [at_target(r["evals"], target) for r in res]
+            stable = [a["stable_s"] for a in reached]
+            row["targets"][slack] = {
+                "reached": sum(t is not None for t in stable),
+                "time_to_target_s": _mean(stable), "time_to_target_spread": _spread(stable),
+                "first_crossing_s": _mean([a["first_s"] for a in reached]),
+                "stable_step": _mean([a["stable_step"] for a in reached]),
+                "mb_at_target": _mean([a["mb"] for a in reached]),
+                "bytes_fraction_at_target": _mean([a["bytes_fraction"] for a in reached]),
+                "density_at_target": _mean([a["density"] for a in reached]),
+                "step_density_at_target": _mean([a["step_density"] for a in reached]),
+            }
+        rows.append(row)
+    base = next(r for r in rows if r["method"] == "dense_fp32")
     for row in rows:
-        tt = row["time_to_target_s"]
-        row["speedup_vs_dense"] = base_tt / tt if base_tt and tt else None
-    return target, budget, rows
+        for slack, block in row["targets"].items():
+            dense_tt = base["targets"][slack]["time_to_target_s"]
+            tt = block["time_to_target_s"]
+            block["speedup_vs_dense"] = dense_tt / tt if dense_tt and tt else None
+    return {"targets": targets, "equal_wall_budget_s": wall_budget,
+            "equal_bytes_budget_mb": bytes_budget / 1e6, "rows": rows}
 
 
 COLUMNS = [
-    ("method", "method", "s"), ("lr", "lr", "g"),
-    ("reached", "seeds at target", "d"),
-    ("time_to_target_s", "time to target s", ".1f"), ("time_to_target_spread", "+-", ".1f"),
-    ("speedup_vs_dense", "vs dense fp32", ".2f"),
+    ("method", "method", "s"), ("setting", "setting", "s"), ("lr", "lr", "g"),
     ("final_val_loss", "val @ end", ".4f"), ("final_val_spread", "+-", ".4f"),
     ("val_at_equal_wall", "val @ equal wall", ".4f"),
+    ("val_at_equal_bytes", "val @ equal bytes", ".4f"),
     ("s_per_step", "s/step", ".3f"), ("compute_s_per_step", "compute", ".3f"),
     ("selection_s_per_step", "selection", ".3f"),
     ("exposed_comm_s_per_step", "exposed comm", ".3f"), ("mb_per_step", "MB/step", ".3f"),
+    ("total_mb", "MB total", ".1f"),
+]
+TARGET_COLUMNS = [
+    ("method", "method", "s"), ("reached", "seeds at target", "d"),
+    ("time_to_target_s", "time to target s", ".1f"), ("time_to_target_spread", "+-", ".1f"),
+    ("first_crossing_s", "first crossing s", ".1f"),
+    ("speedup_vs_dense", "vs dense fp32", ".2f"), ("stable_step", "step", ".0f"),
+    ("mb_at_target", "MB at target", ".1f"),
+    ("bytes_fraction_at_target", "of dense bytes", ".3f"),
+    ("density_at_target", "eff. density", ".4f"),
+    ("step_density_at_target", "step density", ".4f"),
 ]
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(results: Mapping[str, Any], path: Path) -> None:
     """Validation loss against wall time: mean over seeds, min-max band; one panel per
-    (optimizer, R)."""
+    (optimizer, R), the targets dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -462,101 +753,120 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax = axes[row][col]
             ax.set_visible(True)
             for i, (method, seeds) in enumerate(block["runs"].items()):
-                curves = [r["val_vs_wall"] for r in seeds.values()]
+                curves = [r["evals"] for r in seeds.values()]
                 n = min(len(c) for c in curves)
                 if not n:
                     continue
-                wall = [statistics.fmean(c[j][1] for c in curves) for j in range(n)]
-                loss = [[c[j][2] for c in curves] for j in range(n)]
+                wall = [statistics.fmean(c[j]["wall"] for c in curves) for j in range(n)]
+                loss = [[c[j]["loss"] for c in curves] for j in range(n)]
+                setting = block["settings"][method]
+                label = method + (f" ({setting_label(setting)})" if setting else "")
                 ax.plot(wall, [statistics.fmean(v) for v in loss], "o-", color=f"C{i}",
-                        markersize=3, label=method)
+                        markersize=3, label=label)
                 if len(curves) > 1:
                     ax.fill_between(wall, [min(v) for v in loss], [max(v) for v in loss],
                                     color=f"C{i}", alpha=0.2)
-            ax.axhline(block["target"], color="grey", linestyle="--", linewidth=1,
-                       label=f"target {block['target']:.3f}")
+            for j, (slack, target) in enumerate(block["summary"]["targets"].items()):
+                ax.axhline(target, color="grey", linestyle=("--", ":")[j % 2], linewidth=1,
+                           label=f"target +{float(slack):.0%} {target:.3f}")
             label = f"R={key}" if block["ratio"] is not None else "fixed rate"
             ax.set_title(f"{opt}, {label} ({block['rate']}, all-reduce check "
                          f"{block['check_gbit_per_s'] or float('nan'):.3f} Gbit/s)", fontsize=9)
             ax.set_xlabel("training wall time (s)")
             ax.set_ylabel("validation loss (nats/byte)")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6)
     fig.suptitle("validation loss vs training wall time, dilated emulation\n"
-                 "(mean over seeds, band = min..max)", fontsize=10)
+                 "(mean over the reported seeds, band = min..max)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; see the module docstring."""
-    args = parse_args(argv)
-    root = ROOT / "runs" / "e2e" / args.out
-    config_path = root / "config.json"
-    if args.dry_run:
-        root.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(args.config, indent=2) + "\n")
-        compute = args.compute_seconds or 0.1
-        nbytes = dense_bytes_per_rank(args, config_path)
-        print(f"# dense all-reduce: {nbytes / 1e6:.3f} MB per rank; rates below assume "
-              f"compute = {compute} s/step (--compute-seconds)")
-        for opt in args.optimizers:
-            if args.compute_seconds is None:
-                print(" ".join(compute_command(args, opt, config_path)))
+# -- the protocol --------------------------------------------------------------------------
+def plan(args: argparse.Namespace) -> dict[str, int]:
+    """Runs of each stage, summed over ``--optimizers``: learning-rate sweep
+    (``--sweep-steps`` each, unshaped), tuning (``--steps``, unshaped), measurement
+    (``--steps``, under netem)."""
+    methods = [args.method_table[m] for m in args.methods]
+    tune_runs = sum(len(m.settings()) for m in methods if len(m.settings()) > 1)
+    out = {"sweep_runs": 0, "tune_runs": 0, "netem_runs": 0}
+    for opt in args.optimizers:
+        if args.sweep_steps and len(args.lrs[opt]) > 1:
+            out["sweep_runs"] += len(methods) * len(args.lrs[opt])
+        out["tune_runs"] += tune_runs + (1 if tune_runs else 0)  # + dense fp32's reference
+        out["netem_runs"] += len(methods) * len(args.seeds) * len(args.rates or args.ratios)
+    return out
+
+
+def dry_run(args: argparse.Namespace, root: Path, config_path: Path) -> int:
+    compute = args.compute_seconds or 0.1
+    nbytes = dense_bytes_per_rank(args, config_path)
+    counts = plan(args)
+    print(f"# preset {args.preset}: {args.world} ranks; dense all-reduce {nbytes / 1e6:.3f} "
+          f"MB per rank; rates below assume compute = {compute} s/step (--compute-seconds)")
+    print(f"# runs: sweep {counts['sweep_runs']} x {args.sweep_steps} steps (unshaped), "
+          f"tuning {counts['tune_runs']} x {args.steps} steps (unshaped), measured "
+          f"{counts['netem_runs']} x {args.steps} steps (netem)")
+    for opt in args.optimizers:
+        if args.compute_seconds is None:
+            print(" ".join(compute_command(args, opt, config_path)))
+        lr = args.lrs[opt][len(args.lrs[opt]) // 2]
+        for name in args.methods:
+            method = args.method_table[name]
+            sweep_setting = method.settings()[0]
             if args.sweep_steps and len(args.lrs[opt]) > 1:
-                for method in args.methods:
-                    for lr in args.lrs[opt]:
-                        print(" ".join(train_command(
-                            args, rate="none", method=method, opt=opt, lr=lr, seed=0,
-                            steps=args.sweep_steps, config_path=config_path,
-                            run_dir=root / opt / "sweep" / f"{method}-lr{lr:g}")))
-            for key, rate, ratio, _ in links(args, nbytes, compute):
-                if ratio is not None:
-                    print(f"# R={key}: rate = bytes_per_rank * 8 / ({key} x compute)")
-                if args.sweep_steps and len(args.lrs[opt]) > 1:
-                    print("# train.lr below: each method's rate chosen by the sweep (shown: "
-                          "the grid's first point)")
-                for method in args.methods:
-                    for seed in args.netem_seeds:
-                        print(" ".join(train_command(
-                            args, rate=rate, method=method, opt=opt, lr=args.lrs[opt][0],
-                            seed=seed, steps=args.steps, config_path=config_path,
-                            run_dir=root / opt / f"R{key}" / f"{method}-s{seed}")))
-            unshaped_seeds = [s for s in args.seeds if s not in args.netem_seeds]
-            if unshaped_seeds:
-                print(f"# seeds {unshaped_seeds}: once per method on the unshaped link, "
-                      f"placed on seed {args.netem_seeds[0]}'s netem clock at each R")
-            for method in args.methods:
-                for seed in unshaped_seeds:
+                for grid_lr in args.lrs[opt]:
                     print(" ".join(train_command(
-                        args, rate="none", method=method, opt=opt, lr=args.lrs[opt][0],
+                        args, rate="none", method=name, setting=sweep_setting, opt=opt,
+                        lr=grid_lr, seed=args.tuning_seed, steps=args.sweep_steps,
+                        config_path=config_path,
+                        run_dir=root / opt / "sweep" / f"{name}-lr{grid_lr:g}")))
+        print("# tuning (train.lr below: the grid's middle; the sweep chooses it)")
+        for name in args.methods:
+            method = args.method_table[name]
+            if len(method.settings()) < 2 and name != "dense_fp32":
+                continue
+            for i, setting in enumerate(method.settings()):
+                print(" ".join(train_command(
+                    args, rate="none", method=name, setting=setting, opt=opt, lr=lr,
+                    seed=args.tuning_seed, steps=args.steps, config_path=config_path,
+                    run_dir=root / opt / "tune" / f"{name}-{i}")))
+        for key, rate, ratio, _ in links(args, nbytes, compute):
+            if ratio is not None:
+                print(f"# R={key}: rate = bytes_per_rank * 8 / ({key} x compute); tuned "
+                      "methods at their first setting below (the tuning chooses per R)")
+            for name in args.methods:
+                setting = args.method_table[name].settings()[0]
+                for seed in args.seeds:
+                    print(" ".join(train_command(
+                        args, rate=rate, method=name, setting=setting, opt=opt, lr=lr,
                         seed=seed, steps=args.steps, config_path=config_path,
-                        run_dir=root / opt / "unshaped" / f"{method}-s{seed}")))
-        return 0
-    if os.geteuid() != 0:
-        print("e2e.py: must run as root: it builds network namespaces with "
-              "launchers/netem.sh (try: sudo .venv/bin/python benchmarks/e2e.py ...)",
-              file=sys.stderr)
-        return 1
-    root.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(args.config, indent=2) + "\n")
+                        run_dir=root / opt / f"R{key}" / f"{name}-s{seed}")))
+    return 0
+
+
+def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
+                 ) -> dict[str, Any]:
+    """Every stage for every optimizer (module docstring); the results per optimizer."""
     # A prefix of its own (unless DISTK_NETEM_PREFIX says otherwise): never collides with
     # a netem.sh run started by hand.
     env = {**os.environ, "DISTK_NETEM_PREFIX": os.environ.get("DISTK_NETEM_PREFIX",
                                                               "distk-e2e"),
-           "WANDB_MODE": "disabled",
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    started = time.perf_counter()
-    sweeping = args.sweep_steps > 0
-    total = sum((len(args.methods) * len(args.lrs[o]) if sweeping and len(args.lrs[o]) > 1
-                 else 0) + len(args.methods) * (len(args.ratios) * len(args.netem_seeds)
-                                                 + len(args.seeds) - len(args.netem_seeds))
-                for o in args.optimizers)
-    bar = tqdm(total=total, desc="e2e", unit="run")
+           "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    counts = plan(args)
+    bar = tqdm(total=counts["sweep_runs"] + counts["tune_runs"] + counts["netem_runs"],
+               desc="e2e", unit="run")
+    methods = {name: args.method_table[name] for name in args.methods}
+    first_slack = args.slacks[0]
     results: dict[str, Any] = {}
     for opt in args.optimizers:
-        table: dict[str, Any] = {"ratios": {}, "sweep": {}}
+        table: dict[str, Any] = {"ratios": {}, "sweep": {}, "tuning": {},
+                                 "methods": {name: {"mode": m.mode, "set": dict(m.set),
+                                                    "tune": {k: list(v)
+                                                             for k, v in m.tune.items()},
+                                                    "about": m.about}
+                                             for name, m in methods.items()}}
         results[opt] = table
         # 1. calibrate
         if args.compute_seconds is not None:
@@ -567,83 +877,149 @@ def main(argv: list[str] | None = None) -> int:
             calib = run_json(compute_command(args, opt, config_path), env, "calibration")
         table["calibration"] = calib
         compute = calib["compute_seconds"]
-        # 2. sweep
-        chosen: dict[str, float] = {}
-        for method in args.methods:
-            grid = args.lrs[opt]
-            if not sweeping or len(grid) == 1:
-                chosen[method] = grid[len(grid) // 2]
+        link_list = links(args, calib["dense_bytes_per_rank"], compute)
+
+        def train(*, rate: str, method: str, setting: Mapping[str, Any], lr: float,
+                  seed: int, steps: int, run_dir: Path, what: str,
+                  opt: str = opt) -> dict[str, Any]:
+            bar.set_postfix_str(f"{opt} {what}")
+            result = run_training(train_command(
+                args, rate=rate, method=method, setting=setting, opt=opt, lr=lr, seed=seed,
+                steps=steps, run_dir=run_dir, config_path=config_path), run_dir, env)
+            bar.update()
+            return result
+
+        # 2. learning rate, on the tuning seed, each method at its first setting
+        chosen_lr: dict[str, float] = {}
+        grid = args.lrs[opt]
+        for name, method in methods.items():
+            if args.sweep_steps == 0 or len(grid) == 1:
+                chosen_lr[name] = grid[len(grid) // 2]
                 continue
-            sweep = {}
-            for lr in grid:
-                bar.set_postfix_str(f"{opt} sweep {method} lr={lr:g}")
-                run_dir = root / opt / "sweep" / f"{method}-lr{lr:g}"
-                sweep[lr] = run_training(train_command(
-                    args, rate="none", method=method, opt=opt, lr=lr, seed=0,
-                    steps=args.sweep_steps, run_dir=run_dir, config_path=config_path),
-                    run_dir, env)
-                bar.update()
-            chosen[method] = select_lr(sweep)
-            table["sweep"][method] = {
+            sweep = {lr: train(rate="none", method=name, setting=method.settings()[0],
+                               lr=lr, seed=args.tuning_seed, steps=args.sweep_steps,
+                               run_dir=root / opt / "sweep" / f"{name}-lr{lr:g}",
+                               what=f"sweep {name} lr={lr:g}")
+                     for lr in grid}
+            chosen_lr[name] = select_lr(sweep)
+            table["sweep"][name] = {
                 f"{lr:g}": {"final_val_loss": r["final_val_loss"],
                             "edge": lr in (min(grid), max(grid))} for lr, r in sweep.items()}
-        table["lr"] = chosen
-        unshaped_seeds = [s for s in args.seeds if s not in args.netem_seeds]
-        unshaped: dict[tuple[str, int], dict[str, Any]] = {}
-        table["netem_seeds"], table["unshaped_seeds"] = list(args.netem_seeds), unshaped_seeds
-        # 3. measure at each R (or each fixed --rates rate)
-        for key, rate, ratio, bits in links(args, calib["dense_bytes_per_rank"], compute):
+        table["lr"] = chosen_lr
+        # 3. knobs, on the tuning seed: full-length runs on the unshaped link, each R's
+        # clock modelled from the bytes they sent
+        chosen: dict[str, dict[str, dict[str, Any]]] = {
+            name: {key: m.settings()[0] for key, *_ in link_list}
+            for name, m in methods.items()}
+        tuned = [name for name, m in methods.items() if len(m.settings()) > 1]
+        if tuned:
+            reference = train(rate="none", method="dense_fp32", setting={},
+                              lr=chosen_lr["dense_fp32"], seed=args.tuning_seed,
+                              steps=args.steps, run_dir=root / opt / "tune" / "dense_fp32-0",
+                              what="tune dense_fp32")
+            tune_target = reference["final_val_loss"] * (1 + first_slack)
+            table["tuning"] = {"target": tune_target, "slack": first_slack,
+                               "reference_final_val_loss": reference["final_val_loss"],
+                               "methods": {}}
+            for name in tuned:
+                settings = methods[name].settings()
+                candidates = [train(rate="none", method=name, setting=setting,
+                                    lr=chosen_lr[name], seed=args.tuning_seed,
+                                    steps=args.steps,
+                                    run_dir=root / opt / "tune" / f"{name}-{i}",
+                                    what=f"tune {name} {setting_label(setting)}")
+                              for i, setting in enumerate(settings)]
+                report = {"candidates": [{"setting": s, "label": setting_label(s)}
+                                         for s in settings], "chosen": {}}
+                for key, _, _, bits in link_list:
+                    best, scores = choose_setting(candidates, tune_target, bits)
+                    chosen[name][key] = settings[best]
+                    report["chosen"][key] = setting_label(settings[best])
+                    for cand, score in zip(report["candidates"], scores):
+                        cand.setdefault("by_link", {})[key] = score
+                for cand, run in zip(report["candidates"], candidates):
+                    cand["final_val_loss"] = run["final_val_loss"]
+                    cand["unshaped_s_per_step"] = run["wall_seconds"] / run["steps"]
+                    cand["mb_per_step"] = run["bytes_sent"] / run["steps"] / 1e6
+                table["tuning"]["methods"][name] = report
+        # 4. measure: every reported seed under netem at every R
+        for key, rate, ratio, bits in link_list:
             check = None
             if args.check_mb:
                 bar.set_postfix_str(f"{opt} R={key} check")
                 check = run_json(check_command(args, rate), env, "all-reduce check")
             runs: dict[str, dict[str, Any]] = {}
-            for method in args.methods:
-                runs[method] = {}
-                for seed in args.netem_seeds:
-                    bar.set_postfix_str(f"{opt} R={key} {method} seed {seed}")
-                    run_dir = root / opt / f"R{key}" / f"{method}-s{seed}"
-                    runs[method][str(seed)] = run_training(train_command(
-                        args, rate=rate, method=method, opt=opt, lr=chosen[method],
-                        seed=seed, steps=args.steps, run_dir=run_dir,
-                        config_path=config_path), run_dir, env)
-                    bar.update()
-                clock_seed = args.netem_seeds[0]
-                for seed in unshaped_seeds:
-                    if (method, seed) not in unshaped:
-                        bar.set_postfix_str(f"{opt} unshaped {method} seed {seed}")
-                        run_dir = root / opt / "unshaped" / f"{method}-s{seed}"
-                        unshaped[method, seed] = run_training(train_command(
-                            args, rate="none", method=method, opt=opt, lr=chosen[method],
-                            seed=seed, steps=args.steps, run_dir=run_dir,
-                            config_path=config_path), run_dir, env)
-                        bar.update()
-                    runs[method][str(seed)] = compose(unshaped[method, seed],
-                                                      runs[method][str(clock_seed)], clock_seed)
-            target, budget, rows = summarise(runs, compute, args.target_slack, chosen)
-            dense = next(r for r in rows if r["method"] == "dense_fp32")
+            for name in methods:
+                runs[name] = {str(seed): train(
+                    rate=rate, method=name, setting=chosen[name][key], lr=chosen_lr[name],
+                    seed=seed, steps=args.steps,
+                    run_dir=root / opt / f"R{key}" / f"{name}-s{seed}",
+                    what=f"R={key} {name} seed {seed}") for seed in args.seeds}
+            settings = {name: chosen[name][key] for name in methods}
+            summary = summarise(runs, compute, args.slacks, chosen_lr, settings)
+            dense = next(r for r in summary["rows"] if r["method"] == "dense_fp32")
             table["ratios"][key] = {
-                "ratio": ratio, "rate": rate, "rate_bits_per_s": bits,
-                "check": check,
+                "ratio": ratio, "rate": rate, "rate_bits_per_s": bits, "check": check,
                 "check_gbit_per_s": check["achieved_gbit_per_s"] if check else None,
                 "measured_ratio": (dense["s_per_step"] - compute) / compute,
-                "target": target, "equal_wall_budget_s": budget, "rows": rows, "runs": runs}
+                "settings": settings, "summary": summary, "runs": runs}
+            for name in tuned:
+                # The tuning's clock model against this R's measurement of the setting.
+                report = table["tuning"]["methods"][name]
+                cand = next(c for c in report["candidates"]
+                            if c["setting"] == chosen[name][key])
+                row = next(r for r in summary["rows"] if r["method"] == name)
+                report.setdefault("model_check", {})[key] = {
+                    "modelled_s_per_step": cand["unshaped_s_per_step"]
+                    + (cand["mb_per_step"] * 8e6 / bits if bits else 0.0),
+                    "measured_s_per_step": row["s_per_step"]}
     bar.close()
+    return results
 
+
+def print_results(results: Mapping[str, Any]) -> None:
     for opt, table in results.items():
         c = table["calibration"]
         print(f"\n## {opt}: dense compute {c['compute_seconds']:.4f} s/step, "
               f"{c['dense_bytes_per_rank'] / 1e6:.3f} MB per rank per dense all-reduce; "
-              f"lr {table['lr']}; seeds under netem {table['netem_seeds']}, on the "
-              f"unshaped link with the netem clock {table['unshaped_seeds'] or '-'}")
+              f"lr {table['lr']}")
+        for name, report in table["tuning"].get("methods", {}).items():
+            print(f"tuned {name} (tuning seed, target {table['tuning']['target']:.4f}): "
+                  + ", ".join(f"R={k}: {v}" for k, v in report["chosen"].items()))
         for key, block in table["ratios"].items():
+            summary = block["summary"]
             print(f"\n### {opt} R={key}: rate {block['rate']}, all-reduce check "
                   f"{block['check_gbit_per_s'] or float('nan'):.3f} Gbit/s, dense fp32 "
                   f"measured (s/step - compute) / compute = {block['measured_ratio']:.2f}, "
-                  f"target {block['target']:.4f}, equal wall {block['equal_wall_budget_s']:.1f} s")
-            print_table(block["rows"], COLUMNS)
-    payload = {"args": {k: str(v) if isinstance(v, Path) else v
-                        for k, v in vars(args).items() if k != "config"},
+                  f"equal wall {summary['equal_wall_budget_s']:.1f} s, equal bytes "
+                  f"{summary['equal_bytes_budget_mb']:.1f} MB")
+            print_table(summary["rows"], COLUMNS)
+            for slack, target in summary["targets"].items():
+                print(f"\ntarget +{float(slack):.0%}: {target:.4f}")
+                print_table([{"method": r["method"], **r["targets"][slack]}
+                             for r in summary["rows"]], TARGET_COLUMNS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; see the module docstring."""
+    args = parse_args(argv)
+    root = ROOT / "runs" / "e2e" / args.out
+    config_path = root / "config.json"
+    root.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(args.config, indent=2) + "\n")
+    validate_configs(args, config_path)
+    if args.dry_run:
+        return dry_run(args, root, config_path)
+    if os.geteuid() != 0:
+        print("e2e.py: must run as root: it builds network namespaces with "
+              "launchers/netem.sh (try: sudo .venv/bin/python benchmarks/e2e.py ...)",
+              file=sys.stderr)
+        return 1
+    started = time.perf_counter()
+    results = run_protocol(args, root, config_path)
+    print_results(results)
+    payload = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                        if k not in ("config", "method_table")},
                "train_config": args.config, "results": results,
                "total_seconds": time.perf_counter() - started}
     path = write_results(args.out, payload, args.results_dir)

@@ -2,7 +2,8 @@
 # Emulate a slow cluster network on one machine: N network namespaces ("hosts") joined
 # through rate-limited veth links to one Linux bridge, and a launcher that runs one rank
 # (or one torchrun node) per host, so every byte between ranks crosses a rate-limited link.
-# Root only. Full documentation, with the exact benchmark commands: docs/netem.md.
+# Root only; needs iproute2 (ip, tc) and ethtool. Full documentation, with the exact
+# benchmark commands: docs/netem.md.
 #
 #   netem.sh up N RATE [LATENCY]        build hosts distk-h0..distk-h{N-1}
 #   netem.sh down                       remove every namespace this script built
@@ -21,7 +22,9 @@
 # LATENCY: one-way delay added host to host, a tc time (0.1ms, 100us, 2ms) or 0 (default).
 # Each host's link is limited to RATE in each direction (egress of both veth ends, like a
 # full-duplex switch port), so a host sends at most RATE and receives at most RATE; a flow
-# between two hosts crosses two limited links in series and gets RATE, not RATE/2.
+# between two hosts crosses two limited links in series and gets RATE, not RATE/2. The
+# shaper's bucket holds 1 ms of link time (at least one frame) and segmentation offloads
+# are off, so a small message after an idle period also takes the time RATE implies.
 # Addresses: host I is 198.18.0.(I+1)/24 (RFC 2544 benchmarking range), MASTER_ADDR is
 # host 0 = 198.18.0.1. Environment: DISTK_NETEM_PREFIX (namespace prefix, default distk),
 # MASTER_PORT (default 29500), NPROC_PER_NODE (torchrun form, default 1),
@@ -54,6 +57,15 @@ require_root() {
     for tool in ip tc; do
         command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found (install iproute2)"
     done
+}
+
+# ethtool turns segmentation offloads off on the links (see shape); only the commands that
+# build links need it, so 'down' and 'status' still work without it.
+require_ethtool() {
+    command -v ethtool >/dev/null 2>&1 \
+        || die "'ethtool' not found: it turns segmentation offloads off on the veth links," \
+               "without which the rate limit lets small messages through at line speed" \
+               "(install it: apt-get install ethtool)"
 }
 
 bridge_ns() { echo "${PREFIX}-br"; }
@@ -94,22 +106,48 @@ rate_bytes_per_second() {
         printf "%.0f\n", bytes }'
 }
 
+# Turn segmentation and receive offloads off on DEV in namespace NS: with them veth hands
+# the qdisc 64 KiB super-packets, so the bucket would have to hold 64 KiB and a message of
+# that size would cross an idle link at line speed. Without them every packet is at most
+# one MTU-sized frame.
+offloads_off() {
+    local ns="$1" dev="$2"
+    ip netns exec "$ns" ethtool -K "$dev" tso off gso off gro off >/dev/null 2>&1 \
+        || die "ethtool -K $dev tso off gso off gro off failed in namespace $ns"
+}
+
+# Largest frame tbf sees on DEV: the MTU plus the link-layer header (14 bytes on Ethernet).
+frame_bytes() {
+    local ns="$1" dev="$2" mtu
+    mtu="$(ip netns exec "$ns" cat "/sys/class/net/$dev/mtu")"
+    echo $((mtu + 14))
+}
+
+# tbf parameters for RATE (bytes/s) and the largest frame: "BURST LIMIT" in bytes.
+# Bucket: 1 ms of link time, never less than one frame plus 64 bytes (tbf drops a packet
+# larger than its bucket, and tc rounds the bucket to its clock's ticks, so it is given a
+# little room over the frame). Queue: 50 ms of traffic, at least 100 frames, so TCP is
+# paced by the shaper rather than by drops, also when several hosts send to one.
+tbf_sizes() {
+    local bps="$1" frame="$2" burst limit
+    burst=$(( bps / 1000 > frame + 64 ? bps / 1000 : frame + 64 ))
+    limit=$(( bps / 20 > 100 * frame ? bps / 20 : 100 * frame ))
+    echo "$burst $limit"
+}
+
 # Limit egress of DEV in namespace NS to RATE, delaying every packet by DELAY first.
 shape() {
     local ns="$1" dev="$2" rate="$3" delay="$4" parent="root"
+    offloads_off "$ns" "$dev"
     if [ "$delay" != 0 ]; then
         ip netns exec "$ns" tc qdisc add dev "$dev" root handle 1: netem delay "$delay" \
             limit 100000
         parent="parent 1:1"
     fi
     [ "$rate" = none ] && return 0
-    local bps burst limit
-    bps="$(rate_bytes_per_second "$rate")"
-    # Bucket: 1 ms of traffic, at least 128 KiB so a 64 KiB GSO super-packet (veth does
-    # segmentation offload) always fits. Queue: 50 ms of traffic, at least 4 buckets, so
-    # TCP is paced by the shaper rather than by drops.
-    burst=$(( bps / 1000 > 131072 ? bps / 1000 : 131072 ))
-    limit=$(( bps / 20 > 4 * burst ? bps / 20 : 4 * burst ))
+    local burst limit
+    read -r burst limit < <(tbf_sizes "$(rate_bytes_per_second "$rate")" \
+                                      "$(frame_bytes "$ns" "$dev")")
     # shellcheck disable=SC2086  # $parent is two words on purpose
     ip netns exec "$ns" tc qdisc add dev "$dev" $parent handle 10: tbf rate "$rate" \
         burst "$burst" limit "$limit"
@@ -263,6 +301,7 @@ cmd_run() {
     fi
     [ -z "$log_dir" ] || mkdir -p "$log_dir"
 
+    require_ethtool
     claim_prefix
     trap on_exit EXIT
     trap 'note "interrupted: stopping all ranks"; exit 130' INT
@@ -359,6 +398,7 @@ main() {
         up)
             [ $# -ge 2 ] && [ $# -le 3 ] || die "usage: $SELF up N RATE [LATENCY]"
             check_count "$1"; check_rate "$2"; check_latency "${3:-0}"
+            require_ethtool
             claim_prefix
             # A half-built network (a failing ip/tc command exits under set -e) is torn
             # down again.

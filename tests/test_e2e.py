@@ -1,10 +1,11 @@
 """benchmarks/e2e.py: the dilated time-to-quality protocol with PyTorch's hooks beside distk.
 
-The pure parts (the dilated rate, the lr selection rule, time to target, loss at equal
-wall time) run everywhere. ``--quick`` runs end to end only as root with iproute2 (it
+The pure parts (the dilated rate, the learning-rate rule, method declarations, stable and
+first crossings, losses at equal wall time and bytes, the tuning's link clock and choice)
+run everywhere. ``--quick`` runs end to end only as root with iproute2 and ethtool (it
 builds network namespaces), under a timeout and a namespace prefix of its own; it checks
 the plumbing (every method present with finite losses and bytes, sparse bytes below
-dense), not the speed.
+dense, every reported seed timed under netem, the tuning stage's choice), not the speed.
 """
 
 from __future__ import annotations
@@ -29,8 +30,15 @@ def _e2e_module():
     sys.path.insert(0, str(E2E.parent))
     spec = importlib.util.spec_from_file_location("e2e_bench", E2E)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _evals(*points):
+    """Evaluations from (step, wall, loss, bytes) tuples; dense bytes = 10 x step."""
+    return [{"step": s, "wall": w, "loss": loss, "bytes": b, "dense_bytes": 10 * s,
+             "density": b / (10 * s), "step_density": 0.01} for s, w, loss, b in points]
 
 
 def test_dilated_rate_makes_dense_comm_r_times_compute():
@@ -41,47 +49,143 @@ def test_dilated_rate_makes_dense_comm_r_times_compute():
     assert e2e.dilated_rate(1_000_000, 0.1, 16.0)[1] == pytest.approx(5e6)
 
 
-def test_lr_rule_time_to_target_and_equal_wall():
+def test_lr_rule():
     e2e = _e2e_module()
     sweep = {1e-3: {"final_val_loss": 2.5}, 2e-3: {"final_val_loss": 2.4},
              4e-3: {"final_val_loss": float("nan")}}
     assert e2e.select_lr(sweep) == 2e-3
     assert e2e.select_lr({0.1: {"final_val_loss": 2.0}, 0.3: {"final_val_loss": 2.0}}) == 0.1
-    curve = [[4, 1.0, 3.0], [8, 2.0, 2.5], [12, 3.0, 2.4]]
-    assert e2e.time_to_target(curve, 2.5) == (2.0, 8)
-    assert e2e.time_to_target(curve, 2.0) == (None, None)
-    assert e2e.loss_at_wall(curve, 2.5) == 2.5 and e2e.loss_at_wall(curve, 0.5) is None
 
 
-def test_compose_places_an_unshaped_seed_on_the_netem_clock():
+def test_stable_and_first_crossing():
     e2e = _e2e_module()
-    # The netem seed logged steps 0..8 at uneven times (a slow dense start); the unshaped
-    # seed has its own losses and a fast clock, which must be replaced.
-    timing = {"steps": 8, "wall_seconds": 10.0, "selection_seconds": 1.0,
-              "comm_seconds": 3.0,
-              "train_vs_wall": [[4, 6.0, 3.1], [8, 10.0, 2.9]],
-              "val_vs_wall": [[4, 6.0, 3.2], [8, 10.0, 3.0]]}
-    loss_run = {"steps": 8, "wall_seconds": 2.0, "selection_seconds": 0.5,
-                "comm_seconds": 0.1, "final_val_loss": 2.8,
-                "train_vs_wall": [[2, 0.5, 3.3], [8, 2.0, 2.7]],
-                "val_vs_wall": [[4, 1.0, 3.0], [8, 2.0, 2.8]]}
-    out = e2e.compose(loss_run, timing, timing_seed=0)
-    assert out["val_vs_wall"] == [(4, 6.0, 3.0), (8, 10.0, 2.8)]
-    assert out["train_vs_wall"] == [(2, 3.0, 3.3), (8, 10.0, 2.7)]  # step 2: 0..6 s linear
-    assert (out["wall_seconds"], out["selection_seconds"], out["comm_seconds"]) == (10.0, 1.0,
-                                                                                      3.0)
-    assert out["final_val_loss"] == 2.8 and out["timing_from_seed"] == 0
-    assert loss_run["wall_seconds"] == 2.0  # the input is not modified
+    # One dip below the target at index 1, back above, then below for good from index 3:
+    # the first crossing is the dip, the stable one is index 3.
+    assert e2e.crossings([3.0, 2.49, 2.6, 2.5, 2.4], 2.5) == (1, 3)
+    assert e2e.crossings([3.0, 2.4, 2.6], 2.5) == (1, None)   # ends above: never stable
+    assert e2e.crossings([3.0, 2.9], 2.5) == (None, None)
+    assert e2e.crossings([2.4, float("nan")], 2.5) == (0, None)
+    assert e2e.crossings([], 2.5) == (None, None)
+    evals = _evals((25, 10.0, 3.0, 100), (50, 20.0, 2.49, 150), (75, 30.0, 2.6, 200),
+                   (100, 40.0, 2.5, 250), (125, 50.0, 2.4, 300))
+    reached = e2e.at_target(evals, 2.5)
+    assert (reached["first_s"], reached["first_step"]) == (20.0, 50)
+    assert (reached["stable_s"], reached["stable_step"]) == (40.0, 100)
+    # At the stable crossing: 250 bytes sent of dense fp32's 1000, effective density 0.25.
+    assert reached["mb"] == pytest.approx(250 / 1e6)
+    assert reached["bytes_fraction"] == pytest.approx(0.25)
+    assert reached["density"] == pytest.approx(0.25) and reached["step_density"] == 0.01
+    missed = e2e.at_target(evals, 1.0)
+    assert missed["stable_s"] is None and missed["mb"] is None
 
 
-def test_dry_run_lists_every_method_without_root(tmp_path):
+def test_loss_at_equal_wall_and_bytes():
+    e2e = _e2e_module()
+    evals = _evals((4, 1.0, 3.0, 40), (8, 2.0, 2.5, 80), (12, 3.0, 2.4, 120))
+    assert e2e.loss_at(evals, "wall", 2.5) == 2.5
+    assert e2e.loss_at(evals, "wall", 0.5) is None
+    assert e2e.loss_at(evals, "bytes", 120) == 2.4
+    assert e2e.loss_at(evals, "bytes", 79) == 3.0
+    no_bytes = [{**e, "bytes": None} for e in evals]
+    assert e2e.loss_at(no_bytes, "bytes", 1e9) is None
+
+
+def test_tuning_puts_unshaped_runs_on_the_link_clock_and_picks_the_earliest():
+    e2e = _e2e_module()
+    # Two candidates on the unshaped link: "small" sends 1 MB per evaluation and reaches
+    # the target at its second evaluation; "big" sends 10 MB per evaluation and reaches it
+    # at its first. On an unlimited link big is sooner; at 8 Mbit/s (1 MB = 1 s) each MB
+    # costs a second, so small (2 s + 2 s) beats big (1 s + 10 s).
+    small = {"evals": _evals((10, 1.0, 3.0, 1e6), (20, 2.0, 2.0, 2e6)),
+             "final_val_loss": 2.0, "bytes_sent": 2e6}
+    big = {"evals": _evals((10, 1.0, 2.0, 1e7), (20, 2.0, 1.9, 2e7)),
+           "final_val_loss": 1.9, "bytes_sent": 2e7}
+    clock = e2e.on_link_clock(small["evals"], 8e6)
+    assert [e["wall"] for e in clock] == [pytest.approx(2.0), pytest.approx(4.0)]
+    assert small["evals"][0]["wall"] == 1.0  # the input is not modified
+    assert e2e.choose_setting([small, big], 2.5, None)[0] == 1
+    best, scores = e2e.choose_setting([small, big], 2.5, 8e6)
+    assert best == 0
+    assert scores[0]["modelled_time_to_target_s"] == pytest.approx(4.0)
+    assert scores[1]["modelled_time_to_target_s"] == pytest.approx(11.0)
+    # Nobody reaches the target: the lowest final loss, then the fewest bytes.
+    assert e2e.choose_setting([small, big], 1.0, 8e6)[0] == 1
+    tie = {**big, "final_val_loss": 2.0}
+    assert e2e.choose_setting([tie, small], 1.0, 8e6)[0] == 1
+
+
+def test_method_declarations():
+    e2e = _e2e_module()
+    psgd = e2e.METHODS["powersgd"]
+    settings = psgd.settings()
+    assert len(settings) == 16  # rank {1, 2, 4, 8} x start {10%, 25%} x bf16 {no, yes}
+    assert settings[0] == {"train.powersgd_rank": 4, "train.powersgd_start_iter": "10%",
+                           "train.powersgd_bf16": False}  # the learning-rate sweep's
+    assert {s["train.powersgd_rank"] for s in settings} == {1, 2, 4, 8}
+    argv = psgd.argv(settings[0], 300)
+    assert argv[:2] == ["--mode", "dense"]
+    assert "train.powersgd_start_iter=30" in argv and "train.comm_hook=\"powersgd\"" in argv
+    assert "train.powersgd_bf16=false" in argv
+    assert e2e.resolve("25%", 300) == 75 and e2e.resolve("10%", 8) == 1
+    assert e2e.resolve("shared", 300) == "shared" and e2e.resolve(5, 300) == 5
+    assert e2e.METHODS["bucketed"].settings() == [{}]
+    # A distk variant from the command line: fixed keys and a tuned knob.
+    added = e2e.parse_method(["shared", "bucketed", "sparsity.exchange=shared",
+                              "sparsity.value_dtype=bfloat16",
+                              "tune:sparsity.warmup_steps=0,50"])
+    assert (added.name, added.mode) == ("shared", "bucketed")
+    assert added.set == {"sparsity.exchange": "shared", "sparsity.value_dtype": "bfloat16"}
+    assert added.settings() == [{"sparsity.warmup_steps": 0}, {"sparsity.warmup_steps": 50}]
+    assert e2e.setting_label(added.settings()[1]) == "warmup_steps=50"
+    for tokens, message in ((["x"], "allowed NAME MODE"),
+                            (["x", "sparse"], "mode='sparse' is invalid"),
+                            (["X", "dense"], "method name 'X' is invalid"),
+                            (["x", "dense", "oops"], "'oops' is invalid"),
+                            (["x", "dense", "a.b=1", "tune:a.b=1,2"], "both fixed")):
+        with pytest.raises(ValueError, match=message):
+            e2e.parse_method(tokens)
+
+
+def test_protocol_job_is_the_main_job():
+    # The main job's SGD schedule (a 50-step density warm-up) reaches the protocol's runs;
+    # the protocol changes only evaluation and logging.
+    e2e = _e2e_module()
+    main_job = json.loads((ROOT / "configs" / "default.json").read_text())
+    job = e2e.job_config(e2e.PRESETS["full"])
+    assert job["sparsity"]["warmup_steps"] == main_job["sparsity"]["warmup_steps"] == 50
+    assert job["sparsity"]["density"] == 0.01 and job["model"] == main_job["model"]
+    assert job["train"]["eval_windows"] == 1024
+    assert e2e.PRESETS["full8"]["world"] == 8 and e2e.PRESETS["full8"]["ratios"] == [4, 16]
+
+
+def test_arguments_are_named():
+    e2e = _e2e_module()
+    for argv, message in ((["--tuning-seed", "1"], "--tuning-seed 1 is invalid"),
+                          (["--methods", "bucketed"], "must include dense_fp32"),
+                          (["--methods", "dense_fp32", "nope"], "unknown"),
+                          (["--slacks", "-0.1"], "--slacks [-0.1] is invalid"),
+                          (["--method", "x", "sparse"], "mode='sparse' is invalid")):
+        proc = subprocess.run([sys.executable, str(E2E), "--dry-run", *argv], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr)
+    args = e2e.parse_args(["--quick", "--method", "shared", "bucketed",
+                           "sparsity.value_bits=2"])
+    assert args.methods[-1] == "shared" and args.seeds == [1, 2] and args.tuning_seed == 0
+
+
+def test_dry_run_lists_every_stage_without_root():
     proc = subprocess.run([sys.executable, str(E2E), "--quick", "--dry-run",
                            "--compute-seconds", "0.01", "--out", "e2e_test_dry"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for hook in ("train.comm_hook=bf16", "train.powersgd_rank=1", "train.powersgd_rank=4",
-                 "--mode exact", "--mode bucketed"):
-        assert hook in proc.stdout
+    out = proc.stdout
+    assert "tuning 3 x 8 steps (unshaped), measured 10 x 8 steps (netem)" in out
+    for piece in ("train.comm_hook=\"bf16\"", "train.powersgd_rank=1",
+                  "train.powersgd_rank=2", "--mode exact", "--mode bucketed", "seed=1",
+                  "seed=2", "tune/powersgd-1"):
+        assert piece in out, piece
+    # The tuning seed trains only on the unshaped link.
+    assert all(" none -- " in line for line in out.splitlines() if "seed=0" in line)
 
 
 @pytest.mark.skipif(_NETNS_MISSING is not None, reason=f"--quick {_NETNS_MISSING}")
@@ -106,25 +210,37 @@ def test_quick_runs_every_method(tmp_path):
     assert _namespaces(prefix) == []
     payload = json.loads((tmp_path / "e2e_quick_test.json").read_text())
     assert (tmp_path / "e2e_quick_test.png").stat().st_size > 0
-    assert payload["results"]["adamw"]["netem_seeds"] == [0]
-    assert payload["results"]["adamw"]["unshaped_seeds"] == [1]
-    block = payload["results"]["adamw"]["ratios"]["4"]
-    # seed 1 ran on the unshaped link and carries seed 0's netem clock
-    assert block["runs"]["bucketed"]["1"]["timing_from_seed"] == 0
-    assert (block["runs"]["bucketed"]["1"]["wall_seconds"]
-            == block["runs"]["bucketed"]["0"]["wall_seconds"])
-    rows = {row["method"]: row for row in block["rows"]}
-    assert set(rows) == {"dense_fp32", "dense_bf16", "powersgd_r1", "powersgd_r4", "exact",
-                         "bucketed"}
+    table = payload["results"]["adamw"]
+    block = table["ratios"]["4"]
+    # Every reported seed of every method ran under netem (the run's rate in its logs).
+    for method, seeds in block["runs"].items():
+        assert sorted(seeds) == ["1", "2"], method
+    log = ROOT / "runs" / "e2e" / "e2e_quick_test" / "adamw" / "R4" / "bucketed-s2" / "logs"
+    assert (log / "h0.log").exists()
+    # PowerSGD's two candidates ran on the tuning seed; the chosen one is the row.
+    tuning = table["tuning"]["methods"]["powersgd"]
+    assert [c["label"] for c in tuning["candidates"]] == ["powersgd_rank=2",
+                                                           "powersgd_rank=1"]
+    assert block["settings"]["powersgd"] in [c["setting"] for c in tuning["candidates"]]
+    assert set(tuning["model_check"]["4"]) == {"modelled_s_per_step", "measured_s_per_step"}
+    summary = block["summary"]
+    assert set(summary["targets"]) == {"0.01", "0.02"}
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert set(rows) == {"dense_fp32", "dense_bf16", "powersgd", "exact", "bucketed"}
     for method, row in rows.items():
         assert math.isfinite(row["final_val_loss"]), method
         assert row["mb_per_step"] > 0 and math.isfinite(row["mb_per_step"]), method
         assert row["s_per_step"] > 0, method
-    dense = rows["dense_fp32"]["mb_per_step"]
+        assert set(row["targets"]) == {"0.01", "0.02"}
+    dense = rows["dense_fp32"]
+    assert dense["targets"]["0.02"]["reached"] == 2  # its own final loss is within 2%
+    assert dense["targets"]["0.02"]["bytes_fraction_at_target"] == pytest.approx(1.0, rel=1e-3)
     for sparse in ("exact", "bucketed"):
-        assert rows[sparse]["mb_per_step"] < dense, (sparse, rows[sparse], dense)
+        assert rows[sparse]["mb_per_step"] < dense["mb_per_step"], sparse
     # bf16 sends half of fp32's payload; distk's dense mode adds its verified metadata
     # exchange (a few dozen bytes on some steps), hence the tolerance.
-    assert rows["dense_bf16"]["mb_per_step"] == pytest.approx(dense / 2, rel=1e-3)
-    assert rows["dense_bf16"]["mb_per_step"] < dense / 2
-    assert math.isfinite(block["target"]) and block["rate"].endswith("kbit")
+    assert rows["dense_bf16"]["mb_per_step"] == pytest.approx(dense["mb_per_step"] / 2,
+                                                              rel=1e-3)
+    assert math.isfinite(summary["targets"]["0.01"]) and block["rate"].endswith("kbit")
+    evals = block["runs"]["bucketed"]["1"]["evals"]
+    assert [e["step"] for e in evals] == [4, 8] and evals[-1]["bytes"] > 0

@@ -1,8 +1,8 @@
 """The emulated slow network (launchers/netem.sh): namespaces, rate limit, launcher, teardown.
 
-Needs root and iproute2 (skipped otherwise). Every test uses its own namespace prefix, so
-it never touches a benchmark's ``distk-*`` namespaces, and a fixture tears down and checks
-that nothing is left behind, also when the test fails.
+Needs root, iproute2 and ethtool (skipped otherwise, with the reason). Every test uses its
+own namespace prefix, so it never touches a benchmark's ``distk-*`` namespaces, and a
+fixture tears down and checks that nothing is left behind, also when the test fails.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def _can_build_namespaces() -> str | None:
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"needs '{tool}' (iproute2)"
+    if shutil.which("ethtool") is None:
+        return "needs 'ethtool' (netem.sh turns segmentation offloads off with it)"
     probe = f"distk-probe-{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True)
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
@@ -123,6 +125,77 @@ def test_up_builds_limited_links_in_benchmark_range(netem):
     assert again.returncode == 0 and "removing stale namespaces" in again.stderr
     assert len(_namespaces(prefix)) == 3
     assert netem("down").returncode == 0
+    assert _namespaces(prefix) == []
+
+
+@needs_netns
+def test_shaper_bucket_is_one_ms_and_offloads_are_off(netem):
+    # 11.8 Mbit/s (the protocol's R = 16 rate): 1 ms is 1475 bytes, less than a frame, so
+    # the bucket is one 1514-byte frame plus tc's rounding room; at 1 Gbit/s it is 1 ms.
+    for rate, bits in (("11800kbit", 11.8e6), ("1gbit", 1e9)):
+        assert netem("up", "2", rate).returncode == 0
+        frame = 1500 + 14
+        for ns, dev in ((f"{netem.prefix}-h0", "veth0"), (f"{netem.prefix}-br", "p0")):
+            (qdisc,) = json.loads(subprocess.run(
+                ["ip", "netns", "exec", ns, "tc", "-j", "qdisc", "show", "dev", dev],
+                capture_output=True, text=True, check=True).stdout)
+            assert qdisc["kind"] == "tbf"
+            burst = qdisc["options"]["burst"]
+            assert frame <= burst <= max(bits / 8e3, frame + 64) * 1.01, (rate, burst)
+            features = subprocess.run(["ip", "netns", "exec", ns, "ethtool", "-k", dev],
+                                      capture_output=True, text=True, check=True).stdout
+            for feature in ("tcp-segmentation-offload", "generic-segmentation-offload",
+                            "generic-receive-offload"):
+                assert f"{feature}: off" in features, (ns, dev, feature)
+
+
+@needs_netns
+@pytest.mark.timeout(90)
+def test_small_and_large_transfers_take_the_time_the_rate_implies(netem):
+    # 64 KiB and 4 MiB, each after an idle pause (a full bucket), host 1 -> host 0 at
+    # 20 Mbit/s: 27 ms and 1.75 s for the frames on the wire. A bucket that passes 128 KiB
+    # at line speed (the shaper before offloads were turned off) delivered the 64 KiB in
+    # under a millisecond. 15% covers the 1 ms bucket (4% of 27 ms) and a shared machine.
+    result = netem("run", "--timeout", "60", "2", "20mbit", "--", sys.executable, str(CHECK),
+                   "--transfer", "65536", "4194304", "--repeats", "3", "--timeout", "30",
+                   timeout=75)
+    assert result.returncode == 0, result.stderr
+    reports = {r["bytes"]: r for r in map(json.loads, result.stdout.strip().splitlines())}
+    assert set(reports) == {65536, 4194304}
+    for size, report in reports.items():
+        assert report["predicted_seconds"] == pytest.approx(  # reported to 10 us
+            report["wire_bytes"] * 8 / 20e6, abs=1e-5), size
+        assert report["ratio"] == pytest.approx(1.0, abs=0.15), report
+
+
+def test_wire_bytes_count_one_header_per_segment():
+    check = _check_module()
+    # MSS 1448 (timestamps on), frame 1514: 66 bytes of headers per segment.
+    assert check.wire_bytes(1448, 1448, 1514) == 1514
+    assert check.wire_bytes(1449, 1448, 1514) == 1449 + 2 * 66
+    assert check.wire_bytes(65536, 1448, 1514) == 65536 + 46 * 66
+
+
+@pytest.mark.skipif(_NETNS_MISSING is not None, reason=str(_NETNS_MISSING))
+def test_missing_ethtool_is_named(tmp_path):
+    # Every tool on PATH except ethtool, so netem.sh gets past its root and iproute2
+    # checks and stops at ethtool, before building anything.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for folder in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin",
+                   "/bin"):
+        for tool in Path(folder).glob("*") if Path(folder).is_dir() else []:
+            link = bin_dir / tool.name
+            if tool.name != "ethtool" and not link.exists():
+                link.symlink_to(tool)
+    prefix = f"distk-noeth{os.getpid()}"
+    env = {**os.environ, "PATH": str(bin_dir), "DISTK_NETEM_PREFIX": prefix}
+    for args in (["up", "2", "1gbit"], ["run", "2", "1gbit", "--", "true"]):
+        result = subprocess.run(["bash", str(NETEM), *args], env=env, capture_output=True,
+                                text=True, timeout=20)
+        assert result.returncode == 2, result.stderr
+        assert "'ethtool' not found" in result.stderr
+        assert "apt-get install ethtool" in result.stderr
     assert _namespaces(prefix) == []
 
 

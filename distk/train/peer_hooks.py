@@ -1,9 +1,18 @@
 """PyTorch's own DDP communication hooks as baselines of ``distk-train`` (``train.comm_hook``).
 
-``enable_peer_hook(ddp_model, cfg)`` registers PyTorch's ``bf16_compress_hook`` or
-``powerSGD_hook`` behind a thin timing wrapper and returns a :class:`PeerHookState` that
-looks to the training loop like distk's state (``stats``, ``totals``, ``metrics()``,
-``end_step()``), so the same loop, data, model, timing and logging serve every method.
+``enable_peer_hook(ddp_model, kind, ...)`` registers PyTorch's ``bf16_compress_hook`` or
+``powerSGD_hook`` (optionally inside PyTorch's ``bf16_compress_wrapper``) behind a thin
+timing wrapper and returns a :class:`PeerHookState` that looks to the training loop like
+distk's state (``stats``, ``totals``, ``metrics()``, ``end_step()``), so the same loop,
+data, model, timing and logging serve every method.
+
+PowerSGD in bf16 (``bf16=True``) is PyTorch's ``bf16_compress_wrapper(powerSGD_hook)``:
+the bucket is cast to bf16, PowerSGD runs in bf16 (its error feedback, P and Q, the
+uncompressed tensors and the vanilla all-reduce before ``start_powerSGD_iter``), and the
+result is cast back. DDP's ``register_comm_hook`` refuses a hook *named*
+``bf16_compress_wrapper_hook`` unless CUDA with NCCL >= 2.10 (or XPU) is present, but the
+wrapper itself runs on gloo, which all-reduces bf16: called from the timing wrapper here,
+it applies the same rounding and sends the same 2-byte entries on either backend.
 
 What the wrapper measures per bucket (one :class:`~distk.stats.StepStats` each):
 
@@ -18,7 +27,8 @@ What the wrapper measures per bucket (one :class:`~distk.stats.StepStats` each):
   bucket in fp32; after: the uncompressed tensors, the P matrices and the Q matrices, each
   in fp32 (a gradient viewed as ``n x m`` is compressed to ``P: n x r`` and ``Q: m x r``,
   ``r = min(n, m, rank)``, when ``(n + m) r * min_compression_rate < n m``, the rule
-  documented in ``PowerSGDState``); ``dense_bytes``: the same bucket in fp32.
+  documented in ``PowerSGDState``); PowerSGD in bf16: the same entries at 2 bytes each;
+  ``dense_bytes``: the same bucket in fp32.
 """
 
 # No ``from __future__ import annotations``: DDP's register_comm_hook compares the hook's
@@ -39,11 +49,13 @@ __all__ = ["PeerHookState", "enable_peer_hook", "powersgd_bucket_entries",
            "powersgd_start_iter"]
 
 
-def powersgd_start_iter(steps: int, warmup_steps: int) -> int:
-    """``start_powerSGD_iter`` as PyTorch's PowerSGD docs recommend: 10% of the training
-    steps, no less than the learning-rate warm-up, and at least 2 (the minimum DDP allows
-    with error feedback or warm start)."""
-    return max(2, warmup_steps, math.ceil(0.1 * steps))
+def powersgd_start_iter(steps: int, warmup_steps: int, fraction: float = 0.1) -> int:
+    """``start_powerSGD_iter`` as PyTorch's PowerSGD docs recommend: ``fraction`` (10%) of
+    the training steps, no less than the learning-rate warm-up, and at least 2 (the
+    minimum PowerSGD allows with error feedback or warm start)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r} is invalid: allowed a float in [0, 1]")
+    return max(2, warmup_steps, math.ceil(fraction * steps))
 
 
 def powersgd_bucket_entries(shapes: list[torch.Size], rank: int,
@@ -72,12 +84,16 @@ class PeerHookState:
         kind: "bf16" or "powersgd".
         hook_state: what PyTorch's hook receives (the process group for bf16, the
             ``PowerSGDState`` for PowerSGD).
+        powersgd_bf16: PowerSGD runs inside ``bf16_compress_wrapper`` (2-byte entries).
         stats, totals: the last completed step's stats and the run's.
         iteration: completed steps.
     """
 
-    def __init__(self, kind: str, hook_state: Any, world_size: int) -> None:
+    def __init__(self, kind: str, hook_state: Any, world_size: int,
+                 powersgd_bf16: bool = False) -> None:
         self.kind, self.hook_state, self.world_size = kind, hook_state, world_size
+        self.powersgd_bf16 = powersgd_bf16
+        self._hook = _pytorch_hook(kind, powersgd_bf16)
         self.stats, self.totals = StepStats(), StepStats()
         self.iteration = 0
         self._pending: list[StepStats] = []
@@ -90,12 +106,14 @@ class PeerHookState:
         if self.kind == "bf16":
             return numel, dense_allreduce_bytes(numel, self.world_size, 2), "bf16"
         ps = self.hook_state
+        width, suffix = (2, "_bf16") if self.powersgd_bf16 else (4, "")
         if ps.iter < ps.start_powerSGD_iter:
-            return numel, dense_allreduce_bytes(numel, self.world_size, 4), "allreduce"
+            nbytes = dense_allreduce_bytes(numel, self.world_size, width)
+            return numel, nbytes, "allreduce" + suffix
         parts = powersgd_bucket_entries([g.shape for g in bucket.gradients()],
                                         ps.matrix_approximation_rank, ps.min_compression_rate)
-        sent = sum(dense_allreduce_bytes(n, self.world_size, 4) for n in parts if n)
-        return sum(parts), sent, "powersgd"
+        sent = sum(dense_allreduce_bytes(n, self.world_size, width) for n in parts if n)
+        return sum(parts), sent, "powersgd" + suffix
 
     def end_step(self) -> bool:
         """Close the step: wait for its buckets, merge their stats into :attr:`stats` and
@@ -127,6 +145,15 @@ class PeerHookState:
         self.state_dict()
 
 
+def _pytorch_hook(kind: str, powersgd_bf16: bool) -> Any:
+    """PyTorch's hook function for ``kind`` (see the module docstring for bf16)."""
+    if kind == "bf16":
+        return default_hooks.bf16_compress_hook
+    if powersgd_bf16:
+        return default_hooks.bf16_compress_wrapper(powerSGD_hook.powerSGD_hook)
+    return powerSGD_hook.powerSGD_hook
+
+
 def _timed_peer_hook(
     state: PeerHookState, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
@@ -134,10 +161,7 @@ def _timed_peer_hook(
     numel = bucket.buffer().numel()
     sent, nbytes, scheme = state.bucket_bytes(bucket)
     begin = time.perf_counter()
-    if state.kind == "bf16":
-        future = default_hooks.bf16_compress_hook(state.hook_state, bucket)
-    else:
-        future = powerSGD_hook.powerSGD_hook(state.hook_state, bucket)
+    future = state._hook(state.hook_state, bucket)
     launched = time.perf_counter()
 
     def record(done: torch.futures.Future) -> torch.Tensor:
@@ -154,20 +178,29 @@ def _timed_peer_hook(
 
 
 def enable_peer_hook(ddp_model: DistributedDataParallel, kind: str, *, rank: int = 1,
-                     start_iter: int = 2) -> PeerHookState:
+                     start_iter: int = 2, bf16: bool = False) -> PeerHookState:
     """Register PyTorch's ``kind`` hook ("bf16" or "powersgd") on ``ddp_model`` behind the
     timing wrapper; PowerSGD with ``matrix_approximation_rank=rank``,
-    ``start_powerSGD_iter=start_iter``, error feedback and warm start."""
+    ``start_powerSGD_iter=start_iter`` (>= 2), error feedback and warm start, inside
+    PyTorch's ``bf16_compress_wrapper`` when ``bf16`` (PowerSGD only)."""
     group = ddp_model.process_group
     world = dist.get_world_size(group)
     if kind == "bf16":
+        if bf16:
+            raise ValueError("bf16=True is invalid with kind='bf16': allowed only with "
+                             "kind='powersgd' (the bf16 hook already sends bf16)")
         hook_state: Any = group
     elif kind == "powersgd":
+        if rank < 1:
+            raise ValueError(f"rank={rank!r} is invalid: allowed an int >= 1")
+        if start_iter < 2:
+            raise ValueError(f"start_iter={start_iter!r} is invalid: allowed an int >= 2 "
+                             "(PowerSGD's minimum with error feedback and warm start)")
         hook_state = powerSGD_hook.PowerSGDState(
             process_group=None, matrix_approximation_rank=rank,
             start_powerSGD_iter=start_iter, use_error_feedback=True, warm_start=True)
     else:
         raise ValueError(f"comm hook {kind!r} is invalid: allowed 'bf16' or 'powersgd'")
-    state = PeerHookState(kind, hook_state, world)
+    state = PeerHookState(kind, hook_state, world, powersgd_bf16=bf16)
     ddp_model.register_comm_hook(state, _timed_peer_hook)
     return state
