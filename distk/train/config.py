@@ -201,6 +201,15 @@ class OptimConfig:
     powersgd_rank: int = 1
     """``matrix_approximation_rank`` of the "powersgd" hook, >= 1."""
 
+    powersgd_start_iter: int | None = None
+    """``start_powerSGD_iter`` of the "powersgd" hook (vanilla all-reduce before it), >= 2;
+    None = max(2, ``lr_warmup_steps``, 10% of ``steps``)."""
+
+    powersgd_bf16: bool = False
+    """Run the "powersgd" hook inside PyTorch's ``bf16_compress_wrapper``: its factors,
+    error feedback and uncompressed tensors in bf16 (also on gloo; see
+    ``distk.train.peer_hooks``)."""
+
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an int >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an int >= 1")
@@ -234,6 +243,8 @@ class OptimConfig:
                self.comm_hook, '"distk", "bf16" or "powersgd"')
         _check(self.powersgd_rank >= 1, "train.powersgd_rank", self.powersgd_rank,
                "an int >= 1")
+        _check(self.powersgd_start_iter is None or self.powersgd_start_iter >= 2,
+               "train.powersgd_start_iter", self.powersgd_start_iter, "null or an int >= 2")
         if self.comm_hook != "distk":
             _check(self.checkpoint_every == 0 and self.stop_after is None, "train.comm_hook",
                    self.comm_hook, '"distk" when checkpointing (checkpoint_every > 0 or '

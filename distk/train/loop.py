@@ -290,9 +290,11 @@ class DDPBackend(StepBackend):
             self.state = distk_ddp.enable(self.ddp_model, cfg.sparsity)
             self.mode = cfg.sparsity.method
         else:  # PyTorch's own hook as a baseline (train.comm_hook; distk.train.peer_hooks)
+            start_iter = cfg.train.powersgd_start_iter or powersgd_start_iter(
+                cfg.train.steps, cfg.train.lr_warmup_steps)
             self.state = enable_peer_hook(
-                self.ddp_model, hook, rank=cfg.train.powersgd_rank,
-                start_iter=powersgd_start_iter(cfg.train.steps, cfg.train.lr_warmup_steps))
+                self.ddp_model, hook, rank=cfg.train.powersgd_rank, start_iter=start_iter,
+                bf16=cfg.train.powersgd_bf16 and hook == "powersgd")
             self.mode = f"powersgd_r{cfg.train.powersgd_rank}" if hook == "powersgd" else hook
         self.optimizer = build_optimizer(self.module, cfg)
         self.label = f"mode={self.mode}"
