@@ -72,7 +72,7 @@ for _seed in (0, 1):
         VARIANTS[f"sgd_mask_{_mask}{_suffix}"] = [*_sets, *_tail]
         VARIANTS[f"adamw_mask_{_mask}{_suffix}"] = [*ADAMW, *_sets, *_tail]
     VARIANTS[f"sgd_dense{_suffix}"] = ["sparsity.method=dense", *_tail]
-    for _mask in ("predicted", "oracle"):
+    for _mask in ("predicted", "oracle", "union"):
         _sets = ["sparsity.mask=shared", f"sparsity.mask_policy={_mask}"]
         VARIANTS[f"sgd_mask_{_mask}{_suffix}"] = [*_sets, *_tail]
         VARIANTS[f"adamw_mask_{_mask}{_suffix}"] = [*ADAMW, *_sets, *_tail]

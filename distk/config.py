@@ -23,7 +23,7 @@ __all__ = ["MASKS", "MASK_POLICIES", "SparsityConfig", "VALUE_BITS", "VALUE_DTYP
 METHODS = ("bucketed", "exact", "dense")
 EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")
 MASKS = ("auto", "local", "shared")
-MASK_POLICIES = ("leader", "moment", "sketch", "predicted", "oracle")
+MASK_POLICIES = ("leader", "union", "moment", "sketch", "predicted", "oracle")
 NONFINITE_POLICIES = ("raise", "skip", "zero")
 VALUE_BITS = (1, 2, 4, 8)
 """Widths accepted by ``SparsityConfig.value_bits`` (``distk.comm.codec.VALUE_BITS``)."""

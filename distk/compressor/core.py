@@ -617,8 +617,11 @@ class GradientCompressor:
         hint = None
         if measure and key in self._overlap:
             hint = self._overlap[key] * min(world * plan.k, request.numel) / world
+        wire = plan.wire
+        if shared and selection.positions.numel() != plan.k:  # a union of proposals
+            wire = WireFormat(request.numel, selection.positions.numel(), request.value_dtype)
         pending = launch(ExchangeRequest(
-            selection.sent, request.numel, selection.positions, wire=plan.wire,
+            selection.sent, request.numel, selection.positions, wire=wire,
             scheme=plan.scheme, out_dtype=request.state_dtype, out=request.out, average=True,
             tag=_key_tag(key), nonfinite=accumulated.nonfinite,
             verify=plan.verify and not shared,  # shared: checked in the select stage
@@ -763,7 +766,8 @@ class GradientCompressor:
                                                            ).item()) ** 2
         recall = selection.recall
         shared = plan.scheme == "shared"
-        k = 0 if skipped else plan.k
+        k = 0 if skipped else (plan.k if selection.positions is None
+                               else selection.positions.numel())
         bytes_sent = result.bytes_sent + selection.overhead_bytes
         if result.union_per_shard is not None and plan.k:
             self._overlap[request.key] = result.union_per_shard / (

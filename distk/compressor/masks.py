@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from distk.comm import WireFormat
+from distk.comm.codec import bits_for, pack_bits, packed_nbytes, unpack_bits
 from distk.comm.exchange import CollectiveError
 from distk.comm.group import collective_device, rank_and_world, ring_allreduce_bytes
 from distk.compressor.plan import SelectionPlan
@@ -349,6 +350,48 @@ class SketchMask(MaskPolicy):
         return positions[positions < numel][:k]
 
 
+class UnionMask(MaskPolicy):
+    """Every rank proposes the top ``ceil(k / P)`` of its own accumulator; the mask is the
+    union of the proposals (``mask_policy="union"``). Where the leader's mask sees one
+    rank's residual per step, this one holds each rank's strongest entries, so an entry
+    large on any rank is sent. The proposals travel bit-packed in one all-gather: each
+    rank receives ``(P - 1) ceil(k / P)`` positions, about ``k`` at any ``P`` (as many as
+    the leader's broadcast). Proposals may coincide: the union then holds fewer than
+    ``k`` positions (sent as such; all ranks know its size)."""
+
+    name = "union"
+
+    @staticmethod
+    def _share(k: int, world: int) -> int:
+        return max(1, math.ceil(k / max(world, 1)))
+
+    def overhead_bytes(self, wire: WireFormat, world: int) -> int:
+        if world <= 1:
+            return 0
+        return (world - 1) * packed_nbytes(self._share(wire.k, world), bits_for(wire.numel))
+
+    def positions(self, ctx: MaskContext) -> torch.Tensor:
+        from distk.selection import topk
+
+        acc = ctx.acc
+        numel = acc.numel()
+        rank, world = rank_and_world(self.group)
+        share = min(numel, self._share(ctx.wire.k, world))
+        method = "bucketed" if ctx.plan.buckets is not None and share < numel else "exact"
+        _, mine = topk(acc, share, method=method)
+        if world == 1:
+            return mine.to(torch.int64)
+        width = bits_for(numel)
+        payload = pack_bits(mine.to(torch.int64), width)
+        device = collective_device(self.group, payload)
+        gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        _collective(lambda: gather(gathered, payload.to(device), group=self.group),
+                    "the proposals' all-gather", self.group)
+        proposals = unpack_bits(gathered.view(world, -1), share, width).reshape(-1)
+        return torch.unique(proposals).to(acc.device)  # sorted: the same on every rank
+
+
 class OracleMask(MaskPolicy):
     """The exact top-k of the summed accumulators, found by a dense all-reduce of them: a
     diagnostic that costs more than a dense exchange, the upper bound of what any shared
@@ -433,7 +476,7 @@ class PredictedMask(MaskPolicy):
 
 MASK_POLICIES: dict[str, type[MaskPolicy]] = {
     "leader": LeaderMask, "moment": MomentMask, "sketch": SketchMask,
-    "predicted": PredictedMask, "oracle": OracleMask}
+    "predicted": PredictedMask, "union": UnionMask, "oracle": OracleMask}
 """Names accepted by ``SparsityConfig.mask_policy``."""
 
 
