@@ -6,14 +6,16 @@ finishes at a point where DeepSpeed itself waits for its reduction:
 
 - **ZeRO 0, and ZeRO 1 with DeepSpeed's BF16_Optimizer** (the engine seam): DeepSpeed
   reduces after backward, at the accumulation boundary, in
-  ``DeepSpeedEngine.allreduce_gradients`` -> ``buffered_allreduce_fallback``. distk's
+  ``DeepSpeedEngine.allreduce_gradients`` -> ``buffered_allreduce_fallback``
+  (deepspeed/runtime/engine.py). distk's
   ``buffered_allreduce_fallback`` launches every gradient, then waits before returning
   (DeepSpeed's own all-reduce returns with the gradients reduced): one gradient travels
   while the next is selected, but nothing overlaps backward, which is already over.
-- **ZeRO 1/2** (``DeepSpeedZeroOptimizer``, the ZeRO seam): DeepSpeed fills a gradient
-  bucket from its gradient hooks and reduces it in ``reduce_ipg_grads`` when full (ZeRO
-  2 at every micro-batch; ZeRO 1 only with ``overlap_comm: true``, otherwise after
-  backward from ``reduce_gradients``), then copies this rank's partition out of it.
+- **ZeRO 1/2** (``DeepSpeedZeroOptimizer`` in deepspeed/runtime/zero/stage_1_and_2.py,
+  the ZeRO seam): DeepSpeed fills a gradient bucket from its gradient hooks and reduces
+  it in ``reduce_ipg_grads`` when full (ZeRO 2 at every micro-batch; ZeRO 1 only with
+  ``overlap_comm: true``, otherwise after backward from ``reduce_gradients``), then
+  copies this rank's partition out of it.
   distk's ``average_tensor`` / ``buffered_reduce_fallback`` /
   ``_buffered_reduce_fallback_preserving_fp32`` launch the bucket's exchange into a
   buffer of its own (DeepSpeed refills the bucket buffer at once) and return;
@@ -32,6 +34,7 @@ optimizer step, the first error an exchange of the step met).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,121 +121,70 @@ def install_engine_seam(engine: Any, state: DeepSpeedCompressionState) -> None:
 # -- ZeRO 1/2: the optimizer's gradient buckets ---------------------------------------------
 
 class _BucketInFlight:
-    """A ZeRO bucket whose exchange travels: where each parameter's average will be, and
-    the ``copy_grads_in_partition`` calls DeepSpeed made for it meanwhile."""
+    """A ZeRO bucket whose exchange travels: its parameters (DeepSpeed's ``(group index,
+    index in group, param id)`` entries), where each one's average will be, and the
+    ``copy_grads_in_partition`` calls DeepSpeed made for it meanwhile."""
 
-    __slots__ = ("offsets", "result", "copies")
+    __slots__ = ("params", "gradients", "result", "dtype", "offsets", "copies")
 
-    def __init__(self, offsets: dict[int, tuple[Any, int]], result: torch.Tensor | None) -> None:
-        self.offsets = offsets  # param_id -> (param, offset in result)
+    def __init__(self, params: list[tuple[int, int, int]], gradients: list[torch.Tensor],
+                 result: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.params = params
+        self.gradients = gradients  # averaged in place when there is no result buffer
         self.result = result  # the averaged bucket (contiguous buckets), else None
-        self.copies: list[tuple[Any, int]] = []  # (param, group index)
+        self.dtype = dtype  # DeepSpeed's communication dtype: the bucket's key
+        self.offsets: dict[int, int] = {}  # param id -> offset in the bucket
+        self.copies: list[tuple[Any, int | None]] = []  # (param, group index)
 
 
-def install_zero_seam(engine: Any, state: DeepSpeedCompressionState) -> None:
-    """Replace the ZeRO 1/2 optimizer's bucket reduction by distk's asynchronous one."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.runtime.zero.stage_1_and_2 import IPGBucket
+class _ZeroSeam:
+    """The ZeRO 1/2 optimizer's bucket reduction, replaced by distk's asynchronous one
+    (the methods below are set on the optimizer instance by :meth:`install`)."""
 
-    optimizer = engine.optimizer
-    names = _param_names(engine)
-    accelerator = get_accelerator()
-    deepspeed_reduce_ipg_grads = optimizer.reduce_ipg_grads
-    deepspeed_copy_grads_in_partition = optimizer.copy_grads_in_partition
-    in_flight: dict[int, _BucketInFlight] = {}  # param_id -> its bucket, until it finishes
-    streams = optimizer.overlap_comm and not accelerator.resolves_data_dependency()
+    def __init__(self, engine: Any, state: DeepSpeedCompressionState) -> None:
+        from deepspeed.accelerator import get_accelerator
 
-    def bucket_params(communication_data_type: torch.dtype) -> list[tuple[int, int, int]]:
-        return list(optimizer.ipg_buckets[communication_data_type].params)
+        self.optimizer = optimizer = engine.optimizer
+        self.state = state
+        self.names = _param_names(engine)
+        self.accelerator = get_accelerator()
+        # Stream order matters only on devices with streams under overlap_comm.
+        self.streams = (optimizer.overlap_comm
+                        and not self.accelerator.resolves_data_dependency())
+        self.deepspeed_reduce_ipg_grads = optimizer.reduce_ipg_grads
+        self.deepspeed_copy_grads_in_partition = optimizer.copy_grads_in_partition
+        self.in_flight: dict[int, _BucketInFlight] = {}  # param id -> its bucket
 
-    def param_of(entry: tuple[int, int, int]) -> Any:
-        group_index, param_index, _ = entry
-        return optimizer.bit16_groups[group_index][param_index]
+    def install(self) -> None:
+        optimizer = self.optimizer
+        optimizer.average_tensor = self.average_tensor
+        optimizer.buffered_reduce_fallback = self.buffered_reduce_fallback
+        optimizer._buffered_reduce_fallback_preserving_fp32 = (
+            self.buffered_reduce_fallback_preserving_fp32)
+        optimizer.copy_grads_in_partition = self.copy_grads_in_partition
+        optimizer.reduce_ipg_grads = self.reduce_ipg_grads
 
-    def key_of(entry: tuple[int, int, int]) -> str:
-        group_index, param_index, _ = entry
-        return names.get(id(param_of(entry)), f"group{group_index}.{param_index}")
-
-    def add_to_fp32_partition(params: list[tuple[int, int, int]], reduced: torch.Tensor,
-                              communication_data_type: torch.dtype) -> None:
-        # DeepSpeed's own method reads the *current* bucket's parameter list, which has
-        # moved on to the next bucket by now: hand it this bucket's list for the call.
-        live = optimizer.ipg_buckets[communication_data_type]
-        optimizer.ipg_buckets[communication_data_type] = IPGBucket(params=params)
-        try:
-            optimizer._add_full_reduction_to_compact_grad_partition(
-                reduced, communication_data_type)
-        finally:
-            optimizer.ipg_buckets[communication_data_type] = live
-
-    def launch(params: list[tuple[int, int, int]], gradients: list[torch.Tensor],
-               result: torch.Tensor | None, communication_data_type: torch.dtype) -> None:
-        """Exchange ``gradients`` (one per entry of ``params``) into ``result`` (a flat
-        buffer) or in place; finish as DeepSpeed's full all-reduce path does."""
-        offsets, triples, offset = {}, [], 0
-        for entry, gradient in zip(params, gradients):
-            out = None if result is None else result.narrow(0, offset, gradient.numel())
-            triples.append((gradient, key_of(entry), out))
-            offsets[entry[2]] = (param_of(entry), offset)
-            offset += gradient.numel()
-        bucket = _BucketInFlight(offsets, result)
-        in_flight.update(dict.fromkeys(offsets, bucket))
-
-        def finish() -> None:
-            for param_id in offsets:
-                in_flight.pop(param_id, None)
-            # What DeepSpeed's all-reduce path does next: the fp32 partition buffers
-            # (bf16 parameters with fp32 gradient accumulation), then this rank's copy.
-            if any(optimizer._use_compact_grad_partition_buffer(group_index)
-                   for group_index, _, _ in params):
-                reduced = result if result is not None else torch.cat(
-                    [gradient.reshape(-1) for gradient in gradients])
-                add_to_fp32_partition(params, reduced, communication_data_type)
-            if result is not None:
-                # Parameters of this rank's partition read their average from `result`.
-                for param_id, (param, start) in offsets.items():
-                    gradient = optimizer.get_gradient_for_reduction(param)
-                    if gradient is not None and optimizer.is_param_in_current_partition[
-                            param_id]:
-                        gradient.data = result.narrow(0, start, param.numel()).view_as(
-                            gradient)
-            for param, group_index in bucket.copies:
-                deepspeed_copy_grads_in_partition(param, group_index)
-            if streams:
-                optimizer.reduction_stream.wait_stream(accelerator.current_stream())
-
-        state.launch(triples, finish)
-
-    def average_tensor(tensor: torch.Tensor, communication_data_type: torch.dtype) -> None:
+    # -- the replaced methods ------------------------------------------------------------
+    def average_tensor(self, tensor: torch.Tensor, communication_data_type: torch.dtype) -> None:
         """distk: launch the exchange of a contiguous gradient bucket, one parameter slice
-        per key, into a buffer of its own."""
-        if streams:
+        per key, into a buffer of its own (DeepSpeed refills the bucket at once)."""
+        if self.streams:
             # The bucket may have been filled on several streams; the exchange reads it
             # on the current one.
-            for stream in optimizer.ipg_buckets[communication_data_type].copy_streams:
-                accelerator.current_stream().wait_stream(stream)
-        params = bucket_params(communication_data_type)
-        numels = [param_of(entry).numel() for entry in params]
+            for stream in self.optimizer.ipg_buckets[communication_data_type].copy_streams:
+                self.accelerator.current_stream().wait_stream(stream)
+        params = self._bucket_params(communication_data_type)
+        numels = [self._param(entry).numel() for entry in params]
         if sum(numels) != tensor.numel():
             raise RuntimeError(
                 f"distk.deepspeed: ZeRO bucket holds {tensor.numel()} elements but its "
                 f"parameters {sum(numels)}; the DeepSpeed bucket layout changed (supported: "
                 f"{DEEPSPEED_REQUIREMENT})"
             )
-        gradients = list(tensor.split(numels))
-        launch(params, gradients, torch.empty_like(tensor), communication_data_type)
+        self._launch(_BucketInFlight(params, list(tensor.split(numels)),
+                                     torch.empty_like(tensor), communication_data_type))
 
-    def exchange_list(grads: list[torch.Tensor], communication_data_type: torch.dtype) -> None:
-        params = bucket_params(communication_data_type)
-        if len(params) != len(grads):
-            raise RuntimeError(
-                f"distk.deepspeed: ZeRO bucket lists {len(params)} parameters but "
-                f"{len(grads)} gradients (supported: {DEEPSPEED_REQUIREMENT})"
-            )
-        # In place: these are the parameters' own gradient tensors, not a shared buffer.
-        launch(params, grads, None, communication_data_type)
-
-    def buffered_reduce_fallback(rank: int | None, grads: list[torch.Tensor],
+    def buffered_reduce_fallback(self, rank: int | None, grads: list[torch.Tensor],
                                  communication_data_type: torch.dtype,
                                  elements_per_buffer: int = 500000000,
                                  log: Any = None) -> None:
@@ -240,34 +192,106 @@ def install_zero_seam(engine: Any, state: DeepSpeedCompressionState) -> None:
         del elements_per_buffer, log
         if rank is not None:
             raise RuntimeError("distk.deepspeed: reduce-to-one-rank buckets are not supported")
-        exchange_list(grads, communication_data_type)
+        self._launch_list(grads, communication_data_type)
 
-    def buffered_reduce_fallback_preserving_fp32(grads: list[torch.Tensor], grad_params: Any,
+    def buffered_reduce_fallback_preserving_fp32(self, grads: list[torch.Tensor],
+                                                 grad_params: Any,
                                                  communication_data_type: torch.dtype,
                                                  elements_per_buffer: int) -> None:
         """distk: as above; the fp32 partition buffers are filled when it finishes."""
         del grad_params, elements_per_buffer
-        exchange_list(grads, communication_data_type)
+        self._launch_list(grads, communication_data_type)
 
-    def copy_grads_in_partition(param: Any, group_idx: int | None = None) -> None:
+    def copy_grads_in_partition(self, param: Any, group_idx: int | None = None) -> None:
         """DeepSpeed's, held back until the parameter's bucket has finished."""
-        bucket = in_flight.get(optimizer.get_param_id(param))
+        bucket = self.in_flight.get(self.optimizer.get_param_id(param))
         if bucket is None:
-            deepspeed_copy_grads_in_partition(param, group_idx)
+            self.deepspeed_copy_grads_in_partition(param, group_idx)
         else:
             bucket.copies.append((param, group_idx))
 
-    def reduce_ipg_grads(comm_dtype: torch.dtype | None = None) -> None:
+    def reduce_ipg_grads(self, comm_dtype: torch.dtype | None = None) -> None:
         """DeepSpeed's, then its wait point: one bucket may stay in flight while backward
         fills the next; none once the reduction ends (the epilogue's call)."""
-        deepspeed_reduce_ipg_grads(comm_dtype)
-        state.wait(keep=1 if comm_dtype is not None else 0)
+        self.deepspeed_reduce_ipg_grads(comm_dtype)
+        self.state.wait(keep=1 if comm_dtype is not None else 0)
 
-    optimizer.average_tensor = average_tensor
-    optimizer.buffered_reduce_fallback = buffered_reduce_fallback
-    optimizer._buffered_reduce_fallback_preserving_fp32 = buffered_reduce_fallback_preserving_fp32
-    optimizer.copy_grads_in_partition = copy_grads_in_partition
-    optimizer.reduce_ipg_grads = reduce_ipg_grads
+    # -- launching and finishing a bucket ------------------------------------------------
+    def _bucket_params(self, communication_data_type: torch.dtype) -> list[tuple[int, int, int]]:
+        return list(self.optimizer.ipg_buckets[communication_data_type].params)
+
+    def _param(self, entry: tuple[int, int, int]) -> Any:
+        group_index, param_index, _ = entry
+        return self.optimizer.bit16_groups[group_index][param_index]
+
+    def _key(self, entry: tuple[int, int, int]) -> str:
+        group_index, param_index, _ = entry
+        return self.names.get(id(self._param(entry)), f"group{group_index}.{param_index}")
+
+    def _launch_list(self, grads: list[torch.Tensor],
+                     communication_data_type: torch.dtype) -> None:
+        params = self._bucket_params(communication_data_type)
+        if len(params) != len(grads):
+            raise RuntimeError(
+                f"distk.deepspeed: ZeRO bucket lists {len(params)} parameters but "
+                f"{len(grads)} gradients (supported: {DEEPSPEED_REQUIREMENT})"
+            )
+        # In place: these are the parameters' own gradient tensors, not a shared buffer.
+        self._launch(_BucketInFlight(params, grads, None, communication_data_type))
+
+    def _launch(self, bucket: _BucketInFlight) -> None:
+        gradients, offset = [], 0
+        for entry, gradient in zip(bucket.params, bucket.gradients):
+            out = None if bucket.result is None else bucket.result.narrow(
+                0, offset, gradient.numel())
+            gradients.append((gradient, self._key(entry), out))
+            bucket.offsets[entry[2]] = offset
+            self.in_flight[entry[2]] = bucket
+            offset += gradient.numel()
+        self.state.launch(gradients, functools.partial(self._finish, bucket))
+
+    def _finish(self, bucket: _BucketInFlight) -> None:
+        """What DeepSpeed's all-reduce path does with an averaged bucket, in its order: the
+        fp32 partition buffers (bf16 parameters with fp32 gradient accumulation), then
+        this rank's partition (``copy_grads_in_partition``)."""
+        optimizer = self.optimizer
+        for param_id in bucket.offsets:
+            self.in_flight.pop(param_id, None)
+        if any(optimizer._use_compact_grad_partition_buffer(group_index)
+               for group_index, _, _ in bucket.params):
+            self._add_to_fp32_partition(bucket)
+        if bucket.result is not None:
+            # Parameters of this rank's partition read their average from the result.
+            for entry in bucket.params:
+                param = self._param(entry)
+                gradient = optimizer.get_gradient_for_reduction(param)
+                if gradient is not None and optimizer.is_param_in_current_partition[entry[2]]:
+                    gradient.data = bucket.result.narrow(
+                        0, bucket.offsets[entry[2]], param.numel()).view_as(gradient)
+        for param, group_index in bucket.copies:
+            self.deepspeed_copy_grads_in_partition(param, group_index)
+        if self.streams:
+            optimizer.reduction_stream.wait_stream(self.accelerator.current_stream())
+
+    def _add_to_fp32_partition(self, bucket: _BucketInFlight) -> None:
+        from deepspeed.runtime.zero.stage_1_and_2 import IPGBucket
+
+        reduced = bucket.result if bucket.result is not None else torch.cat(
+            [gradient.reshape(-1) for gradient in bucket.gradients])
+        # DeepSpeed's own method reads the *current* bucket's parameter list, which has
+        # moved on to the next bucket by now: hand it this bucket's list for the call.
+        buckets = self.optimizer.ipg_buckets
+        live = buckets[bucket.dtype]
+        buckets[bucket.dtype] = IPGBucket(params=bucket.params)
+        try:
+            self.optimizer._add_full_reduction_to_compact_grad_partition(reduced, bucket.dtype)
+        finally:
+            buckets[bucket.dtype] = live
+
+
+def install_zero_seam(engine: Any, state: DeepSpeedCompressionState) -> None:
+    """Replace the ZeRO 1/2 optimizer's bucket reduction by distk's asynchronous one."""
+    _ZeroSeam(engine, state).install()
 
 
 # -- the step boundary ------------------------------------------------------------------------
