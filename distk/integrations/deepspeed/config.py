@@ -16,6 +16,7 @@ __all__ = [
     "DEEPSPEED_REQUIREMENT",
     "SUPPORTED_DEEPSPEED",
     "SUPPORTED_ZERO_STAGES",
+    "check_engine",
     "check_supported",
     "import_deepspeed",
     "split_config",
@@ -113,7 +114,7 @@ def check_supported(ds_config: dict[str, Any], model: Any = None) -> None:
 
     Local and deterministic (no collective): every rank raises alike, before DeepSpeed
     builds its engine. What only the built engine shows (MoE layers, the optimizer
-    class) is checked by :func:`~distk.integrations.deepspeed.enable`.
+    class) is checked by :func:`check_engine`.
 
     Args:
         ds_config: the DeepSpeed config as a dict (with or without the ``"distk"`` block).
@@ -166,3 +167,44 @@ def check_supported(ds_config: dict[str, Any], model: Any = None) -> None:
             raise ValueError("distk.deepspeed does not support pipeline parallelism, got a "
                              "PipelineModule model; allowed: a plain torch.nn.Module")
         refuse_sparse_gradients(model, "distk.deepspeed")
+
+
+def check_engine(engine: Any) -> str:
+    """Refuse a built engine whose gradient path distk does not replace; otherwise name
+    the seam: ``"zero"`` (ZeRO 1/2's ``DeepSpeedZeroOptimizer``) or ``"engine"`` (ZeRO 0,
+    and ZeRO 1 with DeepSpeed's ``BF16_Optimizer``).
+
+    What only the built engine shows: MoE layers, the optimizer class, offload. Every rank
+    builds the same engine, so every rank raises alike.
+
+    Raises:
+        ValueError: naming what is not supported and what is allowed.
+    """
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    stage = int(engine.zero_optimization_stage())
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise ValueError(f"distk.deepspeed supports ZeRO stages {SUPPORTED_ZERO_STAGES}, "
+                         f"got zero_optimization.stage={stage}")
+    if engine.fp16_enabled():
+        raise ValueError("distk.deepspeed supports fp32 and bf16, got fp16.enabled=true")
+    if engine.has_moe_layers:
+        raise ValueError("distk.deepspeed does not support MoE layers (expert-parallel "
+                         "gradient groups); allowed: models without deepspeed.moe layers")
+    if engine.pipeline_parallelism:
+        raise ValueError("distk.deepspeed does not support pipeline parallelism")
+    optimizer = engine.optimizer
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        if type(optimizer) is not DeepSpeedZeroOptimizer:
+            raise ValueError(f"distk.deepspeed does not support {type(optimizer).__name__} "
+                             "(e.g. ZenFlow); allowed: plain ZeRO stage 1/2 "
+                             "(DeepSpeedZeroOptimizer)")
+        if optimizer.cpu_offload:
+            raise ValueError("distk.deepspeed does not support ZeRO-Offload")
+        return "zero"
+    if stage != 0 and not isinstance(optimizer, BF16_Optimizer):
+        raise ValueError(f"distk.deepspeed: unexpected optimizer {type(optimizer).__name__} "
+                         f"for ZeRO stage {stage}; allowed: DeepSpeedZeroOptimizer or "
+                         "BF16_Optimizer")
+    return "engine"

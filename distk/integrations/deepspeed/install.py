@@ -20,7 +20,7 @@ import torch
 
 from distk.integrations.deepspeed.checkpoint import wrap_checkpointing
 from distk.integrations.deepspeed.config import (
-    SUPPORTED_ZERO_STAGES,
+    check_engine,
     check_supported,
     import_deepspeed,
     split_config,
@@ -100,48 +100,23 @@ def enable(engine: Any, cfg: Any, *, overlap: bool = True) -> DeepSpeedCompressi
             engine already exchanges through distk.
     """
     _import_deepspeed()
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
     if get_state(engine) is not None:
         raise RuntimeError("distk.deepspeed.enable: this engine already exchanges through distk")
     check_supported(engine.config, engine.module)
-    stage = int(engine.zero_optimization_stage())
-    if stage not in SUPPORTED_ZERO_STAGES:
-        raise ValueError(f"distk.deepspeed supports ZeRO stages {SUPPORTED_ZERO_STAGES}, "
-                         f"got zero_optimization.stage={stage}")
-    if engine.fp16_enabled():
-        raise ValueError("distk.deepspeed supports fp32 and bf16, got fp16.enabled=true")
-    if engine.has_moe_layers:
-        raise ValueError("distk.deepspeed does not support MoE layers (expert-parallel "
-                         "gradient groups); allowed: models without deepspeed.moe layers")
-    if engine.pipeline_parallelism:
-        raise ValueError("distk.deepspeed does not support pipeline parallelism")
-
+    seam = check_engine(engine)
     optimizer = engine.optimizer
-    if isinstance(optimizer, DeepSpeedZeroOptimizer):
-        if type(optimizer) is not DeepSpeedZeroOptimizer:
-            raise ValueError(f"distk.deepspeed does not support {type(optimizer).__name__} "
-                             "(e.g. ZenFlow); allowed: plain ZeRO stage 1/2 "
-                             "(DeepSpeedZeroOptimizer)")
-        if optimizer.cpu_offload:
-            raise ValueError("distk.deepspeed does not support ZeRO-Offload")
+    if seam == "zero":
         require_methods(optimizer, ZERO_SEAM_METHODS)
-        seam, group = "zero", optimizer.dp_process_group
-        sum_gradients = not optimizer.gradient_average
+        group, sum_gradients = optimizer.dp_process_group, not optimizer.gradient_average
     else:
-        if stage != 0 and not isinstance(optimizer, BF16_Optimizer):
-            raise ValueError(f"distk.deepspeed: unexpected optimizer {type(optimizer).__name__} "
-                             f"for ZeRO stage {stage}; allowed: DeepSpeedZeroOptimizer or "
-                             "BF16_Optimizer")
         require_methods(engine, ENGINE_SEAM_METHODS)
-        seam, group = "engine", engine.seq_data_parallel_group
-        sum_gradients = not engine.gradient_average
+        group, sum_gradients = engine.seq_data_parallel_group, not engine.gradient_average
     # The engine's own optimizer (the client's or the one its config built) decides the
     # Adam schedule (cfg.adam_dense_steps / adam_warmup_steps / adam_value_dtype).
     cfg = schedule_for_optimizer(cfg, getattr(engine, "basic_optimizer", None) or optimizer,
                                  "distk.deepspeed")
-    state = DeepSpeedCompressionState(cfg, group, seam=seam, zero_stage=stage,
+    state = DeepSpeedCompressionState(cfg, group, seam=seam,
+                                      zero_stage=int(engine.zero_optimization_stage()),
                                       sum_gradients=sum_gradients, model=engine.module,
                                       overlap=overlap)
     if seam == "zero":
