@@ -3,10 +3,14 @@
 Each fixture starts one 2-rank job (spawned processes; DeepSpeed's first
 ``deepspeed.initialize`` in a process costs ~10-15 s here, plus a one-off ~60 s JIT build
 of DeepSpeed's shm op per machine, cached in ~/.cache/torch_extensions) and several tests
-read its results, so the whole file needs three spawns:
+read its results, so the whole file needs five spawns:
 
-- ``parity``: density 1.0 reproduces plain DeepSpeed for ZeRO 0, 1 and 2 (fp32); a config
-  without the block is passed through untouched; the config may come as a path;
+- ``parity``: density 1.0 reproduces plain DeepSpeed for ZeRO 0, 1 and 2 (fp32; ZeRO 1
+  and 2 with several gradient buckets, so that exchanges are in flight during backward);
+  a config without the block is passed through untouched; the config may come as a path;
+- ``overlap``: asynchronous exchanges (the default) give bitwise the results of waiting
+  for every bucket where it is launched, under every ZeRO seam, and a bucket is in
+  flight while backward computes the next one;
 - ``sparse``: at 5 % density the loss falls for ZeRO 0/1/2 in fp32 and bf16 (including
   DeepSpeed's BF16_Optimizer path), the seams are hit, clipping acts on the exchanged
   gradient, stats reach DeepSpeed's csv monitor, a checkpoint restores the residuals;
@@ -112,6 +116,16 @@ def _params(engine):
 
 # -- parity at density 1.0 ----------------------------------------------------------------
 
+# Several buckets under ZeRO 1/2 (the model's parameters hold 8, 512, 64 and 2048
+# entries): the first bucket is launched when the 2048-entry weight arrives, which then
+# goes alone, as DeepSpeed's "extra large" parameter. ZeRO 1 reduces from its gradient
+# hooks only with overlap_comm.
+SMALL_BUCKETS = 600
+PARITY_ZERO = {0: {"stage": 0},
+               1: {"stage": 1, "overlap_comm": True, "reduce_bucket_size": SMALL_BUCKETS},
+               2: {"stage": 2, "reduce_bucket_size": SMALL_BUCKETS}}
+
+
 def _parity_worker(rank: int, world_size: int, tmp: str) -> dict:
     import argparse
 
@@ -125,7 +139,8 @@ def _parity_worker(rank: int, world_size: int, tmp: str) -> dict:
     block = {"density": 1.0, "method": "exact", "min_numel": 1}
     results: dict = {}
     for stage in (0, 1, 2):
-        common = dict(gas=gas, clip=0.5, optimizer="SGD", lr=0.05)
+        common = dict(gas=gas, clip=0.5, optimizer="SGD", lr=0.05,
+                      extra={"zero_optimization": PARITY_ZERO[stage]})
         model = _model()
         plain, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                          config=_ds_config(stage, **common))
@@ -208,6 +223,100 @@ def test_seam_is_hit(parity, stage):
 def test_no_block_is_plain_deepspeed(parity):
     for rank_result in parity:
         assert rank_result["passthrough"] == {"state": True, "untouched": True}
+
+
+# -- asynchronous exchange ------------------------------------------------------------------
+
+OVERLAP_CASES = {
+    # name: (stage, zero_optimization, bf16, fp32 gradient accumulation)
+    "zero0": (0, {"stage": 0}, False, False),
+    "zero1-overlap_comm": (1, PARITY_ZERO[1], False, False),
+    "zero2": (2, PARITY_ZERO[2], False, False),
+    "zero2-noncontiguous": (2, {**PARITY_ZERO[2], "contiguous_gradients": False}, False, False),
+    "zero2-bf16-fp32acc": (2, PARITY_ZERO[2], True, True),  # DeepSpeed's fp32 partitions
+}
+OVERLAP_BLOCK = {"density": 0.05, "method": "exact", "min_numel": 256}
+
+
+def _overlap_worker(rank: int, world_size: int) -> dict:
+    import torch
+
+    import distk
+
+    results: dict = {}
+    batches = _teacher_batches(rank, 8)
+    for name, (stage, zero, bf16, fp32_acc) in OVERLAP_CASES.items():
+        runs = {}
+        for overlap in (True, False):
+            model = _model()
+            engine, *_ = distk.deepspeed.initialize(
+                model=model, model_parameters=model.parameters(),
+                config=_ds_config(stage, OVERLAP_BLOCK, bf16=bf16, fp32_accumulation=fp32_acc,
+                                  gas=2, clip=1.0, extra={"zero_optimization": zero}))
+            state = distk.deepspeed.get_state(engine)
+            state.overlap = overlap
+            # The first layer's weight is the last gradient backward computes: when it
+            # arrives (after DeepSpeed's own hook has handled it), the bucket before it
+            # has been launched.
+            in_backward: list[int] = []
+            engine.module[0].weight.register_post_accumulate_grad_hook(
+                lambda _, seen=in_backward, state=state: seen.append(state.buckets_in_flight))
+            after_backward = []
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            losses = []
+            for x, y in batches:
+                loss = (engine(x.to(dtype)).float() - y).pow(2).mean()
+                engine.backward(loss)
+                after_backward.append(state.buckets_in_flight)
+                engine.step()
+                losses.append(loss.item())
+            runs[overlap] = {
+                "params": _params(engine), "losses": losses,
+                "in_backward": max(in_backward), "after_backward": max(after_backward),
+                "bytes_sent": state.totals.bytes_sent, "dense_bytes": state.totals.dense_bytes,
+                "iterations": state.iteration,
+            }
+        results[name] = {
+            "same_params": all(torch.equal(a, b) for a, b in
+                               zip(runs[True]["params"], runs[False]["params"])),
+            **{f"{key}_{mode}": run[key] for mode, run in (("async", runs[True]),
+                                                            ("sync", runs[False]))
+               for key in ("losses", "in_backward", "after_backward", "bytes_sent",
+                           "dense_bytes", "iterations")},
+        }
+    return results
+
+
+@pytest.fixture(scope="module")
+def overlap() -> list[dict]:
+    return run_distributed(_overlap_worker, 2, timeout=420)
+
+
+@pytest.mark.parametrize("case", list(OVERLAP_CASES))
+def test_asynchronous_exchange_equals_synchronous(overlap, case):
+    for rank_result in overlap:
+        result = rank_result[case]
+        # Same launches, same arithmetic, only the wait moves: bitwise equal.
+        assert result["same_params"], result
+        assert result["losses_async"] == result["losses_sync"], result
+        assert result["bytes_sent_async"] == result["bytes_sent_sync"], result
+        assert result["iterations_async"] == result["iterations_sync"] == 4, result
+        # distk acted: 5 % of the weight matrices travel (biases go dense).
+        assert 0 < result["bytes_sent_async"] < 0.2 * result["dense_bytes_async"], result
+
+
+@pytest.mark.parametrize("case", list(OVERLAP_CASES))
+def test_a_bucket_is_in_flight_during_backward(overlap, case):
+    for rank_result in overlap:
+        result = rank_result[case]
+        # ZeRO 0 reduces after backward (DeepSpeed's engine all-reduce), so nothing is in
+        # flight during it; ZeRO 1 (overlap_comm) and 2 keep one bucket in flight while
+        # backward computes the next, as DeepSpeed's double buffer does.
+        expected = 0 if case == "zero0" else 1
+        assert result["in_backward_async"] == expected, result
+        assert result["in_backward_sync"] == 0, result
+        # DeepSpeed's end-of-reduction wait point finishes every bucket.
+        assert result["after_backward_async"] == result["after_backward_sync"] == 0, result
 
 
 # -- sparse training ------------------------------------------------------------------------
@@ -450,6 +559,27 @@ def test_refusal_needs_no_collective(refusals):
     assert refusals[0]["alone_seconds"] < 15  # far below the 20 s collective timeout
 
 
+# -- the supported DeepSpeed range -------------------------------------------------------------
+
+def test_supported_range_is_stated_once():
+    # One constant in the package; the extra and the docs say the same, nothing else in
+    # distk/ spells the range.
+    import pathlib
+    import re
+
+    from distk.integrations.deepspeed import DEEPSPEED_REQUIREMENT
+    from distk.integrations.deepspeed import config as config_module
+
+    root = pathlib.Path(REPO)
+    assert f'deepspeed = ["{DEEPSPEED_REQUIREMENT}"]' in (root / "pyproject.toml").read_text()
+    assert f"`{DEEPSPEED_REQUIREMENT}`" in (root / "docs" / "deepspeed.md").read_text()
+    spelled = re.compile(r"0\.(19|20)\b")
+    elsewhere = [str(path.relative_to(root)) for path in (root / "distk").rglob("*.py")
+                 if path != pathlib.Path(config_module.__file__)
+                 and spelled.search(path.read_text())]
+    assert elsewhere == [], elsewhere
+
+
 # -- the main job and the shipped configs ----------------------------------------------------
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -461,12 +591,12 @@ DS_CONFIGS = sorted(
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)
 def test_shipped_configs_are_valid(path):
-    from distk.integrations.deepspeed import _check_supported
+    from distk.integrations.deepspeed import check_supported
     from distk.train.config import load_config
     from distk.train.deepspeed_job import deepspeed_config_for
 
     config, mode = deepspeed_config_for(load_config(None), path)
-    _check_supported(config, None)
+    check_supported(config, None)
     stage, method = os.path.basename(path)[:-5].split("_zero")[::-1]
     assert mode == f"zero{stage}-{method}"
     assert config["distk"]["method"] == method

@@ -2,7 +2,8 @@
 
 Parity at density 1.0 against plain FSDP2 / FSDP1 (with and without gradient
 accumulation), training at a few percent density, checkpoint round trips, the FSDP1
-per-unit hook-state seam, and the configurations that are refused.
+per-unit hook-state seam, the configurations that are refused, and the FSDP2 seam that
+keeps the exchange synchronous.
 """
 
 from __future__ import annotations
@@ -249,6 +250,27 @@ def test_unsupported_configurations_are_refused_on_every_rank() -> None:
 def test_enable_rejects_unsharded_models() -> None:
     with pytest.raises(TypeError, match="fully_shard"):
         distk.fsdp.enable(nn.Linear(2, 2), distk.SparsityConfig())
+
+
+def test_fsdp2_gives_custom_comms_no_work_to_wait_on() -> None:
+    # Why SparseReduceScatter and the HSDP hook finish the exchange before they return
+    # (docs/ddp-fsdp.md, "Why FSDP2 and HSDP exchange synchronously"): torch's
+    # foreach_reduce calls the custom reduce-scatter without async_op, keeps nothing it
+    # returns, calls the all-reduce hook for its side effect, and reads the output right
+    # after. A failure means torch changed that seam: the FSDP2 exchange may then become
+    # asynchronous, finished where FSDP waits for the Work.
+    import inspect
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    source = inspect.getsource(_fsdp_collectives.foreach_reduce)
+    call = source[source.index("reduce_scatter_comm("):]
+    call = call[:call.index(")") + 1]
+    assert "output_tensor=reduce_output" in call and "async_op" not in call, call
+    assert "= reduce_scatter_comm(" not in source
+    assert "all_reduce_hook(reduce_output)" in source
+    assert "= all_reduce_hook(" not in source
+    assert "_div_if_needed(reduce_output, postdivide_factor)" in source
 
 
 # -- HSDP: FSDP2 over the shard dimension, distk across the replicas -------------------------

@@ -14,10 +14,16 @@ back with a check:
   (the one check of a checkpoint's origin) accepted it: ``ValueError`` when the file was
   written by another rank, another number of ranks or under another config;
 - :func:`load_rank_state` is collective: every rank checks its own file, the ranks agree
-  (one small all-reduce), and then either every rank restores its state, or every rank
-  warns and keeps a fresh state (files missing), or every rank raises (a file written by
-  another rank or world size, or unreadable). A mixed outcome would desynchronise the
-  compressors' step counters, so there is none.
+  (one small all-reduce, :func:`distk.comm.group.agree`, the worst outcome wins), and
+  then either every rank restores its state, or every rank warns and keeps a fresh state
+  (files missing), or every rank raises (a file written by another rank or world size,
+  or unreadable). A mixed outcome would desynchronise the compressors' step counters, so
+  there is none. DeepSpeed, whose own checkpoints may be resumed at another
+  data-parallel size, asks for a file of another rank or world size to count as missing
+  (``other_rank="warn"``).
+
+The DeepSpeed adapter writes its files through these helpers too, inside DeepSpeed's
+checkpoint tag folder.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distk.comm.group import agree
+from distk.comm.group import agree, rank_and_world
 
 __all__ = ["FILE_NAME", "load_rank_state", "rank_file", "read_rank_state", "save_rank_state"]
 
@@ -83,10 +89,11 @@ def read_rank_state(path: str | os.PathLike[str], state: Any) -> dict[str, Any]:
             another rank's error feedback) or under another config, or it is not a distk
             state file.
     """
-    saved = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
-    if not isinstance(saved, dict) or not {"config", "rank", "world_size"} <= set(saved):
-        raise ValueError(f"{os.fspath(path)} is not a distk per-rank state file (expected "
-                         "a state_dict() with 'config', 'rank', 'world_size')")
+    return _checked(path, _load(path), state)
+
+
+def _checked(path: str | os.PathLike[str], saved: dict[str, Any],
+             state: Any) -> dict[str, Any]:
     try:
         state.check_state_dict(saved)
     except ValueError as err:
@@ -94,8 +101,16 @@ def read_rank_state(path: str | os.PathLike[str], state: Any) -> dict[str, Any]:
     return saved
 
 
+def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    saved = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
+    if not isinstance(saved, dict) or not {"config", "rank", "world_size"} <= set(saved):
+        raise ValueError(f"{os.fspath(path)} is not a distk per-rank state file (expected "
+                         "a state_dict() with 'config', 'rank', 'world_size')")
+    return saved
+
+
 def load_rank_state(directory: str | os.PathLike[str], state: Any, *,
-                    missing: str = "warn") -> bool:
+                    missing: str = "warn", other_rank: str = "raise") -> bool:
     """Restore every rank's own state from ``directory`` (collective; all ranks call it).
 
     Args:
@@ -104,28 +119,40 @@ def load_rank_state(directory: str | os.PathLike[str], state: Any, *,
         missing: what to do when some rank has no file: ``"warn"`` (every rank warns and
             keeps its fresh state, e.g. a checkpoint written before distk was enabled) or
             ``"raise"``.
+        other_rank: what to do when some rank's file was written by another rank or under
+            another world size: ``"raise"`` (every rank raises) or ``"warn"`` (it counts
+            as missing, and ``missing`` decides; residuals cannot be remapped to other
+            ranks). A file written under another config raises either way.
 
     Returns:
         True when every rank restored its state, False when files were missing.
 
     Raises:
-        ValueError: a rank's file was written by another rank or world size, is not a
-            distk file, or its config differs (raised on every rank), or ``missing`` is
-            not one of ``"warn"``, ``"raise"``.
+        ValueError: a rank's file was written by another rank or world size (unless
+            ``other_rank="warn"``), is not a distk file, or its config differs (raised on
+            every rank), or ``missing`` / ``other_rank`` is not ``"warn"`` or ``"raise"``.
         FileNotFoundError: files are missing and ``missing="raise"``.
     """
-    if missing not in ("warn", "raise"):
-        raise ValueError(f"missing must be 'warn' or 'raise', got {missing!r}")
+    for name, value in (("missing", missing), ("other_rank", other_rank)):
+        if value not in ("warn", "raise"):
+            raise ValueError(f"{name} must be 'warn' or 'raise', got {value!r}")
     rank, _ = _rank_and_world()
     path = rank_file(directory, rank)
     local_error: str | None = None
     payload_state = None
+    elsewhere = False  # this rank's file was written by another rank or world size
     if not os.path.isfile(path):
         code = _MISSING
     else:
         try:
-            payload_state = read_rank_state(path, state)
-            code = _OK
+            saved = _load(path)
+            elsewhere = (other_rank == "warn" and (saved["rank"], saved["world_size"])
+                         != rank_and_world(getattr(state, "process_group", None)))
+            if elsewhere:
+                code = _MISSING
+            else:
+                payload_state = _checked(path, saved, state)
+                code = _OK
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             code, local_error = _REFUSED, f"{type(err).__name__}: {err}"
     worst = agree(code)
@@ -134,9 +161,10 @@ def load_rank_state(directory: str | os.PathLike[str], state: Any, *,
             f"distk: another rank refused its state file in {os.fspath(directory)}; "
             "no rank restores (see that rank's error)"))
     if worst == _MISSING:
-        message = (f"distk: {os.fspath(directory)} has no distk state file for every rank "
-                   f"(this rank's: {'present' if code == _OK else 'missing'}); residuals "
-                   "start from zero on every rank")
+        mine = ("written by another rank or world size" if elsewhere else
+                "present" if code == _OK else "missing")
+        message = (f"distk: {os.fspath(directory)} has no usable distk state file for every "
+                   f"rank (this rank's: {mine}); residuals start from zero on every rank")
         if missing == "raise":
             raise FileNotFoundError(message)
         warnings.warn(f"[rank {rank}] {message}", RuntimeWarning, stacklevel=2)

@@ -34,6 +34,22 @@ gradient per unit, like DDP's residuals). Compressor key = the unit's module nam
   rank's reduced shard to distk, which exchanges it sparsely across the replicas (the
   slow inter-node links). Residuals are then per shard.
 
+Why FSDP reduces synchronously (DDP and DeepSpeed overlap the exchange with backward):
+torch 2.13's FSDP2 has no seam that waits for work a custom comm hands back.
+``torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py:foreach_reduce`` calls the
+custom reduce-scatter as ``reduce_scatter_comm(output_tensor=..., input_tensor=...,
+group=..., op=...)``, without ``async_op`` and dropping what it returns, and calls the
+all-reduce hook as ``all_reduce_hook(reduce_output)`` (typed ``Callable[[Tensor], None]``).
+Completion is expressed only as CUDA stream order (the call runs on FSDP's reduce-scatter
+or all-reduce stream; ``FSDPParamGroup.post_backward`` and ``finalize_backward`` wait on
+events recorded after it), and right after the call the same function reads the output
+on the host thread: ``_div_if_needed(reduce_output, postdivide_factor)`` (the divide
+``set_force_sum_reduction_for_comms`` asks for), the cast to the parameter dtype, and
+``sharded_param.grad._local_tensor += ...`` (accumulation) or post-accumulate-grad hooks.
+distk's exchange finishes on the host (a future whose callback unpacks and scatter-adds),
+so an exchange still in flight when the comm returns would be read before it is written.
+FSDP1's comm hook (``_fsdp1_hook``) is likewise called for its side effect.
+
 Refused (ValueError naming the configuration): FSDP2 on a 2-D mesh (native HSDP would
 all-reduce across replicas densely; use ``replicate_group`` as above), FSDP1 hybrid strategies
 (HYBRID_SHARD, _HYBRID_SHARD_ZERO2: torch has no comm hook for them), FSDP2 modules
@@ -73,7 +89,8 @@ class FSDPCompressionState(CompressionState):
 
     See :class:`~distk.integrations.CompressionState` for ``compressor``, ``stats``,
     ``iteration``, ``reduce``, ``state_dict`` and ``load_state_dict``. Units reduce
-    synchronously (``reduce``): FSDP's comm seams take no future.
+    synchronously (``reduce``): FSDP reads the output as soon as its comm seams return
+    (see the module docstring for where in torch).
 
     Attributes:
         flavour: ``"fsdp2"``, ``"hsdp"`` (FSDP2 with ``replicate_group``) or ``"fsdp1"``.
@@ -128,7 +145,9 @@ class SparseReduceScatter(_ReduceScatterBase):
         compressor averages, so a SUM is the average times the group size (exact for
         power-of-two group sizes; otherwise within an ulp of a true sum).
         """
-        del async_op  # the exchange completes before returning; FSDP ignores the Work
+        # FSDP (torch 2.13, _fsdp_collectives.foreach_reduce) never passes async_op and
+        # drops the return value, then reads output_tensor: the exchange completes here.
+        del async_op
         state = self.state
         if group.size() != state.world_size:
             raise RuntimeError(
@@ -197,7 +216,8 @@ def _fsdp2_units(model: nn.Module) -> list[tuple[str, FSDPModule, list[nn.Parame
 
 def _hsdp_hook(state: FSDPCompressionState, key: str) -> Any:
     """FSDP2 all-reduce hook: average this rank's reduce-scattered shard across the
-    replicas (``state.process_group``) through distk, in place."""
+    replicas (``state.process_group``) through distk, in place, before returning (FSDP
+    divides and shards the output right after the hook returns)."""
 
     def hook(reduce_output: torch.Tensor) -> None:
         state.reduce(reduce_output, key)
