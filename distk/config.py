@@ -183,12 +183,17 @@ class SparsityConfig:
     whose per-bucket ranges do not sum). ``"shared"`` needs ``value_bits=None`` and
     ``exchange="auto"``."""
 
-    mask_policy: str = "leader"
-    """How ranks agree on a shared mask (``distk.compressor.masks``): ``"leader"`` (in
-    turn one rank's top-k, its positions broadcast bit-packed; ScaleCom), ``"moment"``
-    (top entries of a moving average of the averaged updates, identical on every rank,
-    plus a sweep; no collective; after SCAPE) or ``"sketch"`` (whole chunks ranked by a
-    small all-reduced sketch of the ranks' magnitudes; after ARC-Top-K)."""
+    mask_policy: str = "union"
+    """How ranks agree on a shared mask (``distk.compressor.masks``): ``"union"`` (every
+    rank proposes its own top ``k / P``, the proposals all-gathered as bit-packed bucket
+    offsets; the mask is their union), ``"leader"`` (in turn one rank's top-k, broadcast;
+    ScaleCom), ``"moment"`` (top entries of a moving average of the averaged updates,
+    identical on every rank, plus a sweep; no collective; after SCAPE), ``"sketch"``
+    (whole chunks ranked by a small all-reduced sketch of the ranks' magnitudes; after
+    ARC-Top-K), ``"predicted"`` (the residuals predicted from past updates; no
+    collective) or ``"oracle"`` (the exact top-k of the summed accumulators through a
+    dense all-reduce: a diagnostic upper bound, never picked by the cost model). Quality
+    of each: docs/comm-and-compressor.md, "Shared masks"."""
 
     mask_beta: float = 0.9
     """``mask_policy="moment"``: decay of the moving average per step, in [0, 1) (0: the

@@ -419,11 +419,15 @@ class GradientCompressor:
             empty = grad.detach().clone() if out is None else out
             return CompressorWork(None, None, result=empty)
         started = time.perf_counter()
+        spent = self.masks.spent
         plan = self._plan_step(request)
         accumulated = self._accumulate(request, plan, started)
         selection = self._select(request, plan, accumulated)
         self._encode(request, plan, accumulated, selection)
         pending = self._send(request, plan, accumulated, selection)
+        # What the mask policy's collectives sent during this launch (the agreement on
+        # this step's mask, or on the next step's).
+        selection.overhead_bytes += self.masks.spent - spent
         return CompressorWork(
             pending, lambda result: self._finish(request, plan, accumulated, selection,
                                                  result), plan)
@@ -573,7 +577,6 @@ class GradientCompressor:
                                           tag=_key_tag(request.key),
                                           out_dtype=request.state_dtype, group=self.group)
             positions = self.masks.positions(self._mask_context(request, plan, acc))
-            overhead += self.masks.overhead_bytes(plan.wire, request.world)
             if plan.verify:
                 overhead += check_same_digest(int(tensor_digest(positions).item()),
                                               f"the shared mask of key {request.key!r}",
@@ -683,9 +686,17 @@ class GradientCompressor:
                                         request.world)
                 if nxt.scheme == "shared":
                     following = (nxt.selection, nxt.wire)
+        def plan_for(k: int, step: int) -> tuple[SelectionPlan, WireFormat]:
+            plans = self._plans.get((request.numel, k))
+            if plans is None:
+                plans = self._plans[(request.numel, k)] = make_plans(self.cfg, request.numel, k)
+            selection = plans[step % len(plans)]
+            return selection, selection.wire(request.numel, request.value_dtype,
+                                             self.cfg.interleaved)
+
         return MaskContext(request.key, request.step, acc, plan.selection, plan.wire,
                            lambda tensor, selection: self._select_local(tensor, selection),
-                           following)
+                           plan_for, following)
 
     @staticmethod
     def _check_state(tensor: torch.Tensor, key: Hashable, numel: int, dtype: torch.dtype,

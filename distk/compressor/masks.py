@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from distk.comm import WireFormat
-from distk.comm.codec import bits_for, pack_bits, packed_nbytes, unpack_bits
+from distk.comm.codec import bits_for, packed_nbytes
 from distk.comm.exchange import CollectiveError
 from distk.comm.group import collective_device, rank_and_world, ring_allreduce_bytes
 from distk.compressor.plan import SelectionPlan
@@ -66,6 +66,8 @@ class MaskContext:
         plan, wire: the step's selection plan and its wire format (``k``, buckets).
         select: the compressor's own top-k of a flat tensor under a plan (bucketed or
             exact, as configured), returning positions in bucket order.
+        plan_for: the compressor's selection plan and wire format for ``k`` entries of
+            this buffer at a step (``(k, step) -> (plan, wire)``).
         next: the next step's plan and wire format when it will use a shared mask too
             (``None``: it will not, or it is not known); a policy may prepare the next
             mask for it.
@@ -77,20 +79,28 @@ class MaskContext:
     plan: SelectionPlan
     wire: WireFormat
     select: Callable[[torch.Tensor, SelectionPlan], torch.Tensor]
+    plan_for: Callable[[int, int], tuple[SelectionPlan, WireFormat]]
     next: tuple[SelectionPlan, WireFormat] | None = None
 
 
 class MaskPolicy:
-    """Base of the shared-mask policies: stateless defaults."""
+    """Base of the shared-mask policies: stateless defaults.
+
+    Attributes:
+        spent: bytes this rank has transmitted for the policy's collectives so far (the
+            compressor counts each step's share into ``bytes_sent``).
+    """
 
     name = "base"
 
     def __init__(self, group: Any = None) -> None:
         self.group = group
+        self.spent = 0
 
     def overhead_bytes(self, wire: WireFormat, world: int) -> int:
-        """Bytes one rank transmits, per call, for the ranks to agree (the cost model's
-        ``shared_overhead``)."""
+        """Bytes one rank is expected to transmit, per call, for the ranks to agree (the
+        cost model's ``shared_overhead``; the statistics count what :attr:`spent`
+        says)."""
         del wire, world
         return 0
 
@@ -133,59 +143,67 @@ def _collective(run: Callable[[], Any], what: str, group: Any) -> Any:
 
 @dataclass
 class _Ahead:
-    """A leader's mask for a later step: in flight, then received."""
+    """A mask agreed for a later step: in flight, then received.
+
+    ``wire`` is the step's own wire format (what the mask is for); ``proposal`` the wire
+    format of what travelled (the leader's positions, or one rank's proposal)."""
 
     step: int
     wire: WireFormat
+    proposal: WireFormat
     payload: torch.Tensor
     future: torch.futures.Future | None
 
 
-class LeaderMask(MaskPolicy):
-    """The leader's top-k, broadcast (see the module docstring)."""
+class _AgreedMask(MaskPolicy):
+    """Positions chosen from the ranks' own accumulators and sent to every rank, once per
+    step, bit-packed: the shared machinery of :class:`LeaderMask` and :class:`UnionMask`.
 
-    name = "leader"
+    The mask of the next step is agreed as soon as this step's values are launched (from
+    the residual they leave behind), so every step after a key's first finds its mask
+    already received: selection leaves the critical path, and the exchange of a bucket
+    can start as soon as its gradient is ready."""
 
     def __init__(self, group: Any = None) -> None:
         super().__init__(group)
         self._ahead: dict[Hashable, _Ahead] = {}
 
-    def overhead_bytes(self, wire: WireFormat, world: int) -> int:
-        # A broadcast delivers the packed positions once to each of the P - 1 other ranks;
-        # over the leader's rotation every rank sends (P - 1) / P of them per step.
-        return math.ceil(wire.positions_nbytes * (world - 1) / max(world, 1))
+    # What each policy defines.
+    def _proposal(self, ctx: MaskContext, plan: SelectionPlan, wire: WireFormat, step: int
+                  ) -> tuple[SelectionPlan, WireFormat]:
+        raise NotImplementedError
 
-    def _broadcast(self, payload: torch.Tensor, leader: int) -> torch.futures.Future:
-        group = self.group
-        device = collective_device(group, payload)
-        source = dist.get_global_rank(group, leader) if group is not None else leader
-        if payload.device != device:
-            raise ValueError(f"shared mask payload on {payload.device}, the group's "
-                             f"collectives run on {device}")
-        work = _collective(lambda: dist.broadcast(payload, src=source, group=group,
-                                                  async_op=True),
-                           "the leader's broadcast", group)
-        return work.get_future()
+    def _send(self, payload: torch.Tensor, proposal: WireFormat, step: int, proposes: bool
+              ) -> tuple[torch.Tensor, torch.futures.Future | None]:
+        raise NotImplementedError
 
-    def _launch(self, step: int, wire: WireFormat, select: Callable[[], torch.Tensor],
-                device: torch.device) -> _Ahead:
+    def _decode(self, buffer: torch.Tensor, proposal: WireFormat) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _proposes(self, step: int) -> bool:
+        return True
+
+    # The shared machinery.
+    def _launch(self, ctx: MaskContext, plan: SelectionPlan, wire: WireFormat, step: int,
+                source: torch.Tensor) -> _Ahead:
+        proposal_plan, proposal = self._proposal(ctx, plan, wire, step)
         rank, world = rank_and_world(self.group)
-        if world == 1:
-            return _Ahead(step, wire, wire.pack_positions(select()), None)
-        leader = step % world
-        comm = collective_device(self.group, torch.empty(0, device=device))
-        if rank == leader:
-            payload = wire.pack_positions(select()).to(comm)
+        proposes = self._proposes(step)
+        if proposes:
+            payload = proposal.pack_positions(ctx.select(source, proposal_plan))
         else:
-            payload = torch.empty(wire.positions_nbytes, dtype=torch.uint8, device=comm)
-        return _Ahead(step, wire, payload, self._broadcast(payload, leader))
+            payload = torch.empty(proposal.positions_nbytes, dtype=torch.uint8)
+        if world == 1:
+            return _Ahead(step, wire, proposal, payload, None)
+        payload = payload.to(collective_device(self.group, payload))
+        buffer, future = self._send(payload, proposal, step, proposes)
+        return _Ahead(step, wire, proposal, buffer, future)
 
-    @staticmethod
-    def _received(ahead: _Ahead, device: torch.device) -> torch.Tensor:
+    def _received(self, ahead: _Ahead, device: torch.device) -> torch.Tensor:
         if ahead.future is not None:
             ahead.future.wait()
             ahead.future = None
-        return ahead.wire.unpack_positions(ahead.payload).to(device)
+        return self._decode(ahead.payload, ahead.proposal).to(device)
 
     def positions(self, ctx: MaskContext) -> torch.Tensor:
         ahead = self._ahead.pop(ctx.key, None)
@@ -195,20 +213,18 @@ class LeaderMask(MaskPolicy):
             if ahead.step == ctx.step and ahead.wire == ctx.wire:
                 return positions
         # No mask prepared (first sparse step, a plan change, a resume): agree now.
-        ahead = self._launch(ctx.step, ctx.wire, lambda: ctx.select(ctx.acc, ctx.plan), device)
+        ahead = self._launch(ctx, ctx.plan, ctx.wire, ctx.step, ctx.acc)
         return self._received(ahead, device)
 
     def after_launch(self, ctx: MaskContext, positions: torch.Tensor) -> None:
         if ctx.next is None:
             return
         next_plan, next_wire = ctx.next
-
-        def select() -> torch.Tensor:
+        residual = ctx.acc
+        if self._proposes(ctx.step + 1):
             residual = ctx.acc.clone()  # what stays after this step's values leave
             residual[positions] = 0
-            return ctx.select(residual, next_plan)
-
-        self._ahead[ctx.key] = self._launch(ctx.step + 1, next_wire, select, ctx.acc.device)
+        self._ahead[ctx.key] = self._launch(ctx, next_plan, next_wire, ctx.step + 1, residual)
 
     def forget(self, key: Hashable | None = None) -> None:
         if key is None:
@@ -217,22 +233,100 @@ class LeaderMask(MaskPolicy):
             self._ahead.pop(key, None)
 
     def state_dict(self) -> dict[str, Any]:
-        """The masks prepared for the next step (received first), per key."""
+        """The masks agreed for the next step (received first), per key."""
         prepared = {}
         for key, ahead in self._ahead.items():
-            positions = self._received(ahead, torch.device("cpu"))
-            prepared[key] = {"step": ahead.step, "positions": positions,
-                             "wire": _wire_fields(ahead.wire)}
-            ahead.payload = ahead.wire.pack_positions(positions).to(ahead.payload.device)
+            prepared[key] = {"step": ahead.step, "wire": _wire_fields(ahead.wire),
+                             "positions": self._received(ahead, torch.device("cpu"))}
         return {"prepared": prepared}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._ahead = {}
         for key, item in state.get("prepared", {}).items():
             wire = WireFormat(**item["wire"])
-            self._ahead[key] = _Ahead(int(item["step"]), wire,
-                                      wire.pack_positions(item["positions"].to(torch.int64)),
-                                      None)
+            positions = item["positions"].to(torch.int64)
+            received = WireFormat(wire.numel, positions.numel(), wire.value_dtype)
+            self._ahead[key] = _Ahead(int(item["step"]), wire, received,
+                                      received.pack_positions(positions), None)
+
+
+class LeaderMask(_AgreedMask):
+    """The leader's top-k, broadcast (see the module docstring)."""
+
+    name = "leader"
+
+    def overhead_bytes(self, wire: WireFormat, world: int) -> int:
+        # A broadcast delivers the packed positions once to each of the P - 1 other ranks;
+        # over the leader's rotation every rank sends (P - 1) / P of them per step.
+        return math.ceil(wire.positions_nbytes * (world - 1) / max(world, 1))
+
+    def _proposes(self, step: int) -> bool:
+        rank, world = rank_and_world(self.group)
+        return rank == step % world
+
+    def _proposal(self, ctx: MaskContext, plan: SelectionPlan, wire: WireFormat, step: int
+                  ) -> tuple[SelectionPlan, WireFormat]:
+        return plan, wire
+
+    def _send(self, payload: torch.Tensor, proposal: WireFormat, step: int, proposes: bool
+              ) -> tuple[torch.Tensor, torch.futures.Future | None]:
+        group = self.group
+        leader = step % rank_and_world(group)[1]
+        source = dist.get_global_rank(group, leader) if group is not None else leader
+        work = _collective(lambda: dist.broadcast(payload, src=source, group=group,
+                                                  async_op=True),
+                           "the leader's broadcast", group)
+        self.spent += self.overhead_bytes(proposal, rank_and_world(group)[1])
+        return payload, work.get_future()
+
+    def _decode(self, buffer: torch.Tensor, proposal: WireFormat) -> torch.Tensor:
+        return proposal.unpack_positions(buffer)
+
+
+class UnionMask(_AgreedMask):
+    """Every rank proposes its own top ``ceil(k / P)``; the mask is the union of the
+    proposals (``mask_policy="union"``, the default shared policy). Where the leader's
+    mask sees one rank's residual per step, this one takes each rank's strongest entries,
+    so every rank's residual is flushed where it is largest, as with local masks, while
+    the values still travel in one all-reduce. The proposals are bucketed selections with
+    no second stage, so they travel as bucket offsets, bit-packed, in one all-gather:
+    each rank receives ``(P - 1) ceil(k / P)`` offsets, about ``k`` at any ``P`` (as many
+    as the leader's broadcast). Proposals may coincide: the union then holds fewer than
+    ``k`` positions (sent as such; every rank knows its size)."""
+
+    name = "union"
+
+    def _proposal(self, ctx: MaskContext, plan: SelectionPlan, wire: WireFormat, step: int
+                  ) -> tuple[SelectionPlan, WireFormat]:
+        world = rank_and_world(self.group)[1]
+        return ctx.plan_for(max(1, math.ceil(wire.k / world)), step)
+
+    def overhead_bytes(self, wire: WireFormat, world: int) -> int:
+        if world <= 1:
+            return 0
+        share = max(1, math.ceil(wire.k / world))
+        # An upper bound of the proposal's packed size without its plan: the offsets of a
+        # packed plan need at most the bits of a position.
+        return (world - 1) * packed_nbytes(share, bits_for(wire.numel))
+
+    def _send(self, payload: torch.Tensor, proposal: WireFormat, step: int, proposes: bool
+              ) -> tuple[torch.Tensor, torch.futures.Future | None]:
+        world = rank_and_world(self.group)[1]
+        gathered = torch.empty(world * payload.numel(), dtype=torch.uint8,
+                               device=payload.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = _collective(lambda: gather(gathered, payload, group=self.group,
+                                          async_op=True),
+                           "the proposals' all-gather", self.group)
+        self.spent += (world - 1) * payload.numel()
+        return gathered, work.get_future()
+
+    def _decode(self, buffer: torch.Tensor, proposal: WireFormat) -> torch.Tensor:
+        if buffer.numel() == proposal.positions_nbytes:  # one process, or a checkpoint
+            return proposal.unpack_positions(buffer)
+        rows = buffer.view(-1, proposal.positions_nbytes)
+        proposals = torch.cat([proposal.unpack_positions(row) for row in rows])
+        return torch.unique(proposals)  # sorted: the same on every rank
 
 
 def _wire_fields(wire: WireFormat) -> dict[str, Any]:
@@ -343,53 +437,12 @@ class SketchMask(MaskPolicy):
             summed = summed.to(collective_device(self.group, summed))
             _collective(lambda: dist.all_reduce(summed, group=self.group),
                         "the sketch's all-reduce", self.group)
+            self.spent += ring_allreduce_bytes(chunks, rank_and_world(self.group)[1], 4)
         # One chunk more than k needs: the last chunk may be short.
         order = torch.argsort(summed.to(acc.device), descending=True, stable=True)
         take = order[: min(chunks, math.ceil(k / size) + 1)]
         positions = (take[:, None] * size + torch.arange(size, device=acc.device)).reshape(-1)
         return positions[positions < numel][:k]
-
-
-class UnionMask(MaskPolicy):
-    """Every rank proposes the top ``ceil(k / P)`` of its own accumulator; the mask is the
-    union of the proposals (``mask_policy="union"``). Where the leader's mask sees one
-    rank's residual per step, this one holds each rank's strongest entries, so an entry
-    large on any rank is sent. The proposals travel bit-packed in one all-gather: each
-    rank receives ``(P - 1) ceil(k / P)`` positions, about ``k`` at any ``P`` (as many as
-    the leader's broadcast). Proposals may coincide: the union then holds fewer than
-    ``k`` positions (sent as such; all ranks know its size)."""
-
-    name = "union"
-
-    @staticmethod
-    def _share(k: int, world: int) -> int:
-        return max(1, math.ceil(k / max(world, 1)))
-
-    def overhead_bytes(self, wire: WireFormat, world: int) -> int:
-        if world <= 1:
-            return 0
-        return (world - 1) * packed_nbytes(self._share(wire.k, world), bits_for(wire.numel))
-
-    def positions(self, ctx: MaskContext) -> torch.Tensor:
-        from distk.selection import topk
-
-        acc = ctx.acc
-        numel = acc.numel()
-        rank, world = rank_and_world(self.group)
-        share = min(numel, self._share(ctx.wire.k, world))
-        method = "bucketed" if ctx.plan.buckets is not None and share < numel else "exact"
-        _, mine = topk(acc, share, method=method)
-        if world == 1:
-            return mine.to(torch.int64)
-        width = bits_for(numel)
-        payload = pack_bits(mine.to(torch.int64), width)
-        device = collective_device(self.group, payload)
-        gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=device)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        _collective(lambda: gather(gathered, payload.to(device), group=self.group),
-                    "the proposals' all-gather", self.group)
-        proposals = unpack_bits(gathered.view(world, -1), share, width).reshape(-1)
-        return torch.unique(proposals).to(acc.device)  # sorted: the same on every rank
 
 
 class OracleMask(MaskPolicy):
@@ -409,6 +462,8 @@ class OracleMask(MaskPolicy):
             summed = summed.to(collective_device(self.group, summed))
             _collective(lambda: dist.all_reduce(summed, group=self.group),
                         "the oracle's all-reduce", self.group)
+            self.spent += ring_allreduce_bytes(summed.numel(), rank_and_world(self.group)[1],
+                                               4)
         return torch.topk(summed.abs(), ctx.wire.k, sorted=False).indices.to(ctx.acc.device)
 
 
