@@ -74,8 +74,11 @@ def test_bad_values_name_key_value_and_allowed(key):
 def _train_worker(rank: int, world: int, root: str, optimizer: str) -> None:
     from distk.train.loop import train
 
+    # Local masks: every rank sends exactly the scheduled k (a union of shared proposals
+    # may hold fewer), so the density read back is the schedule's.
     overrides = [f"run_root={json.dumps(root)}", "train.steps=9", "logging.log_every=1",
-                 "sparsity.method=bucketed", "train.adamw_dense_steps=3",
+                 "sparsity.method=bucketed", "sparsity.mask=local",
+                 "train.adamw_dense_steps=3",
                  "train.adamw_warmup_steps=4", f"train.optimizer={optimizer}"]
     train(load_config(TINY, overrides), Path(root) / optimizer)
 

@@ -94,7 +94,10 @@ def _ddp_future_worker(rank: int, world: int, marker_dir: str) -> dict:
     # bucket_cap_mb small: several buckets (one per large weight), so backward has work
     # left to overlap.
     ddp = DDP(_net(), bucket_cap_mb=0.1)
-    state = DDPCompressionState(distk.SparsityConfig(density=0.05, min_numel=64),
+    # Local masks: the exchange is one asynchronous collective. (A shared mask's first
+    # step agrees on its positions synchronously, before the values travel.)
+    state = DDPCompressionState(distk.SparsityConfig(density=0.05, min_numel=64,
+                                                     mask="local"),
                                 ddp.process_group, model=ddp.module)
     done_at_return: list[bool] = []
     steps = []

@@ -173,9 +173,11 @@ def test_compare_trains_every_mode_and_writes_json_and_png(tmp_path: Path) -> No
     # The sparse modes send a fraction of dense bytes; bucketed reports its recall.
     assert results["bucketed"]["bytes_sent"] < 0.5 * results["dense"]["bytes_sent"]
     assert results["exact"]["bytes_sent"] < 0.5 * results["dense"]["bytes_sent"]
-    # k-weighted over the run against exact top-k; the plans target 0.95, so a broken
-    # selection (random or contiguous picks) falls far below 0.8.
-    assert results["bucketed"]["mean_recall"] >= 0.8, results["bucketed"]["mean_recall"]
+    # The default exchange on 2 ranks is a shared mask (the union of the ranks' top k/2):
+    # its recall against the top-k of the summed accumulators, k-weighted over the run.
+    # Positions picked at random would score the density (0.05 in tiny.json).
+    for mode in ("exact", "bucketed"):
+        assert results[mode]["mean_global_recall"] >= 0.2, results[mode]
     png = (run_dir / "compare.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert "bucketed" in proc.stdout and "recall" in proc.stdout
