@@ -3,8 +3,14 @@
 Methods, per (world size, numel, density):
 
 * ``dense_fp32`` / ``dense_bf16``: ``dist.all_reduce`` of the whole tensor;
-* ``sparse_exact``: ``GradientCompressor`` with ``torch.topk`` selection;
-* ``sparse_bucketed``: ``GradientCompressor`` with bucketed selection (recall 0.95).
+* ``sparse_exact``: ``GradientCompressor`` with ``torch.topk`` selection, local masks;
+* ``sparse_bucketed``: ``GradientCompressor`` with bucketed selection (recall 0.95), local
+  masks (``--exchange``: all-gather by default);
+* ``sparse_shared``: bucketed selection with a shared mask (``mask="shared"``, the union
+  policy): one all-reduce of the values.
+
+Bytes of a whole DDP step, read on the wire at 2, 4 and 8 ranks in emulated hosts, beside
+PyTorch's PowerSGD and fp16 hooks: ``benchmarks/wire.py``.
 
 A sparse step is the whole compressor step: residual add, selection, exchange, residual
 update. Times are medians over ``--steps`` timed steps after ``--warmup`` untimed ones
@@ -48,7 +54,7 @@ from distk import GradientCompressor, SparsityConfig  # noqa: E402
 from distk.comm import dense_allreduce_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("dense_fp32", "dense_bf16", "sparse_exact", "sparse_bucketed")
+METHODS = ("dense_fp32", "dense_bf16", "sparse_exact", "sparse_bucketed", "sparse_shared")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,30 +135,35 @@ def run_rank(rank: int, world: int, args: argparse.Namespace) -> list[dict[str, 
             row.update(bytes_sent=dense_allreduce_bytes(numel, world, dtype.itemsize),
                        k=numel, scheme="dense")
         else:
-            cfg = SparsityConfig(density=density, min_numel=1, exchange=args.exchange,
-                                 method=method.removeprefix("sparse_"),
+            shared = method == "sparse_shared"
+            cfg = SparsityConfig(density=density, min_numel=1,
+                                 exchange="auto" if shared else args.exchange,
+                                 mask="shared" if shared else "local",
+                                 method="bucketed" if shared else method.removeprefix("sparse_"),
                                  value_dtype=args.value_dtype, recall_interval=10**9)
             compressor = GradientCompressor(cfg)
-            selection, comm, recall = [], [], []
+            selection, comm = [], []
             # The update lands in a preallocated buffer, as the DDP and DeepSpeed hooks
             # write it into the gradient bucket itself.
             update = torch.empty_like(grad)
 
-            def step(c=compressor, g=grad, sel=selection, com=comm, rec=recall, out=update):
-                c.step(g, "grad", out=out)
-                sel.append(c.stats["selection_seconds"])
-                com.append(c.stats["comm_seconds"])
-                if "recall" in c.stats:
-                    rec.append(c.stats["recall"])
+            plans = []
+
+            def step(c=compressor, g=grad, sel=selection, com=comm, out=update, p=plans):
+                work = c.launch(g, "grad", out=out, step=len(sel))
+                work.wait()
+                p.append(work.plan)
+                sel.append(work.stats.selection_seconds)
+                com.append(work.stats.comm_seconds)
 
             times = _time_steps(step, args.steps, args.warmup)
-            stats = compressor.stats
-            row.update(bytes_sent=stats["bytes_sent"], k=stats["k"], scheme=stats["scheme"],
-                       index_bytes=stats["index_bytes"], value_bytes=stats["value_bytes"],
-                       buckets=stats["buckets"], k_per_bucket=stats["k_per_bucket"],
+            stats, plan = compressor.last, plans[-1]
+            row.update(bytes_sent=stats.bytes_sent, k=stats.sent, scheme=plan.scheme,
+                       index_bytes=plan.wire.index_bytes, value_bytes=plan.wire.value_bytes,
+                       buckets=plan.selection.buckets,
+                       k_per_bucket=plan.selection.k_per_bucket,
                        selection_seconds=statistics.median(selection[args.warmup:]),
-                       comm_seconds=statistics.median(comm[args.warmup:]),
-                       recall=recall[0] if recall else None)
+                       comm_seconds=statistics.median(comm[args.warmup:]), recall=None)
         # The slowest rank defines the step time.
         slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)

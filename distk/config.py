@@ -195,6 +195,14 @@ class SparsityConfig:
     dense all-reduce: a diagnostic upper bound, never picked by the cost model). Quality
     of each: docs/comm-and-compressor.md, "Shared masks"."""
 
+    mask_ahead: bool = False
+    """``mask_policy`` ``"union"`` / ``"leader"``: agree on the next step's mask as soon as
+    this step's values are launched, from the residual they leave behind, so that the
+    mask is known before the next backward pass and a bucket's exchange needs no
+    synchronous collective. ``False``: agree at the step itself, from the accumulator
+    that holds the new gradient (one small synchronous all-gather before the values
+    travel)."""
+
     mask_beta: float = 0.9
     """``mask_policy="moment"``: decay of the moving average per step, in [0, 1) (0: the
     previous step's update alone)."""
@@ -257,7 +265,7 @@ class SparsityConfig:
         if self.k_per_bucket is not None and (not _is_int(self.k_per_bucket)
                                               or self.k_per_bucket < 1):
             _fail("k_per_bucket", self.k_per_bucket, "None or an integer >= 1")
-        for name in ("interleaved", "error_feedback", "outer_nesterov"):
+        for name in ("interleaved", "error_feedback", "outer_nesterov", "mask_ahead"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "a bool (true or false)")
         if not _is_number(self.momentum) or not 0.0 <= self.momentum < 1.0:

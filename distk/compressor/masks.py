@@ -164,8 +164,9 @@ class _AgreedMask(MaskPolicy):
     already received: selection leaves the critical path, and the exchange of a bucket
     can start as soon as its gradient is ready."""
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, *, ahead: bool = True) -> None:
         super().__init__(group)
+        self.ahead = ahead
         self._ahead: dict[Hashable, _Ahead] = {}
 
     # What each policy defines.
@@ -217,7 +218,7 @@ class _AgreedMask(MaskPolicy):
         return self._received(ahead, device)
 
     def after_launch(self, ctx: MaskContext, positions: torch.Tensor) -> None:
-        if ctx.next is None:
+        if ctx.next is None or not self.ahead:
             return
         next_plan, next_wire = ctx.next
         residual = ctx.acc
@@ -541,4 +542,6 @@ def make_mask_policy(cfg: Any, group: Any = None) -> MaskPolicy:
         return MomentMask(group, beta=cfg.mask_beta, explore=cfg.mask_explore,
                           select_method="exact" if cfg.method == "exact" else "bucketed",
                           recall_target=cfg.recall_target)
+    if cfg.mask_policy in ("union", "leader"):
+        return MASK_POLICIES[cfg.mask_policy](group, ahead=cfg.mask_ahead)
     return MASK_POLICIES[cfg.mask_policy](group)
