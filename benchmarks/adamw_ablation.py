@@ -76,6 +76,11 @@ for _seed in (0, 1):
         _sets = ["sparsity.mask=shared", f"sparsity.mask_policy={_mask}"]
         VARIANTS[f"sgd_mask_{_mask}{_suffix}"] = [*_sets, *_tail]
         VARIANTS[f"adamw_mask_{_mask}{_suffix}"] = [*ADAMW, *_sets, *_tail]
+    for _mask in ("union", "leader"):
+        _sets = ["sparsity.mask=shared", f"sparsity.mask_policy={_mask}",
+                 "sparsity.mask_ahead=true"]
+        VARIANTS[f"sgd_mask_{_mask}_ahead{_suffix}"] = [*_sets, *_tail]
+        VARIANTS[f"adamw_mask_{_mask}_ahead{_suffix}"] = [*ADAMW, *_sets, *_tail]
     VARIANTS[f"sgd_mask_local_d0.005{_suffix}"] = ["sparsity.mask=local",
                                                    "sparsity.density=0.005", *_tail]
     VARIANTS[f"sgd_mask_leader_d0.02{_suffix}"] = [
