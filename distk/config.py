@@ -23,6 +23,7 @@ __all__ = ["MASKS", "MASK_POLICIES", "SparsityConfig", "VALUE_BITS", "VALUE_DTYP
 METHODS = ("bucketed", "exact", "dense")
 EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")
 MASKS = ("auto", "local", "shared")
+RESIDUAL_DTYPES = ("auto", "float32", "bfloat16")
 MASK_POLICIES = ("leader", "union", "moment", "sketch", "predicted", "oracle")
 NONFINITE_POLICIES = ("raise", "skip", "zero")
 VALUE_BITS = (1, 2, 4, 8)
@@ -113,6 +114,16 @@ class SparsityConfig:
     error_feedback: bool = True
     """Keep the unsent part of each tensor as a residual added to the next step's
     gradient (needed for top-k SGD to converge to dense quality)."""
+
+    residual_dtype: str = "auto"
+    """Dtype the residuals are kept in between steps: ``"float32"`` (exact error
+    feedback), ``"bfloat16"`` (half the memory; each step's residual is rounded
+    stochastically, so the rounding error is zero on average and no coordinate's mass
+    drifts) or ``"auto"``: bf16 where the framework shards the gradients for memory
+    (FSDP2 without a replicate group, DeepSpeed ZeRO 2: their residuals are otherwise
+    one unsharded fp32 copy of the gradients per rank), fp32 elsewhere. Computation is
+    always in fp32 (fp64 for fp64 gradients). Quality: docs/comm-and-compressor.md,
+    "Memory"."""
 
     momentum: float = 0.0
     """Momentum correction of Deep Gradient Compression, in [0, 1): accumulate velocity
@@ -286,6 +297,8 @@ class SparsityConfig:
         if self.warmup_steps > 0 and self.k is None and self.warmup_density < self.density:
             _fail("warmup_density", self.warmup_density,
                   f"at least density={self.density} (the warm-up decays towards density)")
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            _fail("residual_dtype", self.residual_dtype, f"one of {RESIDUAL_DTYPES}")
         for name in ("value_dtype", "adam_value_dtype"):
             if getattr(self, name) is not None and getattr(self, name) not in VALUE_DTYPES:
                 _fail(name, getattr(self, name), f"None or one of {tuple(VALUE_DTYPES)}")

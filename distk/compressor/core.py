@@ -123,6 +123,22 @@ def _fit_wire_range(values: torch.Tensor, value_dtype: torch.dtype,
     return values.clamp(-limit, limit)
 
 
+def round_to_bf16(values: torch.Tensor, seed: int) -> torch.Tensor:
+    """``values`` (fp32) rounded to bf16 stochastically: up with probability equal to the
+    fraction of the way to the next bf16 value, so the rounding error is zero on
+    average. The random bits are a hash of the position and ``seed`` (no generator
+    state: a resumed run rounds exactly as the uninterrupted one)."""
+    bits = values.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    position = torch.arange(values.numel(), dtype=torch.int64, device=values.device)
+    noise = ((position * 0x9E3779B1 + seed * 0x85EBCA77) >> 11) & 0xFFFF
+    # Adding below bit 16 of the bit pattern rounds the magnitude up (either sign) when it
+    # carries; clearing the low half leaves an exact bf16 value.
+    # carries; clearing the low half leaves an exact bf16 value. (int64 arithmetic on the
+    # sign-extended pattern: a negative value's magnitude grows the same way).
+    rounded = ((bits + noise) & ~0xFFFF).to(torch.int32)
+    return rounded.view(torch.float32).to(torch.bfloat16).view_as(values)
+
+
 def _key_tag(key: Hashable) -> int:
     """Digest of a key that is the same in every process (0 when its repr is not stable)."""
     if isinstance(key, (str, int, float, bytes, tuple)):
@@ -536,6 +552,7 @@ class GradientCompressor:
         residual = self._residuals.get(key) if keep_residual else None
         pending = None
         if residual is not None:
+            # (A bf16 residual becomes a new fp32 accumulator here; finish rounds it back.)
             acc = self._check_state(residual, key, request.numel, state_dtype, g.device)
             if nonfinite:
                 pass  # a non-finite gradient never reaches the residual
@@ -657,7 +674,8 @@ class GradientCompressor:
                 acc.sub_(decoded.to(request.state_dtype))
             else:
                 acc[positions] = selection.values - decoded.to(request.state_dtype)
-            self._residuals[key] = acc
+            self._residuals[key] = (round_to_bf16(acc, request.step * 1_000_003 + _key_tag(key))
+                                    if self.cfg.residual_dtype == "bfloat16" else acc)
         if accumulated.velocity is not None:
             if positions is None:
                 accumulated.velocity.zero_()

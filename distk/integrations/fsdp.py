@@ -76,7 +76,11 @@ except ImportError:  # pragma: no cover - FSDP only duck-types allocate() and __
 from distk.comm import check_same_config
 from distk.compressor import as_sparsity_config
 from distk.config import SparsityConfig
-from distk.integrations.state import CompressionState, schedule_for_optimizer
+from distk.integrations.state import (
+    CompressionState,
+    residuals_for_sharding,
+    schedule_for_optimizer,
+)
 
 __all__ = ["FSDPCompressionState", "SparseReduceScatter", "enable"]
 
@@ -266,6 +270,7 @@ def _enable_fsdp2(model: nn.Module, cfg: SparsityConfig | dict[str, Any],
     names = [name or "<root>" for name, _, _ in units]
     if replicate_group is not None:
         return _enable_hsdp(model, cfg, group, replicate_group, units, names)
+    cfg = residuals_for_sharding(cfg, True, "distk.fsdp.enable")
     state = FSDPCompressionState(cfg, group, "fsdp2", names, model=model)
 
     def install(module: FSDPModule, key: str) -> None:

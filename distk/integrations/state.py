@@ -42,7 +42,7 @@ from distk.integrations.owner import StepOwner, group_ready
 from distk.stats import StepStats
 
 __all__ = ["CompressionState", "refuse_outer_sync", "refuse_sparse_gradients",
-           "schedule_for_optimizer"]
+           "residuals_for_sharding", "schedule_for_optimizer"]
 
 _NOT_IN_BACKWARD = -1  # torch._C._current_graph_task_id() outside a backward pass
 
@@ -73,6 +73,25 @@ def refuse_outer_sync(cfg: SparsityConfig, entry: str) -> None:
         f"SparsityConfig.sync_every={cfg.sync_every} (outer synchronisation) is not supported "
         f"by {entry}: {why}. Use distk.outer.enable(model, optimizer, cfg) on a plain "
         "(unwrapped) model under torchrun, or set sync_every=1.")
+
+
+def residuals_for_sharding(cfg: SparsityConfig | dict[str, Any], sharded: bool,
+                           entry: str) -> SparsityConfig:
+    """``cfg`` (coerced) with ``residual_dtype="auto"`` resolved: ``"bfloat16"`` where the
+    framework shards gradients for memory (``sharded``: FSDP2 without a replicate group,
+    DeepSpeed ZeRO 2), whose residuals would otherwise be an unsharded fp32 copy of the
+    gradients on every rank; ``"float32"`` elsewhere. Rank 0 says so once on stderr when
+    it chooses bf16."""
+    cfg = as_sparsity_config(cfg)
+    if cfg.residual_dtype != "auto":
+        return cfg
+    resolved = cfg.replace(residual_dtype="bfloat16" if sharded else "float32")
+    if sharded and (not group_ready() or dist.get_rank() == 0):
+        print(f"[distk] {entry}: the gradients are sharded, so residuals are kept in "
+              "bfloat16 (2 bytes per parameter on every rank instead of 4; stochastic "
+              "rounding). SparsityConfig.residual_dtype=\"float32\" keeps them exact.",
+              file=sys.stderr, flush=True)
+    return resolved
 
 
 def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,

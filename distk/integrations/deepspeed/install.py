@@ -34,7 +34,7 @@ from distk.integrations.deepspeed.seams import (
     wrap_step,
 )
 from distk.integrations.deepspeed.state import DeepSpeedCompressionState
-from distk.integrations.state import schedule_for_optimizer
+from distk.integrations.state import residuals_for_sharding, schedule_for_optimizer
 
 __all__ = ["enable", "get_state", "initialize", "install", "installed"]
 
@@ -114,6 +114,8 @@ def enable(engine: Any, cfg: Any, *, overlap: bool = True) -> DeepSpeedCompressi
     # The engine's own optimizer (the client's or the one its config built) decides the
     # Adam schedule (cfg.adam_dense_steps / adam_warmup_steps / adam_value_dtype).
     cfg = schedule_for_optimizer(cfg, getattr(engine, "basic_optimizer", None) or optimizer,
+                                 "distk.deepspeed")
+    cfg = residuals_for_sharding(cfg, int(engine.zero_optimization_stage()) == 2,
                                  "distk.deepspeed")
     state = DeepSpeedCompressionState(cfg, group, seam=seam,
                                       zero_stage=int(engine.zero_optimization_stage()),
