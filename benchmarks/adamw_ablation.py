@@ -81,6 +81,17 @@ for _seed in (0, 1):
                  "sparsity.mask_ahead=true"]
         VARIANTS[f"sgd_mask_{_mask}_ahead{_suffix}"] = [*_sets, *_tail]
         VARIANTS[f"adamw_mask_{_mask}_ahead{_suffix}"] = [*ADAMW, *_sets, *_tail]
+    # AdamW at a true 1%: no dense start, SGD's 50-step warm-up (configs/default.json),
+    # bf16 values; residual error feedback against EF21's estimates, local and shared.
+    _true = [*ADAMW, "train.adamw_dense_steps=0", "train.adamw_warmup_steps=0"]
+    for _name, _sets in (("res_local", ["sparsity.mask=local"]),
+                         ("res_shared", ["sparsity.mask=shared"]),
+                         ("ef21_local", ["sparsity.mask=local", "sparsity.feedback=estimate"]),
+                         ("ef21_shared", ["sparsity.mask=shared", "sparsity.feedback=estimate"]),
+                         ("ef21m_shared", ["sparsity.mask=shared", "sparsity.feedback=estimate",
+                                           "sparsity.feedback_beta=0.9"])):
+        VARIANTS[f"adamw_t1_{_name}{_suffix}"] = [*_true, *_sets, *_tail]
+        VARIANTS[f"sgd_t1_{_name}{_suffix}"] = [*_sets, *_tail]
     VARIANTS[f"sgd_mask_local_d0.005{_suffix}"] = ["sparsity.mask=local",
                                                    "sparsity.density=0.005", *_tail]
     VARIANTS[f"sgd_mask_leader_d0.02{_suffix}"] = [

@@ -24,6 +24,7 @@ METHODS = ("bucketed", "exact", "dense")
 EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")
 MASKS = ("auto", "local", "shared")
 RESIDUAL_DTYPES = ("auto", "float32", "bfloat16")
+FEEDBACKS = ("residual", "estimate")
 MASK_POLICIES = ("leader", "union", "moment", "sketch", "predicted", "oracle")
 NONFINITE_POLICIES = ("raise", "skip", "zero")
 VALUE_BITS = (1, 2, 4, 8)
@@ -124,6 +125,22 @@ class SparsityConfig:
     one unsharded fp32 copy of the gradients per rank), fp32 elsewhere. Computation is
     always in fp32 (fp64 for fp64 gradients). Quality: docs/comm-and-compressor.md,
     "Memory"."""
+
+    feedback: str = "residual"
+    """How what is not sent is kept (with ``error_feedback``). ``"residual"``: classic
+    error feedback; each rank adds what it did not send to its next gradient, and the
+    exchanged update is sparse. ``"estimate"``: EF21 (Richtarik, Sokolov, Fatkhullin,
+    NeurIPS 2021); each rank keeps an estimate of its own gradient and every rank the
+    mean of the estimates, a rank sends the top-k of its gradient minus its estimate,
+    each estimate moves by what was sent, and the update handed back is the whole mean
+    estimate: every coordinate receives a gradient at every step, which keeps an
+    adaptive optimizer (Adam) moving where a residual releases its mass in rare bursts.
+    Costs two fp32 copies of the gradient per rank (the estimates) instead of one."""
+
+    feedback_beta: float = 0.0
+    """``feedback="estimate"``: momentum of EF21-M (Fatkhullin, Tyurin, Richtarik, NeurIPS
+    2023): the innovation is taken from ``v = beta v + (1 - beta) g`` instead of ``g``,
+    in [0, 1); 0 = plain EF21. Not with ``momentum`` (DGC), which it replaces."""
 
     momentum: float = 0.0
     """Momentum correction of Deep Gradient Compression, in [0, 1): accumulate velocity
@@ -297,6 +314,17 @@ class SparsityConfig:
         if self.warmup_steps > 0 and self.k is None and self.warmup_density < self.density:
             _fail("warmup_density", self.warmup_density,
                   f"at least density={self.density} (the warm-up decays towards density)")
+        if self.feedback not in FEEDBACKS:
+            _fail("feedback", self.feedback, f"one of {FEEDBACKS}")
+        if not _is_number(self.feedback_beta) or not 0.0 <= self.feedback_beta < 1.0:
+            _fail("feedback_beta", self.feedback_beta, "a number in [0, 1)")
+        self.feedback_beta = float(self.feedback_beta)
+        if self.feedback == "estimate" and not self.error_feedback:
+            _fail("feedback", self.feedback,
+                  "'residual' when error_feedback=False (EF21's estimates are error feedback)")
+        if self.feedback == "estimate" and self.momentum > 0:
+            _fail("momentum", self.momentum,
+                  "0 with feedback='estimate' (use feedback_beta, EF21-M's momentum)")
         if self.residual_dtype not in RESIDUAL_DTYPES:
             _fail("residual_dtype", self.residual_dtype, f"one of {RESIDUAL_DTYPES}")
         for name in ("value_dtype", "adam_value_dtype"):

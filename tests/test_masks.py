@@ -195,3 +195,44 @@ def test_single_process_shared_mask_is_its_own_top_k():
     expected[chosen] = grad[chosen]
     assert torch.equal(update, expected)
     assert torch.equal(update + comp.residual("w"), grad)
+
+
+# -- EF21: the estimate feedback -----------------------------------------------------------------
+
+def _ef21(rank, world, mask):
+    cfg = SparsityConfig(density=0.02, min_numel=1, mask=mask, feedback="estimate",
+                         recall_interval=0, stats_interval=2)
+    comp = GradientCompressor(cfg)
+    updates = []
+    for step in range(5):
+        updates.append(comp.step(_grad(rank, step), "w", step=step))
+    state = comp.state_dict()
+    estimates = state["estimates"]["w"].clone()
+    dist.all_reduce(estimates)
+    return (torch.stack(updates).numpy(), (estimates / world).numpy(),
+            state["means"]["w"].numpy(), comp.last.residual_norm)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mask", ["local", "shared"])
+def test_ef21_hands_back_the_mean_of_the_ranks_estimates(mask):
+    world = 3
+    results = run_distributed(_ef21, world, mask, timeout=120)
+    updates, mean_of_estimates, mean, residual_norm = results[0]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other[0], updates)  # the same update on every rank
+        np.testing.assert_array_equal(other[2], mean)
+    # The mean estimate every rank keeps is the mean of the ranks' own estimates (integer
+    # sums divided by 3: one rounding each, hence the tolerance), and it is the update.
+    np.testing.assert_allclose(mean, mean_of_estimates, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(updates[-1], mean)
+    # Dense: every coordinate the estimates ever moved at keeps a gradient at every step.
+    assert np.count_nonzero(updates[-1]) > np.count_nonzero(updates[0])
+    assert residual_norm is not None and residual_norm > 0
+
+
+def test_ef21_configuration_errors_name_the_key():
+    with pytest.raises(ValueError, match="momentum must be 0 with feedback='estimate'"):
+        SparsityConfig(feedback="estimate", momentum=0.9)
+    with pytest.raises(ValueError, match="feedback must be one of"):
+        SparsityConfig(feedback="ef22")

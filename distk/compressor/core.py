@@ -226,6 +226,8 @@ class Accumulated:
         keep_residual: whether ``acc`` becomes the key's residual after the step.
         seconds: time spent.
         input_sq: squared norm of the gradient handed over (stats steps), else ``None``.
+        estimate: ``feedback="estimate"``: this rank's gradient estimate (EF21); ``acc``
+            is then the innovation, the gradient minus the estimate.
     """
 
     acc: torch.Tensor
@@ -235,6 +237,7 @@ class Accumulated:
     keep_residual: bool
     seconds: float
     input_sq: float | None = None
+    estimate: torch.Tensor | None = None
 
 
 @dataclass
@@ -329,6 +332,9 @@ class GradientCompressor:
         self.masks: MaskPolicy = make_mask_policy(self.cfg, group)
         self._residuals: dict[Hashable, torch.Tensor] = {}
         self._momenta: dict[Hashable, torch.Tensor] = {}
+        # feedback="estimate" (EF21): this rank's gradient estimates and the mean estimates.
+        self._estimates: dict[Hashable, torch.Tensor] = {}
+        self._means: dict[Hashable, torch.Tensor] = {}
         self._overlap: dict[Hashable, float] = {}
         self._plans: dict[tuple[int, int], tuple[SelectionPlan, ...]] = {}
         # Per key, the layouts (sizes, plan, dtypes; the last four) whose metadata the ranks
@@ -356,7 +362,8 @@ class GradientCompressor:
         keys = list(self._residuals.keys() | self._momenta.keys() | self._verified.keys()
                     ) if key is None else [key]
         for name in keys:
-            for table in (self._residuals, self._momenta, self._overlap, self._verified):
+            for table in (self._residuals, self._momenta, self._estimates, self._means,
+                          self._overlap, self._verified):
                 table.pop(name, None)
         self.masks.forget(key)
 
@@ -367,6 +374,8 @@ class GradientCompressor:
             "config": self.cfg.to_dict(),
             "residuals": {k: v.detach().clone() for k, v in self._residuals.items()},
             "momenta": {k: v.detach().clone() for k, v in self._momenta.items()},
+            "estimates": {k: v.detach().clone() for k, v in self._estimates.items()},
+            "means": {k: v.detach().clone() for k, v in self._means.items()},
             "overlap": dict(self._overlap),
             "verified": dict(self._verified),
             "masks": self.masks.state_dict(),
@@ -382,6 +391,8 @@ class GradientCompressor:
                              f"{version!r}")
         self._residuals = {k: v.detach().clone() for k, v in state["residuals"].items()}
         self._momenta = {k: v.detach().clone() for k, v in state["momenta"].items()}
+        self._estimates = {k: v.detach().clone() for k, v in state.get("estimates", {}).items()}
+        self._means = {k: v.detach().clone() for k, v in state.get("means", {}).items()}
         self._overlap = dict(state.get("overlap", {}))
         self._verified = {k: tuple(v) if isinstance(v, (list, tuple)) else (v,)
                           for k, v in state.get("verified", {}).items()}
@@ -548,6 +559,8 @@ class GradientCompressor:
                                              g.device)
                 velocity.mul_(cfg.momentum).add_(g)
             g = velocity
+        if cfg.feedback == "estimate" and not request.stateless:
+            return self._innovation(request, g, nonfinite, started, input_sq)
         keep_residual = cfg.error_feedback and not request.stateless
         residual = self._residuals.get(key) if keep_residual else None
         pending = None
@@ -574,6 +587,32 @@ class GradientCompressor:
             acc = g.to(state_dtype)
         return Accumulated(acc, velocity, nonfinite, pending, keep_residual,
                            time.perf_counter() - started, input_sq)
+
+    def _innovation(self, request: StepRequest, g: torch.Tensor, nonfinite: bool,
+                    started: float, input_sq: float | None) -> Accumulated:
+        """EF21's accumulate stage (``feedback="estimate"``): the gradient (EF21-M: its
+        moving average) minus this rank's estimate of it."""
+        cfg, key, state_dtype, numel = self.cfg, request.key, request.state_dtype, request.numel
+        estimate = self._estimates.get(key)
+        if estimate is None:
+            estimate = torch.zeros(numel, dtype=state_dtype, device=g.device)
+        else:
+            estimate = self._check_state(estimate, key, numel, state_dtype, g.device)
+        if nonfinite:  # nothing of it is used; the exchange calls the step off
+            acc = torch.zeros(numel, dtype=state_dtype, device=g.device)
+        else:
+            if cfg.feedback_beta > 0:
+                average = self._momenta.get(key)
+                if average is None:
+                    average = g.to(state_dtype, copy=True)
+                else:
+                    average = self._check_state(average, key, numel, state_dtype, g.device)
+                    average.mul_(cfg.feedback_beta).add_(g, alpha=1 - cfg.feedback_beta)
+                self._momenta[key] = average
+                g = average
+            acc = g.to(state_dtype) - estimate
+        return Accumulated(acc, None, nonfinite, None, False, time.perf_counter() - started,
+                           input_sq, estimate)
 
     def _select(self, request: StepRequest, plan: StepPlan,
                 accumulated: Accumulated) -> Selection:
@@ -685,12 +724,44 @@ class GradientCompressor:
         if not request.stateless:  # the update's support: the shared mask, or unknown
             self.masks.observe(key, request.step, result.output,
                                positions if plan.scheme == "shared" else None)
+        output = result.output
+        if accumulated.estimate is not None:
+            output = self._move_estimates(request, accumulated, positions, decoded, output)
         stats = self._record(request, plan, selection, result, accumulated, skipped=False)
         if request.out is not None:
+            if output.data_ptr() != request.out.data_ptr():
+                request.out.copy_(output)
             return request.out_given, stats
-        update = result.output.to(request.grad.dtype).view(request.grad.shape)
+        if accumulated.estimate is not None:
+            output = output.clone()  # the mean estimate is state: hand back a copy
+        update = output.to(request.grad.dtype).view(request.grad.shape)
         out = request.out_given
         return (update if out is None else out.copy_(update)), stats
+
+    def _move_estimates(self, request: StepRequest, accumulated: Accumulated,
+                        positions: torch.Tensor | None, decoded: torch.Tensor,
+                        averaged: torch.Tensor) -> torch.Tensor:
+        """EF21's finish: this rank's estimate moves by what it sent, the mean estimate by
+        the averaged innovation (so it stays the mean of the ranks' estimates); returns
+        the mean estimate, the dense update. ``acc`` keeps what was not sent."""
+        key, dtype = request.key, request.state_dtype
+        estimate, acc = accumulated.estimate, accumulated.acc
+        sent = decoded.to(dtype)
+        if positions is None:
+            estimate.add_(sent)
+            acc.sub_(sent)
+        else:
+            estimate[positions] += sent
+            acc[positions] -= sent
+        self._estimates[key] = estimate
+        mean = self._means.get(key)
+        if mean is None:
+            mean = torch.zeros_like(estimate)
+        else:
+            mean = self._check_state(mean, key, request.numel, dtype, estimate.device)
+        mean.add_(averaged.to(dtype))
+        self._means[key] = mean
+        return mean
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -786,7 +857,8 @@ class GradientCompressor:
         comm_seconds = selection.encode_seconds + result.seconds
         residual_sq = input_sq = update_sq = None
         if request.stats_step:
-            residual = self._residuals.get(request.key)
+            residual = (accumulated.acc if accumulated.estimate is not None
+                        else self._residuals.get(request.key))
             residual_sq = (0.0 if residual is None
                            else float(torch.linalg.vector_norm(residual).item()) ** 2)
             input_sq = accumulated.input_sq

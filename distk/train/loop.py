@@ -519,10 +519,12 @@ def corpus_summary(corpus: ByteCorpus) -> str:
 
 def momentum_placement(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with SGD momentum moved into the compressor for sparse modes, when
-    ``train.momentum_correction`` asks (see its docstring); otherwise ``cfg``."""
+    ``train.momentum_correction`` asks (see its docstring); otherwise ``cfg`` (also with
+    ``sparsity.feedback="estimate"``: EF21 hands back a dense update, and the optimizer
+    keeps its momentum)."""
     sparse = cfg.sparsity.method != "dense"
     if (not sparse or uses_outer_sync(cfg) or not cfg.train.momentum_correction
-            or cfg.train.optimizer != "sgd"
+            or cfg.train.optimizer != "sgd" or cfg.sparsity.feedback == "estimate"
             or cfg.sparsity.momentum > 0 or cfg.train.beta1 == 0):
         return cfg
     return replace(cfg, sparsity=cfg.sparsity.replace(momentum=cfg.train.beta1),
