@@ -84,7 +84,7 @@ class OuterSync(StepOwner):
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  cfg: SparsityConfig, group: Any = None) -> None:
-        super().__init__(cfg, group, entry="distk.outer.enable")
+        super().__init__(as_sparsity_config(cfg), group, entry="distk.outer.enable")
         self.model = model
         self.optimizer = optimizer
         self.compressor = GradientCompressor(self.cfg, group)

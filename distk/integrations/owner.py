@@ -5,10 +5,12 @@ DeepSpeed and the frameworks on them), :class:`~distk.integrations.outer.OuterSy
 (outer synchronisation) and the peer-hook state of ``distk-train``. Each needs the same
 five things, written once here:
 
-* **config**: coerced once (a dict goes through ``SparsityConfig.from_dict``) and checked
-  across ranks (:func:`~distk.comm.check_same_config`): at construction when the process
-  group exists, otherwise on the first collective (a state built before
-  ``init_process_group``, e.g. for Lightning's ``DDPStrategy(ddp_comm_state=...)``);
+* **config**: coerced once by the owner (a dict goes through
+  ``SparsityConfig.from_dict``; the peer-hook state's is a small config of PyTorch's
+  hook) and checked across ranks (:func:`~distk.comm.check_same_config`): at
+  construction when the process group exists, otherwise on the first collective (a
+  state built before ``init_process_group``, e.g. for Lightning's
+  ``DDPStrategy(ddp_comm_state=...)``);
 * **one counter**, :attr:`StepOwner.iteration`, the step the owner passes to the
   compressor (nothing else counts);
 * **one statistics type**: :attr:`StepOwner.stats` (the last step, a
@@ -28,7 +30,6 @@ from typing import Any
 import torch.distributed as dist
 
 from distk.comm import check_same_config, rank_and_world
-from distk.compressor import as_sparsity_config
 from distk.config import SparsityConfig
 from distk.stats import StepStats
 
@@ -44,7 +45,8 @@ class StepOwner:
     """Base of the step owners (see the module docstring).
 
     Args:
-        cfg: a :class:`~distk.config.SparsityConfig` or a dict of its keys.
+        cfg: the owner's validated config: a :class:`~distk.config.SparsityConfig`, or any
+            config object with ``to_dict()`` (compared across ranks and in checkpoints).
         process_group: the group the owner's collectives run on (``None`` = default).
         entry: the public entry point named in errors and messages.
 
@@ -59,10 +61,12 @@ class StepOwner:
     __slots__ = ("cfg", "process_group", "rank", "world_size", "iteration", "stats", "entry",
                  "_config_checked")
 
-    def __init__(self, cfg: SparsityConfig | dict[str, Any] | Any,
-                 process_group: dist.ProcessGroup | None = None, *,
-                 entry: str = "distk") -> None:
-        self.cfg = as_sparsity_config(cfg, "cfg")
+    def __init__(self, cfg: SparsityConfig | Any, process_group: dist.ProcessGroup | None = None,
+                 *, entry: str = "distk") -> None:
+        if not hasattr(cfg, "to_dict"):
+            raise TypeError(f"{entry}: cfg must be a config object with to_dict(), got "
+                            f"{type(cfg).__name__}")
+        self.cfg = cfg
         self.entry = entry
         ready = group_ready()
         if ready:
@@ -117,8 +121,8 @@ class StepOwner:
             diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current)
                     if saved.get(k) != current.get(k)}
             raise ValueError(
-                f"distk checkpoint ({self.entry}) was written with a different SparsityConfig;"
-                f" differing keys (checkpoint, current): {diff}")
+                f"distk checkpoint ({self.entry}) was written with a different "
+                f"{type(self.cfg).__name__}; differing keys (checkpoint, current): {diff}")
         where = (state_dict.get("rank"), state_dict.get("world_size"))
         if where != (self.rank, self.world_size):
             raise ValueError(

@@ -35,6 +35,7 @@ What the wrapper measures per bucket (one :class:`~distk.stats.StepStats` each):
 # annotations with dist.GradBucket / Future[Tensor] objects, not strings.
 import math
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -43,9 +44,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel
 
 from distk.comm.exchange import dense_allreduce_bytes
+from distk.integrations.owner import StepOwner
 from distk.stats import StepStats
 
-__all__ = ["PeerHookState", "enable_peer_hook", "powersgd_bucket_entries",
+__all__ = ["PeerHookConfig", "PeerHookState", "enable_peer_hook", "powersgd_bucket_entries",
            "powersgd_start_iter"]
 
 
@@ -76,9 +78,32 @@ def powersgd_bucket_entries(shapes: list[torch.Size], rank: int,
     return plain, p_entries, q_entries
 
 
-class PeerHookState:
-    """State of a PyTorch hook run through ``distk-train``: the hook's own state plus the
-    per-step and run :class:`~distk.stats.StepStats` (see the module docstring).
+@dataclass(frozen=True)
+class PeerHookConfig:
+    """What the peer-hook state is configured by (compared across ranks, and recorded in
+    its checkpoint form like distk's own :class:`~distk.SparsityConfig`).
+
+    Attributes:
+        kind: ``"bf16"`` or ``"powersgd"``.
+        rank: PowerSGD's ``matrix_approximation_rank``.
+        start_iter: PowerSGD's ``start_powerSGD_iter``.
+        bf16: PowerSGD inside ``bf16_compress_wrapper`` (2-byte entries).
+    """
+
+    kind: str
+    rank: int = 1
+    start_iter: int = 2
+    bf16: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PeerHookState(StepOwner):
+    """State of a PyTorch hook run through ``distk-train``: a
+    :class:`~distk.integrations.owner.StepOwner` (one counter, the step's and the run's
+    :class:`~distk.stats.StepStats`, the checkpoint form) around the hook's own state
+    (see the module docstring).
 
     Attributes:
         kind: "bf16" or "powersgd".
@@ -89,15 +114,19 @@ class PeerHookState:
         iteration: completed steps.
     """
 
-    def __init__(self, kind: str, hook_state: Any, world_size: int,
-                 powersgd_bf16: bool = False) -> None:
-        self.kind, self.hook_state, self.world_size = kind, hook_state, world_size
-        self.powersgd_bf16 = powersgd_bf16
-        self._hook = _pytorch_hook(kind, powersgd_bf16)
-        self.stats, self.totals = StepStats(), StepStats()
-        self.iteration = 0
+    def __init__(self, cfg: PeerHookConfig, hook_state: Any,
+                 process_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(cfg, process_group, entry=f"train.comm_hook={cfg.kind!r}")
+        self.kind, self.hook_state, self.powersgd_bf16 = cfg.kind, hook_state, cfg.bf16
+        self._hook = _pytorch_hook(cfg.kind, cfg.bf16)
+        self._totals = StepStats()
         self._pending: list[StepStats] = []
         self._futures: list[torch.futures.Future] = []
+
+    @property
+    def totals(self) -> StepStats:
+        """Every bucket of the run."""
+        return self._totals
 
     def bucket_bytes(self, bucket: dist.GradBucket) -> tuple[int, int, str]:
         """(entries sent, bytes sent, scheme) of ``bucket`` at the current step; read before
@@ -127,22 +156,20 @@ class PeerHookState:
         self._pending, self._futures = [], []
         merged.step = self.iteration
         self.stats = merged
-        self.totals = self.totals.merge(merged)
+        self._totals = self._totals.merge(merged)
         self.iteration += 1
         return True
 
-    def metrics(self, prefix: str = "distk/") -> dict[str, float]:
-        """Same names as distk's state: the step's stats, ``<prefix>total_*``, iteration."""
-        return {**self.stats.to_metrics(prefix), **self.totals.to_metrics(prefix + "total_"),
-                prefix + "iteration": float(self.iteration)}
+    def _payload(self) -> dict[str, Any]:
+        """The run totals and PowerSGD's own state (error feedback, warm-start factors,
+        its iteration; ``PowerSGDState.__getstate__``, which leaves the group out)."""
+        hook = self.hook_state.__getstate__() if self.kind == "powersgd" else None
+        return {"totals": self._totals.to_dict(), "hook": hook}
 
-    def state_dict(self) -> dict[str, Any]:
-        raise RuntimeError(f"train.comm_hook={self.kind!r}: PyTorch's hook state is not "
-                           "checkpointed by distk-train; use comm_hook 'distk' to checkpoint")
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        del state_dict
-        self.state_dict()
+    def _restore(self, state_dict: dict[str, Any]) -> None:
+        self._totals = StepStats.from_dict(state_dict["totals"])
+        if self.kind == "powersgd" and state_dict.get("hook") is not None:
+            self.hook_state.__setstate__(state_dict["hook"])  # binds the default group
 
 
 def _pytorch_hook(kind: str, powersgd_bf16: bool) -> Any:
@@ -184,7 +211,6 @@ def enable_peer_hook(ddp_model: DistributedDataParallel, kind: str, *, rank: int
     ``start_powerSGD_iter=start_iter`` (>= 2), error feedback and warm start, inside
     PyTorch's ``bf16_compress_wrapper`` when ``bf16`` (PowerSGD only)."""
     group = ddp_model.process_group
-    world = dist.get_world_size(group)
     if kind == "bf16":
         if bf16:
             raise ValueError("bf16=True is invalid with kind='bf16': allowed only with "
@@ -201,6 +227,6 @@ def enable_peer_hook(ddp_model: DistributedDataParallel, kind: str, *, rank: int
             start_powerSGD_iter=start_iter, use_error_feedback=True, warm_start=True)
     else:
         raise ValueError(f"comm hook {kind!r} is invalid: allowed 'bf16' or 'powersgd'")
-    state = PeerHookState(kind, hook_state, world, powersgd_bf16=bf16)
+    state = PeerHookState(PeerHookConfig(kind, rank, start_iter, bf16), hook_state, group)
     ddp_model.register_comm_hook(state, _timed_peer_hook)
     return state
