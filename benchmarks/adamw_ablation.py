@@ -92,6 +92,15 @@ for _seed in (0, 1):
                                            "sparsity.feedback_beta=0.9"])):
         VARIANTS[f"adamw_t1_{_name}{_suffix}"] = [*_true, *_sets, *_tail]
         VARIANTS[f"sgd_t1_{_name}{_suffix}"] = [*_sets, *_tail]
+    # Short dense starts within a 5% byte budget.
+    for _dense, _warm in ((10, 50), (20, 100)):
+        for _name, _sets in (("res_local", ["sparsity.mask=local"]),
+                             ("ef21_shared", ["sparsity.mask=shared",
+                                              "sparsity.feedback=estimate"]),
+                             ("res_shared", ["sparsity.mask=shared"])):
+            VARIANTS[f"adamw_d{_dense}w{_warm}_{_name}{_suffix}"] = [
+                *ADAMW, f"train.adamw_dense_steps={_dense}",
+                f"train.adamw_warmup_steps={_warm}", *_sets, *_tail]
     VARIANTS[f"sgd_mask_local_d0.005{_suffix}"] = ["sparsity.mask=local",
                                                    "sparsity.density=0.005", *_tail]
     VARIANTS[f"sgd_mask_leader_d0.02{_suffix}"] = [
