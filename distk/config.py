@@ -162,9 +162,13 @@ class SparsityConfig:
     """Number of first steps (per tensor) exchanged dense; the DDP hook forces at least 1
     while DDP rebuilds its buckets."""
 
-    value_dtype: str | None = None
-    """Dtype of values on the wire: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None``
-    (the gradient's dtype). The rounding error stays in the residual."""
+    value_dtype: str | None = "auto"
+    """Dtype of values on the wire: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``None``
+    (the gradient's dtype) or ``"auto"``: bf16 for the sparse steps of fp32 gradients,
+    the gradient's dtype otherwise (dense steps, so that density 1.0 is plain dense
+    averaging; fp64, fp16 and bf16 gradients). The rounding error stays in the residual,
+    so bf16 values cost no gradient mass, only delay (the main job: within the seed
+    spread of fp32 values, docs/comm-and-compressor.md, "Shared masks")."""
 
     value_bits: int | None = None
     """Compact wire codec: ``None`` (values in ``value_dtype``, byte-aligned indices) or
@@ -172,8 +176,9 @@ class SparsityConfig:
     magnitude levels spanning each bucket's least to largest selected magnitude, sent as
     two float32 per bucket, or per group of at least 64 entries; 1 bit = sign times the
     mean magnitude) and indices bit-packed at ``ceil(log2(bucket size))`` bits. The
-    quantization error stays in the residual. Needs ``value_dtype=None`` and ``exchange``
-    ``"auto"`` or ``"allgather"`` (the only scheme that sends entries as packed)."""
+    quantization error stays in the residual. Needs ``value_dtype`` ``"auto"`` or ``None``
+    and ``exchange`` ``"auto"`` or ``"allgather"`` (the only scheme that sends entries as
+    packed)."""
 
     sync_every: int = 1
     """Outer synchronisation period ``H`` (``distk.outer``): ranks take ``H`` local
@@ -271,9 +276,9 @@ class SparsityConfig:
     ``warmup_steps`` is raised to at least this (see ``adam_dense_steps``); >= 0."""
 
     adam_value_dtype: str | None = "bfloat16"
-    """The Adam schedule's wire dtype: under an Adam-family optimizer, when neither
-    ``value_dtype`` nor ``value_bits`` is set, values (those of the dense steps included)
-    travel in this dtype, which halves the cost of the dense start. The rounding error
+    """The Adam schedule's wire dtype: under an Adam-family optimizer, when ``value_dtype``
+    is ``"auto"`` (or ``None``) and ``value_bits`` unset, values (those of the dense steps
+    included) travel in this dtype, which halves the cost of the dense start. The rounding error
     stays in the residual (dense steps: it is sent on the next step). ``None`` = leave the
     wire alone; otherwise one of the ``value_dtype`` names."""
 
@@ -327,18 +332,21 @@ class SparsityConfig:
                   "0 with feedback='estimate' (use feedback_beta, EF21-M's momentum)")
         if self.residual_dtype not in RESIDUAL_DTYPES:
             _fail("residual_dtype", self.residual_dtype, f"one of {RESIDUAL_DTYPES}")
-        for name in ("value_dtype", "adam_value_dtype"):
-            if getattr(self, name) is not None and getattr(self, name) not in VALUE_DTYPES:
-                _fail(name, getattr(self, name), f"None or one of {tuple(VALUE_DTYPES)}")
+        if self.value_dtype not in (None, "auto", *VALUE_DTYPES):
+            _fail("value_dtype", self.value_dtype,
+                  f"None, 'auto' or one of {tuple(VALUE_DTYPES)}")
+        if self.adam_value_dtype is not None and self.adam_value_dtype not in VALUE_DTYPES:
+            _fail("adam_value_dtype", self.adam_value_dtype,
+                  f"None or one of {tuple(VALUE_DTYPES)}")
         if self.exchange not in EXCHANGES:
             _fail("exchange", self.exchange, f"one of {EXCHANGES}")
         if self.value_bits is not None:
             if not _is_int(self.value_bits) or self.value_bits not in VALUE_BITS:
                 _fail("value_bits", self.value_bits, f"None or one of {VALUE_BITS}")
-            if self.value_dtype is not None:
+            if self.value_dtype not in (None, "auto"):
                 _fail("value_dtype", self.value_dtype,
-                      f"None when value_bits={self.value_bits} is set (the codec sets the "
-                      "values' encoding)")
+                      f"'auto' or None when value_bits={self.value_bits} is set (the codec "
+                      "sets the values' encoding)")
             if self.exchange not in ("auto", "allgather"):
                 _fail("exchange", self.exchange,
                       f"'auto' or 'allgather' when value_bits={self.value_bits} is set (only "
@@ -431,7 +439,8 @@ class SparsityConfig:
         if self.adam_warms_up:
             warmup = max(warmup, self.adam_warmup_steps)
         value_dtype = self.value_dtype
-        if value_dtype is None and self.value_bits is None:
+        if (value_dtype in (None, "auto") and self.value_bits is None
+                and self.adam_value_dtype is not None):
             value_dtype = self.adam_value_dtype
         if (dense, warmup, value_dtype) == (self.dense_steps, self.warmup_steps,
                                             self.value_dtype):
@@ -449,8 +458,18 @@ class SparsityConfig:
 
     @property
     def wire_dtype(self) -> torch.dtype | None:
-        """``value_dtype`` as a ``torch.dtype`` (``None``: the gradient's dtype)."""
-        return None if self.value_dtype is None else VALUE_DTYPES[self.value_dtype]
+        """``value_dtype`` as a ``torch.dtype`` (``None``: the gradient's dtype; with
+        ``"auto"`` see :meth:`wire_dtype_for`)."""
+        return VALUE_DTYPES.get(self.value_dtype)
+
+    def wire_dtype_for(self, grad_dtype: torch.dtype, dense: bool) -> torch.dtype:
+        """The dtype values of a ``grad_dtype`` gradient travel in, at a dense or a sparse
+        step (the codec's values decode to float32)."""
+        if self.value_bits is not None:
+            return torch.float32
+        if self.value_dtype == "auto":
+            return torch.bfloat16 if grad_dtype == torch.float32 and not dense else grad_dtype
+        return self.wire_dtype or grad_dtype
 
     def is_dense_step(self, numel: int, step: int) -> bool:
         """Whether a tensor of ``numel`` entries goes dense at (0-based) ``step``."""

@@ -46,9 +46,9 @@ def test_adamw_sparse_modes_get_the_schedule_and_nothing_else_does():
         assert adamw_schedule(cfg).sparsity.dense_steps == cfg.sparsity.dense_steps
         assert adamw_schedule(cfg).sparsity.warmup_steps == cfg.sparsity.warmup_steps
     # The wire dtype has its own switch; a user's codec or dtype is kept.
-    for overrides, wire in ((["sparsity.adam_value_dtype=null"], None),
+    for overrides, wire in ((["sparsity.adam_value_dtype=null"], "auto"),
                             (["sparsity.value_dtype=\"float32\""], "float32"),
-                            (["sparsity.value_bits=2"], None)):
+                            (["sparsity.value_bits=2"], "auto")):
         cfg = load_config(None, [*ADAMW, *overrides])
         assert adamw_schedule(cfg).sparsity.value_dtype == wire, overrides
         assert adamw_schedule(cfg).sparsity.dense_steps == 75
@@ -133,7 +133,7 @@ def test_for_optimizer_raises_the_schedule_for_adam_family_only():
     got = cfg.for_optimizer(Outer(adamw))
     assert (got.dense_steps, got.warmup_steps, got.value_dtype) == (75, 200, "bfloat16")
     # nothing else changes
-    assert got.replace(dense_steps=0, warmup_steps=0, value_dtype=None) == cfg
+    assert got.replace(dense_steps=0, warmup_steps=0, value_dtype="auto") == cfg
     assert got.for_optimizer(adamw) is got  # applying it twice changes nothing more
     assert cfg.for_optimizer(sgd) is cfg and cfg.for_optimizer(None) is cfg
     dense = SparsityConfig(method="dense")
@@ -144,7 +144,7 @@ def test_for_optimizer_raises_the_schedule_for_adam_family_only():
     assert (larger.dense_steps, larger.warmup_steps) == (80, 200)  # user values kept if larger
     # a wire the user chose (a dtype or the compact codec) is kept
     assert SparsityConfig(value_dtype="float16").for_optimizer(adamw).value_dtype == "float16"
-    assert SparsityConfig(value_bits=4).for_optimizer(adamw).value_dtype is None
+    assert SparsityConfig(value_bits=4).for_optimizer(adamw).value_dtype == "auto"
     assert SparsityConfig(adam_value_dtype="float16").for_optimizer(adamw).value_dtype == "float16"
     for key in ("adam_dense_steps", "adam_warmup_steps"):
         with pytest.raises(ValueError, match=rf"SparsityConfig.{key} must be an integer >= 0, "
@@ -196,7 +196,7 @@ def test_ddp_enable_applies_the_adam_schedule_for_the_given_optimizer():
     results = run(_ddp_schedule_worker, 2, timeout=150)
     for rank, result in enumerate(results):
         adamw, sgd = result["adamw"], result["sgd"]
-        assert adamw["schedule"] == (2, 0, "bfloat16") and sgd["schedule"] == (0, 0, None)
+        assert adamw["schedule"] == (2, 0, "bfloat16") and sgd["schedule"] == (0, 0, "auto")
         # AdamW: 2 dense steps, then sparse; SGD: only DDP's bucket-rebuild step is dense.
         assert adamw["densities"][:2] == [1.0, 1.0], adamw
         assert all(d < 0.5 for d in adamw["densities"][2:]), adamw
@@ -204,7 +204,7 @@ def test_ddp_enable_applies_the_adam_schedule_for_the_given_optimizer():
         # rank 0 announces the change, once; nothing for SGD or on rank 1
         if rank == 0:
             assert "AdamW) is Adam-family, so dense_steps 0 -> 2" in adamw["said"], adamw
-            assert "value_dtype None -> bfloat16" in adamw["said"], adamw
+            assert "value_dtype auto -> bfloat16" in adamw["said"], adamw
         else:
             assert adamw["said"] == "", adamw
         assert sgd["said"] == "", sgd

@@ -177,7 +177,7 @@ def test_wire_and_config_validation():
     with pytest.raises(ValueError, match=r"SparsityConfig.value_bits must be None or one of"
                                          r" \(1, 2, 4, 8\), got 16"):
         SparsityConfig(value_bits=16)
-    with pytest.raises(ValueError, match="SparsityConfig.value_dtype must be None when"):
+    with pytest.raises(ValueError, match="SparsityConfig.value_dtype must be 'auto' or None when"):
         SparsityConfig(value_bits=2, value_dtype="bfloat16")
     with pytest.raises(ValueError, match="SparsityConfig.exchange must be 'auto' or"):
         SparsityConfig(value_bits=2, exchange="reduce_scatter")

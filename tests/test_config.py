@@ -17,11 +17,15 @@ def test_contract_fields_and_defaults():
         "density": 0.01, "k": None, "method": "bucketed", "recall_target": 0.95,
         "buckets": None, "k_per_bucket": None, "interleaved": True, "error_feedback": True,
         "momentum": 0.0, "clip_norm": None, "warmup_steps": 0, "warmup_density": 0.25,
-        "dense_steps": 0, "value_dtype": None, "value_bits": None, "sync_every": 1,
+        "dense_steps": 0, "value_dtype": "auto", "value_bits": None, "sync_every": 1,
         "outer_lr": 1.0, "outer_momentum": 0.0, "outer_nesterov": True,
         "min_numel": 1024, "exchange": "auto",
         "nonfinite": "raise", "stats_interval": 10, "recall_interval": 50,
         "adam_dense_steps": 75, "adam_warmup_steps": 200, "adam_value_dtype": "bfloat16",
+        # Shared masks, EF21 and memory (docs/comm-and-compressor.md).
+        "mask": "auto", "mask_policy": "union", "mask_ahead": False, "mask_beta": 0.9,
+        "mask_explore": 0.25, "feedback": "residual", "feedback_beta": 0.0,
+        "residual_dtype": "auto",
     }
     assert cfg.to_dict() == expected
 
@@ -66,7 +70,7 @@ def test_unknown_key_without_close_match_lists_valid_keys():
     ("warmup_density", 0.0, "a number in \\(0, 1\\]"),
     ("warmup_density", 0.001, "at least density=0.01 \\(the warm-up decays towards density\\)"),
     ("dense_steps", 1.5, "an integer >= 0"),
-    ("value_dtype", "int8", "None or one of \\('float32', 'bfloat16', 'float16'\\)"),
+    ("value_dtype", "int8", "None, 'auto' or one of \\('float32', 'bfloat16', 'float16'\\)"),
     ("min_numel", -5, "an integer >= 0"),
     ("exchange", "ring", "one of \\('auto', 'allgather', 'reduce_scatter', 'dense'\\)"),
     ("nonfinite", "ignore", "one of \\('raise', 'skip', 'zero'\\)"),

@@ -478,9 +478,8 @@ class GradientCompressor:
             raise ValueError(f"step must be the owner's step, an integer >= 0, got {step!r}")
         cfg = self.cfg
         state_dtype = torch.promote_types(grad.dtype, torch.float32)
-        # The compact codec (value_bits) decodes to float32; dense steps then travel fp32.
-        value_dtype = (torch.float32 if cfg.value_bits is not None
-                       else cfg.wire_dtype or grad.dtype)
+        dense = stateless or cfg.is_dense_step(grad.numel(), step)
+        value_dtype = cfg.wire_dtype_for(grad.dtype, dense)
         direct = out is not None and out.dtype == state_dtype
         return StepRequest(
             key=key, grad=grad, flat=grad.detach().reshape(-1),
