@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=256, help="rows per rank and step")
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--method", default="bucketed", choices=("bucketed", "exact", "dense"))
+    parser.add_argument("--mask", default="auto", choices=("auto", "local", "shared"),
+                        help="SparsityConfig.mask (local masks: all-gather; shared: one "
+                             "all-reduce of the values)")
+    parser.add_argument("--mask-ahead", action="store_true",
+                        help="SparsityConfig.mask_ahead: the shared mask agreed one step "
+                             "early, so that no collective waits inside backward")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--world", type=int, default=2, help="ranks when spawning locally")
@@ -101,7 +107,8 @@ def _model(args: argparse.Namespace) -> nn.Sequential:
 def _sparsity(args: argparse.Namespace) -> SparsityConfig:
     # No stats steps inside the timed window: steady-state (unverified) exchanges only.
     return SparsityConfig(density=args.density, method=args.method, min_numel=1,
-                          stats_interval=10**6, recall_interval=0)
+                          stats_interval=10**6, recall_interval=0, mask=args.mask,
+                          mask_ahead=args.mask_ahead)
 
 
 def _batch(args: argparse.Namespace, rank: int, step: int) -> torch.Tensor:
@@ -287,7 +294,7 @@ def _exchange_alone(args: argparse.Namespace, rank: int,
             work.wait()
         if index >= args.warmup:
             times.append(time.perf_counter() - started)
-    return times, compressor.stats.get("payload_bytes")
+    return times, compressor.last.payload_bytes if compressor.last.buffers else None
 
 
 def _overlap(a: float, b: float, c: float | None, capacity: float) -> float | None:

@@ -98,10 +98,11 @@ def simulate(n: int = 842496, steps: int = 150) -> None:
     torch.manual_seed(0)
     recalls, plans = [], set()
     for step in range(steps):
-        compressor.step(torch.randn(n), "g")
-        plans.add((compressor.stats["buckets"], compressor.stats["k_per_bucket"]))
+        work = compressor.launch(torch.randn(n), "g", step=step)
+        work.wait()
+        plans.add((work.plan.selection.buckets, work.plan.selection.k_per_bucket))
         if step >= 25:
-            recalls.append(compressor.stats["recall"])
+            recalls.append(work.stats.recall)
     print(f"GradientCompressor plans {sorted(plans)}, momentum 0.9: mean recall of steps "
           f"25..{steps - 1} {sum(recalls) / len(recalls):.4f} (min {min(recalls):.4f})")
 

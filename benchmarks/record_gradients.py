@@ -3,17 +3,18 @@
 Trains ``configs/default.json`` (ByteGPT, DDP, bucketed mode) exactly as ``distk-train``
 does, and at the chosen compressor steps saves, per DDP bucket, the accumulated
 error-feedback vector ``acc`` (residual + momentum-corrected gradient) that
-``GradientCompressor._select`` receives, with the bucket's parameter layout (name, shape,
-offset), the plan the compressor used and the recall it measured. Rank 0's vectors only.
+``GradientCompressor._select_local`` receives (local masks: each rank's own top-k), with the
+bucket's parameter layout (name, shape, offset) and the plan the compressor used. Rank 0's
+vectors only.
 
     .venv/bin/torchrun --standalone --nproc_per_node 2 benchmarks/record_gradients.py \
         --steps 150 251 --out tests/fixtures/bytegpt_acc.pt
 
 made ``tests/fixtures/bytegpt_acc.pt`` (3.4 MB; about 4 minutes here). ``--steps`` are
-compressor steps (default 50 150 250), i.e. 0-based training steps 151 and 252: DDP's first
-iteration bypasses the compressor; 150 and 251 run the two bucket counts that packed
-plans alternate between. The compressor measures recall every ``gcd(steps)`` steps (every
-step here; the run's mean is printed). Extra ``--set KEY=VALUE`` go to the training config
+the owner's steps (the DDP state's iteration, the step the compressor's schedule follows;
+default 50 150 250); 150 and 251 run the two bucket counts that packed plans alternate
+between. The compressor measures recall every ``gcd(steps)`` steps (every step here; the
+run's mean is printed). Extra ``--set KEY=VALUE`` go to the training config
 like ``distk-train --set``. The vectors are stored in fp16 after
 division by a per-vector power-of-two scale (exact, so the ranking within fp16 precision
 is kept and small entries do not underflow): ``acc = data.float() * scale``. Load with
@@ -44,7 +45,7 @@ def load_fixture(path: str | os.PathLike) -> dict[str, Any]:
     """The fixture written by this script, with ``acc`` restored to float32.
 
     Returns ``{"config": ..., "records": [{"step", "bucket", "numel", "k", "buckets",
-    "k_per_bucket", "recall", "params": [(name, shape, offset)], "acc": float32}]}``.
+    "k_per_bucket", "params": [(name, shape, offset)], "acc": float32}]}``.
     """
     data = torch.load(path, map_location="cpu", weights_only=True)
     if data.get("version") != FIXTURE_VERSION:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from distk.train.loop import setup_distributed, train
 
     # Recall is measured by the compressor itself at every recorded step.
-    overrides = ["sparsity.method=bucketed", "logging.progress=false",
+    overrides = ["sparsity.method=bucketed", "sparsity.mask=local", "logging.progress=false",
                  f"sparsity.recall_interval={math.gcd(*args.steps)}", *args.overrides]
     cfg = load_config(args.config, overrides)
     wanted = set(args.steps)
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     original_enable = ddp_integration.enable
     original_hook = ddp_integration.sparse_allreduce_hook
-    original_step = GradientCompressor.step
-    original_select = GradientCompressor._select
+    original_launch = GradientCompressor.launch
+    original_select = GradientCompressor._select_local
 
     def enable(ddp_model, *a, **kw):
         names.update({id(p): n for n, p in ddp_model.module.named_parameters()})
@@ -101,13 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             for p, g in zip(bucket.parameters(), bucket.gradients())]
         return original_hook(state, bucket)
 
-    def step(self, grad, key, out=None):
-        current.update(key=key, step=self.step_count(key))
-        before = len(records)
-        result = original_step(self, grad, key, out)
-        if len(records) > before:  # this call was recorded: keep the recall it measured
-            records[-1]["recall"] = self.stats.get("recall")
-        return result
+    def launch(self, grad, key, out=None, *, step, stateless=False):
+        current.update(key=key, step=step)
+        return original_launch(self, grad, key, out, step=step, stateless=stateless)
 
     def select(self, acc, plan, pending=None):
         if current["step"] in wanted and (args.buckets is None or current["key"] in args.buckets):
@@ -121,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ddp_integration.enable = enable
     ddp_integration.sparse_allreduce_hook = hook
-    GradientCompressor.step = step
-    GradientCompressor._select = select
+    GradientCompressor.launch = launch
+    GradientCompressor._select_local = select
 
     rank, _, _ = setup_distributed(cfg)
     result = train(cfg, Path(cfg.run_dir) / "record_gradients")
@@ -138,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
               f"run mean recall {result.mean_recall}", flush=True)
         for rec in records:
             print(f"  step {rec['step']} bucket {rec['bucket']}: numel {rec['numel']} "
-                  f"k {rec['k']} plan {rec['buckets']} x {rec['k_per_bucket']} "
-                  f"recall {rec.get('recall')}", flush=True)
+                  f"k {rec['k']} plan {rec['buckets']} x {rec['k_per_bucket']}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
     return 0

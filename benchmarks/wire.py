@@ -158,10 +158,11 @@ def modelled(worlds: list[int]) -> list[dict[str, Any]]:
     k = round(DENSITY * numel)
     rows = []
     for world in worlds:
-        local = scheme_bytes(numel, k, world, 2, 4)["allgather"]
+        # Sparse values travel in bf16 (value_dtype="auto"), with 16-bit bucket offsets.
+        local = scheme_bytes(numel, k, world, 2, 2)["allgather"]
         share = math.ceil(k / world)
-        # Values in fp32 (SGD's wire dtype); each rank's proposal as 16-bit offsets.
-        shared = (ring_allreduce_bytes(k, world, 4)
+        # Each rank's proposal as bucket offsets of at most 16 bits (buckets of <= 65536).
+        shared = (ring_allreduce_bytes(k, world, 2)
                   + (world - 1) * packed_nbytes(share, min(16, bits_for(numel))))
         plain, p_q = {}, {}
         for rank_ in (1, 4):
@@ -245,6 +246,25 @@ def plot(table: list[dict[str, Any]], model: list[dict[str, Any]], path: Path) -
     plt.close(fig)
 
 
+def report(rows: list[dict[str, Any]], args: argparse.Namespace,
+           command: str | None = None) -> None:
+    """Print the table; write the JSON and the plot (``command``: the one that ran)."""
+    table = summarise(rows)
+    model = modelled([2 ** i for i in range(1, 10)])
+    print_table(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command or " ".join(sys.argv), "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "rate": args.rate, "interface": INTERFACE,
+            "density": DENSITY, "warmup": args.warmup, "steps": args.steps}
+    out = RESULTS / f"{args.out}.json"
+    out.write_text(json.dumps({"meta": meta, "table": table, "model": model, "rows": rows},
+                              indent=1))
+    print(f"wrote {out}")
+    plot(table, model, RESULTS / f"{args.out}.png")
+    print(f"wrote {RESULTS / f'{args.out}.png'}")
+
+
 def sweep(args: argparse.Namespace) -> None:
     """Run each world size and method under netem.sh (one process per rank and method:
     PyTorch's PowerSGD hook does not survive another DDP model's hook in the same
@@ -262,20 +282,7 @@ def sweep(args: argparse.Namespace) -> None:
             print(f"[wire] world {world}, {method}", flush=True)
             subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             rows += json.loads(part.with_suffix(".json").read_text())
-    table = summarise(rows)
-    model = modelled([2 ** i for i in range(1, 10)])
-    print_table(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"command": " ".join(sys.argv), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "rate": args.rate, "interface": INTERFACE,
-            "density": DENSITY, "warmup": args.warmup, "steps": args.steps}
-    out = RESULTS / f"{args.out}.json"
-    out.write_text(json.dumps({"meta": meta, "table": table, "model": model, "rows": rows},
-                              indent=1))
-    print(f"wrote {out}")
-    plot(table, model, RESULTS / f"{args.out}.png")
-    print(f"wrote {RESULTS / f'{args.out}.png'}")
+    report(rows, args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -292,9 +299,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="wire", help="result name under benchmarks/results")
     parser.add_argument("--part", default=None,
                         help="run as one rank of a netem run and write the world's rows here")
+    parser.add_argument("--replot", action="store_true",
+                        help="no runs: rebuild table, model and plot from <out>.json's rows")
     args = parser.parse_args(argv)
     if args.part is not None:
         run_part(args)
+    elif args.replot:
+        saved = json.loads((RESULTS / f"{args.out}.json").read_text())
+        report(saved["rows"], args, saved["meta"]["command"])
     else:
         sweep(args)
 
