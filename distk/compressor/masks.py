@@ -120,9 +120,17 @@ class MaskPolicy:
         ``positions`` its support (``None``: dense)."""
         del key, step, update, positions
 
+    def _keyed(self) -> tuple[dict[Hashable, Any], ...]:
+        """The policy's tables of per-key state (what :meth:`forget` drops)."""
+        return ()
+
     def forget(self, key: Hashable | None = None) -> None:
         """Drop what is kept for ``key`` (``None``: every key)."""
-        del key
+        for table in self._keyed():
+            if key is None:
+                table.clear()
+            else:
+                table.pop(key, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -227,11 +235,8 @@ class _AgreedMask(MaskPolicy):
             residual[positions] = 0
         self._ahead[ctx.key] = self._launch(ctx, next_plan, next_wire, ctx.step + 1, residual)
 
-    def forget(self, key: Hashable | None = None) -> None:
-        if key is None:
-            self._ahead.clear()
-        else:
-            self._ahead.pop(key, None)
+    def _keyed(self) -> tuple[dict[Hashable, Any], ...]:
+        return (self._ahead,)
 
     def state_dict(self) -> dict[str, Any]:
         """The masks agreed for the next step (received first), per key."""
@@ -399,11 +404,8 @@ class MomentMask(MaskPolicy):
         else:
             moment[positions] += update[positions].to(torch.float32)
 
-    def forget(self, key: Hashable | None = None) -> None:
-        if key is None:
-            self._moments.clear()
-        else:
-            self._moments.pop(key, None)
+    def _keyed(self) -> tuple[dict[Hashable, Any], ...]:
+        return (self._moments,)
 
     def state_dict(self) -> dict[str, Any]:
         return {"moments": {k: v.detach().clone() for k, v in self._moments.items()}}
@@ -514,12 +516,8 @@ class PredictedMask(MaskPolicy):
         last[positions] = step
         self._rates[key], self._last[key] = rate, last
 
-    def forget(self, key: Hashable | None = None) -> None:
-        for table in (self._rates, self._last):
-            if key is None:
-                table.clear()
-            else:
-                table.pop(key, None)
+    def _keyed(self) -> tuple[dict[Hashable, Any], ...]:
+        return (self._rates, self._last)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rates": {k: v.clone() for k, v in self._rates.items()},
