@@ -209,7 +209,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            about="PyTorch's powerSGD_hook (error feedback, warm start); factors in bf16 "
                  "through PyTorch's bf16_compress_wrapper"),
     Method("exact", "exact", about="distk, torch.topk selection"),
-    Method("bucketed", "bucketed", about="distk, bucketed selection"),
+    Method("bucketed", "bucketed",
+           about="distk, bucketed selection, the defaults (mask='auto': a shared mask at 2 "
+                 "ranks and above)"),
+    Method("bucketed_local", "bucketed", {"sparsity.mask": "local"},
+           about="distk, bucketed selection, each rank's own top-k (all-gather)"),
     Method("bucketed_2bit", "bucketed", {"sparsity.value_bits": 2},
            about="bucketed with 2-bit values and bit-packed offsets"),
     Method("outer_h8_2bit", "bucketed", {"sparsity.sync_every": 8, "sparsity.value_bits": 2},
