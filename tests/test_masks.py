@@ -150,14 +150,14 @@ def test_ranks_with_different_masks_are_refused_on_every_rank():
         assert message is not None and "disagree on the shared mask of key 'w'" in message
 
 
-def _resume(rank, world, policy):
+def _resume(rank, world, policy, ahead):
     cfg = SparsityConfig(density=0.02, min_numel=1, mask="shared", mask_policy=policy,
-                         stats_interval=1000, recall_interval=0)
+                         stats_interval=1000, recall_interval=0, mask_ahead=ahead)
     first = GradientCompressor(cfg)
     for step in range(3):
         first.step(_grad(rank, step), "w", step=step)
     buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)  # the leader's next mask is in flight here
+    torch.save(first.state_dict(), buffer)  # with mask_ahead, the next mask is in flight
     buffer.seek(0)
     second = GradientCompressor(cfg)
     second.load_state_dict(torch.load(buffer, weights_only=True))
@@ -170,9 +170,10 @@ def _resume(rank, world, policy):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("policy", POLICIES)
-def test_resume_from_a_checkpoint_is_bitwise(policy):
-    assert all(run_distributed(_resume, 2, policy, timeout=120))
+@pytest.mark.parametrize("policy,ahead", [(p, False) for p in POLICIES]
+                         + [("union", True), ("leader", True)])
+def test_resume_from_a_checkpoint_is_bitwise(policy, ahead):
+    assert all(run_distributed(_resume, 2, policy, ahead, timeout=120))
 
 
 def test_a_shared_mask_refuses_a_codec_that_does_not_sum():

@@ -161,6 +161,8 @@ class StepRequest:
         out_given: the caller's ``out`` (``None``: a new tensor is returned).
         step: the owner's step, driving the schedule.
         stateless: a dense average leaving residual, velocity and masks untouched.
+        dense: whether the step is exchanged dense (stateless, small tensor, dense steps,
+            ``method="dense"``).
         world: ranks in the group.
         state_dtype: dtype of residuals (fp32, or fp64 for fp64 gradients).
         value_dtype: dtype of values on the wire.
@@ -174,6 +176,7 @@ class StepRequest:
     out_given: torch.Tensor | None
     step: int
     stateless: bool
+    dense: bool
     world: int
     state_dtype: torch.dtype
     value_dtype: torch.dtype
@@ -484,15 +487,15 @@ class GradientCompressor:
         return StepRequest(
             key=key, grad=grad, flat=grad.detach().reshape(-1),
             out=out.view(-1) if direct else None, out_given=out, step=step,
-            stateless=stateless, world=rank_and_world(self.group)[1],
+            stateless=stateless, dense=dense, world=rank_and_world(self.group)[1],
             state_dtype=state_dtype, value_dtype=value_dtype,
             stats_step=step % cfg.stats_interval == 0)
 
     def _plan_step(self, request: StepRequest) -> StepPlan:
         """k from the schedule; dense, or the selection plan and the scheme; whether the
         layout is verified across ranks this step."""
-        cfg, numel = self.cfg, request.numel
-        if request.stateless or cfg.is_dense_step(numel, request.step):
+        numel = request.numel
+        if request.dense:
             plan = StepPlan(numel, "dense", None, WireFormat(numel, numel, request.value_dtype))
         else:
             plan = self._sparse_plan(request.key, numel, request.step, request.value_dtype,
@@ -525,11 +528,9 @@ class GradientCompressor:
             return cfg.exchange
         if cfg.mask == "shared" or world == 1:
             return "shared" if cfg.mask == "shared" else cfg.exchange
-        hint = None
-        if key in self._overlap:
-            hint = self._overlap[key] * min(world * wire.k, wire.numel) / world
         costs = scheme_bytes(wire.numel, wire.k, world, wire.index_bytes, wire.value_bytes,
-                             hint, shared_overhead=self.masks.overhead_bytes(wire, world))
+                             self._union_hint(key, wire.k, wire.numel, world),
+                             shared_overhead=self.masks.overhead_bytes(wire, world))
         return "shared" if min(costs, key=costs.get) == "shared" else cfg.exchange
 
     def _accumulate(self, request: StepRequest, plan: StepPlan,
@@ -672,9 +673,7 @@ class GradientCompressor:
         # measured on the first step of a key and on stats steps.
         measure = (not plan.dense and not shared and self.cfg.exchange == "auto"
                    and world > 2 and (request.stats_step or key not in self._overlap))
-        hint = None
-        if measure and key in self._overlap:
-            hint = self._overlap[key] * min(world * plan.k, request.numel) / world
+        hint = self._union_hint(key, plan.k, request.numel, world) if measure else None
         wire = plan.wire
         if shared and selection.positions.numel() != plan.k:  # a union of proposals
             wire = WireFormat(request.numel, selection.positions.numel(), request.value_dtype)
@@ -686,7 +685,7 @@ class GradientCompressor:
             union_hint=hint, measure_union=measure), self.group)
         if plan.verify:
             self._verified[key] = (*self._verified.get(key, ())[-3:], plan.signature)
-        if shared:  # every rank, flagged or not: the policy's collectives must match
+        if shared and self.masks.looks_ahead:  # every rank, flagged or not
             self.masks.after_launch(self._mask_context(request, plan, accumulated.acc,
                                                        ahead=True), selection.positions)
         return pending
@@ -763,6 +762,13 @@ class GradientCompressor:
         return mean
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _union_hint(self, key: Hashable, k: int, numel: int, world: int) -> float | None:
+        """The largest distinct-position count per reduce-scatter shard that the key's
+        measured overlap predicts (``None``: not measured yet)."""
+        if key not in self._overlap:
+            return None
+        return self._overlap[key] * min(world * k, numel) / world
 
     def _mask_context(self, request: StepRequest, plan: StepPlan, acc: torch.Tensor,
                       ahead: bool = False) -> MaskContext:

@@ -109,9 +109,15 @@ class MaskPolicy:
         ``ctx.acc``'s device); collective where the policy needs one."""
         raise NotImplementedError
 
+    @property
+    def looks_ahead(self) -> bool:
+        """Whether :meth:`after_launch` agrees on the next step's mask (the compressor
+        then hands it the next step's plan)."""
+        return False
+
     def after_launch(self, ctx: MaskContext, positions: torch.Tensor) -> None:
         """Called once this step's values are launched (main thread, same order on every
-        rank): a policy may start agreeing on the next step's mask."""
+        rank) when :attr:`looks_ahead`: the policy starts agreeing on the next mask."""
         del ctx, positions
 
     def observe(self, key: Hashable, step: int, update: torch.Tensor,
@@ -225,8 +231,12 @@ class _AgreedMask(MaskPolicy):
         ahead = self._launch(ctx, ctx.plan, ctx.wire, ctx.step, ctx.acc)
         return self._received(ahead, device)
 
+    @property
+    def looks_ahead(self) -> bool:
+        return self.ahead
+
     def after_launch(self, ctx: MaskContext, positions: torch.Tensor) -> None:
-        if ctx.next is None or not self.ahead:
+        if ctx.next is None:
             return
         next_plan, next_wire = ctx.next
         residual = ctx.acc
