@@ -191,9 +191,7 @@ def _ddp_schedule_worker(rank: int, world: int) -> dict:
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
 def test_ddp_enable_applies_the_adam_schedule_for_the_given_optimizer():
-    from distributed import run_distributed as run
-
-    results = run(_ddp_schedule_worker, 2, timeout=150)
+    results = run_distributed(_ddp_schedule_worker, 2, timeout=150)
     for rank, result in enumerate(results):
         adamw, sgd = result["adamw"], result["sgd"]
         assert adamw["schedule"] == (2, 0, "bfloat16") and sgd["schedule"] == (0, 0, None)

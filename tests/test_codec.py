@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from distributed import run_distributed
 
 from distk.comm.codec import VALUE_BITS, ValueCodec, bits_for, pack_bits, unpack_bits
 from distk.comm.cost import scheme_bytes
@@ -16,7 +17,6 @@ from distk.config import VALUE_BITS as CONFIG_VALUE_BITS
 from distk.config import SparsityConfig
 from distk.selection import per_bucket_topk
 from distk.selection.reference import positions_of
-from tests.distributed import run_distributed
 
 
 def reference_pack_bits(codes: list[int], width: int) -> bytes:

@@ -27,7 +27,7 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from tests.distributed import run_distributed  # noqa: E402
+from distributed import run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from tests.distributed import run_distributed
+from distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
 

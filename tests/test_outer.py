@@ -15,10 +15,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_distributed, teacher_batch
 
 import distk
 from distk.config import SparsityConfig
-from tests.distributed import run_distributed, teacher_batch
 
 
 def _model(seed: int) -> torch.nn.Module:

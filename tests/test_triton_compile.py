@@ -9,15 +9,11 @@ too: spilled kernels run from local memory, far below the bandwidth they are bui
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton", reason="the triton extra is not installed")
-sys.path.insert(0, str(Path(__file__).parent))
 
-import aot_compile  # noqa: E402
+import aot_compile  # noqa: E402  (tests/ is on sys.path: see tests/conftest.py)
 
 
 def test_launch_spec_variants_cover_every_kernel_and_dtype():
