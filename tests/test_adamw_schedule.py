@@ -231,7 +231,7 @@ def test_adam_schedule_never_makes_a_valid_config_invalid(density):
 
     cfg = SparsityConfig(density=density)
     scheduled = cfg.for_optimizer("adamw")
-    SparsityConfig.from_dict(scheduled.to_dict())  # still valid
+    assert SparsityConfig.from_dict(scheduled.to_dict()) == scheduled  # still valid
     assert scheduled.warmup_steps == 0
     if density == 1.0:
         assert scheduled is cfg

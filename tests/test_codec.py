@@ -197,8 +197,9 @@ def test_compressor_single_process_keeps_quantization_error():
         update = compressor.step(grad, "w", step=step)
         total += update.double()
         stats = compressor.last
-        assert stats.bits_per_entry == 8 * stats.payload_bytes / stats.sent
-        assert stats.bits_per_param == 8 * stats.payload_bytes / 4096 / 8
+        # Every step sends the plan's 512 entries at the layout's 15 bits each, i.e. 15
+        # bits per 64 parameters (all counts are powers of two: exact).
+        assert (stats.sent, stats.bits_per_entry, stats.bits_per_param) == (512, 15.0, 15 / 64)
         # Every sent entry arrives non-zero (sign-magnitude codes have no zero level).
         assert update.count_nonzero() == stats.sent, step
     residual = compressor.residual("w").double()
