@@ -109,22 +109,28 @@ def _count_worker(rank: int, world: int, bf16: bool) -> dict:
             "bytes": step_bytes, "schemes": schemes, "grads_are_bf16": grads_are_bf16}
 
 
+@pytest.fixture(scope="module")
+def fp32_powersgd_counts() -> list[dict]:
+    """One 2-rank fp32 PowerSGD run, read by both tests below (start-up dominates)."""
+    return run_distributed(_count_worker, 2, False, timeout=100)
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_powersgd_entries_match_pytorchs_counter() -> None:
-    for res in run_distributed(_count_worker, 2, False, timeout=100):
+def test_powersgd_entries_match_pytorchs_counter(fp32_powersgd_counts) -> None:
+    for res in fp32_powersgd_counts:
         assert res["ours"] == res["theirs"] and res["ours"] > 0
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
-def test_powersgd_bf16_is_pytorchs_wrapper_on_gloo() -> None:
+def test_powersgd_bf16_is_pytorchs_wrapper_on_gloo(fp32_powersgd_counts) -> None:
     """``bf16=True`` runs PyTorch's bf16_compress_wrapper(powerSGD_hook) on gloo (DDP
     refuses to register that wrapper by name off NCCL; called from distk's timing hook it
     runs): the same entries as fp32 PowerSGD at half the bytes, in the vanilla and the
     compressed phase, and every gradient written back is a bf16 value (fp32 PowerSGD's are
     not)."""
-    fp32 = run_distributed(_count_worker, 2, False, timeout=100)[0]
+    fp32 = fp32_powersgd_counts[0]
     bf16 = run_distributed(_count_worker, 2, True, timeout=100)[0]
     assert bf16["ours"] == bf16["theirs"] == fp32["ours"] > 0
     assert [2 * b for b in bf16["bytes"]] == fp32["bytes"]
