@@ -7,6 +7,12 @@ gives every rank back its own residuals (compared tensor by tensor, per rank), w
 rank offered another rank's file refuses it. Each framework is skipped, with the reason,
 when it is not installed (``pip install distk[frameworks]``); every run is bounded by
 ``run_distributed``'s timeout, so a hang fails.
+
+By default: HF Trainer on DDP and on DeepSpeed ZeRO 2 (DistkCallback enabling distk from
+the JSON block), Accelerate, Lightning (callback, and DDPStrategy's hook state),
+``distk.deepspeed.install()`` without a trainer, ``distk.enable``'s dispatch and a hook
+state built before the process group. ``--runslow`` adds HF Trainer on ZeRO 1 after
+``distk.deepspeed.install()`` (each HF DeepSpeed run costs about a minute here).
 """
 
 from __future__ import annotations
@@ -230,8 +236,14 @@ def _ds_config(stage: int) -> dict:
     }
 
 
-@pytest.mark.parametrize(("stage", "install"), [(1, True), (2, False)],
-                         ids=["zero1-install", "zero2-callback"])
+@pytest.mark.parametrize(("stage", "install"), [
+    # ZeRO 1 after install(): the slow run. install() itself (no recursion, the block kept
+    # from DeepSpeed, the state adopted by distk.enable, which the callback calls) is
+    # covered by default in test_deepspeed_initialize_patch_and_install_do_not_recurse,
+    # ZeRO 1 under distk in test_deepspeed.py, the callback on an HF-built engine here.
+    pytest.param(1, True, id="zero1-install", marks=pytest.mark.slow),
+    pytest.param(2, False, id="zero2-callback"),
+])
 def test_hf_trainer_deepspeed_json_distk_block_acts_and_resumes_per_rank(tmp_path, stage,
                                                                         install):
     """TrainingArguments(deepspeed=...) with a "distk" block: after distk.deepspeed.install()
@@ -432,6 +444,8 @@ def _install_job(rank: int, world_size: int) -> dict:
     without_block = build(None)
     return {"manual": manual is not None, "installed": distk.deepspeed.installed(),
             "with_block": distk.deepspeed.get_state(with_block) is not None,
+            # install() hands DeepSpeed the config without the block
+            "engine_saw_block": "distk" in with_block.config,
             "without_block": distk.deepspeed.get_state(without_block) is None,
             "adopted": distk.enable(with_block) is distk.deepspeed.get_state(with_block)}
 
@@ -440,7 +454,7 @@ def test_deepspeed_initialize_patch_and_install_do_not_recurse():
     pytest.importorskip("deepspeed", reason="DeepSpeed test needs distk[deepspeed]")
     for result in run_distributed(_install_job, 2, timeout=180):
         assert result == {"manual": True, "installed": True, "with_block": True,
-                          "without_block": True, "adopted": True}
+                          "engine_saw_block": False, "without_block": True, "adopted": True}
 
 
 # -- distk.enable refuses what it cannot act on (no process group needed) -------------------------
