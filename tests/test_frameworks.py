@@ -497,8 +497,29 @@ def _enable_dispatch_job(rank: int, world_size: int) -> dict:
             "fsdp": type(fsdp_state).__name__, "fsdp_density": fsdp_state.stats.density}
 
 
-def test_enable_dispatches_on_the_wrapper_type():
-    for result in run_distributed(_enable_dispatch_job, 2, timeout=120):
+def _enable_jobs(rank: int, world_size: int) -> dict:
+    """Both jobs on one 2-rank run (starting the processes costs more than either job); a
+    job's error is kept for the test that reads it. The late check goes last: it replaces
+    the process group."""
+    import traceback
+
+    out = {}
+    for name, job in (("dispatch", _enable_dispatch_job), ("late_check", _late_check_job)):
+        try:
+            out[name] = job(rank, world_size)
+        except Exception:  # noqa: BLE001 - reported by the test that reads this job
+            out[name] = {"error": traceback.format_exc()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def enable_runs() -> list[dict]:
+    return run_distributed(_enable_jobs, 2, timeout=180)
+
+
+def test_enable_dispatches_on_the_wrapper_type(enable_runs):
+    for result in (run["dispatch"] for run in enable_runs):
+        assert "error" not in result, result["error"]
         assert result["ddp"] == "DDPCompressionState" and result["ddp_kept"]
         assert result["fsdp"] == "FSDPCompressionState"
         # 64 * 64 + 64 entries per Linear: at most round(0.05 * 4160) = 208 selected (a
@@ -553,9 +574,10 @@ def _late_check_job(rank: int, world_size: int) -> dict:
     return result
 
 
-def test_a_hook_state_built_before_the_process_group_checks_its_config_on_first_exchange():
-    results = run_distributed(_late_check_job, 2, timeout=120)
-    for rank, result in enumerate(results):
+def test_a_hook_state_built_before_the_process_group_checks_its_config_on_first_exchange(
+        enable_runs):
+    for rank, result in enumerate(run["late_check"] for run in enable_runs):
+        assert "error" not in result, result["error"]
         assert result["before"] == (False, 0)  # built with no group, differing or not
         # Rank and world size are taken once the group exists; the second step (the first
         # is DDP's dense bucket-rebuild step) is sparse: at most k = round(0.05 * 4160)
