@@ -228,10 +228,23 @@ def _conservation(rank, world, bits, exchange):
     return updates, grads, residuals, sent, stats
 
 
-@pytest.mark.parametrize("bits,exchange", [(2, "auto"), (1, "allgather"), (8, "auto")])
-def test_conservation_and_identical_bits_on_two_ranks(bits, exchange):
+CONSERVATION_CASES = [(2, "auto"), (1, "allgather"), (8, "auto")]
+
+
+def _conservation_cases(rank, world):
+    return {case: _conservation(rank, world, *case) for case in CONSERVATION_CASES}
+
+
+@pytest.fixture(scope="module")
+def conservation_runs() -> list[dict]:
+    """Every case on one 2-rank run (starting the processes costs more than a case)."""
+    return run_distributed(_conservation_cases, 2, timeout=180)
+
+
+@pytest.mark.parametrize("bits,exchange", CONSERVATION_CASES)
+def test_conservation_and_identical_bits_on_two_ranks(bits, exchange, conservation_runs):
     world = 2
-    results = run_distributed(_conservation, world, bits, exchange, timeout=120)
+    results = [run[bits, exchange] for run in conservation_runs]
     for key in results[0][0]:
         updates = results[0][0][key]
         residuals = sum(r[2][key] for r in results)
