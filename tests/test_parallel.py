@@ -90,9 +90,22 @@ def _forward_backward_worker(rank: int, world_size: int) -> dict:
     return results
 
 
-def test_forward_and_gradient_match_reference():
+def _forward_backward_and_row_parallel_worker(rank: int, world_size: int) -> dict:
+    return {"forward_backward": _forward_backward_worker(rank, world_size),
+            "row_parallel": _row_parallel_worker(rank, world_size)}
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[dict]:
+    """One 2-rank run for the reference test and the RowParallelLinear test (starting the
+    processes costs more than either)."""
+    return run_distributed(_forward_backward_and_row_parallel_worker, WORLD_SIZE,
+                           timeout=TIMEOUT)
+
+
+def test_forward_and_gradient_match_reference(runs):
     """exact/bucketed x fp32/bf16 x sparse/dense backward exchange."""
-    for results in run_distributed(_forward_backward_worker, WORLD_SIZE, timeout=TIMEOUT):
+    for results in (run["forward_backward"] for run in runs):
         assert len(results) == 8
         for case, result in results.items():
             assert result == {"out_equal": True, "same_on_all_ranks": True,
@@ -241,9 +254,9 @@ def _row_parallel_worker(rank: int, world_size: int) -> dict:
             "errors": _bad_arguments_worker(rank, world_size)}
 
 
-def test_row_parallel_linear():
+def test_row_parallel_linear(runs):
     """Dense parity with nn.Linear (both input modes), sparse forward, argument errors."""
-    for results in run_distributed(_row_parallel_worker, WORLD_SIZE, timeout=TIMEOUT):
+    for results in (run["row_parallel"] for run in runs):
         for mode, result in results["dense"].items():
             assert result == {"out": True, "weight_grad": True, "bias_grad": True,
                               "x_grad": True}, f"input_is_parallel={mode}"
