@@ -1,4 +1,8 @@
-"""distk.nn.TopK / topk_activation: outputs and gradients against a plain reference."""
+"""distk.nn.TopK / topk_activation: outputs and gradients against a plain reference.
+
+By default torch.compile is checked with the ``aot_eager`` backend; ``--runslow`` adds
+the default (inductor) backend, which builds C++ code for tens of seconds.
+"""
 
 from __future__ import annotations
 
