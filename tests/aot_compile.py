@@ -1,7 +1,9 @@
 """Ahead-of-time compile of every Triton kernel variant the launch spec can produce.
 
 Run by ``tests/test_triton_compile.py`` (CI, no GPU needed: ``triton.compile`` with a
-``GPUTarget`` uses the ``ptxas`` shipped in the triton wheel) and usable alone::
+``GPUTarget`` uses the ``ptxas`` shipped in the triton wheel; by default a representative
+subset, :func:`representative_jobs`, and the full sweep with ``--runslow``) and usable
+alone::
 
     python tests/aot_compile.py            # table of registers, shared memory, spills
 
@@ -12,6 +14,7 @@ Each variant is compiled for sm_80 and sm_90 with every input dtype it loads;
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -62,17 +65,75 @@ def compile_one(job: tuple[int, int]) -> dict:
 
 
 def jobs() -> list[tuple[int, int]]:
+    """Every variant for every target (the full sweep)."""
     from distk.selection import triton_kernel as tk
 
     count = sum(1 for _ in tk.all_launch_variants())
     return [(index, cc) for index in range(count) for cc in TARGETS]
 
 
-def compile_all(workers: int | None = None) -> list[dict]:
-    """Every variant x dtype x target, compiled in a process pool."""
+def _branches(launch) -> set[tuple]:
+    """What selects code paths in a variant: its kernel's bool constexprs, ``SOURCE``
+    (where the keys come from) and the input dtype."""
+    chosen = {(launch.kernel, "dtype", str(launch.dtype))}
+    for name, value in launch.constexprs:
+        if isinstance(value, bool) or name == "SOURCE":
+            chosen.add((launch.kernel, name, value))
+    return chosen
+
+
+def _size(launch) -> tuple[float, int]:
+    """(the tile a program holds per thread, its largest size constexpr): what drives
+    register use, hence spills. The launch spec bounds the first, so the second (e.g. the
+    longest sort) breaks the ties."""
+    sizes = [value for name, value in launch.constexprs
+             if not isinstance(value, bool) and name != "SOURCE"]
+    return math.prod(sizes) / (32 * launch.num_warps), max(sizes, default=0)
+
+
+def representative_jobs() -> list[tuple[int, int]]:
+    """A small subset of :func:`jobs` for the default test run (13 of 296 compiles today).
+
+    Each kernel's largest variant (:func:`_size`, the likeliest to spill) for both
+    targets; then, greedily, the variants that add the most code paths not yet compiled
+    (:func:`_branches`: every bool constexpr, ``SOURCE`` and dtype value of each kernel),
+    for one target each, alternating, until every path is compiled once."""
+    from distk.selection import triton_kernel as tk
+
+    variants = list(tk.all_launch_variants())
+    by_size = sorted(range(len(variants)), key=lambda i: _size(variants[i]), reverse=True)
+    picked = [by_size[0]]
+    covered = _branches(variants[by_size[0]])
+    for kernel in sorted({v.kernel for v in variants}):  # each kernel's largest first
+        largest = next(i for i in by_size if variants[i].kernel == kernel)
+        if largest not in picked:
+            picked.append(largest)
+            covered |= _branches(variants[largest])
+    while True:  # then greedily the variant adding most uncovered paths, larger first
+        best = max(by_size, key=lambda i: len(_branches(variants[i]) - covered))
+        if not _branches(variants[best]) - covered:
+            break
+        picked.append(best)
+        covered |= _branches(variants[best])
+    result, largest_done = [], set()
+    for position, index in enumerate(picked):
+        kernel = variants[index].kernel
+        if kernel not in largest_done:
+            largest_done.add(kernel)
+            result += [(index, cc) for cc in TARGETS]
+        else:
+            result.append((index, TARGETS[position % len(TARGETS)]))
+    return result
+
+
+def compile_all(workers: int | None = None,
+                selected: list[tuple[int, int]] | None = None) -> list[dict]:
+    """Compile ``selected`` (variant index, target) jobs, by default every variant x
+    dtype x target, in a process pool."""
     workers = workers or max(1, min(4, os.cpu_count() or 1))
+    selected = jobs() if selected is None else selected
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(compile_one, jobs(), chunksize=4))
+        return list(pool.map(compile_one, selected, chunksize=1))
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -1,4 +1,17 @@
-"""Shared pytest set-up: markers that are off by default, and the distributed runner."""
+"""Shared pytest set-up: the markers that are off by default (``slow``, ``gpu``).
+
+Helpers that live in tests/ are imported as top-level modules, one style everywhere::
+
+    from distributed import run_distributed
+
+pytest's default ``prepend`` import mode puts tests/ itself on ``sys.path`` (it has no
+``__init__.py``), so this works under ``pytest`` and ``python -m pytest`` from any working
+directory, with no PYTHONPATH. It is also how the ranks that ``run_distributed`` spawns
+find a test module's worker functions (pickled as ``test_ddp._worker`` and so on):
+spawned processes inherit the parent's ``sys.path``. ``tests.distributed`` would need the
+repository root on ``sys.path`` as well, and would load the helper a second time under
+another name.
+"""
 
 from __future__ import annotations
 

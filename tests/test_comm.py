@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_distributed
 
 from distk.comm import (
     LOCAL_SCHEMES,
@@ -24,7 +25,6 @@ from distk.comm import (
 )
 from distk.selection import bucket_candidates
 from distk.selection.reference import positions_of
-from tests.distributed import run_distributed
 
 WORLD_SIZES = [1, 2, 3, 4]
 

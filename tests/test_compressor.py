@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_distributed
 
 from distk import GradientCompressor, SparsityConfig
 from distk.comm import RankMismatchError
 from distk.compressor import NonFiniteGradientError, packed_k_per_bucket, poisson_limit_recall
 from distk.selection import expected_recall
-from tests.distributed import run_distributed
 
 NUMEL = 3000
 STEPS = 4

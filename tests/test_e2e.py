@@ -1,11 +1,18 @@
 """benchmarks/e2e.py: the dilated time-to-quality protocol with PyTorch's hooks beside distk.
 
-The pure parts (the dilated rate, the learning-rate rule, method declarations, stable and
-first crossings, losses at equal wall time and bytes, the tuning's link clock and choice)
-run everywhere. ``--quick`` runs end to end only as root with iproute2 and ethtool (it
-builds network namespaces), under a timeout and a namespace prefix of its own; it checks
-the plumbing (every method present with finite losses and bytes, sparse bytes below
-dense, every reported seed timed under netem, the tuning stage's choice), not the speed.
+By default: the pure parts (the dilated rate, the learning-rate rule, method
+declarations, stable and first crossings, losses at equal wall time and bytes, the
+tuning's link clock and choice), the argument errors, and ``--dry-run``, which lists every
+stage the protocol would run (tuning and measured seeds, every method's command line).
+The pieces the quick run strings together are tested by default elsewhere: every
+training mode and the peers' hooks on 2 real ranks (test_train.py, test_peer_hooks.py),
+the emulated link (test_netem.py).
+
+``--runslow`` adds ``--quick`` end to end (4 to 5 minutes on 2 cores; only as root with
+iproute2 and ethtool, since it builds network namespaces), under a timeout and a namespace
+prefix of its own; it checks the plumbing (every method present with finite losses and
+bytes, sparse bytes below dense, every reported seed timed under netem, the tuning
+stage's choice), not the speed.
 """
 
 from __future__ import annotations
@@ -158,16 +165,21 @@ def test_protocol_job_is_the_main_job():
     assert e2e.PRESETS["full8"]["world"] == 8 and e2e.PRESETS["full8"]["ratios"] == [4, 16]
 
 
-def test_arguments_are_named():
+def test_arguments_are_named(capsys):
+    # The script exits with argparse's status 2 and the message (one run of the script:
+    # each costs seconds of imports); the other cases go through its parse_args in-process.
+    proc = subprocess.run([sys.executable, str(E2E), "--dry-run", "--tuning-seed", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--tuning-seed 1 is invalid" in proc.stderr, proc.stderr
     e2e = _e2e_module()
-    for argv, message in ((["--tuning-seed", "1"], "--tuning-seed 1 is invalid"),
-                          (["--methods", "bucketed"], "must include dense_fp32"),
+    for argv, message in ((["--methods", "bucketed"], "must include dense_fp32"),
                           (["--methods", "dense_fp32", "nope"], "unknown"),
                           (["--slacks", "-0.1"], "--slacks [-0.1] is invalid"),
                           (["--method", "x", "sparse"], "mode='sparse' is invalid")):
-        proc = subprocess.run([sys.executable, str(E2E), "--dry-run", *argv], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr)
+        with pytest.raises(SystemExit) as exited:
+            e2e.parse_args(["--dry-run", *argv])
+        assert exited.value.code == 2, argv
+        assert message in capsys.readouterr().err, argv
     args = e2e.parse_args(["--quick", "--method", "shared", "bucketed",
                            "sparsity.value_bits=2"])
     assert args.methods[-1] == "shared" and args.seeds == [1, 2] and args.tuning_seed == 0
@@ -188,6 +200,7 @@ def test_dry_run_lists_every_stage_without_root():
     assert all(" none -- " in line for line in out.splitlines() if "seed=0" in line)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_NETNS_MISSING is not None, reason=f"--quick {_NETNS_MISSING}")
 @pytest.mark.timeout(1500)
 def test_quick_runs_every_method(tmp_path):

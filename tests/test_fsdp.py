@@ -137,8 +137,11 @@ def _sparse_training_worker(rank: int, world: int) -> dict:
     out = {}
     for flavour in ("fsdp2", "FULL_SHARD"):
         model = _fsdp2() if flavour == "fsdp2" else _fsdp1(ShardingStrategy[flavour])
+        # Local masks: recall is measured against this rank's own exact top-k, every step
+        # (under a shared mask each measurement is a sampled all-reduce, whose bytes on
+        # this 3.4k-entry model outweigh the 4 % payload).
         cfg = distk.SparsityConfig(density=0.04, method="bucketed", min_numel=64,
-                                   recall_interval=1)
+                                   recall_interval=1, mask="local")
         state = distk.fsdp.enable(model, cfg)
         losses = _train(model, rank, steps=60, lr=0.1)
         residual_numels = {key: state.compressor.residual(key).numel()
@@ -259,6 +262,8 @@ def test_fsdp2_gives_custom_comms_no_work_to_wait_on() -> None:
     # returns, calls the all-reduce hook for its side effect, and reads the output right
     # after. A failure means torch changed that seam: the FSDP2 exchange may then become
     # asynchronous, finished where FSDP waits for the Work.
+    # Deliberately private: the seam is torch's own (torch.distributed.fsdp._fully_shard,
+    # torch 2.13), with no public surface to observe it through; this test pins it.
     import inspect
 
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives

@@ -54,10 +54,12 @@ def test_wandb_requested_but_missing_names_the_extra(tmp_path: Path,
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
     with pytest.raises(ImportError, match=r"pip install distk\[wandb\]"):
         StatsLogger(tmp_path, rank=0, wandb=True, progress=False)
-    # Not requested: silent, and works.
+    # Not requested: silent, and the JSONL record is still written.
     with StatsLogger(tmp_path, rank=0, wandb=False, progress=False) as logger:
+        assert logger.wandb_run is None
         logger.log({"train/loss": 1.0}, 1)
         logger.log_histogram("distk/x", torch.ones(3), 1)
+    assert _records(tmp_path / "metrics.jsonl") == [{"step": 1, "train/loss": 1.0}]
 
 
 def test_credentials_detection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_distributed
 
 from distk import GradientCompressor, SparsityConfig
 from distk.comm import RankMismatchError, exchange, ring_allreduce_bytes
 from distk.compressor.masks import MaskPolicy
-from tests.distributed import run_distributed
 
 NUMEL = 4000
 POLICIES = ("union", "leader", "moment", "sketch", "predicted")

@@ -15,10 +15,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_distributed, teacher_batch
 
 import distk
 from distk.config import SparsityConfig
-from tests.distributed import run_distributed, teacher_batch
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -66,8 +66,35 @@ def _against_torch_sgd(rank, world):
     return _params(model)
 
 
-def test_outer_step_is_nesterov_sgd_on_the_averaged_pseudo_gradient():
-    results = run_distributed(_against_torch_sgd, 2, timeout=120)
+def _dense_jobs(rank, world):
+    """The three jobs of the tests that read ``dense_runs`` on one 2-rank run (starting
+    the processes costs more than any of them); a job's error is kept for its test."""
+    import traceback
+
+    out = {}
+    for name, job in (("sgd", _against_torch_sgd), ("mismatch", _mismatch),
+                      ("refusals", _refusals)):
+        try:
+            out[name] = job(rank, world)
+        except Exception:  # noqa: BLE001 - reported by the test that reads this job
+            out[name] = traceback.format_exc()
+    return out
+
+
+@pytest.fixture(scope="module")
+def dense_runs() -> list[dict]:
+    return run_distributed(_dense_jobs, 2, timeout=180)
+
+
+def _job(runs: list[dict], name: str) -> list:
+    results = [run[name] for run in runs]
+    for result in results:
+        assert not isinstance(result, str), result  # the rank's traceback
+    return results
+
+
+def test_outer_step_is_nesterov_sgd_on_the_averaged_pseudo_gradient(dense_runs):
+    results = _job(dense_runs, "sgd")
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
@@ -145,8 +172,8 @@ def _mismatch(rank, world):
     return message, _params(model)
 
 
-def test_different_starting_parameters_raise_on_every_rank():
-    results = run_distributed(_mismatch, 2, timeout=120)
+def test_different_starting_parameters_raise_on_every_rank(dense_runs):
+    results = _job(dense_runs, "mismatch")
     for message, _ in results:
         assert message is not None and "4 parameter(s)" in message and "broadcast=True" in message
     for a, b in zip(results[0][1], results[1][1], strict=True):
@@ -169,8 +196,8 @@ def _refusals(rank, world):
     return messages
 
 
-def test_integrations_refuse_sync_every():
-    messages = run_distributed(_refusals, 1, timeout=60)[0]
+def test_integrations_refuse_sync_every(dense_runs):
+    messages = _job(dense_runs, "refusals")[0]
     assert len(messages) == 2
     assert "sync_every=8 (outer synchronisation) is not supported by DDPCompressionState" \
         in messages[0] and "distk.outer.enable" in messages[0]

@@ -1,4 +1,8 @@
-"""SparseAllReduce and RowParallelLinear on real gloo processes (2 ranks)."""
+"""SparseAllReduce and RowParallelLinear on real gloo processes (2 ranks).
+
+By default the finite-difference check of the gradient runs through exact selection;
+``--runslow`` adds it through bucketed selection.
+"""
 
 from __future__ import annotations
 
@@ -86,9 +90,22 @@ def _forward_backward_worker(rank: int, world_size: int) -> dict:
     return results
 
 
-def test_forward_and_gradient_match_reference():
+def _forward_backward_and_row_parallel_worker(rank: int, world_size: int) -> dict:
+    return {"forward_backward": _forward_backward_worker(rank, world_size),
+            "row_parallel": _row_parallel_worker(rank, world_size)}
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[dict]:
+    """One 2-rank run for the reference test and the RowParallelLinear test (starting the
+    processes costs more than either)."""
+    return run_distributed(_forward_backward_and_row_parallel_worker, WORLD_SIZE,
+                           timeout=TIMEOUT)
+
+
+def test_forward_and_gradient_match_reference(runs):
     """exact/bucketed x fp32/bf16 x sparse/dense backward exchange."""
-    for results in run_distributed(_forward_backward_worker, WORLD_SIZE, timeout=TIMEOUT):
+    for results in (run["forward_backward"] for run in runs):
         assert len(results) == 8
         for case, result in results.items():
             assert result == {"out_equal": True, "same_on_all_ranks": True,
@@ -143,20 +160,26 @@ def _finite_difference_case(rank: int, world_size: int, method: str, k: int,
             "gradcheck": gradcheck_ok}
 
 
-def _finite_difference_worker(rank: int, world_size: int, k: int) -> dict:
+def _finite_difference_worker(rank: int, world_size: int, k: int, method: str) -> dict:
     # Every rank creates every singleton group, in the same order (new_group is collective).
     singletons = [dist.new_group([r]) for r in range(world_size)]
-    return {method: _finite_difference_case(rank, world_size, method, k, singletons[rank])
-            for method in ("exact", "bucketed")}
+    return _finite_difference_case(rank, world_size, method, k, singletons[rank])
 
 
-def test_gradient_matches_finite_differences_fp64():
+@pytest.mark.parametrize("method", [
+    "exact",
+    # The backward is the same masked sum whichever selection made the mask, and
+    # test_forward_and_gradient_match_reference holds both methods' gradients to it
+    # exactly: finite differences through bucketed selection are the slow run.
+    pytest.param("bucketed", marks=pytest.mark.slow),
+])
+def test_gradient_matches_finite_differences_fp64(method):
     k = 3
-    for results in run_distributed(_finite_difference_worker, WORLD_SIZE, k, timeout=TIMEOUT):
-        for method, result in results.items():
-            assert result["max_error"] < 1e-7, method
-            assert result["grad_nonzero"] == 3 * k, method  # rows * k entries get gradient
-            assert result["gradcheck"], method
+    for result in run_distributed(_finite_difference_worker, WORLD_SIZE, k, method,
+                                  timeout=TIMEOUT):
+        assert result["max_error"] < 1e-7, result
+        assert result["grad_nonzero"] == 3 * k, result  # rows * k entries get gradient
+        assert result["gradcheck"], result
 
 
 def _row_parallel_dense_worker(rank: int, world_size: int, input_is_parallel: bool) -> dict:
@@ -231,9 +254,9 @@ def _row_parallel_worker(rank: int, world_size: int) -> dict:
             "errors": _bad_arguments_worker(rank, world_size)}
 
 
-def test_row_parallel_linear():
+def test_row_parallel_linear(runs):
     """Dense parity with nn.Linear (both input modes), sparse forward, argument errors."""
-    for results in run_distributed(_row_parallel_worker, WORLD_SIZE, timeout=TIMEOUT):
+    for results in (run["row_parallel"] for run in runs):
         for mode, result in results["dense"].items():
             assert result == {"out": True, "weight_grad": True, "bias_grad": True,
                               "x_grad": True}, f"input_is_parallel={mode}"

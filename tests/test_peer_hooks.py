@@ -109,22 +109,34 @@ def _count_worker(rank: int, world: int, bf16: bool) -> dict:
             "bytes": step_bytes, "schemes": schemes, "grads_are_bf16": grads_are_bf16}
 
 
+def _fp32_count_and_bad_enable_worker(rank: int, world: int) -> dict:
+    return {"count": _count_worker(rank, world, False),
+            "errors": _bad_enable_worker(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def fp32_run() -> list[dict]:
+    """One 2-rank run for three tests below (starting the processes dominates): the fp32
+    PowerSGD counts, then the argument errors of enable_peer_hook."""
+    return run_distributed(_fp32_count_and_bad_enable_worker, 2, timeout=100)
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_powersgd_entries_match_pytorchs_counter() -> None:
-    for res in run_distributed(_count_worker, 2, False, timeout=100):
+def test_powersgd_entries_match_pytorchs_counter(fp32_run) -> None:
+    for res in (run["count"] for run in fp32_run):
         assert res["ours"] == res["theirs"] and res["ours"] > 0
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
-def test_powersgd_bf16_is_pytorchs_wrapper_on_gloo() -> None:
+def test_powersgd_bf16_is_pytorchs_wrapper_on_gloo(fp32_run) -> None:
     """``bf16=True`` runs PyTorch's bf16_compress_wrapper(powerSGD_hook) on gloo (DDP
     refuses to register that wrapper by name off NCCL; called from distk's timing hook it
     runs): the same entries as fp32 PowerSGD at half the bytes, in the vanilla and the
     compressed phase, and every gradient written back is a bf16 value (fp32 PowerSGD's are
     not)."""
-    fp32 = run_distributed(_count_worker, 2, False, timeout=100)[0]
+    fp32 = fp32_run[0]["count"]
     bf16 = run_distributed(_count_worker, 2, True, timeout=100)[0]
     assert bf16["ours"] == bf16["theirs"] == fp32["ours"] > 0
     assert [2 * b for b in bf16["bytes"]] == fp32["bytes"]
@@ -152,8 +164,8 @@ def _bad_enable_worker(rank: int, world: int) -> list[str]:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_enable_peer_hook_names_bad_arguments() -> None:
-    errors = run_distributed(_bad_enable_worker, 2, timeout=100)[0]
+def test_enable_peer_hook_names_bad_arguments(fp32_run) -> None:
+    errors = fp32_run[0]["errors"]
     assert len(errors) == 4
     assert "start_iter=1 is invalid: allowed an int >= 2" in errors[0]
     assert "rank=0 is invalid: allowed an int >= 1" in errors[1]

@@ -15,13 +15,13 @@ import math
 
 import pytest
 import torch
+from distributed import run_distributed
 from torch import nn
 
 import distk
 from distk import GradientCompressor, SparsityConfig
 from distk.comm import sparse_allreduce
 from distk.compressor import NonFiniteGradientError
-from tests.distributed import run_distributed
 
 # -- configuration --------------------------------------------------------------------------
 

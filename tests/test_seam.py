@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from distributed import run_distributed
 from torch import nn
 
 import distk
@@ -18,7 +19,6 @@ from distk.comm import RankMismatchError, exchange, launch_exchange
 from distk.compressor import NonFiniteGradientError
 from distk.integrations import CompressionState
 from distk.stats import StepStats
-from tests.distributed import run_distributed
 
 # How long rank 1 waits before joining a collective, so that rank 0's collective cannot
 # have completed when launch returns (a synchronous launch would block for this long).

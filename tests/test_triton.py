@@ -3,6 +3,11 @@
 On this CPU-only machine it runs under ``TRITON_INTERPRET=1`` in a child interpreter
 (the variable must be set before Triton is imported); on a CUDA machine the ``gpu`` test
 runs the compiled kernel and checks that CUDA tensors pick it automatically.
+
+By default the interpreter runs ``triton_parity.py --quick``: every launch path with
+every dtype, segmented streams, an overflowing candidate list and the dispatcher (about
+half the interpreter time). ``--runslow`` adds the full script (see its docstring for
+what ``--quick`` leaves out); the ``gpu`` test always runs the full script.
 """
 
 from __future__ import annotations
@@ -28,9 +33,17 @@ def _run(env_extra: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.triton
 def test_triton_kernel_matches_reference_under_interpreter():
-    result = _run({"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
+    result = _run({"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}, "--quick")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("OK")
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_triton_kernel_matches_reference_under_interpreter_every_case():
+    result = _run({"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("OK") and "quick" not in result.stdout
 
 
 @pytest.mark.gpu
