@@ -165,8 +165,8 @@ class SparsityConfig:
     value_dtype: str | None = "auto"
     """Dtype of values on the wire: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``None``
     (the gradient's dtype) or ``"auto"``: bf16 for the sparse steps of fp32 gradients,
-    the gradient's dtype otherwise (dense steps, so that density 1.0 is plain dense
-    averaging; fp64, fp16 and bf16 gradients). The rounding error stays in the residual,
+    the gradient's dtype otherwise (dense steps and steps that send every entry, so that
+    density 1.0 is plain dense averaging; fp64, fp16 and bf16 gradients). The rounding error stays in the residual,
     so bf16 values cost no gradient mass, only delay (the main job: within the seed
     spread of fp32 values, docs/comm-and-compressor.md, "Shared masks")."""
 
@@ -463,8 +463,8 @@ class SparsityConfig:
         return VALUE_DTYPES.get(self.value_dtype)
 
     def wire_dtype_for(self, grad_dtype: torch.dtype, dense: bool) -> torch.dtype:
-        """The dtype values of a ``grad_dtype`` gradient travel in, at a dense or a sparse
-        step (the codec's values decode to float32)."""
+        """The dtype values of a ``grad_dtype`` gradient travel in, at a step that sends
+        every entry (``dense``) or a sparse one (the codec's values decode to float32)."""
         if self.value_bits is not None:
             return torch.float32
         if self.value_dtype == "auto":

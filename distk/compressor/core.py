@@ -482,7 +482,10 @@ class GradientCompressor:
         cfg = self.cfg
         state_dtype = torch.promote_types(grad.dtype, torch.float32)
         dense = stateless or cfg.is_dense_step(grad.numel(), step)
-        value_dtype = cfg.wire_dtype_for(grad.dtype, dense)
+        # A step that sends every entry (k >= numel) travels in the gradient's dtype, as a
+        # dense one does: bf16 values pay off only where entries are left behind.
+        whole = dense or cfg.k_at(grad.numel(), step) >= grad.numel()
+        value_dtype = cfg.wire_dtype_for(grad.dtype, whole)
         direct = out is not None and out.dtype == state_dtype
         return StepRequest(
             key=key, grad=grad, flat=grad.detach().reshape(-1),
