@@ -89,7 +89,25 @@ def _ddp_future_worker(rank: int, world: int, marker_dir: str) -> dict:
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import importlib
+
     from distk.integrations.ddp import DDPCompressionState, sparse_allreduce_hook
+
+    if rank == 1:
+        exchange_module = importlib.import_module("distk.comm.exchange")
+        # On steps whose layout is verified, rank 0's hook waits for rank 1's metadata
+        # before it launches the values, so rank 1 may meet it there and both values
+        # launches race. Rank 1 lingers after the metadata round (a delay of distk's own
+        # step, nothing replaced), so rank 0's values collective is pending when its hook
+        # returns on these steps too.
+        verify = exchange_module._verify_metadata
+
+        def late_verify(*args, **kwargs):
+            rows = verify(*args, **kwargs)
+            time.sleep(PEER_DELAY / 3)
+            return rows
+
+        exchange_module._verify_metadata = late_verify
 
     # bucket_cap_mb small: several buckets (one per large weight), so backward has work
     # left to overlap.
@@ -106,7 +124,8 @@ def _ddp_future_worker(rank: int, world: int, marker_dir: str) -> dict:
         # Rank 1 launches a step's first bucket only after rank 0's hook has returned its
         # future (a marker file: no collective), so that future cannot be complete then,
         # however the scheduler runs the two processes. On verified steps rank 0's hook
-        # waits for rank 1's metadata instead: rank 1 then goes on after PEER_DELAY, late.
+        # waits for rank 1's metadata instead: rank 1 then goes on after PEER_DELAY and
+        # lingers after the metadata round (above).
         marker = Path(marker_dir) / f"step{len(steps)}"
         if rank == 1 and not done_at_return:
             deadline = time.monotonic() + PEER_DELAY
