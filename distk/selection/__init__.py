@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -38,6 +39,8 @@ __all__ = [
     "DEFAULT_RECALL_TARGET",
     "bucket_candidates",
     "choose_buckets",
+    "floor_sample",
+    "floor_sample_columns",
     "per_bucket_topk",
     "expected_recall",
     "resolve_buckets",
@@ -118,19 +121,53 @@ def _score_floor(x: torch.Tensor, above_fraction: float, by_magnitude: bool,
     that a good floor rules out.
     """
     rows, n = x.shape
-    if n < _FLOOR_MIN_N.get(x.device.type, _FLOOR_MIN_N["cpu"]):
+    sample = floor_sample(n, above_fraction, x.device.type)
+    if sample is None:
         return None, 0.0
+    cols = floor_sample_columns(n, sample.blocks, x.device)
+    values = x[:, cols] if add is None else x[:, cols] + add[:, cols]
+    keys = order_keys(values, by_magnitude)
+    floor = torch.kthvalue(keys, sample.samples - sample.above, dim=-1).values
+    return floor, sample.upper_fraction
+
+
+class FloorSample(NamedTuple):
+    """How a row's score floor is sampled (see :func:`floor_sample`)."""
+
+    blocks: int
+    """Sampled blocks of ``_FLOOR_BLOCK`` adjacent entries, spread evenly over the row."""
+    samples: int
+    """``blocks * _FLOOR_BLOCK`` entries in all."""
+    above: int
+    """Sampled entries meant to lie above the floor (the floor is the ``above + 1``-th
+    largest sampled score key)."""
+    upper_fraction: float
+    """Upper estimate of the fraction of the row above the floor (the sample's fraction
+    plus four standard deviations of its noise)."""
+
+
+def floor_sample(n: int, above_fraction: float, device_type: str = "cpu") -> FloorSample | None:
+    """The sample of a score floor that about ``above_fraction`` of a row of ``n`` entries
+    exceed, or ``None`` where a floor would not save work (short rows, or too many
+    entries above it). Pure host arithmetic: shared by the host and device floors."""
+    if n < _FLOOR_MIN_N.get(device_type, _FLOOR_MIN_N["cpu"]):
+        return None
     blocks = min(_FLOOR_BLOCKS, n // (8 * _FLOOR_BLOCK))
     samples = blocks * _FLOOR_BLOCK
     above = int(samples * above_fraction) + 16  # slack for the sampling noise
     if above >= samples // 4:
-        return None, 0.0
-    starts = torch.linspace(0, n - _FLOOR_BLOCK, blocks, device=x.device).long()
-    cols = (starts[:, None] + torch.arange(_FLOOR_BLOCK, device=x.device)).flatten()
-    sample = x[:, cols] if add is None else x[:, cols] + add[:, cols]
-    keys = order_keys(sample, by_magnitude)
-    floor = torch.kthvalue(keys, samples - above, dim=-1).values
-    return floor, above / samples * (1 + 4 / math.sqrt(above))
+        return None
+    return FloorSample(blocks, samples, above, above / samples * (1 + 4 / math.sqrt(above)))
+
+
+def floor_sample_columns(n: int, blocks: int,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 columns of the sampled blocks: block ``i`` starts at
+    ``i * (n - _FLOOR_BLOCK) // (blocks - 1)``, in integer arithmetic (a float32
+    ``linspace`` rounds past ``n - _FLOOR_BLOCK`` for many ``n`` above 2^24)."""
+    index = torch.arange(blocks, device=device, dtype=torch.int64)
+    starts = index * (n - _FLOOR_BLOCK) // max(blocks - 1, 1)
+    return (starts[:, None] + torch.arange(_FLOOR_BLOCK, device=device)).flatten()
 
 
 def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
