@@ -40,6 +40,32 @@ def test_launch_spec_variants_cover_every_kernel_and_dtype():
             assert launch.variant() in known, launch
 
 
+def test_select_writes_every_kept_slot_of_every_plan():
+    # select writes slots j < min(M_P2, kept) of each bucket: a sort narrower than kept
+    # leaves slots of a torch.empty output unwritten (issue 22: n = 2^20, k = 1024,
+    # b = 1000, k_b = 200 planned lists of 64 keys for kept = 200). Walks the launch spec
+    # over the shapes of all_launch_variants and the issue's case.
+    import itertools
+
+    from distk.selection import triton_kernel as tk
+
+    above_per_bucket = 4.85  # distk.topk's floor for the issue's case: 1049 * 0.00462
+    plan = tk.plan_launches(1, 1 << 20, 1000, 200, True, True, True, 132, above_per_bucket)
+    select = dict(plan.launches[-1].constexprs)
+    assert plan.path == "compact" and select["M_P2"] >= 200, plan
+    assert plan.launches[-1].variant() in {v.variant() for v in tk.all_launch_variants()}
+    for length, kept, buckets, has_floor, above in itertools.product(
+            (3, 64, 1000, 1049, 5000), (1, 5, 16, 17, 64, 100, 200, 1000), (7, 1000),
+            (True, False), (None, 1.0, 4.85, 200.0)):
+        if kept > length:
+            continue
+        plan = tk.plan_launches(1, length * buckets, buckets, kept, True, True, has_floor,
+                                132, above)
+        for launch in plan.launches:
+            if launch.kernel == "select":
+                assert dict(launch.constexprs)["M_P2"] >= kept, (length, kept, plan)
+
+
 @pytest.mark.timeout(1800)
 def test_every_variant_compiles_for_sm80_and_sm90_without_spills():
     rows = aot_compile.compile_all()

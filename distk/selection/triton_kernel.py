@@ -353,7 +353,9 @@ def plan_launches(rows: int, n: int, buckets: int, k_per_bucket: int, interleave
     common = {"n": n, "buckets": buckets, "by_magnitude": int(by_magnitude)}
     if has_floor:
         expected = length if above_per_bucket is None else above_per_bucket
-        cap = min(compact_capacity(expected), _p2(length))
+        # select sorts lists of `cap` keys and writes the top `kept`: a list narrower than
+        # kept would leave slots of the output unwritten.
+        cap = max(min(compact_capacity(expected), _p2(length)), _p2(kept))
         if cap <= MAX_SELECT_P2:
             tile_t, block_b = COMPACT_TILE[(bool(interleaved), min(dtype.itemsize, 4))]
             blocks = triton.cdiv(buckets, block_b)
