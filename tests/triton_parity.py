@@ -14,6 +14,11 @@ import os
 import sys
 
 assert os.environ.get("TRITON_INTERPRET") == "1" or len(sys.argv) > 1 and sys.argv[1] == "cuda"
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import triton_interpreter  # noqa: E402
+
+    triton_interpreter.vectorise_xor_reductions()  # tl.sort at numpy speed
 import torch  # noqa: E402
 
 import distk  # noqa: E402
