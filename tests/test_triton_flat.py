@@ -186,3 +186,40 @@ def test_select_packed_on_cuda_needs_no_sync_and_captures_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(positions, positions_of(
         bucket_candidates_reference(reference_acc.view(1, -1), buckets, kb)).reshape(-1))
+
+
+# --- benchmarks/gpu_check.py without a GPU ------------------------------------------------
+
+
+def _gpu_check():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+
+    return gpu_check
+
+
+def test_gpu_check_dry_run_plans_every_shape_without_a_gpu(capsys):
+    gpu_check = _gpu_check()
+    assert gpu_check.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for name, *_ in gpu_check.SHAPES:
+        assert name in out
+    assert "compressor step" in out and "flashinfer top_k" in out
+
+
+def test_gpu_check_recommends_flat_only_when_equal_and_faster():
+    # Synthetic rows (not measurements): the decision rule alone.
+    gpu_check = _gpu_check()
+
+    def row(shape, kernel, ms, equal=True):
+        return {"shape": shape, "pair": "r=0.99", "kernel": kernel, "ms": ms, "recall": 0.99,
+                "equal_to_default": equal}
+
+    rows = [row("a", "default", 1.0), row("a", "flat", 0.5),
+            row("b", "default", 1.0), row("b", "flat", 0.97),
+            row("c", "default", 1.0), row("c", "flat", 0.5, equal=False)]
+    verdict = gpu_check.recommend(rows)
+    picks = {key.split(" /")[0]: v["pick"] for key, v in verdict["per_shape"].items()}
+    assert picks == {"a": "flat", "b": "default", "c": "default"}
+    assert verdict["overall"].startswith("per shape")
+    assert gpu_check.recommend(rows[:2])["overall"] == "flat"
