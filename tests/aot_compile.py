@@ -3,7 +3,7 @@
 Run by ``tests/test_triton_compile.py`` (CI, no GPU needed: ``triton.compile`` with a
 ``GPUTarget`` uses the ``ptxas`` shipped in the triton wheel) and usable alone::
 
-    python tests/aot_compile.py            # table of registers, shared memory, spills
+    python tests/aot_compile.py [default|flat]   # registers, shared memory, spills
 
 Each variant is compiled for sm_80 and sm_90 with every input dtype it loads;
 ``cuobjdump --dump-resource-usage`` (same folder as ptxas) reports registers, stack
@@ -61,18 +61,29 @@ def compile_one(job: tuple[int, int]) -> dict:
     return row
 
 
-def jobs() -> list[tuple[int, int]]:
+FAMILIES = ("default", "flat")
+"""``default``: the kernels of the default launch spec (``triton_kernel.py``); ``flat``:
+the flat kernels (``triton_flat.py``)."""
+
+
+def jobs(family: str | None = None) -> list[tuple[int, int]]:
+    """``(variant index, compute capability)`` of every compile of ``family`` (all when
+    ``None``)."""
     from distk.selection import triton_kernel as tk
+    from distk.selection.triton_flat import FLAT_KERNELS
 
-    count = sum(1 for _ in tk.all_launch_variants())
-    return [(index, cc) for index in range(count) for cc in TARGETS]
+    if family not in (None, *FAMILIES):
+        raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
+    indices = [index for index, launch in enumerate(tk.all_launch_variants())
+               if family is None or (launch.kernel in FLAT_KERNELS) == (family == "flat")]
+    return [(index, cc) for index in indices for cc in TARGETS]
 
 
-def compile_all(workers: int | None = None) -> list[dict]:
-    """Every variant x dtype x target, compiled in a process pool."""
+def compile_all(workers: int | None = None, family: str | None = None) -> list[dict]:
+    """Every variant x dtype x target (of ``family``), compiled in a process pool."""
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(compile_one, jobs(), chunksize=4))
+        return list(pool.map(compile_one, jobs(family), chunksize=4))
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -90,7 +101,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    results = compile_all()
+    results = compile_all(family=sys.argv[1] if len(sys.argv) > 1 else None)
     print(format_rows(results))
     bad = [r for r in results if "error" in r or r.get("stack") or r.get("local")]
     print(f"{len(results)} compiles, {len(bad)} with errors or spills")

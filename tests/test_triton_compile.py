@@ -28,7 +28,7 @@ def test_launch_spec_variants_cover_every_kernel_and_dtype():
     variants = list(tk.all_launch_variants())
     kernels = {v.kernel for v in variants}
     assert kernels == set(tk.KERNELS), kernels
-    for kernel in ("compact", "stream"):
+    for kernel in ("compact", "stream", "floor", "filter", "redo_buckets", "redo_rows", "row"):
         assert {v.dtype for v in variants if v.kernel == kernel} == set(tk.INPUT_DTYPES)
     # Every launch the spec plans for some typical calls is one of the enumerated variants.
     known = {v.variant() for v in variants}
@@ -67,8 +67,11 @@ def test_select_writes_every_kept_slot_of_every_plan():
 
 
 @pytest.mark.timeout(1800)
-def test_every_variant_compiles_for_sm80_and_sm90_without_spills():
-    rows = aot_compile.compile_all()
+@pytest.mark.parametrize("family", aot_compile.FAMILIES)
+def test_every_variant_compiles_for_sm80_and_sm90_without_spills(family):
+    # One test per kernel family (the default launch spec's, the flat kernels'), each
+    # within its own timeout.
+    rows = aot_compile.compile_all(family=family)
     print("\n" + aot_compile.format_rows(rows))
     errors = [r for r in rows if "error" in r]
     assert not errors, errors[:3]

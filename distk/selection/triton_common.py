@@ -94,18 +94,17 @@ def radix_select(u, valid, rank):
     bins = tl.arange(0, 256)
     prefix = (rank * 0).to(tl.uint32)
     for step in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * step
         if step == 0:
             match = valid
         else:
-            match = valid & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
-        digit = ((u >> shift) & 255).to(tl.int32)
+            match = valid & ((u >> (32 - 8 * step)) == (prefix >> (32 - 8 * step)))
+        digit = ((u >> (24 - 8 * step)) & 255).to(tl.int32)
         hist = tl.histogram(digit, 256, mask=match)
         # at_least[d]: matching entries whose digit is d or more (non-increasing in d)
         at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
         chosen = tl.max(tl.where(at_least >= rank, bins, 0), 0)
         rank -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
-        prefix = prefix | (chosen.to(tl.uint32) << shift)
+        prefix = prefix | (chosen.to(tl.uint32) << (24 - 8 * step))
     return prefix, rank
 
 

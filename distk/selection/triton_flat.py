@@ -32,12 +32,13 @@ Long rows, with a score floor (:func:`flat_candidates`), one launch each:
   floor, with no host synchronisation: every shape is a capacity fixed on the host.
 
 Short rows (:func:`row_topk`, rows of at most ``ROW_MAX_N`` entries): one program per
-row holds the row in registers, finds the ``m``-th largest score exactly (radix
-selection), takes the ``m`` best entries (ties to the lower position), applies the
-bucket cut to them (a candidate survives when fewer than ``k_b`` candidates of its bucket
-beat it: pairwise comparisons), sorts the survivors and writes the top ``k`` positions.
-``m`` is chosen from the recall model so that at least ``k`` survive; a row where fewer
-did is flagged, and redone by the caller.
+row finds the ``m``-th largest score exactly by radix selection over the row (read in
+chunks of ``ROW_CHUNK``; the passes after the first read it from L2), takes the ``m`` best
+entries (ties to the lower position), applies the bucket cut to them (a candidate
+survives when fewer than ``k_b`` candidates of its bucket beat it: pairwise
+comparisons), sorts the survivors and writes the top ``k`` positions. ``m`` is chosen
+from the recall model so that at least ``k`` survive; a row where fewer did is flagged,
+and redone by the caller.
 """
 
 from __future__ import annotations
@@ -84,16 +85,18 @@ __all__ = [
 # Tunables. Untimed on a GPU so far: chosen from the bandwidth model of docs/selection.md
 # (16-byte loads, about 8 KB per tile and program in flight); benchmarks/gpu_check.py
 # times them.
-FILTER_BLOCK = {4: 2048, 2: 4096}
-"""Entries per ``filter`` tile by input bytes per entry (four 16-byte loads per thread
-at 4 warps, 8 KB per tile)."""
-FILTER_WARPS = 4
+FILTER_BLOCK = {4: 1024, 2: 2048}
+"""Entries per ``filter`` tile by input bytes per entry: eight per thread (two 16-byte
+loads of fp32, one of fp16/bf16), 4 KB per tile, 8 KB in flight per program with the
+next tile's load; about 61 registers (sm_90), so 8 (fp32) or 4 (16-bit) programs per SM."""
+FILTER_WARPS = {4: 4, 2: 8}
 FILTER_PROGRAMS_PER_SM = 8
 """``filter`` programs per SM over all rows (chunks split long rows to fill the chip)."""
 SCATTER_BLOCK = 1024
 """Candidates per ``scatter`` program."""
 FINISH_ELEMENTS_PER_PROGRAM = 2048
-"""``BLOCK_M * M_P2`` keys sorted by one ``finish`` program."""
+"""``BLOCK_M * M_P2`` keys sorted by one ``finish`` program (eight per thread)."""
+FINISH_WARPS = 8
 MIN_WIDTH = 16
 """Narrowest per-bucket list (fewer compiled variants)."""
 MAX_WIDTH = 2048
@@ -104,18 +107,21 @@ REDO_PROGRAMS_PER_SM = 4
 """``redo`` programs per SM (they exit at once when nothing is bad)."""
 ROW_MAX_N = 32768
 """Longest row held in registers by the ``row`` kernel."""
-ROW_N_SIZES = (2048, 8192, 32768)
-"""Register tile widths of the ``row`` kernel (a row is padded to the next one)."""
+ROW_CHUNK = 2048
+"""Row entries per step of the ``row`` kernel's radix selection (eight per thread)."""
+ROW_WARPS = 8
 ROW_M_SIZES = (256, 1024)
 """Candidate counts (powers of two) the ``row`` kernel holds; its bucket cut compares
 every pair of candidates (``m^2`` operations per row)."""
-ROW_RANK_CHUNK = 16
-"""Candidates compared against all others per step of the ``row`` kernel's cut."""
+ROW_RANK_ELEMENTS = 2048
+"""Candidate pairs compared per step of the ``row`` kernel's cut (eight per thread; 16
+spilled on sm_80)."""
 REUSE_BAND = (2.0, 3.0)
 """Last step's floor is kept when the sample holds between ``above - 2 sqrt(above)`` and
 ``above + 3 sqrt(above)`` entries above it (about one and two standard deviations of the
 sample's noise beyond what the list capacities already allow for; a floor too high costs
 redone buckets, one too low fuller lists)."""
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 _SAMPLE_BLOCK = 256  # distk.selection._FLOOR_BLOCK (imported lazily: no import cycle)
 
 
@@ -130,12 +136,13 @@ def _floor_kernel(x_ptr, add_ptr, floor_ptr, n, blocks, rank, low, high, by_magn
     j = tl.arange(0, SAMPLE_P2)
     block = j // BLOCK
     valid = block < blocks
-    # Integer starts, as distk.selection.floor_sample_columns.
-    start = block.to(tl.int64) * (n - BLOCK) // tl.maximum(blocks - 1, 1)
-    col = row * n + start + j % BLOCK
-    value = tl.load(x_ptr + col, mask=valid, other=0.0)
+    # Integer starts, as distk.selection.floor_sample_columns; 32-bit columns (n < 2^31)
+    # off a 64-bit row base keep the registers of 16 K addresses low.
+    start = (block.to(tl.int64) * (n - BLOCK) // tl.maximum(blocks - 1, 1)).to(tl.int32)
+    col = start + j % BLOCK
+    value = tl.load(x_ptr + row * n + col, mask=valid, other=0.0)
     if HAS_ADD:
-        value = add_rounded(value, tl.load(add_ptr + col, mask=valid, other=0.0),
+        value = add_rounded(value, tl.load(add_ptr + row * n + col, mask=valid, other=0.0),
                             x_ptr.dtype.element_ty)
     key = score_key(value, by_magnitude)
     if HAS_PREVIOUS:
@@ -245,24 +252,19 @@ def _finish_kernel(list_ptr, bcount_ptr, count_ptr, out_ptr, work_ptr, flag_ptr,
 
 
 @triton.jit
-def _redo_bucket(x_ptr, out_ptr, row, bucket, n, buckets, kept, interleaved, by_magnitude,
-                 CHUNK: tl.constexpr, KEPT_P2: tl.constexpr):
-    """The exact top ``kept`` composite keys of one bucket (no floor), sorted, into its
-    output slots: radix selection of the ``kept``-th largest score over the bucket's
-    entries (four passes of 8-bit histograms), then one pass collecting the entries
+def _top_entries(row_ptr, first, stride, size, count, slots, by_magnitude,
+                 CHUNK: tl.constexpr):
+    """Writes, unsorted, to ``slots[0:min(count, size)]`` the composite keys of the
+    ``count`` best of the ``size`` entries at ``first + i * stride`` (positions in the
+    row; ties to the lower position) and returns how many it wrote. Radix selection of
+    the ``count``-th largest score: four passes of 8-bit histograms over the entries
+    (read in chunks, from L2 after the first pass), then one pass collecting the entries
     above it and, of those equal to it, the lowest positions."""
-    bucket = bucket + row * 0  # int64 (row is), also where bucket is a loop counter
-    first = tl.where(interleaved != 0, bucket, bucket * n // buckets)
-    stride = tl.where(interleaved != 0, buckets, 1).to(tl.int64)
-    size = tl.where(interleaved != 0, (n - 1 - bucket) // buckets + 1,
-                    (bucket + 1) * n // buckets - bucket * n // buckets)
-    row_ptr = x_ptr + row * n
     lane = tl.arange(0, CHUNK)
     bins = tl.arange(0, 256)
-    rank = tl.minimum(kept, size).to(tl.int32)
+    rank = tl.minimum(count, size).to(tl.int32)
     prefix = (rank * 0).to(tl.uint32)
     for step in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * step
         hist = tl.zeros([256], dtype=tl.int32)
         for t in range(0, size, CHUNK):
             slot = t + lane
@@ -272,13 +274,12 @@ def _redo_bucket(x_ptr, out_ptr, row, bucket, n, buckets, kept, interleaved, by_
             if step == 0:
                 match = ok
             else:
-                match = ok & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
+                match = ok & ((u >> (32 - 8 * step)) == (prefix >> (32 - 8 * step)))
+            hist += tl.histogram(((u >> (24 - 8 * step)) & 255).to(tl.int32), 256, mask=match)
         at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
         chosen = tl.max(tl.where(at_least >= rank, bins, 0), 0)
         rank -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
-        prefix = prefix | (chosen.to(tl.uint32) << shift)
-    slots = out_ptr + (row * buckets + bucket) * kept
+        prefix = prefix | (chosen.to(tl.uint32) << (24 - 8 * step))
     taken = rank * 0
     ties = rank * 0
     for t in range(0, size, CHUNK):
@@ -293,6 +294,22 @@ def _redo_bucket(x_ptr, out_ptr, row, bucket, n, buckets, kept, interleaved, by_
         tl.store(slots + dest, composite(key, pos), mask=take)
         taken += tl.sum(take.to(tl.int32), 0)
         ties += tl.sum(equal.to(tl.int32), 0)
+    return taken
+
+
+@triton.jit
+def _redo_bucket(x_ptr, out_ptr, row, bucket, n, buckets, kept, interleaved, by_magnitude,
+                 CHUNK: tl.constexpr, KEPT_P2: tl.constexpr):
+    """The exact top ``kept`` composite keys of one bucket (no floor), sorted, into its
+    output slots (:func:`_top_entries`, then a sort in registers)."""
+    bucket = bucket + row * 0  # int64 (row is), also where bucket is a loop counter
+    first = tl.where(interleaved != 0, bucket, bucket * n // buckets)
+    stride = tl.where(interleaved != 0, buckets, 1).to(tl.int64)
+    size = tl.where(interleaved != 0, (n - 1 - bucket) // buckets + 1,
+                    (bucket + 1) * n // buckets - bucket * n // buckets)
+    slots = out_ptr + (row * buckets + bucket) * kept
+    taken = _top_entries(x_ptr + row * n, first, stride, size, kept, slots, by_magnitude,
+                         CHUNK)
     tl.debug_barrier()  # the slots written above are read back by other threads
     j = tl.arange(0, KEPT_P2)
     keys = tl.sort(tl.load(slots + j, mask=j < taken, other=PAD), descending=True)
@@ -322,29 +339,21 @@ def _redo_rows_kernel(x_ptr, out_ptr, flag_ptr, valid_ptr, n, buckets, kept, k, 
 
 @triton.jit
 def _row_kernel(x_ptr, scratch_ptr, out_ptr, flag_ptr, n, buckets, kept, k, m, interleaved,
-                by_magnitude, N_P2: tl.constexpr, M_P2: tl.constexpr, CHUNK: tl.constexpr):
+                by_magnitude, M_P2: tl.constexpr, CHUNK: tl.constexpr,
+                RANK_CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, N_P2)
-    ok = offs < n
-    key = score_key(tl.load(x_ptr + row * n + offs, mask=ok, other=0.0), by_magnitude)
-    u = ordered(key)
-    # The m best entries: above the m-th largest score, and the lowest positions of those
-    # equal to it; written compactly (in position order) to the row's scratch.
-    threshold, need = radix_select(u, ok, m)
-    equal = ok & (u == threshold)
-    take = (ok & (u > threshold)) | (equal & (tl.cumsum(equal.to(tl.int32), 0) <= need))
+    # The m best entries of the row (ties to the lower position), into the row's scratch.
     scratch_row = scratch_ptr + row * M_P2
-    tl.store(scratch_row + tl.cumsum(take.to(tl.int32), 0) - 1, composite(key, offs),
-             mask=take)
+    _top_entries(x_ptr + row * n, row * 0, 1, n, m, scratch_row, by_magnitude, CHUNK)
     tl.debug_barrier()  # the candidates written above are read back by other threads
     j = tl.arange(0, M_P2)
     cand = tl.load(scratch_row + j, mask=j < m, other=PAD)
     bucket = _bucket_of(position_of(cand), n, buckets, interleaved)
     # Bucket cut: a candidate survives when fewer than `kept` candidates of its bucket
-    # have larger keys (pairwise, CHUNK candidates against all at a time).
+    # have larger keys (pairwise, RANK_CHUNK candidates against all at a time).
     larger = tl.zeros([M_P2], dtype=tl.int32)
-    for c in range(0, m, CHUNK):
-        other = c + tl.arange(0, CHUNK)
+    for c in range(0, m, RANK_CHUNK):
+        other = c + tl.arange(0, RANK_CHUNK)
         other_key = tl.load(scratch_row + other, mask=other < m, other=PAD)
         other_bucket = _bucket_of(position_of(other_key), n, buckets, interleaved)
         beats = (other_bucket[:, None] == bucket[None, :]) & (other_key[:, None] > cand[None, :])
@@ -451,7 +460,8 @@ def plan_flat(rows: int, n: int, buckets: int, k_per_bucket: int, interleaved: b
     expected = upper * length
     width = max(MIN_WIDTH, min(p2(expected + 6 * math.sqrt(expected) + 16), p2(length)),
                 p2(kept))
-    if width > MAX_WIDTH or n >= 2**31 - max(buckets, row_cap):
+    if (width > MAX_WIDTH or n >= 2**31 - max(buckets, row_cap)
+            or row_cap // SCATTER_BLOCK > MAX_GRID_Y):
         return None
     common = {"n": n, "by_magnitude": int(by_magnitude)}
     floor = floor_launch(rows, n, sample, by_magnitude, dtype, has_add, has_previous)
@@ -460,7 +470,7 @@ def plan_flat(rows: int, n: int, buckets: int, k_per_bucket: int, interleaved: b
     programs = max(1, min(cdiv(FILTER_PROGRAMS_PER_SM * sm_count, rows), cdiv(n, block)))
     chunk = cdiv(cdiv(n, programs), block) * block  # whole tiles: aligned 16-byte loads
     filter_ = _spec("filter", {"BLOCK": block, "HAS_ADD": bool(has_add)},
-                    (rows, cdiv(n, chunk)), FILTER_WARPS, dtype,
+                    (rows, cdiv(n, chunk)), FILTER_WARPS[min(dtype.itemsize, 4)], dtype,
                     {**common, "chunk": chunk, "row_cap": row_cap})
     scatter = _spec("scatter", {"BLOCK": SCATTER_BLOCK}, (rows, row_cap // SCATTER_BLOCK), 4,
                     torch.float32, {"n": n, "buckets": buckets, "row_cap": row_cap,
@@ -469,7 +479,7 @@ def plan_flat(rows: int, n: int, buckets: int, k_per_bucket: int, interleaved: b
     blocks = -(-buckets // block_m)
     packed = k is None
     finish = _spec("finish", {"M_P2": width, "BLOCK_M": block_m, "PACKED": packed},
-                   (rows * blocks,), 4 if width <= 1024 else 8, torch.float32,
+                   (rows * blocks,), FINISH_WARPS, torch.float32,
                    {"buckets": buckets, "blocks": blocks, "width": width, "kept": kept,
                     "row_cap": row_cap})
     redo_common = {**common, "buckets": buckets, "kept": kept, "interleaved": int(interleaved)}
@@ -509,19 +519,18 @@ def plan_row(rows: int, n: int, k: int, buckets: int, k_per_bucket: int, interle
         return None
     kept = min(k_per_bucket, -(-n // buckets))
     m = row_candidates(n, k, buckets, kept)
-    n_p2 = next(size for size in ROW_N_SIZES if size >= n)
     m_p2 = next((size for size in ROW_M_SIZES if size >= m), None)
     if m_p2 is None:
         return None
-    return _row_spec(rows, n_p2, m_p2, dtype,
+    return _row_spec(rows, m_p2, dtype,
                      {"n": n, "buckets": buckets, "kept": kept, "k": k, "m": m,
                       "interleaved": int(interleaved), "by_magnitude": int(by_magnitude)})
 
 
-def _row_spec(rows: int, n_p2: int, m_p2: int, dtype: torch.dtype, args: dict) -> KernelLaunch:
-    # About 32 entries of the row per thread (up to 32 warps).
-    return _spec("row", {"N_P2": n_p2, "M_P2": m_p2, "CHUNK": ROW_RANK_CHUNK},
-                 (rows,), max(4, min(32, n_p2 // 1024)), dtype, args)
+def _row_spec(rows: int, m_p2: int, dtype: torch.dtype, args: dict) -> KernelLaunch:
+    return _spec("row", {"M_P2": m_p2, "CHUNK": ROW_CHUNK,
+                         "RANK_CHUNK": max(1, ROW_RANK_ELEMENTS // m_p2)},
+                 (rows,), ROW_WARPS, dtype, args)
 
 
 def all_flat_variants() -> Iterator[KernelLaunch]:
@@ -553,11 +562,9 @@ def all_flat_variants() -> Iterator[KernelLaunch]:
                 for launch in () if plan is None else plan.launches[1:]:
                     if new(launch):
                         yield launch
-    for dtype, n, m in itertools.product(INPUT_DTYPES, ROW_N_SIZES, ROW_M_SIZES):
-        if m > n:
-            continue
-        launch = _row_spec(1, n, m, dtype, {"n": n, "buckets": 1, "kept": 1, "k": 1, "m": m,
-                                            "interleaved": 1, "by_magnitude": 1})
+    for dtype, m in itertools.product(INPUT_DTYPES, ROW_M_SIZES):
+        launch = _row_spec(1, m, dtype, {"n": 32768, "buckets": 1, "kept": 1, "k": 1, "m": m,
+                                         "interleaved": 1, "by_magnitude": 1})
         if new(launch):
             yield launch
 
