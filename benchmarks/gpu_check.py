@@ -1,25 +1,38 @@
-"""One-call GPU check: correctness of distk's CUDA path, then timings, in one run.
+"""One-call GPU check: correctness of distk's CUDA paths, then timings, in one run.
 
-    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--quick]
+    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--full]
+    python benchmarks/gpu_check.py --dry-run     # launch plans only; no GPU needed
 
-Needs only a CUDA machine with torch and triton (run from the repository root, or with
-distk installed). On a machine without CUDA it prints "no CUDA device" and exits 0.
+Needs a CUDA machine with torch and triton (run from the repository root, or with distk
+installed); FlashInfer's ``top_k`` is timed too when ``flashinfer-python`` is installed
+(``pip install -e .[gpu-peers]``). On a machine without CUDA it prints "no CUDA device"
+and exits 0. The default run is meant to take under 4 minutes on one H200: parts still
+to run once ``--budget-s`` (220 s) have passed are skipped and listed in the JSON.
+
+In order:
 
 1. Correctness (fresh random data, outputs poisoned first so that an unwritten entry
-   cannot pass): the Triton first stage against ``reference.py`` for fp32/bf16/fp16,
-   k_per_bucket 1..16, with and without a score floor, 1 and 256 rows, interleaved and
-   contiguous buckets, by magnitude and signed, on every kernel path of the launch spec
-   (compact, direct, stream); ``distk.topk`` end to end; ``GradientCompressor.step`` on
-   CUDA against the same steps on the CPU (bitwise) and its conservation law; the
-   exchange and the wire format on a 1-rank NCCL group; host syncs per call counted with
-   ``torch.cuda.set_sync_debug_mode``.
+   cannot pass): the default Triton first stage against ``reference.py`` (``--full``:
+   every k_per_bucket 1..16 and dtype; default: a subset), on every kernel path of the
+   launch spec; ``distk.topk`` end to end.
 2. Timings (CUDA events, median after warm-up, inputs rotated so that no call reads the
-   previous call's data from L2): ``distk.topk`` bucketed at recall targets 0.95 and
-   0.99, ``torch.topk`` on ``|x|``, the compressor's packed selection
-   (``per_bucket_topk``) and a device-to-device copy of the same bytes (the bandwidth
-   ceiling), at the shapes of issue 11; a (buckets, k_per_bucket) sweep on the Graphcore
-   shape. Prints a table (time, GB/s of input read, fraction of copy bandwidth, measured
-   recall) and writes JSON.
+   previous call's data from L2) on the shapes of issue 22: copy of the same bytes (the
+   bandwidth ceiling), ``torch.topk(|x|)``, FlashInfer's ``top_k(|x|)``, and
+   ``distk.topk`` with the default and the flat kernels (``DISTK_TRITON_KERNEL``) on the
+   same plan, whose outputs must be equal; on the Graphcore shape recall is the minimum
+   over 5 inputs; on single rows also the compressor's packed selection
+   (``per_bucket_topk`` vs the sync-free ``select_packed``). ``--full`` adds a
+   (buckets, k_per_bucket) sweep on the Graphcore shape.
+3. A compressor step on one 25 MB fp32 bucket through ``distk.GradientCompressor(cfg)
+   .step``: time, host syncs, whether it runs under
+   ``torch.cuda.set_sync_debug_mode("error")`` and inside a CUDA graph (failures are
+   reported, not raised), and the same for ``select_packed`` beside one read.
+4. The flat kernels against the reference on CUDA (``tests/triton_flat_parity.py cuda``),
+   then ``GradientCompressor.step`` on CUDA against the same steps on the CPU (bitwise)
+   and its conservation law, the exchange and the wire format on a 1-rank NCCL group.
+
+Prints a table and which kernels should become the default (``recommend``), writes JSON
+and a plot (``--out`` with ``.png``).
 """
 
 from __future__ import annotations
@@ -46,7 +59,9 @@ from distk.selection.reference import (  # noqa: E402
     PAD_KEY,
     bucket_candidates_reference,
     order_keys,
+    positions_of,
 )
+from distk.selection.syncfree import new_floor_state, select_packed  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POISON = 0x5A5A5A5A5A5A5A5A  # an int64 that no composite key of these inputs takes
@@ -262,13 +277,60 @@ def measured_recall(x: torch.Tensor, indices: torch.Tensor, k: int) -> float:
     return chosen.gather(1, exact).float().mean().item()
 
 
-def run_timings(report: dict, quick: bool) -> list[dict]:
+KERNELS = ("default", "flat")
+"""``DISTK_TRITON_KERNEL`` values timed side by side (see docs/selection.md)."""
+RECALL_INPUTS = 5
+"""Inputs the Graphcore shape's recall is measured on (its minimum is reported)."""
+
+
+class kernel_choice:
+    """``DISTK_TRITON_KERNEL`` set for the duration of a ``with`` block."""
+
+    def __init__(self, kernel: str):
+        self.kernel = kernel
+
+    def __enter__(self):
+        self.saved = os.environ.get("DISTK_TRITON_KERNEL")
+        os.environ["DISTK_TRITON_KERNEL"] = self.kernel
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop("DISTK_TRITON_KERNEL", None)
+        else:
+            os.environ["DISTK_TRITON_KERNEL"] = self.saved
+
+
+def flashinfer_top_k():
+    """FlashInfer's ``top_k(input, k, sorted=False)`` when ``flashinfer-python`` is
+    installed (the ``gpu-peers`` extra), else ``None``."""
+    try:
+        import flashinfer
+    except Exception:  # noqa: BLE001 - any import failure means: not available
+        return None
+    return getattr(flashinfer, "top_k", None)
+
+
+def run_timings(report: dict, full: bool, deadline: float) -> list[dict]:
+    """Every method on every shape of ``SHAPES``, in one run: copy (the bandwidth
+    ceiling), ``torch.topk(|x|)``, FlashInfer's ``top_k(|x|)`` when importable, and
+    ``distk.topk`` with the default and the flat kernels on the same plan (their outputs
+    compared: they must be equal). Recall is the minimum over the inputs it is measured
+    on (``RECALL_INPUTS`` for the Graphcore shape). Shapes left when ``deadline`` (a
+    ``time.time()``) has passed are skipped and listed in ``report["skipped"]``."""
     rows_out = []
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    peer = flashinfer_top_k()
+    report["flashinfer"] = None if peer is None else _version("flashinfer-python")
     for name, rows, n, dtype, k in SHAPES:
+        if time.time() > deadline:
+            report.setdefault("skipped", []).append(f"timings: {name}")
+            log(f"  skipped {name}: time budget spent")
+            continue
         nbytes = rows * n * torch.tensor([], dtype=dtype).element_size()
         copies = max(2, math.ceil(3 * l2 / nbytes))
-        inputs = [torch.randn(rows, n, device="cuda").to(dtype) for _ in range(copies)]
+        recall_inputs = RECALL_INPUTS if name.startswith("graphcore") else 1
+        inputs = [torch.randn(rows, n, device="cuda").to(dtype)
+                  for _ in range(max(copies, recall_inputs))]
         dst = torch.empty_like(inputs[0])
         copy_ms = time_cuda(lambda x, d=dst: d.copy_(x), inputs)
         copy_gbs = 2 * nbytes / copy_ms / 1e6
@@ -280,36 +342,247 @@ def run_timings(report: dict, quick: bool) -> list[dict]:
                    "fraction_of_copy_bw": (nbytes / ms) / (2 * nbytes / copy_ms),
                    "recall": recall, "plan": plan, **extra}
             rows_out.append(row)
-            log(f"  {name:36} {method:26} {ms * 1000:9.1f} us  {row['GBps']:7.0f} GB/s  "
+            log(f"  {name:36} {method:30} {ms * 1000:9.1f} us  {row['GBps']:7.0f} GB/s  "
                 f"{row['fraction_of_copy_bw']:5.2f} of copy  recall "
                 f"{'-' if recall is None else f'{recall:.4f}'}  {plan or ''}")
 
         add("copy (read+write)", copy_ms)
+        heavy = rows * n >= 1 << 26
         exact_ms = time_cuda(lambda x: torch.topk(x.abs(), k, dim=-1), inputs,
-                             repeats=5 if rows * n >= 1 << 26 else 20)
+                             repeats=5 if heavy else 20)
         add("torch.topk(|x|)", exact_ms, 1.0)
-        for target in (0.95, 0.99):
+        if peer is not None:
+            try:
+                ms = time_cuda(lambda x: peer(x.abs(), k), inputs, repeats=5 if heavy else 20)
+                _, idx = peer(inputs[0].abs(), k)
+                add("flashinfer.top_k(|x|)", ms, measured_recall(inputs[0], idx.long(), k))
+            except Exception as err:  # noqa: BLE001 - a peer failing is reported, not fatal
+                report.setdefault("peer_errors", []).append(f"{name}: {err!r}")
+        targets = (0.99,) if name.startswith("graphcore") and not full else (0.95, 0.99)
+        for target in targets:
             plan = resolve_buckets(n, k, recall_target=target)
-            ms = time_cuda(lambda x, t=target: distk.topk(x, k, recall_target=t), inputs)
-            _, idx = distk.topk(inputs[0], k, recall_target=target)
-            add(f"distk bucketed r={target}", ms, measured_recall(inputs[0], idx, k),
-                f"b={plan[0]} kb={plan[1]}")
+            results = {}
+            for kernel in KERNELS:
+                with kernel_choice(kernel):
+                    ms = time_cuda(lambda x, t=target: distk.topk(x, k, recall_target=t),
+                                   inputs)
+                    chosen = [distk.topk(x, k, recall_target=target)[1]
+                              for x in inputs[:recall_inputs]]
+                results[kernel] = chosen
+                recall = min(measured_recall(x, idx, k) for x, idx in zip(inputs, chosen))
+                add(f"distk {kernel} r={target}", ms, recall, f"b={plan[0]} kb={plan[1]}",
+                    kernel=kernel, pair=f"distk.topk r={target}")
+            same = all(torch.equal(a, b) for a, b in zip(results["default"], results["flat"]))
+            rows_out[-1]["equal_to_default"] = same
+            if not same:
+                report.setdefault("failures", []).append(
+                    f"flat != default on {name} r={target}")
         if rows == 1:
-            # the compressor's packed plan at this density (kept 64, no second stage)
+            # The compressor's packed plan at this density (kept 64, no second stage):
+            # per_bucket_topk (default kernels, one sync) and select_packed (flat, none).
             buckets = max(1, k // 64)
             ms = time_cuda(lambda x: per_bucket_topk(x, buckets, 64), inputs)
-            add("compressor per_bucket_topk", ms, None, f"b={buckets} kb=64")
-        if name.startswith("graphcore") and not quick:
+            add("packed per_bucket_topk (default)", ms, None, f"b={buckets} kb=64",
+                kernel="default", pair="packed kb=64")
+            state = new_floor_state("cuda")
+            ms = time_cuda(lambda x: select_packed(x.view(-1), buckets, 64, floor_state=state),
+                           inputs)
+            add("packed select_packed (flat)", ms, None, f"b={buckets} kb=64", kernel="flat",
+                pair="packed kb=64")
+            want = positions_of(per_bucket_topk(inputs[0], buckets, 64)).reshape(-1)
+            if not torch.equal(select_packed(inputs[0].view(-1), buckets, 64), want):
+                report.setdefault("failures", []).append(f"select_packed != per_bucket_topk "
+                                                         f"on {name}")
+        if name.startswith("graphcore") and full:
             for kb in (2, 4, 6, 8, 12, 16):
                 buckets, kb = distk.choose_buckets(n, k, 0.99, k_per_bucket=kb)
-                ms = time_cuda(lambda x, b=buckets, q=kb: distk.topk(
-                    x, k, buckets=b, k_per_bucket=q), inputs)
-                _, idx = distk.topk(inputs[0], k, buckets=buckets, k_per_bucket=kb)
-                add("distk sweep r>=0.99", ms, measured_recall(inputs[0], idx, k),
-                    f"b={buckets} kb={kb}")
+                for kernel in KERNELS:
+                    with kernel_choice(kernel):
+                        ms = time_cuda(lambda x, b=buckets, q=kb: distk.topk(
+                            x, k, buckets=b, k_per_bucket=q), inputs)
+                        recall = min(measured_recall(x, distk.topk(
+                            x, k, buckets=buckets, k_per_bucket=kb)[1], k)
+                            for x in inputs[:recall_inputs])
+                    add(f"distk {kernel} sweep r>=0.99", ms, recall, f"b={buckets} kb={kb}",
+                        kernel=kernel, pair=f"sweep b={buckets} kb={kb}")
         del inputs, dst
         torch.cuda.empty_cache()
     return rows_out
+
+
+def run_compressor_step(report: dict) -> dict:
+    """A bucketed compressor step on one 25 MB fp32 bucket through the public API
+    (``distk.GradientCompressor(cfg).step``): its time, its host syncs (counted), whether
+    it runs under ``torch.cuda.set_sync_debug_mode("error")`` and whether it can be
+    captured in a CUDA graph; each failure is reported, not raised. The same for the
+    sync-free selection the compressor is to call (``select_packed``), beside one read
+    of the bucket (half a copy's time)."""
+    numel = COMPRESSOR_BUCKET_BYTES // 4
+    cfg = distk.SparsityConfig(density=0.01)
+    out: dict = {"numel": numel, "density": cfg.density}
+    grads = [torch.randn(numel, device="cuda") for _ in range(3)]
+    compressor = distk.GradientCompressor(cfg)
+    for grad in grads:  # warm-up: plans, kernels, residual
+        compressor.step(grad, "bucket")
+    out["step_ms"] = time_cuda(lambda g: compressor.step(g, "bucket"), grads)
+    out["step_syncs"] = count_syncs(lambda: compressor.step(grads[0], "bucket"))
+    out["step_under_sync_error"] = _attempt(lambda: _under_sync_error(
+        lambda: compressor.step(grads[1], "bucket")))
+    out["step_cuda_graph"] = _attempt(lambda: _capture(lambda: compressor.step(grads[2],
+                                                                                "bucket")))
+    plan = compressor._plan(numel, cfg.k_at(numel, 0), 0)
+    out["plan"] = f"b={plan.buckets} kb={plan.k_per_bucket} packed={plan.packed}"
+    acc = torch.randn(numel, device="cuda")
+    dst = torch.empty_like(acc)
+    out["one_read_ms"] = time_cuda(lambda x: dst.copy_(x), [acc, grads[0], grads[1]]) / 2
+    if plan.packed:
+        state = new_floor_state("cuda")
+        inputs = [torch.randn(numel, device="cuda") for _ in range(3)]
+        out["select_packed_ms"] = time_cuda(lambda x: select_packed(
+            x, plan.buckets, plan.k_per_bucket, floor_state=state), inputs)
+        out["per_bucket_topk_ms"] = time_cuda(lambda x: per_bucket_topk(
+            x.view(1, -1), plan.buckets, plan.k_per_bucket), inputs)
+        out["select_packed_syncs"] = count_syncs(lambda: select_packed(
+            inputs[0], plan.buckets, plan.k_per_bucket, floor_state=state))
+        out["select_packed_under_sync_error"] = _attempt(lambda: _under_sync_error(
+            lambda: select_packed(inputs[1], plan.buckets, plan.k_per_bucket,
+                                  floor_state=state)))
+        out["select_packed_cuda_graph"] = _attempt(lambda: _capture(lambda: select_packed(
+            inputs[2], plan.buckets, plan.k_per_bucket, floor_state=state)))
+        out["select_packed_vs_one_read"] = out["select_packed_ms"] / out["one_read_ms"]
+    for key, value in out.items():
+        log(f"  compressor {key:32} {value}")
+    return out
+
+
+COMPRESSOR_BUCKET_BYTES = 25_000_000
+"""One DDP bucket (DDP's default ``bucket_cap_mb``)."""
+
+
+def _version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def _attempt(fn) -> str:
+    """``"ok"``, or the exception it raised (reported, not fatal)."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as err:  # noqa: BLE001 - the point is to report it
+        torch.cuda.synchronize()
+        return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+
+
+def _under_sync_error(fn) -> None:
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _capture(fn) -> None:
+    """Capture ``fn`` in a CUDA graph and replay it once."""
+    fn()  # warm-up outside the capture (kernel compiles, caches)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+
+
+def recommend(rows: list[dict]) -> dict:
+    """Which kernels should become the default: for each shape and call timed with both
+    (``pair``), the faster of ``default`` and ``flat`` (flat only when its output equalled
+    the default's and it was at least 5% faster: about the spread between runs), and
+    overall: ``flat`` when it wins every comparison, ``default`` when it wins none."""
+    verdict = {}
+    pairs = dict.fromkeys((r["shape"], r["pair"]) for r in rows if r.get("pair"))
+    for shape, pair in pairs:
+        timed = {r["kernel"]: r for r in rows if r["shape"] == shape and r.get("pair") == pair}
+        if set(timed) != {"default", "flat"}:
+            continue
+        default, flat = timed["default"]["ms"], timed["flat"]["ms"]
+        equal = timed["flat"].get("equal_to_default", True)
+        winner = "flat" if equal and flat <= 0.95 * default else "default"
+        verdict[f"{shape} / {pair}"] = {
+            "default_us": default * 1000, "flat_us": flat * 1000, "speedup": default / flat,
+            "outputs_equal": equal, "recall_default": timed["default"]["recall"],
+            "recall_flat": timed["flat"]["recall"], "pick": winner}
+    picks = {v["pick"] for v in verdict.values()}
+    overall = ("flat" if picks == {"flat"} else "default" if picks == {"default"}
+               else "per shape (see per_shape)") if picks else "not measured"
+    return {"per_shape": verdict, "overall": overall}
+
+
+def plot(report: dict, path: Path) -> None:
+    """Bars of microseconds per method, one panel per shape, the one-read time as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.get("timings", [])
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    if not shapes:
+        return
+    fig, axes = plt.subplots(len(shapes), 1, figsize=(10, 3.2 * len(shapes)), squeeze=False)
+    for ax, shape in zip(axes[:, 0], shapes):
+        mine = [r for r in rows if r["shape"] == shape and r["method"] != "copy (read+write)"]
+        ax.barh([r["method"] for r in mine], [r["ms"] * 1000 for r in mine],
+                color=["tab:orange" if r.get("kernel") == "flat" else "tab:blue"
+                       if r.get("kernel") == "default" else "tab:gray" for r in mine])
+        ax.axvline(mine[0]["copy_ms"] * 500, color="k", linestyle="--", label="one read")
+        ax.set_title(shape)
+        ax.set_xlabel("microseconds (median)")
+        ax.legend(loc="lower right")
+    fig.suptitle(f"{report.get('device', '')}, torch {report.get('torch', '')}, triton "
+                 f"{report.get('triton', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def dry_run() -> int:
+    """What a run would do, without a GPU: the shapes, each kernel's launch plan (an
+    H200's 132 SMs assumed), and whether FlashInfer is importable."""
+    from distk.selection import floor_sample
+    from distk.selection.triton_flat import plan_flat, plan_row
+    from distk.selection.triton_kernel import plan_launches
+
+    log("gpu_check --dry-run: plans for an H200 (132 SMs); nothing is timed")
+    for name, rows, n, dtype, k in SHAPES:
+        for target in (0.95, 0.99):
+            buckets, kb = resolve_buckets(n, k, recall_target=target)
+            recall = max(distk.expected_recall(n, k, buckets, kb), 0.05)
+            sample = floor_sample(n, 2 * k / (recall * n), "cuda")
+            above = None if sample is None else sample.upper_fraction * -(-n // buckets)
+            default = plan_launches(rows, n, buckets, kb, True, True, sample is not None, 132,
+                                    above, dtype)
+            row = plan_row(rows, n, k, buckets, kb, True, True, dtype)
+            flat = None if sample is None else plan_flat(rows, n, buckets, kb, True, True, 132,
+                                                          tuple(sample), k, dtype)
+            flat_desc = (f"row kernel {dict(row.constexprs)}" if row is not None else
+                         "not applicable" if flat is None else
+                         f"{[s.kernel for s in flat.launches]} row_cap={flat.row_cap} "
+                         f"width={flat.width}")
+            log(f"  {name:36} r={target} b={buckets} kb={kb}: default {default.path} "
+                f"{[s.kernel for s in default.launches]}; flat {flat_desc}")
+    numel = COMPRESSOR_BUCKET_BYTES // 4
+    compressor = distk.GradientCompressor(distk.SparsityConfig(density=0.01))
+    plan = compressor._plan(numel, compressor.cfg.k_at(numel, 0), 0)
+    log(f"  compressor step: {numel} fp32 entries, plan b={plan.buckets} "
+        f"kb={plan.k_per_bucket} packed={plan.packed}")
+    peer = flashinfer_top_k()
+    log(f"  flashinfer top_k: {'importable' if peer is not None else 'not installed'}")
+    return 0
 
 
 def run_profile(quick: bool) -> list[dict]:
@@ -353,15 +626,26 @@ def run_profile(quick: bool) -> list[dict]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS / "gpu_check.json"))
-    parser.add_argument("--quick", action="store_true", help="fewer correctness cases")
+    parser.add_argument("--full", action="store_true",
+                        help="every correctness case and the Graphcore plan sweep (longer than "
+                             "the 4-minute default run)")
+    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the default
     parser.add_argument("--skip-timings", action="store_true")
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="also print per-kernel times of each timed call")
-    args = parser.parse_args()
+    parser.add_argument("--budget-s", type=float, default=220.0,
+                        help="parts (and timed shapes) still to run once this many seconds "
+                             "have passed are skipped and listed in the JSON")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the launch plans of every timed configuration and exit "
+                             "(no GPU needed)")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        return dry_run()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device on this machine; nothing to check (exit 0)")
         return 0
@@ -371,36 +655,99 @@ def main() -> int:
 
     report: dict = {"device": props.name, "sm_count": props.multi_processor_count,
                     "torch": torch.__version__, "triton": triton.__version__,
-                    "python": platform.python_version()}
+                    "python": platform.python_version(), "command": " ".join(sys.argv)}
     log(f"gpu_check on {props.name} ({props.multi_processor_count} SMs), torch "
         f"{torch.__version__}, triton {triton.__version__}")
     failures: list[str] = []
     checks = 0
-    parts = [] if args.skip_correctness else [
-        lambda: check_first_stage(failures, args.quick), lambda: check_topk(failures),
-        lambda: check_compressor_and_exchange(failures, report)]
-    for part in parts:
+    quick = not args.full
+    deadline = started + args.budget_s
+    # Order: what the issue's figures need first; every part after the first is skipped
+    # (and listed in report["skipped"]) once the budget is spent.
+    parts = []
+    if not args.skip_correctness:
+        parts += [("first stage", lambda: check_first_stage(failures, quick)),
+                  ("distk.topk", lambda: check_topk(failures))]
+    if args.profile:
+        parts.append(("profile", lambda: report.__setitem__("profile", run_profile(quick))))
+    if not args.skip_timings:
+        parts += [("timings", lambda: report.__setitem__(
+                      "timings", run_timings(report, args.full, deadline))),
+                  ("compressor step", lambda: report.__setitem__(
+                      "compressor_step", run_compressor_step(report)))]
+    if not args.skip_correctness:
+        parts += [("flat kernels", lambda: check_flat(failures)),
+                  ("compressor and exchange",
+                   lambda: check_compressor_and_exchange(failures, report))]
+    for index, (name, part) in enumerate(parts):
+        if index > 0 and time.time() > deadline:
+            report.setdefault("skipped", []).append(name)
+            log(f"skipped {name}: the {args.budget_s:.0f} s budget is spent")
+            continue
+        part_started = time.time()
         try:
-            checks += part()
+            checks += part() or 0
         except Exception:  # noqa: BLE001 - reported and counted as a failure
-            failures.append(traceback.format_exc())
+            failures.append(f"{name}: {traceback.format_exc()}")
             log(failures[-1])
-    report["correctness"] = {"checks": checks, "failures": failures,
-                             "seconds": time.time() - started}
-    log(f"correctness: {checks} checks, {len(failures)} failures "
-        f"({time.time() - started:.0f} s)")
+        log(f"{name}: {time.time() - part_started:.0f} s")
+    report["correctness"] = {"checks": checks, "failures": failures}
+    if report.get("timings"):
+        report["recommendation"] = recommend(report["timings"])
+        print_summary(report)
+    log(f"correctness: {checks} checks, {len(failures)} failures")
     for failure in failures[:20]:
         log("  FAIL", failure.splitlines()[-1] if failure else failure)
-    if args.profile:
-        report["profile"] = run_profile(args.quick)
-    if not args.skip_timings:
-        report["timings"] = run_timings(report, args.quick)
+    failures.extend(report.get("failures", []))
     report["seconds"] = time.time() - started
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
+    if report.get("timings"):
+        plot(report, out.with_suffix(".png"))
     log(f"wrote {out} ({report['seconds']:.0f} s)")
     return 1 if failures else 0
+
+
+def print_summary(report: dict) -> None:
+    """The table of timings, the compressor step, and the recommendation."""
+    log("")
+    log(f"{'shape':36} {'method':34} {'us':>9} {'GB/s':>7} {'of copy':>7} {'recall':>7}")
+    for r in report["timings"]:
+        recall = "-" if r["recall"] is None else f"{r['recall']:.4f}"
+        log(f"{r['shape']:36} {r['method']:34} {r['ms'] * 1000:9.1f} {r['GBps']:7.0f} "
+            f"{r['fraction_of_copy_bw']:7.2f} {recall:>7}")
+    verdict = report["recommendation"]
+    for shape, v in verdict["per_shape"].items():
+        log(f"  {shape:58} default {v['default_us']:8.1f} us, flat {v['flat_us']:8.1f} us "
+            f"(x{v['speedup']:.2f}, outputs equal: {v['outputs_equal']}): {v['pick']}")
+    step = report.get("compressor_step", {})
+    for key in ("step_ms", "step_syncs", "step_under_sync_error", "step_cuda_graph",
+                "select_packed_ms", "one_read_ms", "select_packed_vs_one_read",
+                "select_packed_syncs", "select_packed_under_sync_error",
+                "select_packed_cuda_graph"):
+        if key in step:
+            log(f"  compressor step (25 MB bucket) {key}: {step[key]}")
+    log(f"default kernel recommendation: {verdict['overall']} (DISTK_TRITON_KERNEL; see "
+        f"docs/selection.md)")
+
+
+def check_flat(failures: list[str]) -> int:
+    """The flat kernels against the reference on CUDA: ``tests/triton_flat_parity.py``
+    (every kernel and redo path), run in a child process."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "tests" / "triton_flat_parity.py"
+    if not script.exists():
+        log("  flat kernels: tests/triton_flat_parity.py not found, skipped")
+        return 0
+    result = subprocess.run([sys.executable, str(script), "cuda"], capture_output=True,
+                            text=True, timeout=300)
+    log(f"  flat kernels: {result.stdout.strip().splitlines()[-1] if result.stdout else ''}")
+    if result.returncode != 0:
+        failures.append(f"flat kernels: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+        return 0
+    return int(result.stdout.split()[1])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Run by ``tests/test_triton_compile.py`` (CI, no GPU needed: ``triton.compile`` w
 subset, :func:`representative_jobs`, and the full sweep with ``--runslow``) and usable
 alone::
 
-    python tests/aot_compile.py            # table of registers, shared memory, spills
+    python tests/aot_compile.py [default|flat]   # registers, shared memory, spills
 
 Each variant is compiled for sm_80 and sm_90 with every input dtype it loads;
 ``cuobjdump --dump-resource-usage`` (same folder as ptxas) reports registers, stack
@@ -64,12 +64,27 @@ def compile_one(job: tuple[int, int]) -> dict:
     return row
 
 
-def jobs() -> list[tuple[int, int]]:
-    """Every variant for every target (the full sweep)."""
-    from distk.selection import triton_kernel as tk
+FAMILIES = ("default", "flat")
+"""``default``: the kernels of the default launch spec (``triton_kernel.py``); ``flat``:
+the flat kernels (``triton_flat.py``)."""
 
-    count = sum(1 for _ in tk.all_launch_variants())
-    return [(index, cc) for index in range(count) for cc in TARGETS]
+
+def _family_indices(family: str | None) -> list[int]:
+    """Indices into ``all_launch_variants()`` of the variants of ``family`` (all when
+    ``None``)."""
+    from distk.selection import triton_kernel as tk
+    from distk.selection.triton_flat import FLAT_KERNELS
+
+    if family not in (None, *FAMILIES):
+        raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
+    return [index for index, launch in enumerate(tk.all_launch_variants())
+            if family is None or (launch.kernel in FLAT_KERNELS) == (family == "flat")]
+
+
+def jobs(family: str | None = None) -> list[tuple[int, int]]:
+    """``(variant index, compute capability)`` of every compile of ``family`` (all when
+    ``None``): the full sweep."""
+    return [(index, cc) for index in _family_indices(family) for cc in TARGETS]
 
 
 def _branches(launch) -> set[tuple]:
@@ -91,8 +106,8 @@ def _size(launch) -> tuple[float, int]:
     return math.prod(sizes) / (32 * launch.num_warps), max(sizes, default=0)
 
 
-def representative_jobs() -> list[tuple[int, int]]:
-    """A small subset of :func:`jobs` for the default test run (13 of 296 compiles today).
+def representative_jobs(family: str | None = None) -> list[tuple[int, int]]:
+    """A small subset of :func:`jobs` for the default test run.
 
     Each kernel's largest variant (:func:`_size`, the likeliest to spill) for both
     targets; then, greedily, the variants that add the most code paths not yet compiled
@@ -101,14 +116,13 @@ def representative_jobs() -> list[tuple[int, int]]:
     from distk.selection import triton_kernel as tk
 
     variants = list(tk.all_launch_variants())
-    by_size = sorted(range(len(variants)), key=lambda i: _size(variants[i]), reverse=True)
-    picked = [by_size[0]]
-    covered = _branches(variants[by_size[0]])
-    for kernel in sorted({v.kernel for v in variants}):  # each kernel's largest first
+    by_size = sorted(_family_indices(family), key=lambda i: _size(variants[i]), reverse=True)
+    picked: list[int] = []
+    covered: set[tuple] = set()
+    for kernel in sorted({variants[i].kernel for i in by_size}):  # each kernel's largest
         largest = next(i for i in by_size if variants[i].kernel == kernel)
-        if largest not in picked:
-            picked.append(largest)
-            covered |= _branches(variants[largest])
+        picked.append(largest)
+        covered |= _branches(variants[largest])
     while True:  # then greedily the variant adding most uncovered paths, larger first
         best = max(by_size, key=lambda i: len(_branches(variants[i]) - covered))
         if not _branches(variants[best]) - covered:
@@ -126,12 +140,12 @@ def representative_jobs() -> list[tuple[int, int]]:
     return result
 
 
-def compile_all(workers: int | None = None,
-                selected: list[tuple[int, int]] | None = None) -> list[dict]:
+def compile_all(workers: int | None = None, selected: list[tuple[int, int]] | None = None,
+                family: str | None = None) -> list[dict]:
     """Compile ``selected`` (variant index, target) jobs, by default every variant x
-    dtype x target, in a process pool."""
+    dtype x target of ``family`` (all families when ``None``), in a process pool."""
     workers = workers or max(1, min(4, os.cpu_count() or 1))
-    selected = jobs() if selected is None else selected
+    selected = jobs(family) if selected is None else selected
     with ProcessPoolExecutor(workers) as pool:
         return list(pool.map(compile_one, selected, chunksize=1))
 
@@ -151,7 +165,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    results = compile_all()
+    results = compile_all(family=sys.argv[1] if len(sys.argv) > 1 else None)
     print(format_rows(results))
     bad = [r for r in results if "error" in r or r.get("stack") or r.get("local")]
     print(f"{len(results)} compiles, {len(bad)} with errors or spills")

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import distk
@@ -23,6 +23,7 @@ from distk.selection.reference import (
     bucket_positions,
     bucketed_topk_reference,
     positions_of,
+    second_stage,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -425,3 +426,51 @@ def test_cpu_kernel_short_interleaved_rows_equal_reference(dtype, by_magnitude):
                                                    floor)
                 got = bucket_candidates_cpu(x, buckets, k_per_bucket, True, by_magnitude, floor)
                 assert torch.equal(got, want), ("floor", buckets, n, k_per_bucket)
+
+
+# --- the sampled floor on rows longer than 2^24 -------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers((1 << 24) + 1, (1 << 31) - 1).filter(lambda v: v & (v - 1)))
+@example(n=67109157)
+@example(n=(1 << 28) - 1)
+def test_score_floor_samples_inside_rows_longer_than_2_to_24(n):
+    # Sample starts computed in float32 (24-bit mantissa) rounded past n - block for many
+    # lengths above 2^24: an IndexError on the CPU, an out-of-bounds gather on CUDA. A
+    # stride-0 view of one element has any length at no memory cost, and its gather
+    # checks bounds like a real row's.
+    from distk.selection import _score_floor
+
+    x = torch.zeros(1, 1).expand(1, n)
+    floor, fraction = _score_floor(x, 0.001, True)
+    assert floor is not None and floor.shape == (1,) and 0 < fraction < 0.01
+
+
+def test_topk_on_a_row_longer_than_2_to_24_that_once_raised():
+    # The case: distk.topk(torch.randn(67109157), 67109) raised IndexError. The
+    # floor only changes the work: the result equals the first stage without a floor
+    # followed by the exact second stage (the same CPU kernel, no floor).
+    torch.manual_seed(11)
+    n, k = 67109157, 67109
+    x = torch.randn(n)
+    values, indices = distk.topk(x, k)
+    buckets, k_per_bucket = resolve_buckets(n, k)
+    want = second_stage(bucket_candidates(x.view(1, -1), buckets, k_per_bucket), k)[0]
+    assert torch.equal(indices, want)
+    assert torch.equal(values, x[want])
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1 << 17, (1 << 31) - 1))
+@example(n=67109157)
+@example(n=(1 << 28) - 1)
+def test_floor_sample_columns_are_ordered_disjoint_blocks_inside_the_row(n):
+    # Integer arithmetic, so exact: the first block starts at 0, the last ends at n, and
+    # blocks neither overlap nor leave the row.
+    from distk.selection import _FLOOR_BLOCK, floor_sample, floor_sample_columns
+
+    sample = floor_sample(n, 0.001, "cuda")  # from 2^17 entries on CUDA
+    cols = floor_sample_columns(n, sample.blocks).view(sample.blocks, _FLOOR_BLOCK)
+    assert cols[0, 0] == 0 and cols[-1, -1] == n - 1
+    assert bool((cols[:, 1:] - cols[:, :-1] == 1).all())
+    assert bool((cols[1:, 0] > cols[:-1, -1]).all())

@@ -22,10 +22,15 @@ import sys
 QUICK = "--quick" in sys.argv[1:]
 ARGS = [arg for arg in sys.argv[1:] if arg != "--quick"]
 assert os.environ.get("TRITON_INTERPRET") == "1" or ARGS[:1] == ["cuda"]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import triton_interpreter  # noqa: E402
+
+    triton_interpreter.vectorise_xor_reductions()  # tl.sort at numpy speed
 import torch  # noqa: E402
 
 import distk  # noqa: E402
-from distk.selection import per_bucket_topk  # noqa: E402
+from distk.selection import _score_floor, per_bucket_topk  # noqa: E402
 from distk.selection.reference import (  # noqa: E402
     PAD_KEY,
     bucket_candidates_reference,
@@ -129,6 +134,22 @@ def main() -> int:
         return fail("the row next to an overflowing one changed")
     checked += 1
 
+    # Issue 22: lists narrower than kept (n = 2^20, k = 1024, b = 1000, k_b = 200, the
+    # floor distk.topk samples) left slots of the output unwritten. The poisoned output
+    # must come back equal to the reference, and distk.topk equal to the reference.
+    issue_x = x = torch.randn(1, 1 << 20)
+    floor, fraction = _score_floor(x, 2 * 1024 / (1 << 20), True)
+    above = fraction * 1049
+    chosen = plan_launches(1, 1 << 20, 1000, 200, True, True, True, 1, above)
+    if chosen.path != "compact":
+        return fail(f"the issue's case planned {chosen.path}, not compact")
+    out = torch.full((1, 1000, 200), POISON, dtype=torch.int64, device=DEVICE)
+    got = bucket_candidates_triton(x.to(DEVICE), 1000, 200, floor=floor.to(DEVICE),
+                                   above_per_bucket=above, sm_count=1, out=out).cpu()
+    if not torch.equal(got, bucket_candidates_reference(x, 1000, 200, floor=floor)):
+        return fail("compact with kept = 200 above its list capacity")
+    checked += 1
+
     # End to end through the dispatcher with the backend chosen for the device.
     os.environ["DISTK_TOPK_BACKEND"] = "triton" if DEVICE == "cpu" else "auto"
     x = specials(torch.randn(3, 2000))
@@ -144,6 +165,10 @@ def main() -> int:
     got = per_bucket_topk(x.to(DEVICE).clone(), 262, 4).cpu()
     if not torch.equal(got, bucket_candidates_reference(x, 262, 4)):
         return fail("per_bucket_topk with a floor")
+    checked += 1
+    _, got = distk.topk(issue_x.to(DEVICE), 1024, buckets=1000, k_per_bucket=200)
+    if not torch.equal(got.cpu(), bucketed_topk_reference(issue_x, 1024, 1000, 200)):
+        return fail("distk.topk n=2^20 k=1024 b=1000 k_b=200")
     checked += 1
     print(f"OK {checked} cases")
     return 0

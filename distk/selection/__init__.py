@@ -9,6 +9,12 @@
   use; where it cannot be built, the plain-PyTorch reference with a one-time warning;
 * ``DISTK_TOPK_BACKEND=reference|cpu|triton`` forces one (for tests and benchmarks).
 
+On the Triton backend, ``DISTK_TRITON_KERNEL=flat`` selects the flat-filter kernels
+(``triton_flat.py``: device floor, one-read filter, short-row kernel) where they apply,
+instead of the default launch spec (``triton_kernel.py``, the kernels measured on a GPU);
+``default`` (the default) keeps the latter. :func:`distk.selection.syncfree.select_packed`
+is the compressor's selection with no host synchronisation (flat kernels on CUDA).
+
 Every backend returns the same positions as ``reference.py`` (which defines the order,
 NaN and padding rules); the second stage is shared.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -38,6 +45,8 @@ __all__ = [
     "DEFAULT_RECALL_TARGET",
     "bucket_candidates",
     "choose_buckets",
+    "floor_sample",
+    "floor_sample_columns",
     "per_bucket_topk",
     "expected_recall",
     "resolve_buckets",
@@ -46,6 +55,8 @@ __all__ = [
 
 METHODS = ("bucketed", "exact")
 BACKENDS = ("auto", "reference", "cpu", "triton")
+TRITON_KERNELS = ("default", "flat")
+"""Values of ``DISTK_TRITON_KERNEL``: the default launch spec, or the flat kernels."""
 
 
 def _backend() -> str:
@@ -53,6 +64,23 @@ def _backend() -> str:
     if backend not in BACKENDS:
         raise ValueError(f"DISTK_TOPK_BACKEND must be one of {BACKENDS}, got {backend!r}")
     return backend
+
+
+def triton_kernel_choice() -> str:
+    """The Triton kernels selected by ``DISTK_TRITON_KERNEL`` (default ``"default"``)."""
+    kernel = os.environ.get("DISTK_TRITON_KERNEL", "default")
+    if kernel not in TRITON_KERNELS:
+        raise ValueError(f"DISTK_TRITON_KERNEL must be one of {TRITON_KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def _flat_kernels(x: torch.Tensor) -> bool:
+    """Whether the flat Triton kernels are selected for ``x``: CUDA tensors with the
+    automatic backend, or any tensor with the forced Triton backend (tests)."""
+    if triton_kernel_choice() != "flat":
+        return False
+    backend = _backend()
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
 def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
@@ -118,19 +146,53 @@ def _score_floor(x: torch.Tensor, above_fraction: float, by_magnitude: bool,
     that a good floor rules out.
     """
     rows, n = x.shape
-    if n < _FLOOR_MIN_N.get(x.device.type, _FLOOR_MIN_N["cpu"]):
+    sample = floor_sample(n, above_fraction, x.device.type)
+    if sample is None:
         return None, 0.0
+    cols = floor_sample_columns(n, sample.blocks, x.device)
+    values = x[:, cols] if add is None else x[:, cols] + add[:, cols]
+    keys = order_keys(values, by_magnitude)
+    floor = torch.kthvalue(keys, sample.samples - sample.above, dim=-1).values
+    return floor, sample.upper_fraction
+
+
+class FloorSample(NamedTuple):
+    """How a row's score floor is sampled (see :func:`floor_sample`)."""
+
+    blocks: int
+    """Sampled blocks of ``_FLOOR_BLOCK`` adjacent entries, spread evenly over the row."""
+    samples: int
+    """``blocks * _FLOOR_BLOCK`` entries in all."""
+    above: int
+    """Sampled entries meant to lie above the floor (the floor is the ``above + 1``-th
+    largest sampled score key)."""
+    upper_fraction: float
+    """Upper estimate of the fraction of the row above the floor (the sample's fraction
+    plus four standard deviations of its noise)."""
+
+
+def floor_sample(n: int, above_fraction: float, device_type: str = "cpu") -> FloorSample | None:
+    """The sample of a score floor that about ``above_fraction`` of a row of ``n`` entries
+    exceed, or ``None`` where a floor would not save work (short rows, or too many
+    entries above it). Pure host arithmetic: shared by the host and device floors."""
+    if n < _FLOOR_MIN_N.get(device_type, _FLOOR_MIN_N["cpu"]):
+        return None
     blocks = min(_FLOOR_BLOCKS, n // (8 * _FLOOR_BLOCK))
     samples = blocks * _FLOOR_BLOCK
     above = int(samples * above_fraction) + 16  # slack for the sampling noise
     if above >= samples // 4:
-        return None, 0.0
-    starts = torch.linspace(0, n - _FLOOR_BLOCK, blocks, device=x.device).long()
-    cols = (starts[:, None] + torch.arange(_FLOOR_BLOCK, device=x.device)).flatten()
-    sample = x[:, cols] if add is None else x[:, cols] + add[:, cols]
-    keys = order_keys(sample, by_magnitude)
-    floor = torch.kthvalue(keys, samples - above, dim=-1).values
-    return floor, above / samples * (1 + 4 / math.sqrt(above))
+        return None
+    return FloorSample(blocks, samples, above, above / samples * (1 + 4 / math.sqrt(above)))
+
+
+def floor_sample_columns(n: int, blocks: int,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 columns of the sampled blocks: block ``i`` starts at
+    ``i * (n - _FLOOR_BLOCK) // (blocks - 1)``, in integer arithmetic (a float32
+    ``linspace`` rounds past ``n - _FLOOR_BLOCK`` for many ``n`` above 2^24)."""
+    index = torch.arange(blocks, device=device, dtype=torch.int64)
+    starts = index * (n - _FLOOR_BLOCK) // max(blocks - 1, 1)
+    return (starts[:, None] + torch.arange(_FLOOR_BLOCK, device=device)).flatten()
 
 
 def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
@@ -146,6 +208,9 @@ def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
 
     ``add``: error feedback fused into the selection: ``x += add`` in place, then the
     top entries of the sum (see :func:`bucket_candidates`).
+
+    With the flat kernels selected (``DISTK_TRITON_KERNEL=flat``) the floor, the check
+    and the redo of short buckets all run on the device: no sync.
     """
     rows, n = x.shape
     length = -(-n // buckets)
@@ -153,6 +218,13 @@ def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
     floor, fraction = None, 0.0
     if kept < length:
         above = kept + 6 * math.sqrt(kept) + 4
+        if _flat_kernels(x):
+            from distk.selection.triton_flat import flat_candidates
+
+            flat = flat_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude,
+                                   above / (n / buckets), add=add)
+            if flat is not None:
+                return flat.candidates
         floor, fraction = _score_floor(x, above / (n / buckets), by_magnitude, add)
     candidates = bucket_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude, floor,
                                    refill=True, add=add, above_per_bucket=fraction * length)
@@ -177,12 +249,51 @@ def _second_stage(candidates: torch.Tensor, k: int) -> torch.Tensor:
     return second_stage(candidates, k)
 
 
+def _flat_topk(x: torch.Tensor, k: int, buckets: int, k_per_bucket: int, interleaved: bool,
+               by_magnitude: bool) -> torch.Tensor | None:
+    """Bucketed top-k positions by the flat kernels, or ``None`` where they do not apply.
+
+    Short rows: the ``row`` kernel; rows it flags (fewer than ``k`` of its candidates
+    survived the bucket cut) are redone by the default path, after one sync. Long rows:
+    :func:`triton_flat.flat_candidates` with a device floor, then the second stage; no
+    sync."""
+    from distk.selection.triton_common import INPUT_DTYPES
+    from distk.selection.triton_flat import flat_candidates, row_topk
+
+    x = (x if x.dtype in INPUT_DTYPES else x.float()).contiguous()
+    n = x.shape[1]
+    row = row_topk(x, k, buckets, k_per_bucket, interleaved, by_magnitude)
+    if row is not None:
+        positions, flag = row
+        short = flag.bool()
+        if bool(short.any()):
+            positions[short] = _bucketed_topk_default(x[short], k, buckets, k_per_bucket,
+                                                      interleaved, by_magnitude)
+        return positions
+    if buckets * min(k_per_bucket, -(-n // buckets)) == k:
+        return None  # no second stage: per_bucket_topk (flat kernels too)
+    recall = max(expected_recall(n, k, buckets, k_per_bucket), 0.05)
+    flat = flat_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude,
+                           2 * k / (recall * n), k=k)
+    return None if flat is None else _second_stage(flat.candidates, k)
+
+
 @torch.library.custom_op("distk::bucketed_topk_indices", mutates_args=())
 def bucketed_topk_indices(x: torch.Tensor, k: int, buckets: int, k_per_bucket: int,
                           interleaved: bool, by_magnitude: bool) -> torch.Tensor:
     """Positions ``(rows, k)`` int64 of the bucketed top-k of a contiguous 2-D ``x``."""
     if k == 0:
         return torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)
+    if _flat_kernels(x):
+        positions = _flat_topk(x, k, buckets, k_per_bucket, interleaved, by_magnitude)
+        if positions is not None:
+            return positions
+    return _bucketed_topk_default(x, k, buckets, k_per_bucket, interleaved, by_magnitude)
+
+
+def _bucketed_topk_default(x: torch.Tensor, k: int, buckets: int, k_per_bucket: int,
+                           interleaved: bool, by_magnitude: bool) -> torch.Tensor:
+    """:func:`bucketed_topk_indices` by the backend's default kernels."""
     n = x.shape[1]
     length = -(-n // buckets)
     kept = min(k_per_bucket, length)

@@ -34,13 +34,24 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from distk.selection.reference import PAD_KEY, bucket_candidates_reference
+from distk.selection.triton_common import (
+    INPUT_DTYPES,
+    KEY_MAX,
+    PAD,
+    KernelLaunch,
+    composite,
+    p2,
+    run_launch,
+    score_key,
+)
+from distk.selection.triton_flat import FLAT_KERNELS, all_flat_variants
 
 __all__ = [
     "KERNELS",
@@ -53,8 +64,10 @@ __all__ = [
     "plan_launches",
 ]
 
-_PAD = tl.constexpr(-(2**63))
-_KEY_MAX = tl.constexpr(2**63 - 1)
+_PAD = PAD
+_KEY_MAX = KEY_MAX
+_score_key = score_key
+_composite = composite
 
 SOURCE_COUNTED = 0
 """``select`` reads ``compact``'s lists, ``count`` valid keys per bucket."""
@@ -85,27 +98,6 @@ PROGRAMS_PER_SM = 8
 """Target number of programs per SM when choosing how many segments split a row."""
 MIN_SEGMENT_SLOTS = 64
 """Fewest bucket slots per segment (below that the per-program overhead dominates)."""
-INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-"""Input dtypes the kernels load (fp64 is converted to fp32 first: scores compare at
-fp32 precision, as in the reference)."""
-_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-@triton.jit
-def _score_key(value, by_magnitude):
-    """int32 key whose integer order is the score order; NaN ranks largest."""
-    bits = value.to(tl.float32).to(tl.int32, bitcast=True)
-    abs_bits = bits & 0x7FFFFFFF
-    signed = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = tl.where(by_magnitude != 0, abs_bits, signed)
-    return tl.where(abs_bits > 0x7F800000, 0x7FFFFFFF, key)
-
-
-@triton.jit
-def _composite(key, pos):
-    return (key.to(tl.int64) << 32) | (4294967295 - pos.to(tl.int64))
-
-
 @triton.jit
 def _compact_kernel(x_ptr, floor_ptr, cand_ptr, count_ptr, n, buckets, length, seg_len,
                     blocks, cap, by_magnitude,
@@ -240,7 +232,10 @@ def _select_kernel(src_ptr, count_ptr, x_ptr, out_ptr, overflow_ptr, n, buckets,
              mask=bucket_ok[:, None] & (j[None, :] < kept))
 
 
-KERNELS = {"compact": _compact_kernel, "stream": _stream_kernel, "select": _select_kernel}
+KERNELS = {"compact": _compact_kernel, "stream": _stream_kernel, "select": _select_kernel,
+           **FLAT_KERNELS}
+"""Every Triton kernel of the first stage by name: the default launch spec's and the
+flat kernels of ``triton_flat.py`` (selectable)."""
 # Runtime arguments of each kernel and their Triton types (for ahead-of-time compiles);
 # ``*x`` is the input's element type.
 _PARAMS = {
@@ -259,34 +254,6 @@ _PARAMS = {
 
 
 @dataclass(frozen=True)
-class KernelLaunch:
-    """One kernel launch: which kernel, its constexprs, grid and warps.
-
-    ``args`` (runtime values, filled by :func:`plan_launches`) use the names of
-    ``_PARAMS``; tensors are named by role (``"x"``, ``"cand"``, ...) and bound by the
-    launcher."""
-
-    kernel: str
-    constexprs: tuple[tuple[str, int | bool], ...]
-    grid: tuple[int, int]
-    num_warps: int
-    dtype: torch.dtype
-    """Input dtype (``float32`` for kernels that do not read the input)."""
-    args: tuple[tuple[str, int | str], ...] = field(default=(), compare=False)
-
-    def signature(self) -> dict[str, str]:
-        """Triton signature for an ahead-of-time compile."""
-        sig = {name: (f"*{_TRITON_TYPES[self.dtype]}" if kind == "*x" else kind)
-               for name, kind in _PARAMS[self.kernel]}
-        sig.update({name: "constexpr" for name, _ in self.constexprs})
-        return sig
-
-    def variant(self) -> tuple:
-        """What makes a distinct compiled kernel."""
-        return (self.kernel, self.constexprs, self.num_warps, self.dtype)
-
-
-@dataclass(frozen=True)
 class LaunchPlan:
     """How :func:`bucket_candidates_triton` computes one first stage."""
 
@@ -296,8 +263,7 @@ class LaunchPlan:
     segments: int = 1  # stream: segments per row
 
 
-def _p2(value: int) -> int:
-    return triton.next_power_of_2(max(1, int(value)))
+_p2 = p2
 
 
 def _segments(rows: int, programs_per_segment: int, length: int, sm_count: int,
@@ -322,7 +288,7 @@ def _select_launch(rows: int, buckets: int, m_p2: int, source: int, interleaved:
         "select", (("M_P2", m_p2), ("BLOCK_M", block_m), ("SOURCE", source),
                    ("INTERLEAVED", bool(interleaved) if direct else True)),
         (rows * blocks, 1), 4 if m_p2 <= 1024 else 8, dtype if direct else torch.float32,
-        tuple({**args, "blocks": blocks}.items()))
+        tuple({**args, "blocks": blocks}.items()), _PARAMS["select"])
 
 
 def compact_capacity(above_per_bucket: float) -> int:
@@ -353,7 +319,9 @@ def plan_launches(rows: int, n: int, buckets: int, k_per_bucket: int, interleave
     common = {"n": n, "buckets": buckets, "by_magnitude": int(by_magnitude)}
     if has_floor:
         expected = length if above_per_bucket is None else above_per_bucket
-        cap = min(compact_capacity(expected), _p2(length))
+        # select sorts lists of `cap` keys and writes the top `kept`: a list narrower than
+        # kept would leave slots of the output unwritten.
+        cap = max(min(compact_capacity(expected), _p2(length)), _p2(kept))
         if cap <= MAX_SELECT_P2:
             tile_t, block_b = COMPACT_TILE[(bool(interleaved), min(dtype.itemsize, 4))]
             blocks = triton.cdiv(buckets, block_b)
@@ -364,7 +332,7 @@ def plan_launches(rows: int, n: int, buckets: int, k_per_bucket: int, interleave
                             ("INTERLEAVED", bool(interleaved))),
                 (rows * blocks, segments), 4, dtype,
                 tuple({**common, "length": length, "seg_len": seg_len, "blocks": blocks,
-                       "cap": cap}.items()))
+                       "cap": cap}.items()), _PARAMS["compact"])
             select = _select_launch(rows, buckets, cap, SOURCE_COUNTED, True, dtype,
                                     {**common, "width": cap, "kept": kept})
             return LaunchPlan("compact", (compact, select), cap=cap)
@@ -391,7 +359,7 @@ def plan_launches(rows: int, n: int, buckets: int, k_per_bucket: int, interleave
                        ("INTERLEAVED", bool(interleaved))),
             (rows * blocks, segments), 4, dtype,
             tuple({**common, "length": length, "seg_len": seg_len, "blocks": blocks,
-                   "segments": segments, "kept": kept}.items()))
+                   "segments": segments, "kept": kept}.items()), _PARAMS["stream"])
         select = _select_launch(rows, buckets, segments * kept_p2, SOURCE_CANDIDATES, True,
                                 dtype, {**common, "width": segments * kept_p2, "kept": kept})
         return LaunchPlan("stream", (stream, select), segments=segments)
@@ -399,9 +367,9 @@ def plan_launches(rows: int, n: int, buckets: int, k_per_bucket: int, interleave
 
 
 def all_launch_variants() -> Iterator[KernelLaunch]:
-    """Every distinct compiled kernel :func:`plan_launches` can produce, found by walking
-    its branches over every input dtype: the compile test builds each of them for sm_80
-    and sm_90."""
+    """Every distinct compiled kernel :func:`plan_launches` (and the flat kernels'
+    launch specs) can produce, found by walking their branches over every input dtype: the
+    compile test builds each of them for sm_80 and sm_90."""
     seen = set()
     lengths = [2**e for e in range(0, 15)] + [3, 1000, 1025, 5000]
     for length, kept, interleaved, has_floor, dtype in itertools.product(
@@ -418,6 +386,7 @@ def all_launch_variants() -> Iterator[KernelLaunch]:
                     if launch.variant() not in seen:
                         seen.add(launch.variant())
                         yield launch
+    yield from all_flat_variants()
 
 
 @functools.lru_cache(maxsize=16)
@@ -431,16 +400,8 @@ def _device_sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _launch(launch: KernelLaunch, tensors: dict[str, torch.Tensor]) -> None:
-    kernel = KERNELS[launch.kernel]
-    values = dict(launch.args)
-    args = []
-    for name, kind in _PARAMS[launch.kernel]:
-        if kind.startswith("*"):
-            args.append(tensors[name.removesuffix("_ptr")])
-        else:
-            args.append(values[name])
-    kernel[launch.grid](*args, **dict(launch.constexprs), num_warps=launch.num_warps)
+def _launch(spec: KernelLaunch, tensors: dict[str, torch.Tensor]) -> None:
+    run_launch(KERNELS[spec.kernel], spec, tensors)
 
 
 def bucket_candidates_triton(x: torch.Tensor, buckets: int, k_per_bucket: int,
