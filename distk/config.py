@@ -166,9 +166,10 @@ class SparsityConfig:
     """Dtype of values on the wire: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``None``
     (the gradient's dtype) or ``"auto"``: bf16 for the sparse steps of fp32 gradients,
     the gradient's dtype otherwise (dense steps and steps that send every entry, so that
-    density 1.0 is plain dense averaging; fp64, fp16 and bf16 gradients). The rounding error stays in the residual,
-    so bf16 values cost no gradient mass, only delay (the main job: within the seed
-    spread of fp32 values, docs/comm-and-compressor.md, "Shared masks")."""
+    density 1.0 is plain dense averaging; fp64, fp16 and bf16 gradients). The rounding
+    error stays in the residual, so bf16 values cost no gradient mass, only delay (the
+    main job: within the seed spread of fp32 values, docs/comm-and-compressor.md,
+    "Shared masks")."""
 
     value_bits: int | None = None
     """Compact wire codec: ``None`` (values in ``value_dtype``, byte-aligned indices) or

@@ -20,7 +20,6 @@ def test_contract_fields_and_defaults():
         "dense_steps": 0, "value_dtype": "auto", "value_bits": None, "sync_every": 1,
         "outer_lr": 1.0, "outer_momentum": 0.0, "outer_nesterov": True,
         "min_numel": 1024, "exchange": "auto",
-        "mask": "auto", "mask_policy": "union", "mask_beta": 0.9, "mask_explore": 0.25,
         "nonfinite": "raise", "stats_interval": 10, "recall_interval": 50,
         "adam_dense_steps": 75, "adam_warmup_steps": 200, "adam_value_dtype": "bfloat16",
         # Shared masks, EF21 and memory (docs/comm-and-compressor.md).

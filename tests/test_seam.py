@@ -85,11 +85,10 @@ def _net() -> nn.Module:
 
 
 def _ddp_future_worker(rank: int, world: int, marker_dir: str) -> dict:
+    import importlib
     from pathlib import Path
 
     from torch.nn.parallel import DistributedDataParallel as DDP
-
-    import importlib
 
     from distk.integrations.ddp import DDPCompressionState, sparse_allreduce_hook
 
