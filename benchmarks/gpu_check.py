@@ -16,7 +16,7 @@ In order:
    every k_per_bucket 1..16 and dtype; default: a subset), on every kernel path of the
    launch spec; ``distk.topk`` end to end.
 2. Timings (CUDA events, median after warm-up, inputs rotated so that no call reads the
-   previous call's data from L2) on the shapes of issue 22: copy of the same bytes (the
+   previous call's data from L2) on the shapes of the README's GPU table: copy of the same bytes (the
    bandwidth ceiling), ``torch.topk(|x|)``, FlashInfer's ``top_k(|x|)``, and
    ``distk.topk`` with the default and the flat kernels (``DISTK_TRITON_KERNEL``) on the
    same plan, whose outputs must be equal; on the Graphcore shape recall is the minimum

@@ -34,7 +34,6 @@ Tensors go over the wire on the device the backend needs: CUDA for NCCL, CPU oth
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
@@ -52,7 +51,15 @@ from distk.comm.cost import (
     meta_bytes,
     shard_size,
 )
-from distk.comm.group import collective_device, digest63, rank_and_world, ring_allreduce_bytes
+from distk.comm.group import (
+    CollectiveError,
+    all_gather_flat,
+    collective_device,
+    collective_errors,
+    digest63,
+    rank_and_world,
+    ring_allreduce_bytes,
+)
 from distk.comm.wire import DTYPE_CODES, WireFormat, decode_indices, encode_indices
 
 __all__ = [
@@ -87,28 +94,6 @@ class RankMismatchError(ValueError):
     """Ranks called a collective with different sizes or options (raised on every rank)."""
 
 
-class CollectiveError(RuntimeError):
-    """A collective failed on this rank: a peer rank exited (crash, kill, out of memory),
-    stalled past the process group's timeout, or the connection broke. The backend's
-    error is chained as ``__cause__``."""
-
-
-@contextlib.contextmanager
-def _collective(what: str, group: Any):
-    """Re-raise a backend failure inside the block as :class:`CollectiveError` with context."""
-    try:
-        yield
-    except CollectiveError:
-        raise
-    except RuntimeError as err:  # gloo/nccl errors, DistBackendError, timeouts
-        rank, world = rank_and_world(group)
-        raise CollectiveError(
-            f"distk.comm: {what} failed on rank {rank} of {world}: a peer rank probably "
-            "exited (crash, kill, out of memory) or stalled longer than the process group's "
-            "timeout (init_process_group(timeout=...)). Check the other ranks' logs and "
-            f"resume from the last checkpoint. Backend error: {err}") from err
-
-
 @dataclass
 class ExchangeResult:
     """Outcome of :func:`exchange`.
@@ -135,12 +120,6 @@ class ExchangeResult:
     union_per_shard: float | None = None
     nonfinite_ranks: list[int] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    with _collective("an all-gather", group):
-        gather(out, inp, group=group)
 
 
 def _accumulation_dtype(value_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
@@ -281,14 +260,14 @@ class PendingExchange:
         Raises :class:`CollectiveError` when a collective failed, and
         :class:`RankMismatchError` on every rank when the payload digests disagree."""
         if self._result is None:
-            with _collective(self._what, self._group):
+            with collective_errors(self._what, self._group):
                 self.future.value()  # re-raises the backend's error, if any
             self._result = self._finish()
         return self._result
 
     def wait(self) -> ExchangeResult:
         """Block until the collectives are done, then :meth:`finish`."""
-        with _collective(self._what, self._group):
+        with collective_errors(self._what, self._group):
             self.future.wait()
         return self.finish()
 
@@ -518,7 +497,7 @@ def check_same_digest(digest: int, what: str, group: Any = None) -> int:
         return 0
     device = collective_device(group)
     gathered = torch.empty(world, dtype=torch.int64, device=device)
-    _all_gather(gathered, torch.tensor([digest], dtype=torch.int64, device=device), group)
+    all_gather_flat(gathered, torch.tensor([digest], dtype=torch.int64, device=device), group)
     digests = gathered.tolist()
     if any(d != digests[0] for d in digests):
         per_rank = ", ".join(f"rank {r}: {d:#x}" for r, d in enumerate(digests))
@@ -540,7 +519,7 @@ def _verify_metadata(fields: list[int], indices: torch.Tensor, scheme: str, worl
     header = torch.tensor(fields, dtype=torch.int64, device=device)
     meta = torch.cat([header, counts.to(torch.int64)])
     rows = torch.empty(world * meta.numel(), dtype=torch.int64, device=device)
-    _all_gather(rows, meta, group)
+    all_gather_flat(rows, meta, group)
     rows = rows.view(world, -1).cpu()
     _check_metadata(rows)
     return rows
@@ -548,7 +527,7 @@ def _verify_metadata(fields: list[int], indices: torch.Tensor, scheme: str, worl
 
 def _launch(collective: Any, what: str, group: Any, *args: Any) -> torch.futures.Future:
     """Enqueue ``collective(*args, group=group, async_op=True)``; its Work's future."""
-    with _collective(what, group):
+    with collective_errors(what, group):
         work = collective(*args, group=group, async_op=True)
     return work.get_future()
 
@@ -561,8 +540,7 @@ def _launch_allgather(ctx: _Context, *, flag_slots: bool):
     if trailer is not None:  # 16 bytes in front: the payload sections stay aligned
         payload = torch.cat([trailer.view(torch.uint8), payload])
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    future = _launch(gather, "an all-gather", ctx.group, gathered, payload)
+    future = all_gather_flat(gathered, payload, ctx.group, async_op=True).get_future()
 
     def complete():
         rows = gathered.view(world, -1)
@@ -706,7 +684,7 @@ def _reduce_scatter(ctx: _Context, routing: torch.Tensor):
     send_counts = routing[rank].tolist()
     recv_counts = routing[:, rank].tolist()
     recv = torch.empty(sum(recv_counts) * entry, dtype=torch.uint8, device=device)
-    with _collective("an all-to-all", group):
+    with collective_errors("an all-to-all", group):
         dist.all_to_all_single(recv, send,
                                output_split_sizes=[c * entry for c in recv_counts],
                                input_split_sizes=[c * entry for c in send_counts], group=group)
@@ -727,7 +705,7 @@ def _reduce_scatter(ctx: _Context, routing: torch.Tensor):
     union = touched.nonzero().view(-1)
 
     sizes = torch.empty(world, dtype=torch.int64, device=device)
-    _all_gather(sizes, torch.tensor([union.numel()], dtype=torch.int64, device=device), group)
+    all_gather_flat(sizes, torch.tensor([union.numel()], dtype=torch.int64, device=device), group)
     sizes_list = sizes.tolist()
     largest = max(sizes_list)
     sent += (world - 1) * 8
@@ -742,7 +720,7 @@ def _reduce_scatter(ctx: _Context, routing: torch.Tensor):
         padded_value[: union.numel()] = shard_sum[union].to(wire.value_dtype)
         payload = gather_wire.pack(padded_index, padded_value)
         gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=device)
-        _all_gather(gathered, payload, group)
+        all_gather_flat(gathered, payload, group)
         owner_index, owner_value = gather_wire.unpack(gathered.view(world, -1))
         for source, size in enumerate(sizes_list):
             result[source * shard + owner_index[source, :size]] = \
@@ -752,7 +730,7 @@ def _reduce_scatter(ctx: _Context, routing: torch.Tensor):
         mine = torch.zeros(shard, dtype=wire.value_dtype, device=device)
         mine[:my_len] = shard_sum.to(wire.value_dtype)
         gathered = torch.empty(world * shard, dtype=wire.value_dtype, device=device)
-        _all_gather(gathered, mine, group)
+        all_gather_flat(gathered, mine, group)
         result.copy_(gathered.to(acc_dtype))
         sent += (world - 1) * shard * wire.value_bytes
     return result[:numel], sent, float(largest)
@@ -816,12 +794,12 @@ def check_same_config(config: dict[str, Any] | Any, group: Any = None) -> None:
     device = collective_device(group)
     digest = torch.tensor([_config_digest(config)], dtype=torch.int64, device=device)
     digests = torch.empty(world, dtype=torch.int64, device=device)
-    _all_gather(digests, digest, group)
+    all_gather_flat(digests, digest, group)
     digests = digests.tolist()
     if all(d == digests[0] for d in digests):
         return
     configs: list[Any] = [None] * world
-    with _collective("the config check's all-gather", group):
+    with collective_errors("the config check's all-gather", group):
         dist.all_gather_object(configs, config, group=group)
     keys = sorted({key for c in configs for key in c}, key=str)
     missing = object()

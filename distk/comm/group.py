@@ -8,6 +8,7 @@ tensors" or "all ranks restore or none" is decided in one place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Iterable
@@ -16,8 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["agree", "collective_device", "digest63", "rank_and_world", "ring_allreduce_bytes",
-           "tensor_digest"]
+__all__ = ["CollectiveError", "agree", "all_gather_flat", "collective_device", "collective_errors",
+           "digest63", "rank_and_world", "ring_allreduce_bytes", "tensor_digest"]
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _DIGEST_MULTIPLIER = 0x9E3779B1  # odd: position weights differ modulo 2^64
@@ -28,6 +29,43 @@ def rank_and_world(group: Any = None) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed on this rank: a peer rank exited (crash, kill, out of memory),
+    stalled past the process group's timeout, or the connection broke. The backend's
+    error is chained as ``__cause__``."""
+
+
+@contextlib.contextmanager
+def collective_errors(what: str, group: Any = None):
+    """Re-raise a backend failure inside the block (the launch or the wait of a
+    collective) as :class:`CollectiveError` naming ``what``, this rank and the likely
+    cause. Every collective distk runs goes through it, so a dead peer reads the same
+    wherever it is noticed."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as err:  # gloo/nccl errors, DistBackendError, timeouts
+        rank, world = rank_and_world(group)
+        raise CollectiveError(
+            f"distk.comm: {what} failed on rank {rank} of {world}: a peer rank probably "
+            "exited (crash, kill, out of memory) or stalled longer than the process group's "
+            "timeout (init_process_group(timeout=...)). Check the other ranks' logs and "
+            f"resume from the last checkpoint. Backend error: {err}") from err
+
+
+def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: Any = None, *,
+                    what: str = "an all-gather", async_op: bool = False) -> Any:
+    """Every rank's ``inp`` concatenated into ``out`` (``world * inp.numel()`` entries),
+    with torch's single-tensor all-gather (``all_gather_single`` where this torch has it,
+    else ``all_gather_into_tensor``) and backend failures raised as
+    :class:`CollectiveError` naming ``what``. Returns the work handle when ``async_op``
+    (whose wait the caller guards with :func:`collective_errors`)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    with collective_errors(what, group):
+        return gather(out, inp, group=group, async_op=async_op)
 
 
 def collective_device(group: Any = None, like: torch.Tensor | None = None) -> torch.device:
@@ -61,8 +99,9 @@ def agree(code: int, group: Any = None, *, op: str = "max") -> int:
     if world == 1:
         return int(code)
     flag = torch.tensor([int(code)], dtype=torch.int64, device=collective_device(group))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN,
-                    group=group)
+    with collective_errors("an agreement (all-reduce)", group):
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN,
+                        group=group)
     return int(flag.item())
 
 

@@ -59,7 +59,7 @@ from distk.comm import (
     scheme_bytes,
     verify_layout,
 )
-from distk.comm.group import tensor_digest
+from distk.comm.group import collective_errors, tensor_digest
 from distk.compressor.masks import MaskContext, MaskPolicy, make_mask_policy
 from distk.compressor.plan import SelectionPlan, make_plans
 from distk.config import SparsityConfig
@@ -850,7 +850,8 @@ class GradientCompressor:
         if world > 1:
             device = collective_device(self.group, both)
             both = both.to(device)
-            dist.all_reduce(both, group=self.group)
+            with collective_errors("the global recall's all-reduce", self.group):
+                dist.all_reduce(both, group=self.group)
         sampled, at_mask = both[: sample.numel()].abs(), both[sample.numel():].abs()
         rank_of_kth = max(1, round(sample.numel() * k / numel))
         threshold = torch.topk(sampled, min(rank_of_kth, sampled.numel())).values[-1]

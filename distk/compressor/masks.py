@@ -44,8 +44,13 @@ import torch.distributed as dist
 
 from distk.comm import WireFormat
 from distk.comm.codec import bits_for, packed_nbytes
-from distk.comm.exchange import CollectiveError
-from distk.comm.group import collective_device, rank_and_world, ring_allreduce_bytes
+from distk.comm.group import (
+    all_gather_flat,
+    collective_device,
+    collective_errors,
+    rank_and_world,
+    ring_allreduce_bytes,
+)
 from distk.compressor.plan import SelectionPlan
 
 __all__ = ["MASK_POLICIES", "LeaderMask", "MaskContext", "MaskPolicy", "MomentMask",
@@ -145,16 +150,6 @@ class MaskPolicy:
         del state
 
 
-def _collective(run: Callable[[], Any], what: str, group: Any) -> Any:
-    try:
-        return run()
-    except RuntimeError as err:
-        rank, world = rank_and_world(group)
-        raise CollectiveError(f"distk shared mask: {what} failed on rank {rank} of {world}; "
-                              f"a peer rank probably exited or stalled. Backend error: "
-                              f"{err}") from err
-
-
 @dataclass
 class _Ahead:
     """A mask agreed for a later step: in flight, then received.
@@ -216,7 +211,8 @@ class _AgreedMask(MaskPolicy):
 
     def _received(self, ahead: _Ahead, device: torch.device) -> torch.Tensor:
         if ahead.future is not None:
-            ahead.future.wait()
+            with collective_errors("the shared mask's agreement", self.group):
+                ahead.future.wait()
             ahead.future = None
         return self._decode(ahead.payload, ahead.proposal).to(device)
 
@@ -289,9 +285,8 @@ class LeaderMask(_AgreedMask):
         group = self.group
         leader = step % rank_and_world(group)[1]
         source = dist.get_global_rank(group, leader) if group is not None else leader
-        work = _collective(lambda: dist.broadcast(payload, src=source, group=group,
-                                                  async_op=True),
-                           "the leader's broadcast", group)
+        with collective_errors("the shared mask's broadcast", group):
+            work = dist.broadcast(payload, src=source, group=group, async_op=True)
         self.spent += self.overhead_bytes(proposal, rank_and_world(group)[1])
         return payload, work.get_future()
 
@@ -330,10 +325,8 @@ class UnionMask(_AgreedMask):
         world = rank_and_world(self.group)[1]
         gathered = torch.empty(world * payload.numel(), dtype=torch.uint8,
                                device=payload.device)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        work = _collective(lambda: gather(gathered, payload, group=self.group,
-                                          async_op=True),
-                           "the proposals' all-gather", self.group)
+        work = all_gather_flat(gathered, payload, self.group, async_op=True,
+                               what="the shared mask's all-gather")
         self.spent += (world - 1) * payload.numel()
         return gathered, work.get_future()
 
@@ -448,8 +441,8 @@ class SketchMask(MaskPolicy):
         summed = magnitudes.view(chunks, size).sum(dim=1)
         if rank_and_world(self.group)[1] > 1:
             summed = summed.to(collective_device(self.group, summed))
-            _collective(lambda: dist.all_reduce(summed, group=self.group),
-                        "the sketch's all-reduce", self.group)
+            with collective_errors("the sketch's all-reduce", self.group):
+                dist.all_reduce(summed, group=self.group)
             self.spent += ring_allreduce_bytes(chunks, rank_and_world(self.group)[1], 4)
         # One chunk more than k needs: the last chunk may be short.
         order = torch.argsort(summed.to(acc.device), descending=True, stable=True)
@@ -473,8 +466,8 @@ class OracleMask(MaskPolicy):
         summed = ctx.acc.to(torch.float32, copy=True)
         if rank_and_world(self.group)[1] > 1:
             summed = summed.to(collective_device(self.group, summed))
-            _collective(lambda: dist.all_reduce(summed, group=self.group),
-                        "the oracle's all-reduce", self.group)
+            with collective_errors("the oracle's all-reduce", self.group):
+                dist.all_reduce(summed, group=self.group)
             self.spent += ring_allreduce_bytes(summed.numel(), rank_and_world(self.group)[1],
                                                4)
         return torch.topk(summed.abs(), ctx.wire.k, sorted=False).indices.to(ctx.acc.device)

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from distk.comm import check_same_config, rank_and_world
-from distk.comm.group import collective_device, tensor_digest
+from distk.comm.group import all_gather_flat, collective_device, tensor_digest
 from distk.compressor import GradientCompressor, as_sparsity_config
 from distk.config import SparsityConfig
 from distk.integrations.owner import StepOwner
@@ -227,8 +227,7 @@ def check_same_parameters(params: list[tuple[str, torch.Tensor]], group: Any = N
     digests = torch.stack([tensor_digest(p) for _, p in params]).cpu()
     device = collective_device(group)
     gathered = torch.empty(world * digests.numel(), dtype=torch.int64, device=device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, digests.to(device), group=group)
+    all_gather_flat(gathered, digests.to(device), group, what="the replicas' digest check")
     table = gathered.view(world, -1).cpu()
     differing = (table != table[0]).any(dim=0).nonzero().view(-1).tolist()
     if differing:
