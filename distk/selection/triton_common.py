@@ -85,19 +85,23 @@ def add_rounded(a, b, dtype: tl.constexpr):
 
 
 @triton.jit
-def radix_select(u, valid, rank):
+def radix_select(u, valid, rank, MASKED: tl.constexpr = True):
     """The ``rank``-th largest (1-based) of the ``valid`` entries of the 1-D uint32 tensor
     ``u``, found eight bits at a time from the top (four 256-bin histograms over the
     tensor, which stays in registers), and how many entries equal to it are needed to
     make ``rank`` together with those above it: ``(threshold, need)``, ``need >= 1``.
-    ``rank`` must be in ``[1, count of valid]``."""
+    ``rank`` must be in ``[1, count of valid]``. ``MASKED=False`` ignores ``valid``: the
+    caller has set invalid entries to 0, below every rank it asks for (fewer registers;
+    ``need`` then counts those zeros too)."""
     bins = tl.arange(0, 256)
     prefix = (rank * 0).to(tl.uint32)
     for step in tl.static_range(4):
         if step == 0:
-            match = valid
-        else:
+            match = valid if MASKED else u == u
+        elif MASKED:
             match = valid & ((u >> (32 - 8 * step)) == (prefix >> (32 - 8 * step)))
+        else:
+            match = (u >> (32 - 8 * step)) == (prefix >> (32 - 8 * step))
         digit = ((u >> (24 - 8 * step)) & 255).to(tl.int32)
         hist = tl.histogram(digit, 256, mask=match)
         # at_least[d]: matching entries whose digit is d or more (non-increasing in d)

@@ -113,9 +113,9 @@ ROW_WARPS = 8
 ROW_M_SIZES = (256, 1024)
 """Candidate counts (powers of two) the ``row`` kernel holds; its bucket cut compares
 every pair of candidates (``m^2`` operations per row)."""
-ROW_RANK_ELEMENTS = 2048
-"""Candidate pairs compared per step of the ``row`` kernel's cut (eight per thread; 16
-spilled on sm_80)."""
+ROW_RANK_ELEMENTS = 1024
+"""Candidate pairs compared per step of the ``row`` kernel's cut (four per thread; eight
+spilled on sm_80 at 256 candidates)."""
 REUSE_BAND = (2.0, 3.0)
 """Last step's floor is kept when the sample holds between ``above - 2 sqrt(above)`` and
 ``above + 3 sqrt(above)`` entries above it (about one and two standard deviations of the
@@ -144,15 +144,17 @@ def _floor_kernel(x_ptr, add_ptr, floor_ptr, n, blocks, rank, low, high, by_magn
     if HAS_ADD:
         value = add_rounded(value, tl.load(add_ptr + row * n + col, mask=valid, other=0.0),
                             x_ptr.dtype.element_ty)
-    key = score_key(value, by_magnitude)
+    # Lanes past the sample hold 0, the smallest ordered key: below the rank asked for
+    # (rank <= samples), and below any floor (no score key orders below it).
+    u = tl.where(valid, ordered(score_key(value, by_magnitude)), 0)
     if HAS_PREVIOUS:
         floor = tl.load(floor_ptr + row)
-        count = tl.sum((valid & (key > floor)).to(tl.int32), 0)
+        count = tl.sum((u > ordered(floor)).to(tl.int32), 0)
         if (count < low) | (count > high):
-            threshold, _ = radix_select(ordered(key), valid, rank)
+            threshold, _ = radix_select(u, valid, rank, False)
             floor = unordered(threshold)
     else:
-        threshold, _ = radix_select(ordered(key), valid, rank)
+        threshold, _ = radix_select(u, valid, rank, False)
         floor = unordered(threshold)
     tl.store(floor_ptr + row, floor)
 
