@@ -16,8 +16,8 @@ In order:
    every k_per_bucket 1..16 and dtype; default: a subset), on every kernel path of the
    launch spec; ``distk.topk`` end to end.
 2. Timings (CUDA events, median after warm-up, inputs rotated so that no call reads the
-   previous call's data from L2) on the shapes of the README's GPU table: copy of the same bytes (the
-   bandwidth ceiling), ``torch.topk(|x|)``, FlashInfer's ``top_k(|x|)``, and
+   previous call's data from L2) on the shapes of the README's GPU table: copy of the
+   same bytes (the bandwidth ceiling), ``torch.topk(|x|)``, FlashInfer's ``top_k(|x|)``, and
    ``distk.topk`` with the default and the flat kernels (``DISTK_TRITON_KERNEL``) on the
    same plan, whose outputs must be equal; on the Graphcore shape recall is the minimum
    over 5 inputs; on single rows also the compressor's packed selection
@@ -38,6 +38,7 @@ and a plot (``--out`` with ``.png``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -54,6 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distk  # noqa: E402
+from distk.compressor.plan import make_plans  # noqa: E402
 from distk.selection import per_bucket_topk, resolve_buckets  # noqa: E402
 from distk.selection.reference import (  # noqa: E402
     PAD_KEY,
@@ -214,8 +216,8 @@ def check_compressor_and_exchange(failures: list[str], report: dict) -> int:
         total_update = torch.zeros(numel, dtype=torch.float64)
         for step, grad in enumerate(grads):
             out = torch.full((numel,), float("nan"), device="cuda")
-            update = gpu.step(grad.cuda(), "bucket0", out=out)
-            want = cpu_ref.step(grad.clone(), "bucket0")
+            update = gpu.step(grad.cuda(), "bucket0", out=out, step=step)
+            want = cpu_ref.step(grad.clone(), "bucket0", step=step)
             if cfg.method == "bucketed" and not torch.equal(update.cpu(), want):
                 failures.append(f"compressor step {step} on CUDA != CPU ({cfg.value_dtype})")
             total_update += update.cpu().double()
@@ -228,7 +230,7 @@ def check_compressor_and_exchange(failures: list[str], report: dict) -> int:
         grad = grads[0].cuda()
         report.setdefault("syncs_per_compressor_step", {})[
             f"{cfg.method}/{cfg.value_dtype}"] = count_syncs(
-                lambda g=grad, c=gpu: c.step(g, "bucket0"))
+                lambda g=grad, c=gpu: c.step(g, "bucket0", step=len(grads)))
     x = torch.randn(1, 1 << 22, device="cuda")
     report["syncs_per_topk_call"] = count_syncs(lambda: distk.topk(x, 4096))
     report["syncs_per_packed_selection"] = count_syncs(lambda: per_bucket_topk(x, 4096, 16))
@@ -422,15 +424,18 @@ def run_compressor_step(report: dict) -> dict:
     out: dict = {"numel": numel, "density": cfg.density}
     grads = [torch.randn(numel, device="cuda") for _ in range(3)]
     compressor = distk.GradientCompressor(cfg)
+    steps = itertools.count()  # the owner's step counter
+
+    def step(grad: torch.Tensor) -> torch.Tensor:
+        return compressor.step(grad, "bucket", step=next(steps))
+
     for grad in grads:  # warm-up: plans, kernels, residual
-        compressor.step(grad, "bucket")
-    out["step_ms"] = time_cuda(lambda g: compressor.step(g, "bucket"), grads)
-    out["step_syncs"] = count_syncs(lambda: compressor.step(grads[0], "bucket"))
-    out["step_under_sync_error"] = _attempt(lambda: _under_sync_error(
-        lambda: compressor.step(grads[1], "bucket")))
-    out["step_cuda_graph"] = _attempt(lambda: _capture(lambda: compressor.step(grads[2],
-                                                                                "bucket")))
-    plan = compressor._plan(numel, cfg.k_at(numel, 0), 0)
+        step(grad)
+    out["step_ms"] = time_cuda(step, grads)
+    out["step_syncs"] = count_syncs(lambda: step(grads[0]))
+    out["step_under_sync_error"] = _attempt(lambda: _under_sync_error(lambda: step(grads[1])))
+    out["step_cuda_graph"] = _attempt(lambda: _capture(lambda: step(grads[2])))
+    plan = make_plans(cfg, numel, cfg.k_at(numel, 0))[0]
     out["plan"] = f"b={plan.buckets} kb={plan.k_per_bucket} packed={plan.packed}"
     acc = torch.randn(numel, device="cuda")
     dst = torch.empty_like(acc)
@@ -576,8 +581,8 @@ def dry_run() -> int:
             log(f"  {name:36} r={target} b={buckets} kb={kb}: default {default.path} "
                 f"{[s.kernel for s in default.launches]}; flat {flat_desc}")
     numel = COMPRESSOR_BUCKET_BYTES // 4
-    compressor = distk.GradientCompressor(distk.SparsityConfig(density=0.01))
-    plan = compressor._plan(numel, compressor.cfg.k_at(numel, 0), 0)
+    cfg = distk.SparsityConfig(density=0.01)
+    plan = make_plans(cfg, numel, cfg.k_at(numel, 0))[0]
     log(f"  compressor step: {numel} fp32 entries, plan b={plan.buckets} "
         f"kb={plan.k_per_bucket} packed={plan.packed}")
     peer = flashinfer_top_k()

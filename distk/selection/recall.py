@@ -1,8 +1,8 @@
 """Recall model of bucketed top-k and the choice of (buckets, k_per_bucket).
 
-The model (Key et al. 2024, "Approximate top-k for increased parallelism"): if the top items land in buckets at
-random, the i-th largest item (0-based) survives the first stage when fewer than
-``k_per_bucket`` of the ``i`` items larger than it share its bucket, so
+The model (Key et al. 2024, "Approximate top-k for increased parallelism"): if the top
+items land in buckets at random, the i-th largest item (0-based) survives the first stage
+when fewer than ``k_per_bucket`` of the ``i`` items larger than it share its bucket, so
 
     R(k, b, k_b) = (1/k) * sum_{i=0}^{k-1} P[Binomial(i, 1/b) <= k_b - 1].
 
