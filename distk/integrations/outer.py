@@ -77,10 +77,12 @@ class OuterSync(StepOwner):
             on the compressor's stats steps also ``input_norm``, the pseudo-gradient's,
             and ``update_norm``); empty before the first sync.
         sync_seconds: wall time of the last sync.
+        clip_scale: ``outer_clip="median"``: the factor this rank's pseudo-gradient was
+            scaled by at the last sync (1.0: at or below the median norm).
     """
 
-    __slots__ = ("model", "optimizer", "compressor", "sync_seconds", "_params", "_anchors",
-                 "_momenta", "_handle")
+    __slots__ = ("model", "optimizer", "compressor", "sync_seconds", "clip_scale", "_params",
+                 "_anchors", "_momenta", "_handle")
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  cfg: SparsityConfig, group: Any = None) -> None:
@@ -89,6 +91,7 @@ class OuterSync(StepOwner):
         self.optimizer = optimizer
         self.compressor = GradientCompressor(self.cfg, group)
         self.sync_seconds = 0.0
+        self.clip_scale = 1.0
         self._params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("distk.outer.enable: the model has no parameter that requires grad")
@@ -123,6 +126,28 @@ class OuterSync(StepOwner):
                                                            / self.cfg.sync_every)
         return metrics
 
+    def _median_clip(self, deltas: list[torch.Tensor]) -> float:
+        """``outer_clip="median"``: scale this rank's pseudo-gradient (every parameter's
+        together) down to the lower median of the ranks' L2 norms, in place; one
+        all-gather of one float64 per rank. Returns the scale applied (1.0: unchanged)."""
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(d, dtype=torch.float64) for d in deltas]))
+        world, group = self.world_size, self.process_group
+        if world == 1:
+            return 1.0
+        device = collective_device(group)
+        norms = torch.empty(world, dtype=torch.float64, device=device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(norms, norm.reshape(1).to(device), group=group)
+        median = float(norms.cpu().median())  # the lower median: the same on every rank
+        own = float(norm)
+        if own <= median or own == 0.0:
+            return 1.0
+        scale = median / own
+        for delta in deltas:
+            delta.mul_(scale)
+        return scale
+
     @staticmethod
     def _master(param: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(param.dtype, torch.float32)
@@ -145,13 +170,19 @@ class OuterSync(StepOwner):
         started = time.perf_counter()
         merged = StepStats()
         step = max(self.syncs - 1, 0)  # the compressor's schedule counts syncs
+        deltas = []
         for name, param in self._params:
             anchor = self._anchors[name]
             if anchor.device != param.device:
                 anchor = self._anchors[name] = anchor.to(param.device)
-            delta = anchor - param.detach().reshape(-1).to(anchor.dtype)
-            work = self.compressor.launch(delta, name, step=step)
-            update = work.wait()
+            deltas.append(anchor - param.detach().reshape(-1).to(anchor.dtype))
+        if cfg.outer_clip == "median":
+            self.clip_scale = self._median_clip(deltas)
+        for (name, param), delta in zip(self._params, deltas, strict=True):
+            anchor = self._anchors[name]
+            # In the parameter's shape: bucket_layout="tile" follows its 2-D layout.
+            work = self.compressor.launch(delta.view(param.shape), name, step=step)
+            update = work.wait().reshape(-1)
             merged = merged.merge(work.stats)
             outer_step = update
             if cfg.outer_momentum > 0:
