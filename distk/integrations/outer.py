@@ -14,8 +14,10 @@ communication. After every ``sync_every``-th ``optimizer.step()`` (an optimizer 
 post-hook), for each parameter::
 
     delta    = anchor - param                 pseudo-gradient (anchor: params at last sync)
-    update   = compressor.step(delta, name)   residual + selection + codec + exchange,
-                                              averaged over ranks (GradientCompressor)
+    delta   *= min(1, median / norm)          outer_clip="median" (norm of every delta)
+    update   = compressor.step(delta, name)   error_decay * residual + delta, selection,
+                                              codec, exchange, averaged over ranks or
+                                              each position's senders (GradientCompressor)
     m        = outer_momentum * m + update    (outer_momentum > 0)
     step     = update + outer_momentum * m    (Nesterov) or m, or update (no momentum)
     anchor  -= outer_lr * step;  param = anchor
@@ -25,6 +27,7 @@ as are ``anchor`` and ``m``, so every rank ends a sync with bitwise identical pa
 With ``outer_momentum=0`` the compressor's error feedback is the only memory of the
 outer step (the SparseLoCo variant); with ``outer_momentum=0.9, outer_nesterov=True,
 outer_lr=0.7`` it is DiLoCo's outer Nesterov SGD on the compressed pseudo-gradient.
+``SparsityConfig.sparseloco()`` is SparseLoCo's published recipe (docs/outer.md).
 
 Anchors and outer momenta are kept in float32 (float64 for fp64 parameters): with bf16
 parameters the anchor is the master copy and parameters are its rounding.
@@ -117,9 +120,11 @@ class OuterSync(StepOwner):
     def metrics(self, prefix: str = "distk/") -> dict[str, float]:
         """The common metrics plus ``syncs``, ``sync_seconds`` and
         ``bits_per_param_per_step`` (the last sync's bits per parameter over
-        ``sync_every``)."""
+        ``sync_every``); with ``outer_clip``, ``clip_scale``."""
         metrics = super().metrics(prefix)
         metrics[prefix + "syncs"] = float(self.syncs)
+        if self.cfg.outer_clip != "none":
+            metrics[prefix + "clip_scale"] = self.clip_scale
         if self.stats.buffers:
             metrics[prefix + "sync_seconds"] = self.sync_seconds
             metrics[prefix + "bits_per_param_per_step"] = (self.stats.bits_per_param
