@@ -395,6 +395,12 @@ def test_sparseloco_preset_trains_with_identical_bits_on_every_rank(capsys):
     assert (cfg.sync_every, cfg.density, cfg.value_bits, cfg.error_decay, cfg.bucket_layout,
             cfg.outer_momentum, cfg.outer_average, cfg.outer_clip, cfg.mask) == (
         30, 64 / 4096, 2, 0.95, "tile", 0.0, "senders", "median", "local")
+    assert distk.outer.sparseloco() == cfg
+    assert distk.outer.sparseloco(sync_every=8) == cfg.replace(sync_every=8)
+    from distk.train.config import load_config  # the job's preset: the same options
+    job = load_config(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                   "sparseloco.json")).sparsity
+    assert job == cfg
     results = run_distributed(_recipe_run, 2, timeout=120)
     for a, b in zip(results[0][0], results[1][0], strict=True):
         for x, y in zip(a, b, strict=True):

@@ -53,10 +53,18 @@ from distk.config import SparsityConfig
 from distk.integrations.owner import StepOwner
 from distk.stats import StepStats
 
-__all__ = ["OuterSync", "ParameterMismatchError", "check_same_parameters", "enable"]
+__all__ = ["OuterSync", "ParameterMismatchError", "check_same_parameters", "enable",
+           "sparseloco"]
 
 STATE_VERSION = 2
 """Version of the :meth:`OuterSync.state_dict` layout."""
+
+def sparseloco(**overrides: Any) -> SparsityConfig:
+    """SparseLoCo's published recipe (:meth:`SparsityConfig.sparseloco
+    <distk.config.SparsityConfig.sparseloco>`): ``distk.outer.enable(model, optimizer,
+    distk.outer.sparseloco())``; ``overrides`` replace any of its options."""
+    return SparsityConfig.sparseloco(**overrides)
+
 
 class ParameterMismatchError(ValueError):
     """Ranks hold different parameters at :func:`enable` (raised on every rank)."""
