@@ -140,8 +140,8 @@ class SparsityConfig:
     left unsent for long fades instead of being released late. 1.0 = classic error
     feedback. SparseLoCo (arXiv 2508.15706) uses 0.95 on outer pseudo-gradients, where
     the decayed residual replaces outer momentum (:meth:`sparseloco`). Applies wherever
-    the residual does (``feedback="residual"``); the checkpointed residual is the one
-    left after the step."""
+    the residual does; below 1 it needs ``error_feedback=True`` and
+    ``feedback="residual"``. The checkpointed residual is the one left after the step."""
 
     residual_dtype: str = "auto"
     """Dtype the residuals are kept in between steps: ``"float32"`` (exact error
@@ -429,6 +429,10 @@ class SparsityConfig:
         if not _is_number(self.error_decay) or not 0.0 < self.error_decay <= 1.0:
             _fail("error_decay", self.error_decay, "a number in (0, 1]")
         self.error_decay = float(self.error_decay)
+        if self.error_decay != 1.0 and (not self.error_feedback or self.feedback != "residual"):
+            _fail("error_decay", self.error_decay,
+                  "1.0 unless error_feedback=True and feedback='residual' (it decays the "
+                  "residual, which only that combination keeps)")
         if self.bucket_layout not in BUCKET_LAYOUTS:
             _fail("bucket_layout", self.bucket_layout, f"one of {BUCKET_LAYOUTS}")
         if self.bucket_layout == "tile":

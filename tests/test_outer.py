@@ -421,6 +421,9 @@ def test_recipe_options_refuse_what_they_cannot_do():
          "SparsityConfig.bucket_layout must be 'flat' when mask='shared'"),
         ({"bucket_layout": "tile", "method": "exact"},
          "SparsityConfig.bucket_layout must be 'flat' when method='exact'"),
+        ({"error_decay": 0.9, "feedback": "estimate"},
+         "SparsityConfig.error_decay must be 1.0 unless error_feedback=True and "
+         "feedback='residual'"),
     ]:
         with pytest.raises(ValueError, match=message):
             SparsityConfig.from_dict(changes)
