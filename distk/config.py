@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["MASKS", "MASK_POLICIES", "SparsityConfig", "VALUE_BITS", "VALUE_DTYPES",
-           "is_adam_family", "optimizer_chain"]
+__all__ = ["BUCKET_LAYOUTS", "MASKS", "MASK_POLICIES", "SparsityConfig", "TILE_SIDE",
+           "VALUE_BITS", "VALUE_DTYPES", "is_adam_family", "optimizer_chain"]
 
 METHODS = ("bucketed", "exact", "dense")
 EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")
@@ -27,6 +27,12 @@ RESIDUAL_DTYPES = ("auto", "float32", "bfloat16")
 FEEDBACKS = ("residual", "estimate")
 MASK_POLICIES = ("leader", "union", "moment", "sketch", "predicted", "oracle")
 NONFINITE_POLICIES = ("raise", "skip", "zero")
+BUCKET_LAYOUTS = ("flat", "tile")
+OUTER_AVERAGES = ("all", "senders")
+OUTER_CLIPS = ("none", "median")
+TILE_SIDE = 64
+"""Side of the square tiles of ``bucket_layout="tile"`` (a bucket is ``64 x 64 = 4096``
+entries of a weight matrix)."""
 VALUE_BITS = (1, 2, 4, 8)
 """Widths accepted by ``SparsityConfig.value_bits`` (``distk.comm.codec.VALUE_BITS``)."""
 VALUE_DTYPES: dict[str, torch.dtype] = {
@@ -112,9 +118,30 @@ class SparsityConfig:
     """Interleaved buckets (element ``i`` in bucket ``i % buckets``) rather than
     contiguous blocks; robust to correlated neighbouring entries."""
 
+    bucket_layout: str = "flat"
+    """How a tensor is cut into the buckets of the bucketed selection. ``"flat"``: the
+    flattened tensor (``interleaved`` or contiguous blocks, counts chosen for
+    ``recall_target``). ``"tile"``: each bucket is a ``64 x 64`` tile of the tensor's
+    2-D layout (a weight matrix; more dimensions are viewed as ``(shape[0], -1)``), so
+    every tile sends its own ``round(k / tiles)`` largest entries (SparseLoCo's chunked
+    top-k, arXiv 2508.15706: top-64 of each 4096-entry tile) and indices travel as
+    12-bit offsets inside the tile. Tensors whose two dimensions do not both divide by
+    64 (biases, flat DDP buckets, odd shapes) keep the flat layout (a note on rank 0,
+    once). Needs ``method="bucketed"`` (or ``"dense"``) and a local mask: not
+    ``mask="shared"``, and ``mask="auto"`` then keeps every tensor on a local mask."""
+
     error_feedback: bool = True
     """Keep the unsent part of each tensor as a residual added to the next step's
     gradient (needed for top-k SGD to converge to dense quality)."""
+
+    error_decay: float = 1.0
+    """Decay of the residual (error feedback), in (0, 1]: at every step the residual is
+    multiplied by it before the new gradient (pseudo-gradient) is added, so that mass
+    left unsent for long fades instead of being released late. 1.0 = classic error
+    feedback. SparseLoCo (arXiv 2508.15706) uses 0.95 on outer pseudo-gradients, where
+    the decayed residual replaces outer momentum (:meth:`sparseloco`). Applies wherever
+    the residual does; below 1 it needs ``error_feedback=True`` and
+    ``feedback="residual"``. The checkpointed residual is the one left after the step."""
 
     residual_dtype: str = "auto"
     """Dtype the residuals are kept in between steps: ``"float32"`` (exact error
@@ -199,6 +226,23 @@ class SparsityConfig:
 
     outer_nesterov: bool = True
     """Nesterov form of the outer momentum (ignored when ``outer_momentum`` is 0)."""
+
+    outer_average: str = "all"
+    """How the ranks' sparse contributions are averaged at each position: ``"all"``
+    (their sum over the number of ranks) or ``"senders"`` (their sum over the number of
+    ranks that sent that position; positions nobody sent stay 0), SparseLoCo's decode
+    (arXiv 2508.15706): a position picked by one rank of four is not divided by four.
+    Meant for ``distk.outer`` but applied by the compressor to every sparse exchange.
+    ``"senders"`` needs ``mask="local"`` and ``exchange`` ``"auto"`` or ``"allgather"``
+    (the all-gather scheme, where each rank sees who sent what)."""
+
+    outer_clip: str = "none"
+    """Clipping of each rank's pseudo-gradient at a sync (``distk.outer``): ``"none"``, or
+    ``"median"``: each rank's whole pseudo-gradient (all parameters together) is scaled
+    down to the median of the ranks' L2 norms (the lower median for an even number of
+    ranks; one all-gather of one scalar per sync) before it is compressed, so that no
+    rank's contribution outweighs the typical one (SparseLoCo, arXiv 2508.15706). Only
+    ``distk.outer`` applies it."""
 
     min_numel: int = 1024
     """Tensors with fewer entries than this are exchanged dense (sparse does not pay)."""
@@ -382,6 +426,37 @@ class SparsityConfig:
                       "all-reduce of its values)")
         if self.nonfinite not in NONFINITE_POLICIES:
             _fail("nonfinite", self.nonfinite, f"one of {NONFINITE_POLICIES}")
+        if not _is_number(self.error_decay) or not 0.0 < self.error_decay <= 1.0:
+            _fail("error_decay", self.error_decay, "a number in (0, 1]")
+        self.error_decay = float(self.error_decay)
+        if self.error_decay != 1.0 and (not self.error_feedback or self.feedback != "residual"):
+            _fail("error_decay", self.error_decay,
+                  "1.0 unless error_feedback=True and feedback='residual' (it decays the "
+                  "residual, which only that combination keeps)")
+        if self.bucket_layout not in BUCKET_LAYOUTS:
+            _fail("bucket_layout", self.bucket_layout, f"one of {BUCKET_LAYOUTS}")
+        if self.bucket_layout == "tile":
+            if self.method == "exact":
+                _fail("bucket_layout", self.bucket_layout,
+                      "'flat' when method='exact' (tiles are buckets of the bucketed "
+                      "selection)")
+            if self.mask == "shared":
+                _fail("bucket_layout", self.bucket_layout,
+                      "'flat' when mask='shared' (the tile layout selects per rank: use "
+                      "mask='local' or 'auto')")
+        if self.outer_average not in OUTER_AVERAGES:
+            _fail("outer_average", self.outer_average, f"one of {OUTER_AVERAGES}")
+        if self.outer_average == "senders":
+            if self.mask != "local":
+                _fail("outer_average", self.outer_average,
+                      f"'all' when mask={self.mask!r} (averaging over the ranks that sent a "
+                      "position needs every rank's own positions: set mask='local')")
+            if self.exchange not in ("auto", "allgather"):
+                _fail("outer_average", self.outer_average,
+                      f"'all' when exchange={self.exchange!r} (only the all-gather sees "
+                      "which ranks sent each position: use 'auto' or 'allgather')")
+        if self.outer_clip not in OUTER_CLIPS:
+            _fail("outer_clip", self.outer_clip, f"one of {OUTER_CLIPS}")
 
     # -- construction -------------------------------------------------------------------
 
@@ -412,6 +487,27 @@ class SparsityConfig:
                 raise ValueError(f"unknown SparsityConfig key {key!r}{hint} "
                                  f"(valid keys: {', '.join(valid)})")
         return cls(**d)
+
+    @classmethod
+    def sparseloco(cls, **overrides: Any) -> SparsityConfig:
+        """SparseLoCo's published production recipe for ``distk.outer`` (arXiv 2508.15706,
+        the settings of Covenant-72B), as far as distk builds it: a sync every 30 inner
+        steps; top-64 of every 64 x 64 tile (``density=64/4096``,
+        ``bucket_layout="tile"``); values in 2 bits (``value_bits=2``; distk's codec, not
+        the paper's per-bin means: docs/outer.md); the residual decayed by 0.95 before
+        each pseudo-gradient is added, in place of outer momentum (``error_decay=0.95``,
+        ``outer_momentum=0``, ``outer_lr=1``); contributions averaged over the ranks
+        that sent each position (``outer_average="senders"``, ``mask="local"``); each
+        rank's pseudo-gradient clipped to the median norm (``outer_clip="median"``); no
+        dense start under Adam (``adam_dense_steps=0``, ``adam_warmup_steps=0``).
+        ``overrides`` replace any of these (validated as usual)."""
+        recipe: dict[str, Any] = dict(
+            sync_every=30, density=64 / 4096, method="bucketed", bucket_layout="tile",
+            value_bits=2, error_decay=0.95, outer_lr=1.0, outer_momentum=0.0,
+            outer_average="senders", outer_clip="median", mask="local",
+            adam_dense_steps=0, adam_warmup_steps=0)
+        recipe.update(overrides)
+        return cls.from_dict(recipe)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every option (JSON-serialisable; ``from_dict`` inverts it)."""

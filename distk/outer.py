@@ -9,7 +9,8 @@ from distk.integrations.outer import (
     ParameterMismatchError,
     check_same_parameters,
     enable,
+    sparseloco,
 )
 
 __all__ = ["STATE_VERSION", "OuterSync", "ParameterMismatchError", "check_same_parameters",
-           "enable"]
+           "enable", "sparseloco"]

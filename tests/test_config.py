@@ -26,6 +26,9 @@ def test_contract_fields_and_defaults():
         "mask": "auto", "mask_policy": "union", "mask_ahead": False, "mask_beta": 0.9,
         "mask_explore": 0.25, "feedback": "residual", "feedback_beta": 0.0,
         "residual_dtype": "auto",
+        # SparseLoCo's recipe (docs/outer.md, "The SparseLoCo recipe").
+        "error_decay": 1.0, "bucket_layout": "flat", "outer_average": "all",
+        "outer_clip": "none",
     }
     assert cfg.to_dict() == expected
 
@@ -76,6 +79,11 @@ def test_unknown_key_without_close_match_lists_valid_keys():
     ("nonfinite", "ignore", "one of \\('raise', 'skip', 'zero'\\)"),
     ("stats_interval", 0, "an integer >= 1"),
     ("recall_interval", True, "an integer >= 0"),
+    ("error_decay", 0.0, "a number in \\(0, 1\\]"),
+    ("error_decay", 1.5, "a number in \\(0, 1\\]"),
+    ("bucket_layout", "rows", "one of \\('flat', 'tile'\\)"),
+    ("outer_average", "mean", "one of \\('all', 'senders'\\)"),
+    ("outer_clip", "max", "one of \\('none', 'median'\\)"),
 ])
 def test_bad_values_name_key_value_and_allowed(key, value, allowed):
     extra = {"warmup_steps": 10} if key == "warmup_density" else {}

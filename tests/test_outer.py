@@ -239,3 +239,193 @@ def test_compression_state_refuses_sync_every_before_any_collective():
         refuse_outer_sync(SparsityConfig(sync_every=3), "DeepSpeedCompressionState "
                                                         "(distk.deepspeed)")
     CompressionState(SparsityConfig(sync_every=1))  # per-step exchange is fine
+
+
+# -- the SparseLoCo recipe: error_decay, tile layout, senders average, median clip -------
+
+@pytest.mark.parametrize("numel", [4096, 1 << 21])  # the larger one takes the fused add
+def test_error_decay_residual_is_decay_times_old_plus_input_minus_sent(numel):
+    from distk.compressor import GradientCompressor
+
+    cfg = SparsityConfig(density=0.01, error_decay=0.9, value_dtype="float32",
+                         recall_interval=0)
+    compressor = GradientCompressor(cfg)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(numel, generator=gen) for _ in range(3)]
+    old = torch.zeros(numel)
+    for step, grad in enumerate(grads):
+        sent = compressor.step(grad.clone(), "w", step=step)  # one process: what it sent
+        residual = compressor.residual("w")
+        assert torch.allclose(residual, 0.9 * old + grad - sent, atol=1e-6)
+        assert 0 < int((sent != 0).sum()) <= 0.02 * numel
+        old = residual
+    state = compressor.state_dict()  # the checkpoint holds the residual after the step
+    assert torch.equal(state["residuals"]["w"], old)
+
+
+def _tile_reference(x: torch.Tensor, per_tile: int) -> set[int]:
+    """Positions of the top ``per_tile`` |x| of every 64 x 64 tile of a 2-D ``x``."""
+    rows, cols = x.shape
+    tiles = x.reshape(rows // 64, 64, cols // 64, 64).permute(0, 2, 1, 3).reshape(-1, 4096)
+    top = tiles.abs().topk(per_tile, dim=1).indices  # (tiles, per_tile) offsets
+    tile = torch.arange(tiles.shape[0]).unsqueeze(1)
+    row = (tile // (cols // 64)) * 64 + top // 64
+    col = (tile % (cols // 64)) * 64 + top % 64
+    return set((row * cols + col).reshape(-1).tolist())
+
+
+def test_tile_layout_selects_the_top_entries_of_every_tile(capsys):
+    from distk.comm.wire import WireFormat
+    from distk.compressor import GradientCompressor
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 192, generator=gen)
+    x[:64, :64] *= 100  # one loud tile: a flat top-k would take most entries from it
+    cfg = SparsityConfig(density=64 / 4096, bucket_layout="tile", value_dtype="float32",
+                         recall_interval=0)
+    update = GradientCompressor(cfg).step(x.clone(), "w", step=0)
+    assert update.shape == x.shape
+    chosen = set(update.reshape(-1).nonzero().view(-1).tolist())
+    assert chosen == _tile_reference(x, 64) and len(chosen) == 6 * 64
+    assert torch.equal(update.reshape(-1)[list(chosen)], x.reshape(-1)[list(chosen)])
+
+    # The wire: 12-bit offsets inside tiles, positions back exactly (2-bit values).
+    cfg2 = cfg.replace(value_dtype="auto", value_bits=2)
+    compressor = GradientCompressor(cfg2)
+    update = compressor.step(x.clone(), "w", step=0)
+    assert set(update.reshape(-1).nonzero().view(-1).tolist()) == chosen
+    assert compressor.last.payload_bytes == (6 * 64 * 2 + 6 * 8 * 8 + 6 * 64 * 12) // 8
+    # Tile by tile (row-major over the 2 x 3 grid), any order inside a tile.
+    order = torch.tensor(sorted(chosen, key=lambda p: (p // 192) // 64 * 3 + p % 192 // 64))
+    wire = WireFormat(x.numel(), 6 * 64, torch.float32, 6, 64, False, 2, (128, 192))
+    indices, _ = wire.unpack(wire.pack(order, torch.randn(6 * 64)).unsqueeze(0))
+    assert wire.index_bits == 12 and torch.equal(indices[0], order)
+
+    # A matrix that does not tile keeps the flat layout, with a note once.
+    odd = GradientCompressor(cfg)
+    odd.step(torch.randn(100, 64, generator=gen), "odd", step=0)
+    odd.step(torch.randn(100, 64, generator=gen), "odd2", step=0)
+    assert capsys.readouterr().out.count("does not divide into 64x64 tiles") == 1
+
+
+def _senders_average(rank, world):
+    from distk.compressor import GradientCompressor
+
+    cfg = SparsityConfig(density=0.05, method="exact", mask="local", outer_average="senders",
+                         value_dtype="float32", recall_interval=0)
+    gen = torch.Generator().manual_seed(10 + rank)
+    grad = torch.randn(2048, generator=gen)
+    grad[:50] += 10 * (rank + 1)  # some positions picked by every rank, others by one
+    update = GradientCompressor(cfg).step(grad.clone(), "w", step=0)
+    grads = [torch.empty_like(grad) for _ in range(world)]
+    dist.all_gather(grads, grad)
+    return update, grads
+
+
+def test_senders_average_divides_each_position_by_its_senders():
+    results = run_distributed(_senders_average, 3, timeout=90)
+    grads = results[0][1]
+    total, count = torch.zeros(2048), torch.zeros(2048)
+    for grad in grads:
+        top = grad.abs().topk(round(0.05 * 2048)).indices
+        total[top] += grad[top]
+        count[top] += 1
+    expected = total / count.clamp(min=1)
+    assert int((count == 3).sum()) > 0 and int((count == 1).sum()) > 0
+    for update, _ in results:
+        assert torch.equal(update, results[0][0])  # bitwise the same on every rank
+        assert torch.allclose(update, expected, atol=1e-6)
+
+
+def _median_clip(rank, world):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1 * (rank + 1))  # norms differ by rank
+    cfg = SparsityConfig(method="dense", sync_every=1, outer_clip="median")
+    sync = distk.outer.enable(model, inner, cfg)
+    start = [p.detach().clone() for p in model.parameters()]
+    x, y = teacher_batch(rank, 0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    deltas = [0.1 * (rank + 1) * p.grad.detach().clone() for p in model.parameters()]
+    inner.step()  # SGD: anchor - local parameters = lr * grad; then the sync (post-hook)
+    return start, deltas, [p.detach().clone() for p in model.parameters()], sync.clip_scale
+
+
+def test_median_clip_scales_each_rank_down_to_the_median_norm():
+    results = run_distributed(_median_clip, 3, timeout=90)
+    norms = [float(torch.sqrt(sum((d.double() ** 2).sum() for d in r[1]))) for r in results]
+    median = sorted(norms)[1]
+    scales = [min(1.0, median / n) for n in norms]
+    for r, scale in zip(results, scales, strict=True):
+        assert r[3] == pytest.approx(scale, rel=1e-6)
+    assert scales[0] == 1.0 and scales[2] < 1.0  # lr grows with the rank
+    start = results[0][0]
+    mean = [sum(s * r[1][i] for s, r in zip(scales, results, strict=True)) / 3
+            for i in range(len(start))]
+    for r in results:
+        for p0, m, p in zip(start, mean, r[2], strict=True):
+            assert torch.allclose(p, p0 - m, atol=1e-6)
+        for a, b in zip(r[2], results[0][2], strict=True):
+            assert torch.equal(a, b)
+
+
+def _recipe_run(rank, world):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 128), torch.nn.Tanh(),
+                                torch.nn.Linear(128, 64), torch.nn.Tanh(),
+                                torch.nn.Linear(64, 1))
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cfg = SparsityConfig.sparseloco(sync_every=3, min_numel=0, stats_interval=1)
+    sync = distk.outer.enable(model, inner, cfg)
+    probe = teacher_batch(99, 0)
+    with torch.no_grad():
+        first = float(torch.nn.functional.mse_loss(model(probe[0]), probe[1]))
+    synced = []
+    for step in range(30):
+        _train_step(model, inner, rank, step)
+        if (step + 1) % 3 == 0:
+            synced.append(_params(model))
+    with torch.no_grad():
+        last = float(torch.nn.functional.mse_loss(model(probe[0]), probe[1]))
+    return synced, first, last, sync.metrics(), sync.clip_scale
+
+
+def test_sparseloco_preset_trains_with_identical_bits_on_every_rank(capsys):
+    cfg = SparsityConfig.sparseloco()
+    assert (cfg.sync_every, cfg.density, cfg.value_bits, cfg.error_decay, cfg.bucket_layout,
+            cfg.outer_momentum, cfg.outer_average, cfg.outer_clip, cfg.mask) == (
+        30, 64 / 4096, 2, 0.95, "tile", 0.0, "senders", "median", "local")
+    assert distk.outer.sparseloco() == cfg
+    assert distk.outer.sparseloco(sync_every=8) == cfg.replace(sync_every=8)
+    from distk.train.config import load_config  # the job's preset: the same options
+    job = load_config(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                   "sparseloco.json")).sparsity
+    assert job == cfg
+    results = run_distributed(_recipe_run, 2, timeout=120)
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+    _, first, last, metrics, _ = results[0]
+    assert last < first and metrics["distk/syncs"] == 10
+    # 128 x 64 tiles: 2 of them at 64 entries; the rest (first layer, biases) flat.
+    assert metrics["distk/bits_per_param"] < 2
+
+
+def test_recipe_options_refuse_what_they_cannot_do():
+    for changes, message in [
+        ({"outer_average": "senders"}, "SparsityConfig.outer_average must be 'all' when "
+                                       "mask='auto'"),
+        ({"outer_average": "senders", "mask": "local", "exchange": "reduce_scatter"},
+         "SparsityConfig.outer_average must be 'all' when exchange='reduce_scatter'"),
+        ({"bucket_layout": "tile", "mask": "shared"},
+         "SparsityConfig.bucket_layout must be 'flat' when mask='shared'"),
+        ({"bucket_layout": "tile", "method": "exact"},
+         "SparsityConfig.bucket_layout must be 'flat' when method='exact'"),
+        ({"error_decay": 0.9, "feedback": "estimate"},
+         "SparsityConfig.error_decay must be 1.0 unless error_feedback=True and "
+         "feedback='residual'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SparsityConfig.from_dict(changes)
+    with pytest.raises(ValueError, match="SparsityConfig.error_decay must be a number in"):
+        SparsityConfig.sparseloco(error_decay=0)

@@ -85,9 +85,9 @@ def test_representative_variants_compile_for_sm80_and_sm90_without_spills(family
     from distk.selection import triton_kernel as tk
 
     jobs = aot_compile.representative_jobs(family)
-    family_variants = [v for index, v in enumerate(tk.all_launch_variants())
-                       if (index, 80) in set(aot_compile.jobs(family))]
-    chosen = [list(tk.all_launch_variants())[index] for index, _ in jobs]
+    variants = list(tk.all_launch_variants())
+    family_variants = [variants[index] for index, _ in aot_compile.jobs(family)]
+    chosen = [variants[index] for index, _ in jobs]
     # Every kernel of the family, and every dtype, bool constexpr and SOURCE of each.
     assert {v.kernel for v in chosen} == {v.kernel for v in family_variants}
     assert set().union(*map(aot_compile._branches, chosen)) == \

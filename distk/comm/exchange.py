@@ -172,6 +172,10 @@ class ExchangeRequest:
             result (saves a numel-sized allocation per call); it may share memory with
             the caller's gradient but not with ``values``.
         average: divide the sum by the world size.
+        per_sender: with ``average``, divide each position's sum by the number of ranks
+            that sent that position instead (positions nobody sent stay 0); needs the
+            ``"allgather"`` scheme (``"auto"`` then picks it). Dense input (every rank
+            sends every position) is averaged over the world size either way.
         tag: integer that must match across ranks (the compressor passes a key digest).
         nonfinite: this rank's gradient had NaN/Inf; if any rank sets it, the result is
             ``None`` on every rank.
@@ -194,6 +198,7 @@ class ExchangeRequest:
     out_dtype: torch.dtype | None = None
     out: torch.Tensor | None = None
     average: bool = True
+    per_sender: bool = False
     tag: int = 0
     nonfinite: bool = False
     verify: bool = True
@@ -339,6 +344,10 @@ def _validate(request: ExchangeRequest) -> tuple[ExchangeRequest, torch.Tensor, 
                          f"{out.numel()} {out.dtype} (contiguous={out.is_contiguous()})")
     if request.scheme not in ("auto", *SCHEMES):
         raise ValueError(f"scheme must be 'auto' or one of {SCHEMES}, got {request.scheme!r}")
+    if (request.per_sender and request.indices is not None
+            and request.scheme not in ("auto", "allgather")):
+        raise ValueError(f"per_sender averaging needs the 'allgather' scheme (or 'auto'), got "
+                         f"{request.scheme!r}")
     if wire.codec is not None and request.scheme not in ("auto", "allgather"):
         raise ValueError(f"the compact codec (value_bits={wire.value_bits}) travels only with "
                          f"the 'allgather' scheme (or 'auto'), got {request.scheme!r}")
@@ -370,8 +379,9 @@ def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
               and out.device == values.device else None)
     rank, world = rank_and_world(group)
     scheme = request.scheme
+    per_sender = request.per_sender and request.average and not dense_input
     if scheme == "auto":
-        scheme = ("allgather" if wire.codec is not None else
+        scheme = ("allgather" if wire.codec is not None or per_sender else
                   choose_scheme(numel, values.numel(), world, wire.index_bytes,
                                 wire.value_bytes, request.union_hint))
     verify = request.verify or scheme == "reduce_scatter"  # its routing travels in metadata
@@ -420,7 +430,9 @@ def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
             return ExchangeResult(None, scheme, bytes_sent + sent, payload_bytes,
                                   nonfinite_ranks=flagged,
                                   seconds=time.perf_counter() - started)
-        if request.average:
+        if per_sender and scheme == "allgather":
+            pass  # divided by the senders' counts in the all-gather's completion
+        elif request.average:
             result /= world
         output = _into(out, result.to(device=out_device, dtype=request.out_dtype))
         return ExchangeResult(output, scheme, bytes_sent + sent, payload_bytes,
@@ -559,6 +571,13 @@ def _launch_allgather(ctx: _Context, *, flag_slots: bool):
                   else torch.zeros(wire.numel, dtype=ctx.acc_dtype, device=payload.device))
         for source in range(world):  # fixed order: bitwise-identical sums on every rank
             result.index_add_(0, all_indices[source], all_values[source].to(ctx.acc_dtype))
+        if ctx.request.per_sender and ctx.request.average:
+            # Each position's sum over the ranks that sent it (a count is exact in float).
+            senders = torch.zeros(wire.numel, dtype=ctx.acc_dtype, device=result.device)
+            senders.index_add_(0, all_indices.reshape(-1),
+                               torch.ones(all_indices.numel(), dtype=ctx.acc_dtype,
+                                          device=result.device))
+            result.div_(senders.clamp_(min=1))
         union = (_largest_shard_union(all_indices, wire.numel, world)
                  if ctx.request.measure_union else None)
         return result, sent, union, None

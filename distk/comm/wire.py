@@ -14,7 +14,10 @@ larger element size first, so that both can be viewed in place without copies:
     (16-bit while buckets hold at most 65536 elements). Interleaved buckets: position
     ``p`` is offset ``p // buckets`` of bucket ``p % buckets``; contiguous buckets:
     bucket ``j`` starts at ``j * numel // buckets`` (the balanced split of
-    ``distk.selection.reference.bucket_positions``).
+    ``distk.selection.reference.bucket_positions``); tiles (``tiles=(rows, cols)``):
+    bucket ``j`` is the ``j``-th ``T x T`` tile (``T = 64``) of the row-major
+    ``rows x cols`` view, in row-major tile order, and the offset of entry ``(r, c)``
+    inside it is ``(r % T) * T + c % T`` (:func:`to_tile_order`).
 
 16-bit indices are stored as int16 holding ``index - 32768`` (torch has no general
 uint16 arithmetic), covering 0..65535.
@@ -45,7 +48,9 @@ __all__ = [
     "decode_indices",
     "encode_indices",
     "index_dtype_for",
+    "from_tile_order",
     "positions_from_offsets",
+    "to_tile_order",
 ]
 
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -59,6 +64,9 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 CODEC_GROUP = 64
 """Entries sharing one range in the compact codec when bucket ids are not implicit (and
 the least a group of whole buckets holds: see :func:`codec_group_size`)."""
+
+TILE = 64
+"""Side of the tiles of ``tiles`` (``distk.config.TILE_SIDE``)."""
 
 _UINT16_LIMIT = 1 << 16
 _INT16_BIAS = 1 << 15
@@ -123,6 +131,24 @@ def positions_from_offsets(offsets: torch.Tensor, numel: int, buckets: int,
     return offsets + _bucket_starts(numel, buckets, offsets.device)[bucket]
 
 
+def to_tile_order(positions: torch.Tensor, cols: int, side: int = 64) -> torch.Tensor:
+    """Row-major positions of a ``(rows, cols)`` view -> positions in tile order: tile
+    ``t`` (row-major over the tile grid) holds ``t * side**2 .. (t + 1) * side**2 - 1``,
+    each tile's entries row-major inside it. ``cols`` must divide by ``side``."""
+    row, col = positions // cols, positions % cols
+    tile = (row // side) * (cols // side) + col // side
+    return tile * (side * side) + (row % side) * side + col % side
+
+
+def from_tile_order(positions: torch.Tensor, cols: int, side: int = 64) -> torch.Tensor:
+    """Inverse of :func:`to_tile_order`."""
+    tile, offset = positions // (side * side), positions % (side * side)
+    per_row = cols // side
+    row = (tile // per_row) * side + offset // side
+    col = (tile % per_row) * side + offset % side
+    return row * cols + col
+
+
 @dataclass(frozen=True)
 class WireFormat:
     """Layout of one rank's ``k`` selected entries of a tensor of ``numel`` entries.
@@ -139,6 +165,9 @@ class WireFormat:
         value_bits: ``None`` (values in ``value_dtype``, byte-aligned indices) or 1, 2, 4,
             8: the compact codec (values quantized in per-group float32 ranges and
             decoded to ``value_dtype``, which must then be float32; bit-packed indices).
+        tiles: ``(rows, cols)``: the buckets are the ``64 x 64`` tiles of the row-major
+            ``rows x cols`` view (``bucket_layout="tile"``; contiguous buckets of the
+            tile order, see :func:`to_tile_order`); ``None``: flat buckets.
     """
 
     numel: int
@@ -148,6 +177,7 @@ class WireFormat:
     k_per_bucket: int | None = None
     interleaved: bool = True
     value_bits: int | None = None
+    tiles: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.numel < 1:
@@ -167,6 +197,15 @@ class WireFormat:
                 f"bucket-offset indices need buckets * k_per_bucket == k and at least "
                 f"k_per_bucket entries per bucket: numel={self.numel}, k={self.k}, "
                 f"buckets={self.buckets}, k_per_bucket={self.k_per_bucket}")
+        if self.tiles is not None:
+            rows, cols = self.tiles
+            if (self.buckets is None or self.interleaved or rows * cols != self.numel
+                    or rows % TILE or cols % TILE or self.buckets != self.numel // TILE**2):
+                raise ValueError(
+                    f"tiles={self.tiles} need contiguous (interleaved=False) buckets, one per "
+                    f"{TILE}x{TILE} tile of a rows x cols = numel view with both sides "
+                    f"multiples of {TILE}: numel={self.numel}, buckets={self.buckets}, "
+                    f"interleaved={self.interleaved}")
         if self.value_bits is not None:
             if self.value_dtype != torch.float32:
                 raise ValueError(f"the compact codec (value_bits={self.value_bits}) decodes "
@@ -222,6 +261,21 @@ class WireFormat:
         """Bytes of ``k`` positions packed at :attr:`position_bits` each."""
         return packed_nbytes(self.k, self.position_bits)
 
+    def _offsets(self, positions: torch.Tensor) -> torch.Tensor:
+        """Bucket offsets of ``positions`` listed in bucket order."""
+        if self.tiles is not None:
+            positions = to_tile_order(positions, self.tiles[1], TILE)
+        return bucket_offsets(positions, self.numel, self.buckets, self.k_per_bucket,
+                              self.interleaved)
+
+    def _positions(self, offsets: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_offsets`."""
+        positions = positions_from_offsets(offsets, self.numel, self.buckets,
+                                           self.k_per_bucket, self.interleaved)
+        if self.tiles is not None:
+            positions = from_tile_order(positions, self.tiles[1], TILE)
+        return positions
+
     def pack_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """``(k,)`` int64 positions (in bucket order with implicit bucket ids) ->
         ``(positions_nbytes,)`` uint8, bit-packed."""
@@ -229,16 +283,14 @@ class WireFormat:
             raise ValueError(f"pack_positions expects ({self.k},) positions, got "
                              f"{tuple(positions.shape)}")
         if self.bucketed:
-            positions = bucket_offsets(positions, self.numel, self.buckets, self.k_per_bucket,
-                                       self.interleaved)
+            positions = self._offsets(positions)
         return pack_bits(positions, self.position_bits)
 
     def unpack_positions(self, payload: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`pack_positions`: int64 positions, ``(k,)``."""
         codes = unpack_bits(payload, self.k, self.position_bits)
         if self.bucketed:
-            return positions_from_offsets(codes, self.numel, self.buckets, self.k_per_bucket,
-                                          self.interleaved)
+            return self._positions(codes)
         return codes
 
     def decoded(self, values: torch.Tensor) -> torch.Tensor:
@@ -286,6 +338,8 @@ class WireFormat:
         """Small integer describing the index and value encoding (exchanged to check
         agreement)."""
         code = (2 if self.bucketed else 0) * 8 + self.index_dtype.itemsize
+        if self.tiles is not None:
+            code += 1 << 24
         if self.value_bits is not None:
             code += (self.value_bits << 8) + (self.index_bits << 16)
         return code
@@ -307,8 +361,7 @@ class WireFormat:
             raise ValueError(f"pack expects indices and values of shape ({self.k},), got "
                              f"{tuple(indices.shape)} and {tuple(values.shape)}")
         if self.bucketed:
-            indices = bucket_offsets(indices, self.numel, self.buckets, self.k_per_bucket,
-                                     self.interleaved)
+            indices = self._offsets(indices)
         codec = self.codec
         if codec is not None:
             return torch.cat([codec.pack(values), pack_bits(indices, self.index_bits)])
@@ -329,8 +382,7 @@ class WireFormat:
             values = codec.unpack(payload[..., : codec.nbytes])
             indices = unpack_bits(payload[..., codec.nbytes:], self.k, self.index_bits)
             if self.bucketed:
-                indices = positions_from_offsets(indices, self.numel, self.buckets,
-                                                 self.k_per_bucket, self.interleaved)
+                indices = self._positions(indices)
             return indices, values
         out = {}
         for name, start, stop in self._sections():
@@ -342,6 +394,5 @@ class WireFormat:
                 out[name] = section.clone(memory_format=torch.contiguous_format).view(dtype)
         indices = decode_indices(out["indices"])
         if self.bucketed:
-            indices = positions_from_offsets(indices, self.numel, self.buckets,
-                                             self.k_per_bucket, self.interleaved)
+            indices = self._positions(indices)
         return indices, out["values"]

@@ -17,7 +17,7 @@ the stages before it (:class:`StepRequest` → :class:`StepPlan` → :class:`Acc
                 a local mask (all-gather / reduce-scatter) or a shared one (all-reduce),
                 whichever the cost model finds cheaper (cfg.mask)
     accumulate  g = grad (non-finite entries zeroed under nonfinite="zero"), clipped to
-                clip_norm; u = momentum * u + g; acc = residual + u
+                clip_norm; u = momentum * u + g; acc = error_decay * residual + u
     select      local: top-k of |acc| (bucketed or exact); shared: the mask policy's
                 positions, the same on every rank
     encode      values = acc[positions], fitted to the wire dtype's range
@@ -60,9 +60,10 @@ from distk.comm import (
     verify_layout,
 )
 from distk.comm.group import collective_errors, tensor_digest
+from distk.comm.wire import from_tile_order
 from distk.compressor.masks import MaskContext, MaskPolicy, make_mask_policy
-from distk.compressor.plan import SelectionPlan, make_plans
-from distk.config import SparsityConfig
+from distk.compressor.plan import SelectionPlan, make_plans, tile_grid
+from distk.config import TILE_SIDE, SparsityConfig
 from distk.selection import per_bucket_topk, topk
 from distk.selection.reference import positions_of
 from distk.stats import StepStats
@@ -339,7 +340,9 @@ class GradientCompressor:
         self._estimates: dict[Hashable, torch.Tensor] = {}
         self._means: dict[Hashable, torch.Tensor] = {}
         self._overlap: dict[Hashable, float] = {}
-        self._plans: dict[tuple[int, int], tuple[SelectionPlan, ...]] = {}
+        # Per (numel, k, tile grid or None): the plans used in turn.
+        self._plans: dict[tuple[int, int, Any], tuple[SelectionPlan, ...]] = {}
+        self._tile_noted = False  # bucket_layout="tile": the fallback note, once
         # Per key, the layouts (sizes, plan, dtypes; the last four) whose metadata the ranks
         # verified together; checkpointed, so that a resumed run exchanges exactly as the
         # uninterrupted one (every rank resumes from the same step).
@@ -502,7 +505,7 @@ class GradientCompressor:
             plan = StepPlan(numel, "dense", None, WireFormat(numel, numel, request.value_dtype))
         else:
             plan = self._sparse_plan(request.key, numel, request.step, request.value_dtype,
-                                     request.world)
+                                     request.world, self._grid(request))
         signature = repr((numel, plan.k, plan.scheme, plan.selection, request.value_dtype,
                           request.state_dtype))
         # Packed plans alternate between two layouts: each is verified once, not at
@@ -511,16 +514,33 @@ class GradientCompressor:
                   or signature not in self._verified.get(request.key, ()))
         return dataclasses.replace(plan, verify=verify, signature=signature)
 
+    def _grid(self, request: StepRequest) -> tuple[int, int] | None:
+        """The tile grid of the request's tensor under ``bucket_layout="tile"`` (``None``:
+        flat buckets; a note on rank 0, once, for a 2-D tensor that does not tile)."""
+        if self.cfg.bucket_layout != "tile":
+            return None
+        shape = request.grad.shape
+        grid = tile_grid(shape)
+        if grid is None and len(shape) >= 2 and not self._tile_noted:
+            self._tile_noted = True
+            if rank_and_world(self.group)[0] == 0:
+                print(f"[distk] bucket_layout='tile': {request.key!r} of shape "
+                      f"{tuple(shape)} does not divide into 64x64 tiles; it and any other "
+                      "such tensor use flat buckets", flush=True)
+        return grid
+
     def _sparse_plan(self, key: Hashable, numel: int, step: int, value_dtype: torch.dtype,
-                     world: int) -> StepPlan:
+                     world: int, grid: tuple[int, int] | None = None) -> StepPlan:
         cfg = self.cfg
         k = cfg.k_at(numel, step)
-        plans = self._plans.get((numel, k))
+        plans = self._plans.get((numel, k, grid))
         if plans is None:
-            plans = self._plans[(numel, k)] = make_plans(cfg, numel, k)
+            plans = self._plans[(numel, k, grid)] = make_plans(cfg, numel, k, grid)
         selection = plans[step % len(plans)]
         wire = selection.wire(numel, value_dtype, cfg.interleaved, cfg.value_bits)
-        return StepPlan(selection.k, self._scheme(key, wire, world), selection, wire)
+        # Tiles are selected per rank: a local-mask scheme, never a shared mask.
+        scheme = self._scheme(key, wire, world) if selection.tiles is None else cfg.exchange
+        return StepPlan(selection.k, scheme, selection, wire)
 
     def _scheme(self, key: Hashable, wire: WireFormat, world: int) -> str:
         """``"shared"`` where the mask may be shared and the cost model finds it cheapest
@@ -570,19 +590,25 @@ class GradientCompressor:
         if residual is not None:
             # (A bf16 residual becomes a new fp32 accumulator here; finish rounds it back.)
             acc = self._check_state(residual, key, request.numel, state_dtype, g.device)
+            decay = cfg.error_decay  # residual = decay * residual + g (1.0: no decay)
             if nonfinite:
                 pass  # a non-finite gradient never reaches the residual
             elif cfg.nonfinite == "skip":
                 # Another rank may still call the step off: keep the residual intact
                 # until the exchange has succeeded.
-                acc = acc + g
+                acc = (acc if decay == 1.0 else acc * decay) + g
             elif (plan.selection is not None and plan.selection.packed
+                  and plan.selection.tiles is None
                   and plan.scheme != "shared" and g.dtype == state_dtype
                   and request.numel >= FUSE_ADD_MIN_NUMEL):
+                if decay != 1.0:
+                    acc.mul_(decay)
                 pending = g  # in place, inside the selection's pass over memory
             else:
                 # In place. Should another rank raise for a non-finite gradient, this
                 # rank's gradient stays in its residual (delayed, not lost).
+                if decay != 1.0:
+                    acc.mul_(decay)
                 acc.add_(g)
         elif keep_residual:
             acc = g.to(state_dtype, copy=True)  # becomes the residual buffer
@@ -683,6 +709,7 @@ class GradientCompressor:
         pending = launch(ExchangeRequest(
             selection.sent, request.numel, selection.positions, wire=wire,
             scheme=plan.scheme, out_dtype=request.state_dtype, out=request.out, average=True,
+            per_sender=self.cfg.outer_average == "senders",
             tag=_key_tag(key), nonfinite=accumulated.nonfinite,
             verify=plan.verify and not shared,  # shared: checked in the select stage
             union_hint=hint, measure_union=measure), self.group)
@@ -784,9 +811,10 @@ class GradientCompressor:
                 if nxt.scheme == "shared":
                     following = (nxt.selection, nxt.wire)
         def plan_for(k: int, step: int) -> tuple[SelectionPlan, WireFormat]:
-            plans = self._plans.get((request.numel, k))
+            plans = self._plans.get((request.numel, k, None))
             if plans is None:
-                plans = self._plans[(request.numel, k)] = make_plans(self.cfg, request.numel, k)
+                plans = self._plans[(request.numel, k, None)] = make_plans(self.cfg,
+                                                                           request.numel, k)
             selection = plans[step % len(plans)]
             return selection, selection.wire(request.numel, request.value_dtype,
                                              self.cfg.interleaved)
@@ -811,6 +839,8 @@ class GradientCompressor:
         packed). ``pending``: ``acc += pending`` in place, fused into the selection
         kernel's pass where the backend can (packed plans only)."""
         cfg = self.cfg
+        if plan.tiles is not None:
+            return self._select_tiles(acc, plan)
         if plan.packed:
             keys = per_bucket_topk(acc.view(1, -1), plan.buckets, plan.k_per_bucket,
                                    cfg.interleaved, True,
@@ -821,6 +851,19 @@ class GradientCompressor:
                             k_per_bucket=plan.k_per_bucket, interleaved=cfg.interleaved,
                             recall_target=cfg.recall_target)
         return positions
+
+    @staticmethod
+    def _select_tiles(acc: torch.Tensor, plan: SelectionPlan) -> torch.Tensor:
+        """``bucket_layout="tile"``: the top ``k_per_bucket`` entries of every 64 x 64 tile
+        of the ``plan.tiles`` view of ``acc``, tile by tile (row-major over the tile
+        grid), as positions of the flat ``acc``. The tiles are made contiguous by one
+        permuting copy, then selected as contiguous buckets of 4096."""
+        rows, cols = plan.tiles
+        side = TILE_SIDE
+        tiled = (acc.view(rows // side, side, cols // side, side).permute(0, 2, 1, 3)
+                 .reshape(1, -1))
+        keys = per_bucket_topk(tiled, plan.buckets, plan.k_per_bucket, False, True)
+        return from_tile_order(positions_of(keys).reshape(-1), cols, side)
 
     @staticmethod
     def _recall(acc: torch.Tensor, positions: torch.Tensor) -> float:

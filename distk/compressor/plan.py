@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from distk.comm import WireFormat
-from distk.config import SparsityConfig
+from distk.config import TILE_SIDE, SparsityConfig
 from distk.selection import resolve_buckets
 from distk.selection.recall import packed_bucket_counts
 
 __all__ = ["MAX_PACKED_K_PER_BUCKET", "SelectionPlan", "make_plans", "packed_k_per_bucket",
-           "poisson_limit_recall"]
+           "poisson_limit_recall", "tile_grid"]
 
 MAX_PACKED_K_PER_BUCKET = 1024
 """Largest ``k_per_bucket`` used for a selection with no second stage (recall 0.9875)."""
@@ -65,26 +65,52 @@ class SelectionPlan:
         k: entries selected.
         buckets, k_per_bucket: the bucketed selection (``None``: exact top-k).
         packed: bucketed with no second stage (implicit bucket ids on the wire).
+        tiles: ``(rows, cols)`` of the 2-D view whose ``64 x 64`` tiles are the buckets
+            (``bucket_layout="tile"``), in row-major tile order; ``None``: flat buckets.
     """
 
     k: int
     buckets: int | None
     k_per_bucket: int | None
     packed: bool
+    tiles: tuple[int, int] | None = None
 
     def wire(self, numel: int, value_dtype: torch.dtype, interleaved: bool,
              value_bits: int | None = None) -> WireFormat:
         """The wire format of this plan's entries."""
+        if self.tiles is not None:
+            return WireFormat(numel, self.k, value_dtype, self.buckets, self.k_per_bucket,
+                              False, value_bits, self.tiles)
         if self.packed:
             return WireFormat(numel, self.k, value_dtype, self.buckets, self.k_per_bucket,
                               interleaved, value_bits)
         return WireFormat(numel, self.k, value_dtype, value_bits=value_bits)
 
 
-def make_plans(cfg: SparsityConfig, numel: int, k: int) -> tuple[SelectionPlan, ...]:
-    """Plans used in turn, one per step (one plan, or two packed ones)."""
+def tile_grid(shape: tuple[int, ...] | torch.Size | None) -> tuple[int, int] | None:
+    """``(rows, cols)`` of the 2-D view of a tensor of ``shape`` (``(shape[0], -1)``) when
+    both divide by :data:`~distk.config.TILE_SIDE`; ``None`` otherwise (and for fewer
+    than two dimensions)."""
+    if shape is None or len(shape) < 2 or shape[0] == 0:
+        return None
+    rows = int(shape[0])
+    cols = math.prod(int(n) for n in shape) // rows
+    if rows % TILE_SIDE or cols % TILE_SIDE or cols == 0:
+        return None
+    return rows, cols
+
+
+def make_plans(cfg: SparsityConfig, numel: int, k: int,
+               grid: tuple[int, int] | None = None) -> tuple[SelectionPlan, ...]:
+    """Plans used in turn, one per step (one plan, or two packed ones). ``grid``: the
+    tensor's :func:`tile_grid` under ``bucket_layout="tile"`` (one packed plan whose
+    buckets are the tiles, ``round(k / tiles)`` entries each)."""
     if cfg.method == "exact" or k >= numel:
         return (SelectionPlan(k, None, None, False),)
+    if grid is not None:
+        tiles = numel // (TILE_SIDE * TILE_SIDE)
+        per_tile = max(1, min(TILE_SIDE * TILE_SIDE, round(k / tiles)))
+        return (SelectionPlan(tiles * per_tile, tiles, per_tile, True, grid),)
     minimum = packed_k_per_bucket(cfg.recall_target)
     if cfg.buckets is None and cfg.k_per_bucket is None and minimum is not None:
         # Prefer a selection with no second stage. Recall grows with k_per_bucket, so any

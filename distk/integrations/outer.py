@@ -14,8 +14,10 @@ communication. After every ``sync_every``-th ``optimizer.step()`` (an optimizer 
 post-hook), for each parameter::
 
     delta    = anchor - param                 pseudo-gradient (anchor: params at last sync)
-    update   = compressor.step(delta, name)   residual + selection + codec + exchange,
-                                              averaged over ranks (GradientCompressor)
+    delta   *= min(1, median / norm)          outer_clip="median" (norm of every delta)
+    update   = compressor.step(delta, name)   error_decay * residual + delta, selection,
+                                              codec, exchange, averaged over ranks or
+                                              each position's senders (GradientCompressor)
     m        = outer_momentum * m + update    (outer_momentum > 0)
     step     = update + outer_momentum * m    (Nesterov) or m, or update (no momentum)
     anchor  -= outer_lr * step;  param = anchor
@@ -25,6 +27,7 @@ as are ``anchor`` and ``m``, so every rank ends a sync with bitwise identical pa
 With ``outer_momentum=0`` the compressor's error feedback is the only memory of the
 outer step (the SparseLoCo variant); with ``outer_momentum=0.9, outer_nesterov=True,
 outer_lr=0.7`` it is DiLoCo's outer Nesterov SGD on the compressed pseudo-gradient.
+``SparsityConfig.sparseloco()`` is SparseLoCo's published recipe (docs/outer.md).
 
 Anchors and outer momenta are kept in float32 (float64 for fp64 parameters): with bf16
 parameters the anchor is the master copy and parameters are its rounding.
@@ -50,10 +53,18 @@ from distk.config import SparsityConfig
 from distk.integrations.owner import StepOwner
 from distk.stats import StepStats
 
-__all__ = ["OuterSync", "ParameterMismatchError", "check_same_parameters", "enable"]
+__all__ = ["OuterSync", "ParameterMismatchError", "check_same_parameters", "enable",
+           "sparseloco"]
 
 STATE_VERSION = 2
 """Version of the :meth:`OuterSync.state_dict` layout."""
+
+def sparseloco(**overrides: Any) -> SparsityConfig:
+    """SparseLoCo's published recipe (:meth:`SparsityConfig.sparseloco
+    <distk.config.SparsityConfig.sparseloco>`): ``distk.outer.enable(model, optimizer,
+    distk.outer.sparseloco())``; ``overrides`` replace any of its options."""
+    return SparsityConfig.sparseloco(**overrides)
+
 
 class ParameterMismatchError(ValueError):
     """Ranks hold different parameters at :func:`enable` (raised on every rank)."""
@@ -77,10 +88,12 @@ class OuterSync(StepOwner):
             on the compressor's stats steps also ``input_norm``, the pseudo-gradient's,
             and ``update_norm``); empty before the first sync.
         sync_seconds: wall time of the last sync.
+        clip_scale: ``outer_clip="median"``: the factor this rank's pseudo-gradient was
+            scaled by at the last sync (1.0: at or below the median norm).
     """
 
-    __slots__ = ("model", "optimizer", "compressor", "sync_seconds", "_params", "_anchors",
-                 "_momenta", "_handle")
+    __slots__ = ("model", "optimizer", "compressor", "sync_seconds", "clip_scale", "_params",
+                 "_anchors", "_momenta", "_handle")
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  cfg: SparsityConfig, group: Any = None) -> None:
@@ -89,6 +102,7 @@ class OuterSync(StepOwner):
         self.optimizer = optimizer
         self.compressor = GradientCompressor(self.cfg, group)
         self.sync_seconds = 0.0
+        self.clip_scale = 1.0
         self._params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("distk.outer.enable: the model has no parameter that requires grad")
@@ -114,14 +128,38 @@ class OuterSync(StepOwner):
     def metrics(self, prefix: str = "distk/") -> dict[str, float]:
         """The common metrics plus ``syncs``, ``sync_seconds`` and
         ``bits_per_param_per_step`` (the last sync's bits per parameter over
-        ``sync_every``)."""
+        ``sync_every``); with ``outer_clip``, ``clip_scale``."""
         metrics = super().metrics(prefix)
         metrics[prefix + "syncs"] = float(self.syncs)
+        if self.cfg.outer_clip != "none":
+            metrics[prefix + "clip_scale"] = self.clip_scale
         if self.stats.buffers:
             metrics[prefix + "sync_seconds"] = self.sync_seconds
             metrics[prefix + "bits_per_param_per_step"] = (self.stats.bits_per_param
                                                            / self.cfg.sync_every)
         return metrics
+
+    def _median_clip(self, deltas: list[torch.Tensor]) -> float:
+        """``outer_clip="median"``: scale this rank's pseudo-gradient (every parameter's
+        together) down to the lower median of the ranks' L2 norms, in place; one
+        all-gather of one float64 per rank. Returns the scale applied (1.0: unchanged)."""
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(d, dtype=torch.float64) for d in deltas]))
+        world, group = self.world_size, self.process_group
+        if world == 1:
+            return 1.0
+        device = collective_device(group)
+        norms = torch.empty(world, dtype=torch.float64, device=device)
+        all_gather_flat(norms, norm.reshape(1).to(device), group,
+                        what="the median clip's all-gather of norms")
+        median = float(norms.cpu().median())  # the lower median: the same on every rank
+        own = float(norm)
+        if own <= median or own == 0.0:
+            return 1.0
+        scale = median / own
+        for delta in deltas:
+            delta.mul_(scale)
+        return scale
 
     @staticmethod
     def _master(param: torch.Tensor) -> torch.Tensor:
@@ -145,13 +183,19 @@ class OuterSync(StepOwner):
         started = time.perf_counter()
         merged = StepStats()
         step = max(self.syncs - 1, 0)  # the compressor's schedule counts syncs
+        deltas = []
         for name, param in self._params:
             anchor = self._anchors[name]
             if anchor.device != param.device:
                 anchor = self._anchors[name] = anchor.to(param.device)
-            delta = anchor - param.detach().reshape(-1).to(anchor.dtype)
-            work = self.compressor.launch(delta, name, step=step)
-            update = work.wait()
+            deltas.append(anchor - param.detach().reshape(-1).to(anchor.dtype))
+        if cfg.outer_clip == "median":
+            self.clip_scale = self._median_clip(deltas)
+        for (name, param), delta in zip(self._params, deltas, strict=True):
+            anchor = self._anchors[name]
+            # In the parameter's shape: bucket_layout="tile" follows its 2-D layout.
+            work = self.compressor.launch(delta.view(param.shape), name, step=step)
+            update = work.wait().reshape(-1)
             merged = merged.merge(work.stats)
             outer_step = update
             if cfg.outer_momentum > 0:

@@ -91,8 +91,8 @@ def _completed_result(mode_dir: Path, cfg: TrainConfig) -> RunResult | None:
 def format_table(results: dict[str, RunResult]) -> str:
     """Plain-text table of the modes' results."""
     header = (f"{'mode':<9} {'train loss':>10} {'val loss':>9} {'vs dense':>8} {'wall s':>7} "
-              f"{'select s':>8} {'comm s':>7} {'MB sent':>8} {'vs dense':>8} {'recall':>7} "
-              f"{'g.recall':>8}")
+              f"{'select s':>8} {'comm s':>7} {'MB sent':>8} {'vs dense':>8} {'bits/p/st':>9} "
+              f"{'recall':>7} {'g.recall':>8}")
     lines = [header, "-" * len(header)]
     dense = results.get("dense")
     for mode, r in results.items():
@@ -100,13 +100,15 @@ def format_table(results: dict[str, RunResult]) -> str:
                     if dense is not None else "-")
         rel_bytes = (f"{r.bytes_sent / dense.bytes_sent:.3f}x"
                      if dense is not None and dense.bytes_sent else "-")
+        bits = r.bits_per_param_per_step
+        bits = f"{bits:.3f}" if bits is not None else "-"
         recall = f"{r.mean_recall:.4f}" if r.mean_recall is not None else "-"
         global_recall = (f"{r.mean_global_recall:.4f}" if r.mean_global_recall is not None
                          else "-")
         lines.append(
             f"{mode:<9} {r.final_train_loss:>10.4f} {r.final_val_loss:>9.4f} {rel_loss:>8} "
             f"{r.wall_seconds:>7.1f} {r.selection_seconds:>8.2f} {r.comm_seconds:>7.2f} "
-            f"{r.bytes_sent / 1e6:>8.2f} {rel_bytes:>8} {recall:>7} {global_recall:>8}"
+            f"{r.bytes_sent / 1e6:>8.2f} {rel_bytes:>8} {bits:>9} {recall:>7} {global_recall:>8}"
         )
     return "\n".join(lines)
 

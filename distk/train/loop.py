@@ -96,6 +96,16 @@ class RunResult:
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     completed: bool = True
     """False when the run stopped early at ``train.stop_after``."""
+    params: int = 0
+    """Parameters of the model (0 in results written before it was recorded)."""
+
+    @property
+    def bits_per_param_per_step(self) -> float | None:
+        """Bits this rank sent per parameter per training step (``None`` when ``params``
+        was not recorded); the outer mode's syncs are spread over its inner steps."""
+        if not self.params or not self.steps:
+            return None
+        return 8 * self.bytes_sent / (self.params * self.steps)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict."""
@@ -480,6 +490,7 @@ def run_loop(cfg: TrainConfig, run_dir: Path, backend: StepBackend, data: Any, *
         train_curve=[tuple(p) for p in run.train_curve],
         val_curve=[tuple(p) for p in run.val_curve],
         completed=stop == cfg.train.steps,
+        params=sum(p.numel() for p in backend.module.parameters()),
     )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
