@@ -250,9 +250,12 @@ def test_timeout_stops_everything(netem):
 @needs_netns
 def test_interrupt_tears_down_and_busy_prefix_is_refused(netem):
     env = {**os.environ, "DISTK_NETEM_PREFIX": netem.prefix}
+    # SIGINT back to its default in the child: a shell started in the background (as CI
+    # may start pytest) ignores SIGINT, and bash cannot trap a signal ignored on entry.
     proc = subprocess.Popen(["bash", str(NETEM), "run", "2", "1gbit", "--", "sleep", "60"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 15
     while len(_namespaces(netem.prefix)) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -262,8 +265,7 @@ def test_interrupt_tears_down_and_busy_prefix_is_refused(netem):
     assert second.returncode == 3 and "in use by running processes" in second.stderr
     assert len(_namespaces(netem.prefix)) == 3 and proc.poll() is None
     proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers
-    # Teardown takes a second or two on an idle machine; the margin is for a loaded one.
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert _namespaces(netem.prefix) == []
 
