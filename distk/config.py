@@ -34,7 +34,8 @@ TILE_SIDE = 64
 """Side of the square tiles of ``bucket_layout="tile"`` (a bucket is ``64 x 64 = 4096``
 entries of a weight matrix)."""
 VALUE_BITS = (1, 2, 4, 8)
-"""Widths accepted by ``SparsityConfig.value_bits`` (``distk.comm.codec.VALUE_BITS``)."""
+"""Widths of the compact codec's value codes, accepted by ``SparsityConfig.value_bits``
+(the codec in ``distk.comm.codec`` uses this tuple)."""
 VALUE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,

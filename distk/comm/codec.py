@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distk.config import VALUE_BITS
+
 __all__ = [
     "VALUE_BITS",
     "ValueCodec",
@@ -40,8 +42,6 @@ __all__ = [
     "unpack_bits",
 ]
 
-VALUE_BITS = (1, 2, 4, 8)
-"""Widths of the value codes."""
 
 SCALE_DTYPE = torch.float32
 """Dtype of the per-group ranges on the wire."""

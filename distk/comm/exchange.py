@@ -306,6 +306,7 @@ class _Context:
     acc_dtype: torch.dtype
     buffer: torch.Tensor | None  # the caller's ``out`` when the sum can accumulate in it
     trailer: torch.Tensor | None  # unverified all-gather: digest and flags in front
+    per_sender: bool  # average each position over the ranks that sent it (all-gather)
 
 
 def _validate(request: ExchangeRequest) -> tuple[ExchangeRequest, torch.Tensor, WireFormat]:
@@ -430,9 +431,7 @@ def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
             return ExchangeResult(None, scheme, bytes_sent + sent, payload_bytes,
                                   nonfinite_ranks=flagged,
                                   seconds=time.perf_counter() - started)
-        if per_sender and scheme == "allgather":
-            pass  # divided by the senders' counts in the all-gather's completion
-        elif request.average:
+        if request.average and not per_sender:  # per_sender: divided in the all-gather
             result /= world
         output = _into(out, result.to(device=out_device, dtype=request.out_dtype))
         return ExchangeResult(output, scheme, bytes_sent + sent, payload_bytes,
@@ -443,7 +442,7 @@ def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
         [digest63(fields[:_NONFINITE_FIELD] + fields[_NONFINITE_FIELD + 1:]),
          fields[_NONFINITE_FIELD]], dtype=torch.int64, device=device)
     ctx = _Context(request, indices, values, wire, rank, world, group, acc_dtype, buffer,
-                   trailer)
+                   trailer, per_sender)
     if scheme == "reduce_scatter":
         result, sent, union = _reduce_scatter(ctx, routing)
         return PendingExchange.done(result_of(result, sent, union))
@@ -571,7 +570,7 @@ def _launch_allgather(ctx: _Context, *, flag_slots: bool):
                   else torch.zeros(wire.numel, dtype=ctx.acc_dtype, device=payload.device))
         for source in range(world):  # fixed order: bitwise-identical sums on every rank
             result.index_add_(0, all_indices[source], all_values[source].to(ctx.acc_dtype))
-        if ctx.request.per_sender and ctx.request.average:
+        if ctx.per_sender:
             # Each position's sum over the ranks that sent it (a count is exact in float).
             senders = torch.zeros(wire.numel, dtype=ctx.acc_dtype, device=result.device)
             senders.index_add_(0, all_indices.reshape(-1),

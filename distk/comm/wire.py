@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from distk.comm.codec import VALUE_BITS, ValueCodec, bits_for, pack_bits, packed_nbytes, unpack_bits
+from distk.config import TILE_SIDE
 
 __all__ = [
     "CODEC_GROUP",
@@ -65,8 +66,6 @@ CODEC_GROUP = 64
 """Entries sharing one range in the compact codec when bucket ids are not implicit (and
 the least a group of whole buckets holds: see :func:`codec_group_size`)."""
 
-TILE = 64
-"""Side of the tiles of ``tiles`` (``distk.config.TILE_SIDE``)."""
 
 _UINT16_LIMIT = 1 << 16
 _INT16_BIAS = 1 << 15
@@ -131,7 +130,7 @@ def positions_from_offsets(offsets: torch.Tensor, numel: int, buckets: int,
     return offsets + _bucket_starts(numel, buckets, offsets.device)[bucket]
 
 
-def to_tile_order(positions: torch.Tensor, cols: int, side: int = 64) -> torch.Tensor:
+def to_tile_order(positions: torch.Tensor, cols: int, side: int = TILE_SIDE) -> torch.Tensor:
     """Row-major positions of a ``(rows, cols)`` view -> positions in tile order: tile
     ``t`` (row-major over the tile grid) holds ``t * side**2 .. (t + 1) * side**2 - 1``,
     each tile's entries row-major inside it. ``cols`` must divide by ``side``."""
@@ -140,7 +139,7 @@ def to_tile_order(positions: torch.Tensor, cols: int, side: int = 64) -> torch.T
     return tile * (side * side) + (row % side) * side + col % side
 
 
-def from_tile_order(positions: torch.Tensor, cols: int, side: int = 64) -> torch.Tensor:
+def from_tile_order(positions: torch.Tensor, cols: int, side: int = TILE_SIDE) -> torch.Tensor:
     """Inverse of :func:`to_tile_order`."""
     tile, offset = positions // (side * side), positions % (side * side)
     per_row = cols // side
@@ -200,11 +199,12 @@ class WireFormat:
         if self.tiles is not None:
             rows, cols = self.tiles
             if (self.buckets is None or self.interleaved or rows * cols != self.numel
-                    or rows % TILE or cols % TILE or self.buckets != self.numel // TILE**2):
+                    or rows % TILE_SIDE or cols % TILE_SIDE
+                    or self.buckets != self.numel // TILE_SIDE**2):
                 raise ValueError(
                     f"tiles={self.tiles} need contiguous (interleaved=False) buckets, one per "
-                    f"{TILE}x{TILE} tile of a rows x cols = numel view with both sides "
-                    f"multiples of {TILE}: numel={self.numel}, buckets={self.buckets}, "
+                    f"{TILE_SIDE}x{TILE_SIDE} tile of a rows x cols = numel view with both sides "
+                    f"multiples of {TILE_SIDE}: numel={self.numel}, buckets={self.buckets}, "
                     f"interleaved={self.interleaved}")
         if self.value_bits is not None:
             if self.value_dtype != torch.float32:
@@ -264,7 +264,7 @@ class WireFormat:
     def _offsets(self, positions: torch.Tensor) -> torch.Tensor:
         """Bucket offsets of ``positions`` listed in bucket order."""
         if self.tiles is not None:
-            positions = to_tile_order(positions, self.tiles[1], TILE)
+            positions = to_tile_order(positions, self.tiles[1])
         return bucket_offsets(positions, self.numel, self.buckets, self.k_per_bucket,
                               self.interleaved)
 
@@ -273,7 +273,7 @@ class WireFormat:
         positions = positions_from_offsets(offsets, self.numel, self.buckets,
                                            self.k_per_bucket, self.interleaved)
         if self.tiles is not None:
-            positions = from_tile_order(positions, self.tiles[1], TILE)
+            positions = from_tile_order(positions, self.tiles[1])
         return positions
 
     def pack_positions(self, positions: torch.Tensor) -> torch.Tensor:

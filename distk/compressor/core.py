@@ -597,19 +597,18 @@ class GradientCompressor:
                 # Another rank may still call the step off: keep the residual intact
                 # until the exchange has succeeded.
                 acc = (acc if decay == 1.0 else acc * decay) + g
-            elif (plan.selection is not None and plan.selection.packed
-                  and plan.selection.tiles is None
-                  and plan.scheme != "shared" and g.dtype == state_dtype
-                  and request.numel >= FUSE_ADD_MIN_NUMEL):
-                if decay != 1.0:
-                    acc.mul_(decay)
-                pending = g  # in place, inside the selection's pass over memory
             else:
                 # In place. Should another rank raise for a non-finite gradient, this
                 # rank's gradient stays in its residual (delayed, not lost).
                 if decay != 1.0:
                     acc.mul_(decay)
-                acc.add_(g)
+                if (plan.selection is not None and plan.selection.packed
+                        and plan.selection.tiles is None
+                        and plan.scheme != "shared" and g.dtype == state_dtype
+                        and request.numel >= FUSE_ADD_MIN_NUMEL):
+                    pending = g  # added inside the selection's pass over memory
+                else:
+                    acc.add_(g)
         elif keep_residual:
             acc = g.to(state_dtype, copy=True)  # becomes the residual buffer
         else:

@@ -59,6 +59,7 @@ __all__ = ["OuterSync", "ParameterMismatchError", "check_same_parameters", "enab
 STATE_VERSION = 2
 """Version of the :meth:`OuterSync.state_dict` layout."""
 
+
 def sparseloco(**overrides: Any) -> SparsityConfig:
     """SparseLoCo's published recipe (:meth:`SparsityConfig.sparseloco
     <distk.config.SparsityConfig.sparseloco>`): ``distk.outer.enable(model, optimizer,
@@ -143,11 +144,11 @@ class OuterSync(StepOwner):
         """``outer_clip="median"``: scale this rank's pseudo-gradient (every parameter's
         together) down to the lower median of the ranks' L2 norms, in place; one
         all-gather of one float64 per rank. Returns the scale applied (1.0: unchanged)."""
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(d, dtype=torch.float64) for d in deltas]))
         world, group = self.world_size, self.process_group
         if world == 1:
             return 1.0
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(d, dtype=torch.float64) for d in deltas]))
         device = collective_device(group)
         norms = torch.empty(world, dtype=torch.float64, device=device)
         all_gather_flat(norms, norm.reshape(1).to(device), group,
