@@ -30,6 +30,7 @@ NONFINITE_POLICIES = ("raise", "skip", "zero")
 BUCKET_LAYOUTS = ("flat", "tile")
 OUTER_AVERAGES = ("all", "senders")
 OUTER_CLIPS = ("none", "median")
+SMALL_TENSORS = ("dense", "codec")
 TILE_SIDE = 64
 """Side of the square tiles of ``bucket_layout="tile"`` (a bucket is ``64 x 64 = 4096``
 entries of a weight matrix)."""
@@ -90,8 +91,8 @@ class SparsityConfig:
 
     Selection size: ``k`` entries per tensor when ``k`` is set, else
     ``round(density * numel)`` (at least 1). Tensors with fewer than ``min_numel``
-    entries, the first ``dense_steps`` steps and ``method="dense"`` use a dense
-    all-reduce through the same code path.
+    entries (unless ``small_tensors="codec"``), the first ``dense_steps`` steps and
+    ``method="dense"`` use a dense all-reduce through the same code path.
     """
 
     density: float = 0.01
@@ -246,7 +247,17 @@ class SparsityConfig:
     ``distk.outer`` applies it."""
 
     min_numel: int = 1024
-    """Tensors with fewer entries than this are exchanged dense (sparse does not pay)."""
+    """Tensors with fewer entries than this are exchanged whole (sparse does not pay);
+    how, ``small_tensors`` says."""
+
+    small_tensors: str = "dense"
+    """How tensors under ``min_numel`` entries (biases, norms) travel. ``"dense"``: an
+    all-reduce of every entry in the gradient's dtype. ``"codec"``: every entry through
+    the ``value_bits`` codec, in position order with no indices (2 bits and a bfloat16
+    range per 512 entries at ``value_bits=2``), the rounding kept in the residual (needs
+    ``value_bits``). In a model of a few million parameters the biases and norms sent
+    dense in float32 cost as many bits as the 2-bit sparse matrices
+    (docs/outer.md)."""
 
     exchange: str = "auto"
     """Exchange scheme: ``"auto"`` (cost model picks per call), ``"allgather"``,
@@ -397,6 +408,11 @@ class SparsityConfig:
                 _fail("exchange", self.exchange,
                       f"'auto' or 'allgather' when value_bits={self.value_bits} is set (only "
                       "the all-gather sends packed entries)")
+        if self.small_tensors not in SMALL_TENSORS:
+            _fail("small_tensors", self.small_tensors, f"one of {SMALL_TENSORS}")
+        if self.small_tensors == "codec" and self.value_bits is None:
+            _fail("small_tensors", self.small_tensors,
+                  f"'dense' when value_bits is None (the codec needs value_bits in {VALUE_BITS})")
         if not _is_int(self.sync_every) or self.sync_every < 1:
             _fail("sync_every", self.sync_every, "an integer >= 1")
         if not _is_number(self.outer_lr) or not 0.0 < self.outer_lr < math.inf:
@@ -499,14 +515,15 @@ class SparsityConfig:
         each pseudo-gradient is added, in place of outer momentum (``error_decay=0.95``,
         ``outer_momentum=0``, ``outer_lr=1``); contributions averaged over the ranks
         that sent each position (``outer_average="senders"``, ``mask="local"``); each
-        rank's pseudo-gradient clipped to the median norm (``outer_clip="median"``); no
+        rank's pseudo-gradient clipped to the median norm (``outer_clip="median"``);
+        biases and norms through the same 2-bit codec (``small_tensors="codec"``); no
         dense start under Adam (``adam_dense_steps=0``, ``adam_warmup_steps=0``).
         ``overrides`` replace any of these (validated as usual)."""
         recipe: dict[str, Any] = dict(
             sync_every=30, density=64 / 4096, method="bucketed", bucket_layout="tile",
             value_bits=2, error_decay=0.95, outer_lr=1.0, outer_momentum=0.0,
             outer_average="senders", outer_clip="median", mask="local",
-            adam_dense_steps=0, adam_warmup_steps=0)
+            small_tensors="codec", adam_dense_steps=0, adam_warmup_steps=0)
         recipe.update(overrides)
         return cls.from_dict(recipe)
 
@@ -571,7 +588,8 @@ class SparsityConfig:
 
     def is_dense_step(self, numel: int, step: int) -> bool:
         """Whether a tensor of ``numel`` entries goes dense at (0-based) ``step``."""
-        return self.method == "dense" or numel < self.min_numel or step < self.dense_steps
+        return (self.method == "dense" or step < self.dense_steps
+                or (numel < self.min_numel and self.small_tensors == "dense"))
 
     def density_at(self, numel: int, step: int) -> float:
         """Fraction of the ``numel`` entries sent at (0-based) ``step``.

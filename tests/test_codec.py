@@ -9,7 +9,8 @@ import pytest
 import torch
 from distributed import run_distributed
 
-from distk.comm.codec import VALUE_BITS, ValueCodec, bits_for, pack_bits, unpack_bits
+from distk.comm.codec import (VALUE_BITS, ValueCodec, bits_for, pack_bits, scale_dtype,
+                              unpack_bits)
 from distk.comm.cost import scheme_bytes
 from distk.comm.wire import WireFormat, codec_group_size
 from distk.compressor import GradientCompressor
@@ -28,19 +29,29 @@ def reference_pack_bits(codes: list[int], width: int) -> bytes:
     return stream.to_bytes((len(codes) * width + 7) // 8, "little")
 
 
+def on_wire(x: float, bits: int) -> float:
+    """A range bound as it travels: bfloat16 up to 4 bits, float32 at 8."""
+    return torch.tensor(x, dtype=torch.float32).to(scale_dtype(bits)).item()
+
+
+def range_bytes(bits: int) -> int:
+    """Bytes of one group's (lo, hi) on the wire."""
+    return 4 if bits <= 4 else 8
+
+
 def reference_quantize(values: list[float], bits: int, group: int) -> list[float]:
     """Plain per-group sign-magnitude quantizer (float64): the sign, and the nearest of
-    the centres of 2**(bits-1) equal cells of [least, largest magnitude]; 1 bit: the
-    sign times the mean magnitude."""
+    the centres of 2**(bits-1) equal cells of [least, largest magnitude] (bounds rounded
+    as they travel); 1 bit: the sign times the mean magnitude."""
     cells = 1 << (bits - 1)
     out = []
     for start in range(0, len(values), group):
         chunk = values[start:start + group]
         mags = [abs(v) for v in chunk]
         if bits == 1:
-            centres = [sum(mags) / len(mags)]
+            centres = [on_wire(sum(mags) / len(mags), bits)]
         else:
-            lo, hi = min(mags), max(mags)
+            lo, hi = on_wire(min(mags), bits), on_wire(max(mags), bits)
             centres = [lo + (j + 0.5) * (hi - lo) / cells for j in range(cells)]
         for v in chunk:
             magnitude = min(centres, key=lambda c: abs(c - abs(v)))
@@ -94,7 +105,8 @@ def test_value_codec_matches_reference(bits, k, group):
     torch.testing.assert_close(decoded.double(), expected, rtol=1e-6, atol=1e-6)
     # What goes over the wire decodes to exactly the round trip.
     payload = codec.pack(values)
-    assert payload.numel() == codec.nbytes == 8 * math.ceil(k / group) + (k * bits + 7) // 8
+    assert payload.numel() == codec.nbytes == (range_bytes(bits) * math.ceil(k / group)
+                                               + (k * bits + 7) // 8)
     assert torch.equal(codec.unpack(payload), decoded)
     assert torch.equal(codec.unpack(torch.stack([payload, payload])), torch.stack([decoded] * 2))
 
@@ -139,29 +151,46 @@ def test_wire_round_trip_bucketed(bits, numel, buckets, k_per_bucket, interleave
     payload = wire.pack(positions, x[positions])
     group = codec_group_size(k_per_bucket)
     assert payload.numel() == wire.payload_bytes == (
-        8 * math.ceil(k / group) + (k * bits + 7) // 8 + (k * wire.index_bits + 7) // 8)
+        range_bytes(bits) * math.ceil(k / group) + (k * bits + 7) // 8
+        + (k * wire.index_bits + 7) // 8)
     indices, values = wire.unpack(torch.stack([payload, payload]))
     assert torch.equal(indices, torch.stack([positions] * 2))
     assert torch.equal(values[1], wire.decoded(x[positions]))
 
 
-@pytest.mark.parametrize("numel,k", [(1, 1), (2, 1), (1000, 3), (65537, 100), (4096, 4096)])
+@pytest.mark.parametrize("numel,k", [(2, 1), (1000, 3), (65537, 100), (4096, 4095)])
 def test_wire_round_trip_absolute(numel, k):
     gen = torch.Generator().manual_seed(numel)
     positions = torch.randperm(numel, generator=gen)[:k]
     values = torch.randn(k, generator=gen)
     wire = WireFormat(numel, k, torch.float32, value_bits=4)
-    assert wire.index_bits == bits_for(numel)
+    assert wire.index_bits == bits_for(numel) and not wire.implicit
     indices, decoded = wire.unpack(wire.pack(positions, values))
     assert torch.equal(indices, positions)
     assert torch.equal(decoded, ValueCodec(4, k, 64).roundtrip(values))
 
 
+@pytest.mark.parametrize("bits", VALUE_BITS)
+@pytest.mark.parametrize("numel", [1, 7, 512, 1000])
+def test_wire_every_entry_leaves_positions_off(bits, numel):
+    # k == numel with the codec: values in position order, no index section.
+    values = torch.randn(numel, generator=torch.Generator().manual_seed(numel + bits))
+    wire = WireFormat(numel, numel, torch.float32, value_bits=bits)
+    assert wire.implicit and wire.index_bits == 0
+    payload = wire.pack(torch.arange(numel), values)
+    assert payload.numel() == wire.payload_bytes == (
+        range_bytes(bits) * math.ceil(numel / 64) + (numel * bits + 7) // 8)
+    indices, decoded = wire.unpack(torch.stack([payload, payload]))
+    assert torch.equal(indices, torch.arange(numel).expand(2, numel))
+    assert torch.equal(decoded[0], wire.decoded(values))
+
+
 def test_sparseloco_setting_bits():
-    # 64 of every 4096 entries, 2-bit values, 12-bit offsets, a 64-bit range per bucket.
+    # 64 of every 4096 entries, 2-bit values, 12-bit offsets, a 32-bit (two bfloat16)
+    # range per bucket.
     wire = WireFormat(4096 * 256, 64 * 256, torch.float32, 256, 64, True, 2)
-    assert wire.bits_per_entry == 2 + 12 + 64 / 64
-    assert wire.bits_per_entry * 64 / 4096 == pytest.approx(0.2344, abs=1e-4)
+    assert wire.bits_per_entry == 2 + 12 + 32 / 64
+    assert wire.bits_per_entry * 64 / 4096 == pytest.approx(0.2266, abs=1e-4)
     cost = scheme_bytes(wire.numel, wire.k, 4, wire.index_bytes, wire.value_bytes,
                         payload_bytes=wire.payload_bytes)
     plain = scheme_bytes(wire.numel, wire.k, 4, 2, 4)
@@ -182,11 +211,17 @@ def test_wire_and_config_validation():
     with pytest.raises(ValueError, match="SparsityConfig.exchange must be 'auto' or"):
         SparsityConfig(value_bits=2, exchange="reduce_scatter")
     assert SparsityConfig.from_dict({"value_bits": 4}).value_bits == 4
+    with pytest.raises(ValueError, match=r"SparsityConfig.small_tensors must be 'dense' when "
+                                         r"value_bits is None .*got 'codec'"):
+        SparsityConfig(small_tensors="codec")
+    with pytest.raises(ValueError, match=r"SparsityConfig.small_tensors must be one of "
+                                         r"\('dense', 'codec'\), got 'fp16'"):
+        SparsityConfig(small_tensors="fp16", value_bits=2)
 
 
 def test_compressor_single_process_keeps_quantization_error():
     # An explicit plan (8 buckets of 4096): 2-bit values + 12-bit offsets + the per-bucket
-    # range amortised to 1 bit per entry.
+    # range (two bfloat16) amortised to half a bit per entry.
     cfg = SparsityConfig(density=1 / 64, value_bits=2, min_numel=0, recall_interval=0,
                          buckets=8, k_per_bucket=64)
     compressor = GradientCompressor(cfg)
@@ -197,9 +232,9 @@ def test_compressor_single_process_keeps_quantization_error():
         update = compressor.step(grad, "w", step=step)
         total += update.double()
         stats = compressor.last
-        # Every step sends the plan's 512 entries at the layout's 15 bits each, i.e. 15
-        # bits per 64 parameters (all counts are powers of two: exact).
-        assert (stats.sent, stats.bits_per_entry, stats.bits_per_param) == (512, 15.0, 15 / 64)
+        # Every step sends the plan's 512 entries at the layout's 14.5 bits each, i.e.
+        # 14.5 bits per 64 parameters (all counts are powers of two: exact).
+        assert (stats.sent, stats.bits_per_entry, stats.bits_per_param) == (512, 14.5, 14.5 / 64)
         # Every sent entry arrives non-zero (sign-magnitude codes have no zero level).
         assert update.count_nonzero() == stats.sent, step
     residual = compressor.residual("w").double()
@@ -207,14 +242,14 @@ def test_compressor_single_process_keeps_quantization_error():
                                rtol=0, atol=1e-5)
 
 
-def _conservation(rank, world, bits, exchange):
+def _conservation(rank, world, bits, exchange, small):
     cfg = SparsityConfig(density=0.02, value_bits=bits, exchange=exchange, min_numel=1024,
-                         dense_steps=1, recall_interval=0)
+                         dense_steps=1, recall_interval=0, small_tensors=small)
     compressor = GradientCompressor(cfg)
     sizes = {"big": 4096 * 6 + 17, "small": 300, "mid": 5000}
     updates = {key: torch.zeros(n, dtype=torch.float64) for key, n in sizes.items()}
     grads = {key: torch.zeros(n, dtype=torch.float64) for key, n in sizes.items()}
-    sent = []
+    sent, stats = [], {}
     for step in range(5):
         for key, n in sizes.items():
             gen = torch.Generator().manual_seed(1000 * step + 10 * rank + n)
@@ -223,12 +258,13 @@ def _conservation(rank, world, bits, exchange):
             updates[key] += update.double()
             grads[key] += grad.double()
             sent.append(update)
-        stats = compressor.last
+            stats[key] = compressor.last
     residuals = {key: compressor.residual(key).double() for key in sizes}
     return updates, grads, residuals, sent, stats
 
 
-CONSERVATION_CASES = [(2, "auto"), (1, "allgather"), (8, "auto")]
+CONSERVATION_CASES = [(2, "auto", "dense"), (1, "allgather", "dense"), (8, "auto", "dense"),
+                      (2, "auto", "codec")]
 
 
 def _conservation_cases(rank, world):
@@ -241,10 +277,11 @@ def conservation_runs() -> list[dict]:
     return run_distributed(_conservation_cases, 2, timeout=180)
 
 
-@pytest.mark.parametrize("bits,exchange", CONSERVATION_CASES)
-def test_conservation_and_identical_bits_on_two_ranks(bits, exchange, conservation_runs):
+@pytest.mark.parametrize("bits,exchange,small", CONSERVATION_CASES)
+def test_conservation_and_identical_bits_on_two_ranks(bits, exchange, small,
+                                                       conservation_runs):
     world = 2
-    results = [run[bits, exchange] for run in conservation_runs]
+    results = [run[bits, exchange, small] for run in conservation_runs]
     for key in results[0][0]:
         updates = results[0][0][key]
         residuals = sum(r[2][key] for r in results)
@@ -254,13 +291,22 @@ def test_conservation_and_identical_bits_on_two_ranks(bits, exchange, conservati
     for a, b in zip(results[0][3], results[1][3], strict=True):
         assert torch.equal(a, b)  # every rank applies bitwise the same update
     stats = results[0][4]
-    assert stats.schemes == {"allgather": 1}
-    assert stats.bits_per_entry <= bits + 13 + 1
+    assert stats["mid"].schemes == {"allgather": 1}
+    assert stats["mid"].bits_per_entry <= bits + 13 + 1
+    # The 300-entry tensor: dense in float32 (nothing left behind), or every entry at
+    # `bits` bits with no index and a bfloat16 range per 64 entries, its rounding kept.
+    residual = results[0][2]["small"]
+    if small == "dense":
+        assert (stats["small"].bits_per_entry, residual.abs().max()) == (32.0, 0.0)
+    else:
+        assert stats["small"].sent == 300 and stats["small"].schemes == {"allgather": 1}
+        assert stats["small"].bits_per_entry == (300 * bits + 7) // 8 * 8 / 300 + 32 * 5 / 300
+        assert residual.abs().max() > 0
 
 
 def test_step_stats_carry_bits_per_entry_and_per_param():
     # An explicit plan (8 buckets of 4096): 2-bit values + 12-bit offsets + the per-bucket
-    # range amortised to 1 bit per entry.
+    # range (two bfloat16) amortised to half a bit per entry.
     cfg = SparsityConfig(density=1 / 64, value_bits=2, min_numel=0, recall_interval=0,
                          buckets=8, k_per_bucket=64)
     compressor = GradientCompressor(cfg)
@@ -269,10 +315,10 @@ def test_step_stats_carry_bits_per_entry_and_per_param():
     work.wait()
     stats = work.stats
     assert stats == compressor.last
-    assert stats.bits_per_entry == 2 + 12 + 1
+    assert stats.bits_per_entry == 2 + 12 + 0.5
     assert stats.bits_per_param == stats.bits_per_entry / 64
     merged = stats.merge(stats)
     assert merged.bits_per_entry == stats.bits_per_entry
     metrics = compressor.totals.to_metrics()
-    assert metrics["distk/bits_per_entry"] == 15.0
-    assert metrics["distk/bits_per_param"] == 15.0 / 64
+    assert metrics["distk/bits_per_entry"] == 14.5
+    assert metrics["distk/bits_per_param"] == 14.5 / 64

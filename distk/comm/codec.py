@@ -3,7 +3,10 @@
 With ``SparsityConfig.value_bits`` set, a rank's selected entries travel as
 
 * **ranges**: per group of ``group_size`` consecutive entries (a bucket's
-  ``k_per_bucket`` entries when bucket ids are implicit), two float32 ``lo <= hi``;
+  ``k_per_bucket`` entries when bucket ids are implicit), two floats ``lo <= hi``:
+  bfloat16 for codes of 1, 2 and 4 bits (a range rounded by at most 2**-9 of its value
+  moves a level by far less than the code's own cell of 1/2 to 1/8 of the range), float32
+  for 8 bits;
 * **value codes**: ``value_bits`` (1, 2, 4 or 8) bits per entry, sign-magnitude: the top
   bit is the sign, the other ``b - 1`` bits pick one of ``M = 2**(b-1)`` magnitudes, the
   centres of ``M`` equal cells of ``[lo, hi]``: ``lo + (j + 1/2) (hi - lo) / M``. For
@@ -39,12 +42,15 @@ __all__ = [
     "bits_for",
     "pack_bits",
     "packed_nbytes",
+    "scale_dtype",
     "unpack_bits",
 ]
 
 
-SCALE_DTYPE = torch.float32
-"""Dtype of the per-group ranges on the wire."""
+def scale_dtype(bits: int) -> torch.dtype:
+    """Dtype of the per-group ranges on the wire for ``bits``-bit codes: bfloat16 up to
+    4 bits, float32 for 8 (see the module docstring)."""
+    return torch.bfloat16 if bits <= 4 else torch.float32
 
 
 def bits_for(limit: int) -> int:
@@ -148,9 +154,14 @@ class ValueCodec:
         return 1 << (self.bits - 1)
 
     @property
+    def scale_dtype(self) -> torch.dtype:
+        """Dtype of the ranges on the wire (:func:`scale_dtype`)."""
+        return scale_dtype(self.bits)
+
+    @property
     def scale_bytes(self) -> int:
-        """Bytes of the ranges: ``(lo, hi)`` float32 per group."""
-        return 2 * self.groups * SCALE_DTYPE.itemsize
+        """Bytes of the ranges: ``(lo, hi)`` per group in :attr:`scale_dtype`."""
+        return 2 * self.groups * self.scale_dtype.itemsize
 
     @property
     def code_bytes(self) -> int:
@@ -171,11 +182,13 @@ class ValueCodec:
         return torch.arange(self.k, device=device) // self.group_size
 
     def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(k,)`` finite floats -> ``(codes (k,) int64, ranges (groups, 2) float32)``."""
+        """``(k,)`` finite floats -> ``(codes (k,) int64, ranges (groups, 2))``; the ranges
+        in :attr:`scale_dtype`, and the codes chosen against those rounded ranges."""
         if values.shape != (self.k,):
             raise ValueError(f"encode expects values of shape ({self.k},), got "
                              f"{tuple(values.shape)}")
-        values = values.to(SCALE_DTYPE)
+        values = values.to(torch.float32)
+        wire = self.scale_dtype
         magnitude = values.abs()
         negative = (values < 0).to(torch.int64)
         if self.bits == 1:
@@ -185,26 +198,28 @@ class ValueCodec:
             # same float32 mean as its own device computes for the residual, except at
             # a float32 rounding tie.
             total = self._grouped(magnitude.double(), 0.0).sum(-1)
-            mean = (total / sizes.double()).to(SCALE_DTYPE)
+            mean = (total / sizes.double()).to(torch.float32).to(wire)
             return negative, torch.stack([mean, mean], dim=-1)
-        lo = self._grouped(magnitude, math.inf).amin(-1)
-        hi = self._grouped(magnitude, 0.0).amax(-1)
+        lo = self._grouped(magnitude, math.inf).amin(-1).to(wire)
+        hi = self._grouped(magnitude, 0.0).amax(-1).to(wire)
+        ranges = torch.stack([lo, hi], dim=-1)
+        lo, hi = lo.to(torch.float32), hi.to(torch.float32)
         group = self._group_of_entry(values.device)
         width = hi - lo
         safe = torch.where(width > 0, width, torch.ones_like(width))
         cell = ((magnitude - lo[group]) / safe[group] * self.magnitudes).floor()
         level = cell.clamp(0, self.magnitudes - 1).to(torch.int64)
-        return level + negative * self.magnitudes, torch.stack([lo, hi], dim=-1)
+        return level + negative * self.magnitudes, ranges
 
     def decode(self, codes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
         """``(..., k)`` codes and ``(..., groups, 2)`` ranges -> ``(..., k)`` float32.
 
         Elementwise IEEE operations on transmitted floats, one at a time (no fused
         multiply-add): bitwise the same on any device."""
-        ranges = ranges.to(SCALE_DTYPE)
+        ranges = ranges.to(torch.float32)  # exact from bfloat16
         group = self._group_of_entry(codes.device)
         lo, hi = ranges[..., 0][..., group], ranges[..., 1][..., group]
-        level = (codes % self.magnitudes).to(SCALE_DTYPE)
+        level = (codes % self.magnitudes).to(torch.float32)
         fraction = (level + 0.5) / self.magnitudes  # exact: M is a power of two
         magnitude = lo + fraction * (hi - lo)
         return torch.where(codes >= self.magnitudes, -magnitude, magnitude)
@@ -226,6 +241,6 @@ class ValueCodec:
                              f"{payload.shape[-1]}")
         range_part = payload[..., : self.scale_bytes].clone(
             memory_format=torch.contiguous_format)  # fresh, aligned for the float view
-        ranges = range_part.view(SCALE_DTYPE).unflatten(-1, (self.groups, 2))
+        ranges = range_part.view(self.scale_dtype).unflatten(-1, (self.groups, 2))
         codes = unpack_bits(payload[..., self.scale_bytes:], self.k, self.bits)
         return self.decode(codes, ranges)

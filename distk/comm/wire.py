@@ -23,9 +23,10 @@ larger element size first, so that both can be viewed in place without copies:
 uint16 arithmetic), covering 0..65535.
 
 With ``value_bits`` set (the compact codec of :mod:`distk.comm.codec`), the payload is
-instead: float32 ranges (two per group of :func:`codec_group_size` entries), values
-packed at ``value_bits`` bits each, then indices packed at ``index_bits`` bits each
-(``ceil(log2(bucket size))`` for bucket offsets, ``ceil(log2(numel))`` for positions).
+instead: ranges (two per group of :func:`codec_group_size` entries, bfloat16 up to 4
+bits and float32 at 8), values packed at ``value_bits`` bits each, then indices packed at
+``index_bits`` bits each (``ceil(log2(bucket size))`` for bucket offsets,
+``ceil(log2(numel))`` for positions, none when every entry is sent in order).
 Values then decode to float32; :meth:`WireFormat.decoded` gives exactly what receivers
 decode.
 """
@@ -239,11 +240,18 @@ class WireFormat:
         return ValueCodec(self.value_bits, self.k, codec_group_size(self.k_per_bucket))
 
     @property
+    def implicit(self) -> bool:
+        """Whether positions are left off the wire: with the codec, a rank that sends
+        every entry (``k == numel``, no buckets) sends its values in position order."""
+        return self.value_bits is not None and self.k == self.numel and not self.bucketed
+
+    @property
     def index_bits(self) -> int:
-        """Bits of one index on the wire (bit-packed with the codec, else the dtype's)."""
+        """Bits of one index on the wire (bit-packed with the codec, else the dtype's; 0
+        when :attr:`implicit`)."""
         if self.value_bits is None:
             return 8 * self.index_dtype.itemsize
-        return bits_for(self.bucket_size)
+        return 0 if self.implicit else bits_for(self.bucket_size)
 
     @property
     def bits_per_entry(self) -> float:
@@ -355,7 +363,8 @@ class WireFormat:
         """``(k,)`` int64 positions and ``(k,)`` values -> ``(payload_bytes,)`` uint8.
 
         With bucket offsets, ``indices`` must list the buckets in order, ``k_per_bucket``
-        entries each (as ``distk.selection.bucket_candidates`` returns them).
+        entries each (as ``distk.selection.bucket_candidates`` returns them); when
+        :attr:`implicit`, they must be ``0 .. numel - 1`` in order (not sent).
         """
         if indices.shape != (self.k,) or values.shape != (self.k,):
             raise ValueError(f"pack expects indices and values of shape ({self.k},), got "
@@ -380,6 +389,8 @@ class WireFormat:
         codec = self.codec
         if codec is not None:
             values = codec.unpack(payload[..., : codec.nbytes])
+            if self.implicit:
+                return torch.arange(self.k, device=payload.device).expand_as(values), values
             indices = unpack_bits(payload[..., codec.nbytes:], self.k, self.index_bits)
             if self.bucketed:
                 indices = self._positions(indices)

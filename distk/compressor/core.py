@@ -487,7 +487,7 @@ class GradientCompressor:
         dense = stateless or cfg.is_dense_step(grad.numel(), step)
         # A step that sends every entry (k >= numel) travels in the gradient's dtype, as a
         # dense one does: bf16 values pay off only where entries are left behind.
-        whole = dense or cfg.k_at(grad.numel(), step) >= grad.numel()
+        whole = dense or self._k_at(grad.numel(), step) >= grad.numel()
         value_dtype = cfg.wire_dtype_for(grad.dtype, whole)
         direct = out is not None and out.dtype == state_dtype
         return StepRequest(
@@ -532,7 +532,7 @@ class GradientCompressor:
     def _sparse_plan(self, key: Hashable, numel: int, step: int, value_dtype: torch.dtype,
                      world: int, grid: tuple[int, int] | None = None) -> StepPlan:
         cfg = self.cfg
-        k = cfg.k_at(numel, step)
+        k = self._k_at(numel, step)
         plans = self._plans.get((numel, k, grid))
         if plans is None:
             plans = self._plans[(numel, k, grid)] = make_plans(cfg, numel, k, grid)
@@ -541,6 +541,11 @@ class GradientCompressor:
         # Tiles are selected per rank: a local-mask scheme, never a shared mask.
         scheme = self._scheme(key, wire, world) if selection.tiles is None else cfg.exchange
         return StepPlan(selection.k, scheme, selection, wire)
+
+    def _k_at(self, numel: int, step: int) -> int:
+        """Entries sent at ``step``: every one under ``min_numel`` (``small_tensors``
+        ``"codec"``: not a dense step, but sent whole), else the schedule's ``k``."""
+        return numel if numel < self.cfg.min_numel else self.cfg.k_at(numel, step)
 
     def _scheme(self, key: Hashable, wire: WireFormat, world: int) -> str:
         """``"shared"`` where the mask may be shared and the cost model finds it cheapest
@@ -838,6 +843,8 @@ class GradientCompressor:
         packed). ``pending``: ``acc += pending`` in place, fused into the selection
         kernel's pass where the backend can (packed plans only)."""
         cfg = self.cfg
+        if plan.k >= acc.numel():  # every entry, in order (implicit on a codec's wire)
+            return torch.arange(acc.numel(), device=acc.device)
         if plan.tiles is not None:
             return self._select_tiles(acc, plan)
         if plan.packed:
