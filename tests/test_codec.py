@@ -9,8 +9,7 @@ import pytest
 import torch
 from distributed import run_distributed
 
-from distk.comm.codec import (VALUE_BITS, ValueCodec, bits_for, pack_bits, scale_dtype,
-                              unpack_bits)
+from distk.comm.codec import VALUE_BITS, ValueCodec, bits_for, pack_bits, scale_dtype, unpack_bits
 from distk.comm.cost import scheme_bytes
 from distk.comm.wire import WireFormat, codec_group_size
 from distk.compressor import GradientCompressor
