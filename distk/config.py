@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 __all__ = ["BUCKET_LAYOUTS", "MASKS", "MASK_POLICIES", "SparsityConfig", "TILE_SIDE",
-           "VALUE_BITS", "VALUE_DTYPES", "is_adam_family", "optimizer_chain"]
+           "VALUE_BITS", "VALUE_DTYPES", "VALUE_LEVELS", "is_adam_family", "optimizer_chain"]
 
 METHODS = ("bucketed", "exact", "dense")
 EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")
@@ -37,6 +37,8 @@ entries of a weight matrix)."""
 VALUE_BITS = (1, 2, 4, 8)
 """Widths of the compact codec's value codes, accepted by ``SparsityConfig.value_bits``
 (the codec in ``distk.comm.codec`` uses this tuple)."""
+VALUE_LEVELS = ("centres", "means")
+"""What a code of the compact codec decodes to (``SparsityConfig.value_levels``)."""
 VALUE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -204,11 +206,20 @@ class SparsityConfig:
     """Compact wire codec: ``None`` (values in ``value_dtype``, byte-aligned indices) or
     1, 2, 4, 8: values quantized to that many bits (a sign bit and ``2**(bits-1)``
     magnitude levels spanning each bucket's least to largest selected magnitude, sent as
-    two float32 per bucket, or per group of at least 64 entries; 1 bit = sign times the
-    mean magnitude) and indices bit-packed at ``ceil(log2(bucket size))`` bits. The
-    quantization error stays in the residual. Needs ``value_dtype`` ``"auto"`` or ``None``
-    and ``exchange`` ``"auto"`` or ``"allgather"`` (the only scheme that sends entries as
-    packed)."""
+    two bfloat16 per bucket (float32 at 8 bits), or per group of at least 64 entries; 1
+    bit = sign times the mean magnitude) and indices bit-packed at ``ceil(log2(bucket
+    size))`` bits. The quantization error stays in the residual. Needs ``value_dtype``
+    ``"auto"`` or ``None`` and ``exchange`` ``"auto"`` or ``"allgather"`` (the only
+    scheme that sends entries as packed)."""
+
+    value_levels: str = "centres"
+    """What each magnitude code of the ``value_bits`` codec decodes to. ``"centres"``: the
+    centre of its cell of ``[least, largest]`` magnitude (two floats per group travel).
+    ``"means"``: the mean magnitude of the group's entries that fell in the cell (the
+    least-squares value for that partition; ``2**(bits-1)`` bfloat16 means per group
+    travel: as many bytes as the range at 2 bits, four times as many at 4), after
+    SparseLoCo's per-bin means (arXiv 2508.15706). Needs ``value_bits`` 1, 2 or 4 (at
+    1 bit both are the mean)."""
 
     sync_every: int = 1
     """Outer synchronisation period ``H`` (``distk.outer``): ranks take ``H`` local
@@ -408,6 +419,12 @@ class SparsityConfig:
                 _fail("exchange", self.exchange,
                       f"'auto' or 'allgather' when value_bits={self.value_bits} is set (only "
                       "the all-gather sends packed entries)")
+        if self.value_levels not in VALUE_LEVELS:
+            _fail("value_levels", self.value_levels, f"one of {VALUE_LEVELS}")
+        if self.value_levels == "means" and self.value_bits not in (1, 2, 4):
+            _fail("value_levels", self.value_levels,
+                  f"'centres' when value_bits={self.value_bits} (per-cell means need "
+                  "value_bits 1, 2 or 4)")
         if self.small_tensors not in SMALL_TENSORS:
             _fail("small_tensors", self.small_tensors, f"one of {SMALL_TENSORS}")
         if self.small_tensors == "codec" and self.value_bits is None:

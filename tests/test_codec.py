@@ -110,6 +110,50 @@ def test_value_codec_matches_reference(bits, k, group):
     assert torch.equal(codec.unpack(torch.stack([payload, payload])), torch.stack([decoded] * 2))
 
 
+def reference_cell_means(values: list[float], bits: int, group: int) -> list[float]:
+    """``levels="means"``: the cells of :func:`reference_quantize` (bounds rounded as they
+    travel), each entry decoded to the mean magnitude of its group's entries in its cell,
+    rounded as it travels."""
+    cells = 1 << (bits - 1)
+    out = []
+    for start in range(0, len(values), group):
+        chunk = values[start:start + group]
+        mags = [abs(v) for v in chunk]
+        lo, hi = on_wire(min(mags), bits), on_wire(max(mags), bits)
+        width = hi - lo if hi > lo else 1.0
+        cell = [min(cells - 1, max(0, math.floor((m - lo) / width * cells))) for m in mags]
+        means = {}
+        for j in set(cell):
+            members = [m for m, c in zip(mags, cell, strict=True) if c == j]
+            means[j] = on_wire(sum(members) / len(members), bits)
+        out += [-means[c] if v < 0 else means[c] for v, c in zip(chunk, cell, strict=True)]
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("k,group", [(1, 1), (5, 2), (64, 64), (65, 64), (130, 13), (4096, 64)])
+def test_value_codec_cell_means(bits, k, group):
+    values = torch.randn(k, generator=torch.Generator().manual_seed(k + bits))
+    codec = ValueCodec(bits, k, group, "means")
+    decoded = codec.roundtrip(values)
+    expected = torch.tensor(reference_cell_means(values.double().tolist(), bits, group),
+                            dtype=torch.float64)
+    torch.testing.assert_close(decoded.double(), expected, rtol=1e-6, atol=1e-7)
+    # The least-squares value of each cell: never worse than the cell centres (up to the
+    # bfloat16 rounding of the means), and sent in M bfloat16 per group.
+    centres = ValueCodec(bits, k, group).roundtrip(values)
+    assert (decoded - values).norm() <= (centres - values).norm() * 1.002 + 1e-6
+    groups = math.ceil(k / group)
+    payload = codec.pack(values)
+    assert payload.numel() == codec.nbytes == 2 * (1 << (bits - 1)) * groups + (k * bits + 7) // 8
+    assert torch.equal(codec.unpack(torch.stack([payload, payload])), torch.stack([decoded] * 2))
+    # 1 bit: the sign times the mean either way.
+    assert torch.equal(ValueCodec(1, k, group, "means").roundtrip(values),
+                       ValueCodec(1, k, group).roundtrip(values))
+    with pytest.raises(ValueError, match="levels must be one of"):
+        ValueCodec(8, k, group, "means")
+
+
 def test_value_codec_edge_values():
     codec = ValueCodec(2, 6, 3)
     zeros = torch.zeros(6)
@@ -213,6 +257,11 @@ def test_wire_and_config_validation():
     with pytest.raises(ValueError, match=r"SparsityConfig.small_tensors must be 'dense' when "
                                          r"value_bits is None .*got 'codec'"):
         SparsityConfig(small_tensors="codec")
+    with pytest.raises(ValueError, match=r"SparsityConfig.value_levels must be 'centres' when "
+                                         r"value_bits=8"):
+        SparsityConfig(value_bits=8, value_levels="means")
+    with pytest.raises(ValueError, match=r"SparsityConfig.value_levels must be one of"):
+        SparsityConfig(value_bits=2, value_levels="median")
     with pytest.raises(ValueError, match=r"SparsityConfig.small_tensors must be one of "
                                          r"\('dense', 'codec'\), got 'fp16'"):
         SparsityConfig(small_tensors="fp16", value_bits=2)
@@ -241,9 +290,10 @@ def test_compressor_single_process_keeps_quantization_error():
                                rtol=0, atol=1e-5)
 
 
-def _conservation(rank, world, bits, exchange, small):
+def _conservation(rank, world, bits, exchange, small, levels):
     cfg = SparsityConfig(density=0.02, value_bits=bits, exchange=exchange, min_numel=1024,
-                         dense_steps=1, recall_interval=0, small_tensors=small)
+                         dense_steps=1, recall_interval=0, small_tensors=small,
+                         value_levels=levels)
     compressor = GradientCompressor(cfg)
     sizes = {"big": 4096 * 6 + 17, "small": 300, "mid": 5000}
     updates = {key: torch.zeros(n, dtype=torch.float64) for key, n in sizes.items()}
@@ -262,8 +312,8 @@ def _conservation(rank, world, bits, exchange, small):
     return updates, grads, residuals, sent, stats
 
 
-CONSERVATION_CASES = [(2, "auto", "dense"), (1, "allgather", "dense"), (8, "auto", "dense"),
-                      (2, "auto", "codec")]
+CONSERVATION_CASES = [(2, "auto", "dense", "centres"), (1, "allgather", "dense", "centres"),
+                      (8, "auto", "dense", "centres"), (2, "auto", "codec", "means")]
 
 
 def _conservation_cases(rank, world):
@@ -276,11 +326,11 @@ def conservation_runs() -> list[dict]:
     return run_distributed(_conservation_cases, 2, timeout=180)
 
 
-@pytest.mark.parametrize("bits,exchange,small", CONSERVATION_CASES)
-def test_conservation_and_identical_bits_on_two_ranks(bits, exchange, small,
+@pytest.mark.parametrize("bits,exchange,small,levels", CONSERVATION_CASES)
+def test_conservation_and_identical_bits_on_two_ranks(bits, exchange, small, levels,
                                                        conservation_runs):
     world = 2
-    results = [run[bits, exchange, small] for run in conservation_runs]
+    results = [run[bits, exchange, small, levels] for run in conservation_runs]
     for key in results[0][0]:
         updates = results[0][0][key]
         residuals = sum(r[2][key] for r in results)

@@ -19,7 +19,8 @@ def test_contract_fields_and_defaults():
         "momentum": 0.0, "clip_norm": None, "warmup_steps": 0, "warmup_density": 0.25,
         "dense_steps": 0, "value_dtype": "auto", "value_bits": None, "sync_every": 1,
         "outer_lr": 1.0, "outer_momentum": 0.0, "outer_nesterov": True,
-        "min_numel": 1024, "small_tensors": "dense", "exchange": "auto",
+        "min_numel": 1024, "small_tensors": "dense", "value_levels": "centres",
+        "exchange": "auto",
         "nonfinite": "raise", "stats_interval": 10, "recall_interval": 50,
         "adam_dense_steps": 75, "adam_warmup_steps": 200, "adam_value_dtype": "bfloat16",
         # Shared masks, EF21 and memory (docs/comm-and-compressor.md).

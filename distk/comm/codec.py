@@ -13,7 +13,11 @@ With ``SparsityConfig.value_bits`` set, a rank's selected entries travel as
   2..8 bits ``lo, hi`` are the group's least and largest magnitudes and ``j`` the cell
   of ``|v|`` (the nearest centre). For 1 bit (sign) ``lo = hi`` = the group's mean
   magnitude, the L2-optimal scale of a sign code. Selected top-k entries of a bucket
-  have magnitudes in a narrow band, which this grid spends every code on;
+  have magnitudes in a narrow band, which this grid spends every code on. With
+  ``levels="means"`` (1, 2 or 4 bits) the same cells are chosen, but the group sends,
+  in place of ``lo, hi``, the ``M`` mean magnitudes of its entries in each cell (an
+  empty cell: its centre), and a code decodes to its cell's mean: the least-squares
+  reconstruction for that partition (SparseLoCo's per-bin means, arXiv 2508.15706);
 * **index codes**: ``index_bits`` bits per entry, the offset inside the bucket
   (``ceil(log2(bucket size))`` bits, 12 for buckets of 4096) or the absolute position.
 
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distk.config import VALUE_BITS
+from distk.config import VALUE_BITS, VALUE_LEVELS
 
 __all__ = [
     "VALUE_BITS",
@@ -130,15 +134,21 @@ class ValueCodec:
         bits: code width, one of :data:`VALUE_BITS` (1 = sign with a mean-magnitude scale).
         k: number of values.
         group_size: entries sharing one range (the last group may be shorter).
+        levels: ``"centres"`` (a ``(lo, hi)`` range per group) or ``"means"`` (``M``
+            per-cell mean magnitudes per group; 1, 2 or 4 bits).
     """
 
     bits: int
     k: int
     group_size: int
+    levels: str = "centres"
 
     def __post_init__(self) -> None:
         if self.bits not in VALUE_BITS:
             raise ValueError(f"value bits must be one of {VALUE_BITS}, got {self.bits!r}")
+        if self.levels not in VALUE_LEVELS or (self.levels == "means" and self.bits > 4):
+            raise ValueError(f"levels must be one of {VALUE_LEVELS} ('means' at 1, 2 or 4 "
+                             f"bits), got {self.levels!r} at {self.bits} bits")
         if self.k < 0:
             raise ValueError(f"k must be >= 0, got {self.k}")
         if self.group_size < 1:
@@ -159,9 +169,15 @@ class ValueCodec:
         return scale_dtype(self.bits)
 
     @property
+    def scales_per_group(self) -> int:
+        """Floats per group on the wire: ``(lo, hi)``, or ``M`` means (``"means"``, over 1
+        bit)."""
+        return self.magnitudes if self.levels == "means" and self.bits > 1 else 2
+
+    @property
     def scale_bytes(self) -> int:
-        """Bytes of the ranges: ``(lo, hi)`` per group in :attr:`scale_dtype`."""
-        return 2 * self.groups * self.scale_dtype.itemsize
+        """Bytes of the groups' ranges (or means) in :attr:`scale_dtype`."""
+        return self.scales_per_group * self.groups * self.scale_dtype.itemsize
 
     @property
     def code_bytes(self) -> int:
@@ -182,8 +198,9 @@ class ValueCodec:
         return torch.arange(self.k, device=device) // self.group_size
 
     def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(k,)`` finite floats -> ``(codes (k,) int64, ranges (groups, 2))``; the ranges
-        in :attr:`scale_dtype`, and the codes chosen against those rounded ranges."""
+        """``(k,)`` finite floats -> ``(codes (k,) int64, scales (groups,
+        scales_per_group))``: ``(lo, hi)`` ranges in :attr:`scale_dtype` with the codes
+        chosen against those rounded ranges, or (``"means"``) each cell's mean."""
         if values.shape != (self.k,):
             raise ValueError(f"encode expects values of shape ({self.k},), got "
                              f"{tuple(values.shape)}")
@@ -209,15 +226,39 @@ class ValueCodec:
         safe = torch.where(width > 0, width, torch.ones_like(width))
         cell = ((magnitude - lo[group]) / safe[group] * self.magnitudes).floor()
         level = cell.clamp(0, self.magnitudes - 1).to(torch.int64)
+        if self.levels == "means":
+            ranges = self._cell_means(magnitude, level, lo, hi).to(wire)
         return level + negative * self.magnitudes, ranges
 
+    def _cell_means(self, magnitude: torch.Tensor, level: torch.Tensor, lo: torch.Tensor,
+                    hi: torch.Tensor) -> torch.Tensor:
+        """``(groups, M)`` float32: the mean magnitude in each cell (its centre when
+        empty). Masked sums over the grouped view, in float64: no atomics, the same bits
+        on every call (the residual's round trip and the packed payload agree)."""
+        mags = self._grouped(magnitude.double(), 0.0)
+        cells = self._grouped(level, -1)
+        means = []
+        for j in range(self.magnitudes):
+            inside = cells == j
+            total = torch.where(inside, mags, 0.0).sum(-1)
+            count = inside.sum(-1)
+            centre = lo + ((j + 0.5) / self.magnitudes) * (hi - lo)
+            means.append(torch.where(count > 0, (total / count.clamp(min=1)).to(torch.float32),
+                                     centre))
+        return torch.stack(means, dim=-1)
+
     def decode(self, codes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
-        """``(..., k)`` codes and ``(..., groups, 2)`` ranges -> ``(..., k)`` float32.
+        """``(..., k)`` codes and ``(..., groups, scales_per_group)`` ranges (or means) ->
+        ``(..., k)`` float32.
 
         Elementwise IEEE operations on transmitted floats, one at a time (no fused
         multiply-add): bitwise the same on any device."""
         ranges = ranges.to(torch.float32)  # exact from bfloat16
         group = self._group_of_entry(codes.device)
+        if self.levels == "means" and self.bits > 1:  # per-cell means
+            cell = group * self.magnitudes + codes % self.magnitudes
+            magnitude = torch.gather(ranges.flatten(-2), -1, cell)
+            return torch.where(codes >= self.magnitudes, -magnitude, magnitude)
         lo, hi = ranges[..., 0][..., group], ranges[..., 1][..., group]
         level = (codes % self.magnitudes).to(torch.float32)
         fraction = (level + 0.5) / self.magnitudes  # exact: M is a power of two
@@ -241,6 +282,7 @@ class ValueCodec:
                              f"{payload.shape[-1]}")
         range_part = payload[..., : self.scale_bytes].clone(
             memory_format=torch.contiguous_format)  # fresh, aligned for the float view
-        ranges = range_part.view(self.scale_dtype).unflatten(-1, (self.groups, 2))
+        ranges = range_part.view(self.scale_dtype).unflatten(
+            -1, (self.groups, self.scales_per_group))
         codes = unpack_bits(payload[..., self.scale_bytes:], self.k, self.bits)
         return self.decode(codes, ranges)

@@ -163,11 +163,13 @@ class WireFormat:
             indices.
         interleaved: bucket layout (see the module docstring).
         value_bits: ``None`` (values in ``value_dtype``, byte-aligned indices) or 1, 2, 4,
-            8: the compact codec (values quantized in per-group float32 ranges and
+            8: the compact codec (values quantized in per-group ranges and
             decoded to ``value_dtype``, which must then be float32; bit-packed indices).
         tiles: ``(rows, cols)``: the buckets are the ``64 x 64`` tiles of the row-major
             ``rows x cols`` view (``bucket_layout="tile"``; contiguous buckets of the
             tile order, see :func:`to_tile_order`); ``None``: flat buckets.
+        value_levels: with ``value_bits``, what codes decode to: ``"centres"`` of the
+            range's cells or per-cell ``"means"`` (:class:`~distk.comm.codec.ValueCodec`).
     """
 
     numel: int
@@ -178,6 +180,7 @@ class WireFormat:
     interleaved: bool = True
     value_bits: int | None = None
     tiles: tuple[int, int] | None = None
+    value_levels: str = "centres"
 
     def __post_init__(self) -> None:
         if self.numel < 1:
@@ -237,7 +240,8 @@ class WireFormat:
         """The value codec (``None`` without ``value_bits``)."""
         if self.value_bits is None:
             return None
-        return ValueCodec(self.value_bits, self.k, codec_group_size(self.k_per_bucket))
+        return ValueCodec(self.value_bits, self.k, codec_group_size(self.k_per_bucket),
+                          self.value_levels)
 
     @property
     def implicit(self) -> bool:
@@ -350,6 +354,8 @@ class WireFormat:
             code += 1 << 24
         if self.value_bits is not None:
             code += (self.value_bits << 8) + (self.index_bits << 16)
+            if self.value_levels == "means":
+                code += 1 << 25
         return code
 
     def _sections(self) -> tuple[tuple[str, int, int], ...]:

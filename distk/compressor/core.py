@@ -537,7 +537,8 @@ class GradientCompressor:
         if plans is None:
             plans = self._plans[(numel, k, grid)] = make_plans(cfg, numel, k, grid)
         selection = plans[step % len(plans)]
-        wire = selection.wire(numel, value_dtype, cfg.interleaved, cfg.value_bits)
+        wire = selection.wire(numel, value_dtype, cfg.interleaved, cfg.value_bits,
+                              cfg.value_levels)
         # Tiles are selected per rank: a local-mask scheme, never a shared mask.
         scheme = self._scheme(key, wire, world) if selection.tiles is None else cfg.exchange
         return StepPlan(selection.k, scheme, selection, wire)

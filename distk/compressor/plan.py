@@ -76,15 +76,16 @@ class SelectionPlan:
     tiles: tuple[int, int] | None = None
 
     def wire(self, numel: int, value_dtype: torch.dtype, interleaved: bool,
-             value_bits: int | None = None) -> WireFormat:
+             value_bits: int | None = None, value_levels: str = "centres") -> WireFormat:
         """The wire format of this plan's entries."""
         if self.tiles is not None:
             return WireFormat(numel, self.k, value_dtype, self.buckets, self.k_per_bucket,
-                              False, value_bits, self.tiles)
+                              False, value_bits, self.tiles, value_levels)
         if self.packed:
             return WireFormat(numel, self.k, value_dtype, self.buckets, self.k_per_bucket,
-                              interleaved, value_bits)
-        return WireFormat(numel, self.k, value_dtype, value_bits=value_bits)
+                              interleaved, value_bits, value_levels=value_levels)
+        return WireFormat(numel, self.k, value_dtype, value_bits=value_bits,
+                          value_levels=value_levels)
 
 
 def tile_grid(shape: tuple[int, ...] | torch.Size | None) -> tuple[int, int] | None:
