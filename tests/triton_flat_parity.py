@@ -36,6 +36,8 @@ if not CUDA:
 import torch  # noqa: E402
 
 import distk  # noqa: E402
+from distk.compressor import GradientCompressor  # noqa: E402
+from distk.config import SparsityConfig  # noqa: E402
 from distk.selection import (  # noqa: E402
     _FLOOR_BLOCK,
     FloorSample,
@@ -261,6 +263,22 @@ def entry_point_cases() -> int:
         check(int(state.item()) != INT32_MAX, "the floor state was not written")
         acc = summed
         checked += 1
+    # The compressor with DISTK_TRITON_KERNEL=flat selects packed plans through
+    # select_packed: the same updates as with the default kernels, a floor state per key.
+    cfg = SparsityConfig(density=0.01, recall_interval=0)
+    grads = [torch.randn(n) for _ in range(2)]
+    updates = {}
+    for kernel in ("default", "flat"):
+        os.environ["DISTK_TRITON_KERNEL"] = kernel
+        compressor = GradientCompressor(cfg)
+        updates[kernel] = [compressor.step(g.to(DEVICE), "w", step=s).cpu()
+                           for s, g in enumerate(grads)]
+        check(compressor.last.sent == 17 * 78, f"compressor sent {compressor.last.sent}")
+    floors = compressor._floors
+    check("w" in floors and int(floors["w"].item()) != INT32_MAX, "no floor state for 'w'")
+    check(all(torch.equal(a, b) for a, b in zip(updates["default"], updates["flat"],
+                                                 strict=True)), "compressor updates differ")
+    checked += 1
     # distk.topk and per_bucket_topk with DISTK_TRITON_KERNEL=flat: short and long rows.
     x = specials(torch.randn(3, 3000))
     _, got = distk.topk(x.to(DEVICE), 50, buckets=200, k_per_bucket=3)

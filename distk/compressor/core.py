@@ -64,8 +64,9 @@ from distk.comm.wire import from_tile_order
 from distk.compressor.masks import MaskContext, MaskPolicy, make_mask_policy
 from distk.compressor.plan import SelectionPlan, make_plans, tile_grid
 from distk.config import TILE_SIDE, SparsityConfig
-from distk.selection import per_bucket_topk, topk
+from distk.selection import flat_kernels_selected, per_bucket_topk, topk
 from distk.selection.reference import positions_of
+from distk.selection.syncfree import new_floor_state, select_packed
 from distk.stats import StepStats
 
 __all__ = ["CompressorWork", "GradientCompressor", "NonFiniteGradientError",
@@ -340,6 +341,9 @@ class GradientCompressor:
         self._estimates: dict[Hashable, torch.Tensor] = {}
         self._means: dict[Hashable, torch.Tensor] = {}
         self._overlap: dict[Hashable, float] = {}
+        # DISTK_TRITON_KERNEL=flat: per key, the device floor state of select_packed (a
+        # cache: last step's floor, reused where the device finds it still valid).
+        self._floors: dict[Hashable, torch.Tensor] = {}
         # Per (numel, k, tile grid or None): the plans used in turn.
         self._plans: dict[tuple[int, int, Any], tuple[SelectionPlan, ...]] = {}
         self._tile_noted = False  # bucket_layout="tile": the fallback note, once
@@ -369,7 +373,7 @@ class GradientCompressor:
                     ) if key is None else [key]
         for name in keys:
             for table in (self._residuals, self._momenta, self._estimates, self._means,
-                          self._overlap, self._verified):
+                          self._overlap, self._verified, self._floors):
                 table.pop(name, None)
         self.masks.forget(key)
 
@@ -674,7 +678,8 @@ class GradientCompressor:
         elif accumulated.nonfinite:  # nothing will be sent; keep the metadata consistent
             positions = torch.arange(plan.k, dtype=torch.int64, device=acc.device)
         else:
-            positions = self._select_local(acc, plan.selection, accumulated.pending)
+            positions = self._select_local(acc, plan.selection, accumulated.pending,
+                                           request.key)
         if request.stats_step and acc.is_cuda:
             torch.cuda.synchronize(acc.device)
         seconds = time.perf_counter() - started
@@ -839,15 +844,25 @@ class GradientCompressor:
         return tensor.to(device=device, dtype=dtype)
 
     def _select_local(self, acc: torch.Tensor, plan: SelectionPlan,
-                      pending: torch.Tensor | None = None) -> torch.Tensor:
+                      pending: torch.Tensor | None = None,
+                      key: Hashable | None = None) -> torch.Tensor:
         """This rank's top-k positions of ``acc`` under ``plan`` (bucket order when
         packed). ``pending``: ``acc += pending`` in place, fused into the selection
-        kernel's pass where the backend can (packed plans only)."""
+        kernel's pass where the backend can (packed plans only). With the flat Triton
+        kernels selected (``DISTK_TRITON_KERNEL=flat``), a packed plan of ``key`` goes
+        through :func:`~distk.selection.syncfree.select_packed` (the same positions, no
+        host synchronisation, the floor state kept per key)."""
         cfg = self.cfg
         if plan.k >= acc.numel():  # every entry, in order (implicit on a codec's wire)
             return torch.arange(acc.numel(), device=acc.device)
         if plan.tiles is not None:
             return self._select_tiles(acc, plan)
+        if plan.packed and key is not None and flat_kernels_selected(acc):
+            state = self._floors.get(key)
+            if state is None or state.device != acc.device:
+                state = self._floors[key] = new_floor_state(acc.device)
+            return select_packed(acc, plan.buckets, plan.k_per_bucket, cfg.interleaved,
+                                 add=pending, floor_state=state)
         if plan.packed:
             keys = per_bucket_topk(acc.view(1, -1), plan.buckets, plan.k_per_bucket,
                                    cfg.interleaved, True,

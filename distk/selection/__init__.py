@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_RECALL_TARGET",
     "bucket_candidates",
     "choose_buckets",
+    "flat_kernels_selected",
     "floor_sample",
     "floor_sample_columns",
     "per_bucket_topk",
@@ -74,7 +75,7 @@ def triton_kernel_choice() -> str:
     return kernel
 
 
-def _flat_kernels(x: torch.Tensor) -> bool:
+def flat_kernels_selected(x: torch.Tensor) -> bool:
     """Whether the flat Triton kernels are selected for ``x``: CUDA tensors with the
     automatic backend, or any tensor with the forced Triton backend (tests)."""
     if triton_kernel_choice() != "flat":
@@ -218,7 +219,7 @@ def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
     floor, fraction = None, 0.0
     if kept < length:
         above = kept + 6 * math.sqrt(kept) + 4
-        if _flat_kernels(x):
+        if flat_kernels_selected(x):
             from distk.selection.triton_flat import flat_candidates
 
             flat = flat_candidates(x, buckets, k_per_bucket, interleaved, by_magnitude,
@@ -284,7 +285,7 @@ def bucketed_topk_indices(x: torch.Tensor, k: int, buckets: int, k_per_bucket: i
     """Positions ``(rows, k)`` int64 of the bucketed top-k of a contiguous 2-D ``x``."""
     if k == 0:
         return torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)
-    if _flat_kernels(x):
+    if flat_kernels_selected(x):
         positions = _flat_topk(x, k, buckets, k_per_bucket, interleaved, by_magnitude)
         if positions is not None:
             return positions

@@ -41,9 +41,10 @@ def select_packed(acc: torch.Tensor, buckets: int, k_per_bucket: int,
     """Positions of every bucket's top ``k_per_bucket`` entries of ``|acc|``, with no
     device-to-host synchronisation on CUDA.
 
-    What the compressor should call, in ``GradientCompressor._select`` for a packed plan
-    (in place of ``per_bucket_topk`` + ``positions_of``), keeping one floor state per
-    key (created once with :func:`new_floor_state`, then passed at every step)::
+    What the compressor calls for a packed plan when the flat kernels are selected
+    (``DISTK_TRITON_KERNEL=flat``; ``GradientCompressor._select_local``, in place of
+    ``per_bucket_topk`` + ``positions_of``), keeping one floor state per key (created
+    once with :func:`new_floor_state`, then passed at every step)::
 
         positions = select_packed(acc, plan.buckets, plan.k_per_bucket, cfg.interleaved,
                                   add=pending, floor_state=self._floors[key])
