@@ -34,6 +34,7 @@ if not CUDA:
     triton_interpreter.vectorise_xor_reductions()
 
 import torch  # noqa: E402
+from parity_inputs import specials  # noqa: E402
 
 import distk  # noqa: E402
 from distk.compressor import GradientCompressor  # noqa: E402
@@ -66,16 +67,6 @@ class Mismatch(Exception):
 def check(ok: bool, message: str) -> None:
     if not ok:
         raise Mismatch(message)
-
-
-def specials(x: torch.Tensor) -> torch.Tensor:
-    x = x.clone()
-    n = x.shape[1]
-    x[0, 3 % n] = float("nan")
-    x[-1, 5 % n] = float("inf")
-    x[0, 7 % n] = -float("inf")
-    x[0, n // 3:n // 3 + 9] = 0.5  # ties
-    return x
 
 
 def sample_for(n: int, fraction: float, blocks: int = 8) -> FloorSample:

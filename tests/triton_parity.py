@@ -28,6 +28,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     triton_interpreter.vectorise_xor_reductions()  # tl.sort at numpy speed
 import torch  # noqa: E402
+from parity_inputs import specials  # noqa: E402
 
 import distk  # noqa: E402
 from distk.selection import _score_floor, per_bucket_topk  # noqa: E402
@@ -67,16 +68,6 @@ CASES = [
     ("compact", 3, 2000, 13, 1, F16, False, True, True),
     ("reference", 1, 2000, 1, 100, F32, True, True, False),
 ]
-
-
-def specials(x: torch.Tensor) -> torch.Tensor:
-    x = x.clone()
-    n = x.shape[1]
-    x[0, 3 % n] = float("nan")
-    x[-1, 5 % n] = float("inf")
-    x[0, 7 % n] = -float("inf")
-    x[0, (n // 3):(n // 3 + 9)] = 0.5  # ties
-    return x
 
 
 def fail(message: str) -> int:
