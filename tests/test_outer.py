@@ -432,3 +432,31 @@ def test_recipe_options_refuse_what_they_cannot_do():
             SparsityConfig.from_dict(changes)
     with pytest.raises(ValueError, match="SparsityConfig.error_decay must be a number in"):
         SparsityConfig.sparseloco(error_decay=0)
+
+
+def test_long_run_benchmark_trains_the_preset(tmp_path):
+    """benchmarks/outer_long.py's recipe rows are the preset's options, and its collector
+    reads a finished run's result into bits per parameter per sync and per step."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import outer_long
+
+    preset = SparsityConfig.sparseloco()
+    for key, value in outer_long.RECIPE.items():
+        assert getattr(preset, key) == value, key
+    cmd = " ".join(outer_long.command("recipe_means", 30, 1, 3000, 600, 2, "r"))
+    assert "--set sparsity.value_levels=means" in cmd and "--set seed=1" in cmd
+    assert "--set sparsity.sync_every=30" in cmd and "--name outer3000_recipe_means_h30_s1" in cmd
+    assert outer_long.command("dense", None, 0, 3000, 600, 2, "r")[-2:] == ["--mode", "dense"]
+    run = tmp_path / "outer3000_recipe_h30_s0"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({
+        "completed": True, "final_val_loss": 2.0, "final_train_loss": 1.0,
+        "val_curve": [[3000, 2.0]], "bytes_sent": 1_000_000, "params": 800_000,
+        "wall_seconds": 1.0}))
+    row = outer_long.load(str(tmp_path), "recipe", 30, 0, 3000, 4096)
+    assert row["bits_per_param_per_sync"] == 8e6 / 800_000 / 100
+    assert row["bits_per_param_per_step"] == 8e6 / 800_000 / 3000
+    assert outer_long.load(str(tmp_path), "recipe", 100, 0, 3000, 4096) is None
