@@ -16,10 +16,13 @@ Every row trains the main job's model (``configs/default.json``: 4 layers, width
 * ``recipe_fp32_small``: the recipe with the small tensors sent dense in fp32.
 
 A row runs once per ``H`` (``--sync-every``) and seed; a run whose ``result.json``
-already exists under ``--run-root`` is read, not rerun (``--collect`` only reads). The
+already exists under ``--run-root`` is read, not rerun (``--collect`` only reads; a
+result carried over from an earlier revision's file names it in ``source``). The
 table compares each row's final validation loss with the dense row of the same seed and
 the ``diloco`` / ``outer_dense`` rows of the same ``H`` and seed, and gives bits per
-parameter per sync (bytes rank 0 sent x 8 / syncs / parameters) and per step. The plot:
+parameter per sync (bytes rank 0 sent x 8 / syncs / parameters; and of it the entries'
+payload alone, without the per-exchange trailers, verification and clip norms) and per
+step. The plot:
 validation loss against tokens seen by all ranks (one panel per ``H``) and final
 validation loss against bits per parameter per step.
 
@@ -112,13 +115,21 @@ def load(run_root: str, row: str, h: int | None, seed: int, steps: int,
         return None
     syncs = steps // h if h else steps
     bits = 8 * result["bytes_sent"] / result["params"]
+    payload = None  # the entries alone: no trailers, checks or clip norms
+    metrics = path.parent / "metrics.jsonl"
+    if metrics.exists():
+        last = json.loads(metrics.read_text().strip().splitlines()[-1])
+        if "distk/total_payload_bytes" in last:
+            payload = 8 * last["distk/total_payload_bytes"] / result["params"] / syncs
     return {"row": row, "sync_every": h, "seed": seed, "run": path.parent.name,
             "final_val_loss": result["final_val_loss"],
             "final_train_loss": result["final_train_loss"],
             "val_curve": result["val_curve"], "bytes_sent": result["bytes_sent"],
             "params": result["params"], "wall_seconds": result["wall_seconds"],
             "bits_per_param_per_sync": bits / syncs, "bits_per_param_per_step": bits / steps,
-            "tokens_per_step": tokens_per_step}
+            "payload_bits_per_param_per_sync": payload,
+            "tokens_per_step": tokens_per_step,
+            "source": result.get("source", "this run")}
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
@@ -212,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
                        ("vs_diloco", "vs DiLoCo", "+.2%"),
                        ("vs_outer_dense", "vs outer dense", "+.2%"),
                        ("bits_per_param_per_sync", "bits/param/sync", ".4g"),
+                       ("payload_bits_per_param_per_sync", "of it payload", ".4g"),
                        ("bits_per_param_per_step", "bits/param/step", ".4g"),
                        ("wall_seconds", "s", ".0f")])
     if missing:
