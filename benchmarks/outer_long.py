@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         if h < 2 or args.steps % h or args.eval_every % h:
             parser.error(f"--sync-every {h}: must be >= 2 and divide --steps {args.steps} "
                          f"and --eval-every {args.eval_every}")
-    tokens_per_step = 16 * 128 * args.nproc  # the main job's batch x context, all ranks
+    job = json.loads((ROOT / "configs" / "default.json").read_text())  # COMMON's config
+    tokens_per_step = job["train"]["batch_size"] * job["model"]["context"] * args.nproc
     wanted = runs(args)
     for i, (row, h, seed) in enumerate(wanted):
         if args.collect or load(args.run_root, row, h, seed, args.steps, tokens_per_step):

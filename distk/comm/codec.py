@@ -169,10 +169,16 @@ class ValueCodec:
         return scale_dtype(self.bits)
 
     @property
+    def sends_means(self) -> bool:
+        """Whether groups send per-cell means (``"means"`` over 1 bit; at 1 bit the one
+        level is the mean either way)."""
+        return self.levels == "means" and self.bits > 1
+
+    @property
     def scales_per_group(self) -> int:
-        """Floats per group on the wire: ``(lo, hi)``, or ``M`` means (``"means"``, over 1
-        bit)."""
-        return self.magnitudes if self.levels == "means" and self.bits > 1 else 2
+        """Floats per group on the wire: ``(lo, hi)``, or ``M`` means
+        (:attr:`sends_means`)."""
+        return self.magnitudes if self.sends_means else 2
 
     @property
     def scale_bytes(self) -> int:
@@ -226,9 +232,15 @@ class ValueCodec:
         safe = torch.where(width > 0, width, torch.ones_like(width))
         cell = ((magnitude - lo[group]) / safe[group] * self.magnitudes).floor()
         level = cell.clamp(0, self.magnitudes - 1).to(torch.int64)
-        if self.levels == "means":
+        if self.sends_means:
             ranges = self._cell_means(magnitude, level, lo, hi).to(wire)
         return level + negative * self.magnitudes, ranges
+
+    def _centre(self, lo: torch.Tensor, hi: torch.Tensor,
+                level: torch.Tensor | int) -> torch.Tensor:
+        """The centre of cell ``level`` of ``[lo, hi]``, one IEEE operation at a time
+        (``(level + 1/2) / M`` is exact: M is a power of two)."""
+        return lo + ((level + 0.5) / self.magnitudes) * (hi - lo)
 
     def _cell_means(self, magnitude: torch.Tensor, level: torch.Tensor, lo: torch.Tensor,
                     hi: torch.Tensor) -> torch.Tensor:
@@ -242,9 +254,8 @@ class ValueCodec:
             inside = cells == j
             total = torch.where(inside, mags, 0.0).sum(-1)
             count = inside.sum(-1)
-            centre = lo + ((j + 0.5) / self.magnitudes) * (hi - lo)
             means.append(torch.where(count > 0, (total / count.clamp(min=1)).to(torch.float32),
-                                     centre))
+                                     self._centre(lo, hi, j)))
         return torch.stack(means, dim=-1)
 
     def decode(self, codes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
@@ -255,14 +266,12 @@ class ValueCodec:
         multiply-add): bitwise the same on any device."""
         ranges = ranges.to(torch.float32)  # exact from bfloat16
         group = self._group_of_entry(codes.device)
-        if self.levels == "means" and self.bits > 1:  # per-cell means
+        if self.sends_means:
             cell = group * self.magnitudes + codes % self.magnitudes
             magnitude = torch.gather(ranges.flatten(-2), -1, cell)
-            return torch.where(codes >= self.magnitudes, -magnitude, magnitude)
-        lo, hi = ranges[..., 0][..., group], ranges[..., 1][..., group]
-        level = (codes % self.magnitudes).to(torch.float32)
-        fraction = (level + 0.5) / self.magnitudes  # exact: M is a power of two
-        magnitude = lo + fraction * (hi - lo)
+        else:
+            lo, hi = ranges[..., 0][..., group], ranges[..., 1][..., group]
+            magnitude = self._centre(lo, hi, (codes % self.magnitudes).to(torch.float32))
         return torch.where(codes >= self.magnitudes, -magnitude, magnitude)
 
     def roundtrip(self, values: torch.Tensor) -> torch.Tensor:
