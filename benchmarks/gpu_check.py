@@ -30,6 +30,10 @@ In order:
 4. The flat kernels against the reference on CUDA (``tests/triton_flat_parity.py cuda``),
    then ``GradientCompressor.step`` on CUDA against the same steps on the CPU (bitwise)
    and its conservation law, the exchange and the wire format on a 1-rank NCCL group.
+5. CUDA graphs: whether ``select_packed`` and a compressor step can be captured (last,
+   since a failed capture leaves the device's random generator unusable).
+
+``--only PART ...`` runs the named parts alone (say, to rerun one that failed).
 
 Prints a table and which kernels should become the default (``recommend``), writes JSON
 and a plot (``--out`` with ``.png``).
@@ -421,20 +425,27 @@ def run_compressor_step(report: dict) -> dict:
     of the bucket (half a copy's time)."""
     numel = COMPRESSOR_BUCKET_BYTES // 4
     cfg = distk.SparsityConfig(density=0.01)
-    out: dict = {"numel": numel, "density": cfg.density}
+    out: dict = report.setdefault("compressor_step", {})  # filled as it goes
+    out.update(numel=numel, density=cfg.density)
     grads = [torch.randn(numel, device="cuda") for _ in range(3)]
-    compressor = distk.GradientCompressor(cfg)
-    steps = itertools.count()  # the owner's step counter
+    # Plain steps only (no stats or recall diagnostics, which sync by design), with each
+    # set of kernels (DISTK_TRITON_KERNEL; "auto" is the default).
+    plain = (s for s in itertools.count(1)
+             if s % cfg.stats_interval and s % cfg.recall_interval)
+    for kernel in ("default", "auto"):
+        with kernel_choice(kernel):
+            compressor = distk.GradientCompressor(cfg)
 
-    def step(grad: torch.Tensor) -> torch.Tensor:
-        return compressor.step(grad, "bucket", step=next(steps))
+            def step(grad: torch.Tensor, compressor=compressor) -> torch.Tensor:
+                return compressor.step(grad, "bucket", step=next(plain))
 
-    for grad in grads:  # warm-up: plans, kernels, residual
-        step(grad)
-    out["step_ms"] = time_cuda(step, grads)
-    out["step_syncs"] = count_syncs(lambda: step(grads[0]))
-    out["step_under_sync_error"] = _attempt(lambda: _under_sync_error(lambda: step(grads[1])))
-    out["step_cuda_graph"] = _attempt(lambda: _capture(lambda: step(grads[2])))
+            for grad in grads:  # warm-up: plans, kernels, residual
+                step(grad)
+            suffix = "" if kernel == "auto" else f"_{kernel}"
+            out[f"step_ms{suffix}"] = time_cuda(step, grads)
+            out[f"step_syncs{suffix}"] = count_syncs(lambda: step(grads[0]))
+            out[f"step_under_sync_error{suffix}"] = _attempt(
+                lambda: _under_sync_error(lambda: step(grads[1])))
     plan = make_plans(cfg, numel, cfg.k_at(numel, 0))[0]
     out["plan"] = f"b={plan.buckets} kb={plan.k_per_bucket} packed={plan.packed}"
     acc = torch.randn(numel, device="cuda")
@@ -452,12 +463,106 @@ def run_compressor_step(report: dict) -> dict:
         out["select_packed_under_sync_error"] = _attempt(lambda: _under_sync_error(
             lambda: select_packed(inputs[1], plan.buckets, plan.k_per_bucket,
                                   floor_state=state)))
-        out["select_packed_cuda_graph"] = _attempt(lambda: _capture(lambda: select_packed(
-            inputs[2], plan.buckets, plan.k_per_bucket, floor_state=state)))
         out["select_packed_vs_one_read"] = out["select_packed_ms"] / out["one_read_ms"]
     for key, value in out.items():
         log(f"  compressor {key:32} {value}")
     return out
+
+
+def run_breakdown(report: dict) -> list[dict]:
+    """Where the time of the compressor's selection and of the Graphcore shape goes: per
+    call, the host's enqueue time (``fn()`` returning, no sync), the synchronised wall
+    time, the CUDA events' time, each kernel's device time (``torch.profiler``) and, for
+    ``select_packed``, the time of a CUDA-graph replay of the same call (the device's
+    time with no host in the way). Graph captures run after every other call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out: list[dict] = report.setdefault("breakdown", [])
+    cases = []  # (shape, call, kernels, fn, capturable)
+    for shape, n, buckets, kb in (("bucket 25 MB fp32", COMPRESSOR_BUCKET_BYTES // 4, 973, 65),
+                                  ("long row 2^26 fp32", 1 << 26, 1048, 64)):
+        x = torch.randn(n, device="cuda")
+        state = new_floor_state("cuda")
+        cases += [
+            (shape, f"select_packed b={buckets} kb={kb}", "flat",
+             lambda x=x, b=buckets, kb=kb, s=state: select_packed(x, b, kb, floor_state=s), True),
+            (shape, f"per_bucket_topk b={buckets} kb={kb}", "default",
+             lambda x=x, b=buckets, kb=kb: per_bucket_topk(x.view(1, -1), b, kb), False)]
+    g = torch.randn(256, 1 << 20, device="cuda").to(torch.float16)
+    for kernel in KERNELS:
+        cases.append(("graphcore 256x2^20 fp16 k=1024", "distk.topk r=0.99", kernel,
+                      lambda g=g: distk.topk(g, 1024, recall_target=0.99), False))
+    graphs = []
+    for shape, call, kernel, fn, capturable in cases:
+        row = {"shape": shape, "call": call, "kernels_set": kernel}
+        try:
+            with kernel_choice(kernel):
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                fn()
+                row["enqueue_us"] = (time.perf_counter() - started) * 1e6
+                torch.cuda.synchronize()
+                row["wall_us"] = (time.perf_counter() - started) * 1e6
+                row["event_us"] = time_cuda(lambda _: fn(), [None]) * 1000
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    torch.cuda.synchronize()
+            kernels = sorted(((e.key, e.device_time_total, e.count)
+                              for e in prof.key_averages() if e.device_time_total > 0),
+                             key=lambda r: -r[1])
+            row["kernel_us"] = sum(t for _, t, _ in kernels)
+            row["kernels"] = [[key[:90], t, c] for key, t, c in kernels[:10]]
+        except Exception as err:  # noqa: BLE001 - reported, the other cases still run
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        out.append(row)
+        if capturable:
+            graphs.append((row, kernel, fn))
+        log(f"  {shape:32} {call:34} {kernel:7} enqueue {row.get('enqueue_us', 0):8.1f} us, "
+            f"wall {row.get('wall_us', 0):8.1f}, events {row.get('event_us', 0):8.1f}, "
+            f"kernels {row.get('kernel_us', 0):8.1f} {row.get('error', '')}")
+        for key, t, count in row.get("kernels", [])[:8]:
+            log(f"      {t:8.1f} us x{count:<3} {key}")
+    for row, kernel, fn in graphs:  # last: a failed capture breaks later random draws
+        try:
+            with kernel_choice(kernel):
+                fn()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn()
+                row["graph_replay_us"] = time_cuda(lambda _: graph.replay(), [None]) * 1000
+        except Exception as err:  # noqa: BLE001
+            row["graph_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        log(f"  {row['shape']:32} {row['call']:34} graph replay "
+            f"{row.get('graph_replay_us', float('nan')):8.1f} us {row.get('graph_error', '')}")
+    return out
+
+
+def run_cuda_graphs(report: dict) -> None:
+    """Whether a compressor step on the 25 MB bucket and ``select_packed`` can be captured
+    in a CUDA graph. Run last: a capture that fails part-way leaves the default CUDA
+    generator marked as capturing, and every later ``torch.randn`` on the device fails."""
+    numel = COMPRESSOR_BUCKET_BYTES // 4
+    cfg = distk.SparsityConfig(density=0.01)
+    out: dict = report.setdefault("compressor_step", {})
+    grads = [torch.randn(numel, device="cuda") for _ in range(3)]  # all inputs first
+    compressor = distk.GradientCompressor(cfg)
+    steps = (s for s in itertools.count(1)  # plain steps (stats steps sync by design)
+             if s % cfg.stats_interval and s % cfg.recall_interval)
+    for grad in grads[:2]:
+        compressor.step(grad, "bucket", step=next(steps))
+    plan = make_plans(cfg, numel, cfg.k_at(numel, 0))[0]
+    if plan.packed:
+        state = new_floor_state("cuda")
+        out["select_packed_cuda_graph"] = _attempt(lambda: _capture(lambda: select_packed(
+            grads[0], plan.buckets, plan.k_per_bucket, floor_state=state)))
+    out["step_cuda_graph"] = _attempt(lambda: _capture(
+        lambda: compressor.step(grads[2], "bucket", step=next(steps))))
+    for key in ("select_packed_cuda_graph", "step_cuda_graph"):
+        if key in out:
+            log(f"  compressor {key:32} {out[key]}")
 
 
 COMPRESSOR_BUCKET_BYTES = 25_000_000
@@ -645,6 +750,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=220.0,
                         help="parts (and timed shapes) still to run once this many seconds "
                              "have passed are skipped and listed in the JSON")
+    parser.add_argument("--only", nargs="+", metavar="PART",
+                        help="run only these parts, by name: 'first stage', 'distk.topk', "
+                             "'timings', 'compressor step', 'flat kernels', 'compressor and "
+                             "exchange', 'cuda graphs' (with --profile also 'profile' and "
+                             "'breakdown')")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the launch plans of every timed configuration and exit "
                              "(no GPU needed)")
@@ -678,12 +788,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_timings:
         parts += [("timings", lambda: report.__setitem__(
                       "timings", run_timings(report, args.full, deadline))),
-                  ("compressor step", lambda: report.__setitem__(
-                      "compressor_step", run_compressor_step(report)))]
+                  ("compressor step", lambda: run_compressor_step(report))]
     if not args.skip_correctness:
         parts += [("flat kernels", lambda: check_flat(failures)),
                   ("compressor and exchange",
                    lambda: check_compressor_and_exchange(failures, report))]
+    if not args.skip_timings:
+        parts.append(("cuda graphs", lambda: run_cuda_graphs(report)))
+    if args.profile:
+        parts.append(("breakdown", lambda: run_breakdown(report)))
+    if args.only:
+        unknown = sorted(set(args.only) - {name for name, _ in parts})
+        if unknown:
+            parser.error(f"--only: unknown part(s) {unknown}; the parts are "
+                         f"{[name for name, _ in parts]}")
+        parts = [(name, part) for name, part in parts if name in args.only]
     for index, (name, part) in enumerate(parts):
         if index > 0 and time.time() > deadline:
             report.setdefault("skipped", []).append(name)
@@ -691,7 +810,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         part_started = time.time()
         try:
-            checks += part() or 0
+            result = part()
+            checks += result if isinstance(result, int) else 0  # parts that check count
         except Exception:  # noqa: BLE001 - reported and counted as a failure
             failures.append(f"{name}: {traceback.format_exc()}")
             log(failures[-1])
@@ -727,7 +847,8 @@ def print_summary(report: dict) -> None:
         log(f"  {shape:58} default {v['default_us']:8.1f} us, flat {v['flat_us']:8.1f} us "
             f"(x{v['speedup']:.2f}, outputs equal: {v['outputs_equal']}): {v['pick']}")
     step = report.get("compressor_step", {})
-    for key in ("step_ms", "step_syncs", "step_under_sync_error", "step_cuda_graph",
+    for key in ("step_ms_default", "step_syncs_default", "step_ms", "step_syncs",
+                "step_under_sync_error", "step_cuda_graph",
                 "select_packed_ms", "one_read_ms", "select_packed_vs_one_read",
                 "select_packed_syncs", "select_packed_under_sync_error",
                 "select_packed_cuda_graph"):
@@ -746,8 +867,11 @@ def check_flat(failures: list[str]) -> int:
     if not script.exists():
         log("  flat kernels: tests/triton_flat_parity.py not found, skipped")
         return 0
+    root = str(script.parents[1])  # the child imports distk from this checkout
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])]))
     result = subprocess.run([sys.executable, str(script), "cuda"], capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=300, env=env)
     log(f"  flat kernels: {result.stdout.strip().splitlines()[-1] if result.stdout else ''}")
     if result.returncode != 0:
         failures.append(f"flat kernels: {result.stdout[-2000:]}{result.stderr[-2000:]}")

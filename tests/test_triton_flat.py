@@ -24,7 +24,13 @@ import torch
 pytest.importorskip("triton", reason="the triton extra is not installed")
 
 import distk  # noqa: E402
-from distk.selection import floor_sample, per_bucket_topk  # noqa: E402
+from distk.selection import (  # noqa: E402
+    flat_kernels_for,
+    flat_kernels_selected,
+    floor_sample,
+    per_bucket_topk,
+    triton_kernel_choice,
+)
 from distk.selection import triton_flat as tf  # noqa: E402
 from distk.selection.reference import (  # noqa: E402
     bucket_candidates_reference,
@@ -147,8 +153,36 @@ def test_select_packed_names_bad_arguments(kwargs, match):
 def test_kernel_switch_refuses_unknown_values(monkeypatch):
     monkeypatch.setenv("DISTK_TRITON_KERNEL", "fast")
     with pytest.raises(ValueError, match=r"DISTK_TRITON_KERNEL must be one of "
-                                         r"\('default', 'flat'\), got 'fast'"):
+                                         r"\('auto', 'default', 'flat'\), got 'fast'"):
         distk.topk(torch.randn(1, 100), 5)
+
+
+@pytest.mark.parametrize("is_cuda,rows,choice,backend,want", [
+    # auto: the flat kernels on single CUDA rows only (the shapes measured faster)
+    (True, 1, "auto", "auto", True),
+    (True, 256, "auto", "auto", False),
+    (False, 1, "auto", "auto", False),
+    (False, 1, "auto", "triton", False),  # the interpreter keeps the launch spec
+    (True, 1, "auto", "reference", False),
+    # flat: wherever the Triton backend runs; default: never
+    (True, 256, "flat", "auto", True),
+    (False, 4, "flat", "triton", True),
+    (False, 1, "flat", "auto", False),
+    (True, 1, "default", "auto", False),
+    (False, 1, "default", "triton", False),
+])
+def test_kernel_choice_per_shape(is_cuda, rows, choice, backend, want):
+    assert flat_kernels_for(is_cuda, rows, choice, backend) is want
+
+
+def test_kernel_choice_reads_the_environment(monkeypatch):
+    monkeypatch.delenv("DISTK_TRITON_KERNEL", raising=False)
+    assert triton_kernel_choice() == "auto"
+    monkeypatch.setenv("DISTK_TRITON_KERNEL", "flat")
+    monkeypatch.setenv("DISTK_TOPK_BACKEND", "triton")
+    assert flat_kernels_selected(torch.zeros(3, 8))
+    monkeypatch.setenv("DISTK_TRITON_KERNEL", "auto")
+    assert not flat_kernels_selected(torch.zeros(8))  # a CPU tensor
 
 
 def test_floor_state_of_the_wrong_shape_is_refused():

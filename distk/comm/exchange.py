@@ -185,7 +185,8 @@ class ExchangeRequest:
             with :func:`verify_layout`): no metadata round trip and no host sync; a
             digest of the same fields and the non-finite flag travel with the payload
             (all-gather), the non-finite flags as extra slots of the all-reduce (dense,
-            shared).
+            shared). With one process, the indices' range is checked on verified calls
+            only (a host sync); an unverified call trusts them.
         union_hint: expected largest distinct-position count per shard (cost model).
         measure_union: with ``"allgather"``, also measure ``union_per_shard``.
     """
@@ -391,9 +392,9 @@ def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
                      else values.numel() * wire.value_bytes if scheme == "shared"
                      else wire.payload_bytes)
     bad_indices = False
-    if indices.numel() and (verify or world == 1):  # a host sync: verified steps only
+    if indices.numel() and verify:  # one host sync: verified steps only
         lowest, highest = torch.aminmax(indices)
-        bad_indices = bool(lowest < 0) or bool(highest >= numel)
+        bad_indices = bool((lowest < 0) | (highest >= numel))
     if bad_indices and world == 1:
         raise ValueError(f"distk.comm: indices must lie in [0, numel={numel}), got values "
                          f"from {int(lowest)} to {int(highest)}")

@@ -341,8 +341,9 @@ class GradientCompressor:
         self._estimates: dict[Hashable, torch.Tensor] = {}
         self._means: dict[Hashable, torch.Tensor] = {}
         self._overlap: dict[Hashable, float] = {}
-        # DISTK_TRITON_KERNEL=flat: per key, the device floor state of select_packed (a
-        # cache: last step's floor, reused where the device finds it still valid).
+        # Flat kernels selected (CUDA, by default): per key, the device floor state of
+        # select_packed (a cache: last step's floor, reused where the device finds it
+        # still valid).
         self._floors: dict[Hashable, torch.Tensor] = {}
         # Per (numel, k, tile grid or None): the plans used in turn.
         self._plans: dict[tuple[int, int, Any], tuple[SelectionPlan, ...]] = {}
@@ -849,9 +850,10 @@ class GradientCompressor:
         """This rank's top-k positions of ``acc`` under ``plan`` (bucket order when
         packed). ``pending``: ``acc += pending`` in place, fused into the selection
         kernel's pass where the backend can (packed plans only). With the flat Triton
-        kernels selected (``DISTK_TRITON_KERNEL=flat``), a packed plan of ``key`` goes
-        through :func:`~distk.selection.syncfree.select_packed` (the same positions, no
-        host synchronisation, the floor state kept per key)."""
+        kernels selected (on CUDA by default: ``distk.selection.flat_kernels_selected``),
+        a packed plan of ``key`` goes through
+        :func:`~distk.selection.syncfree.select_packed` (the same positions, no host
+        synchronisation, the floor state kept per key)."""
         cfg = self.cfg
         if plan.k >= acc.numel():  # every entry, in order (implicit on a codec's wire)
             return torch.arange(acc.numel(), device=acc.device)

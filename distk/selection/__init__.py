@@ -9,11 +9,14 @@
   use; where it cannot be built, the plain-PyTorch reference with a one-time warning;
 * ``DISTK_TOPK_BACKEND=reference|cpu|triton`` forces one (for tests and benchmarks).
 
-On the Triton backend, ``DISTK_TRITON_KERNEL=flat`` selects the flat-filter kernels
-(``triton_flat.py``: device floor, one-read filter, short-row kernel) where they apply,
-instead of the default launch spec (``triton_kernel.py``, the kernels measured on a GPU);
-``default`` (the default) keeps the latter. :func:`distk.selection.syncfree.select_packed`
-is the compressor's selection with no host synchronisation (flat kernels on CUDA).
+On the Triton backend, ``DISTK_TRITON_KERNEL`` chooses between two sets of kernels:
+the launch spec of ``triton_kernel.py`` and the flat-filter kernels of ``triton_flat.py``
+(device floor, one-read filter, short-row kernel). ``auto`` (the default) takes the flat
+kernels for single rows on CUDA, the shapes where an H200 measured them faster (long
+rows and the compressor's buckets: ``benchmarks/gpu_check.py``), and the launch spec for
+inputs of several rows; ``flat`` and ``default`` force one set wherever it applies.
+:func:`distk.selection.syncfree.select_packed` is the compressor's selection with no host
+synchronisation (flat kernels on CUDA).
 
 Every backend returns the same positions as ``reference.py`` (which defines the order,
 NaN and padding rules); the second stage is shared.
@@ -45,6 +48,7 @@ __all__ = [
     "DEFAULT_RECALL_TARGET",
     "bucket_candidates",
     "choose_buckets",
+    "flat_kernels_for",
     "flat_kernels_selected",
     "floor_sample",
     "floor_sample_columns",
@@ -56,8 +60,9 @@ __all__ = [
 
 METHODS = ("bucketed", "exact")
 BACKENDS = ("auto", "reference", "cpu", "triton")
-TRITON_KERNELS = ("default", "flat")
-"""Values of ``DISTK_TRITON_KERNEL``: the default launch spec, or the flat kernels."""
+TRITON_KERNELS = ("auto", "default", "flat")
+"""Values of ``DISTK_TRITON_KERNEL``: the measured choice per shape, the launch spec of
+``triton_kernel.py``, or the flat kernels."""
 
 
 def _backend() -> str:
@@ -68,20 +73,33 @@ def _backend() -> str:
 
 
 def triton_kernel_choice() -> str:
-    """The Triton kernels selected by ``DISTK_TRITON_KERNEL`` (default ``"default"``)."""
-    kernel = os.environ.get("DISTK_TRITON_KERNEL", "default")
+    """The Triton kernels selected by ``DISTK_TRITON_KERNEL`` (default ``"auto"``)."""
+    kernel = os.environ.get("DISTK_TRITON_KERNEL", "auto")
     if kernel not in TRITON_KERNELS:
         raise ValueError(f"DISTK_TRITON_KERNEL must be one of {TRITON_KERNELS}, got {kernel!r}")
     return kernel
 
 
 def flat_kernels_selected(x: torch.Tensor) -> bool:
-    """Whether the flat Triton kernels are selected for ``x``: CUDA tensors with the
-    automatic backend, or any tensor with the forced Triton backend (tests)."""
-    if triton_kernel_choice() != "flat":
+    """Whether the flat Triton kernels are selected for ``x`` (1-D, or 2-D rows).
+
+    ``flat``: on CUDA tensors with the automatic backend, and on any tensor with the
+    forced Triton backend (tests under the interpreter). ``auto``: on CUDA tensors of one
+    row, where an H200 measured them faster than the launch spec (1.1-1.9x on rows of
+    2^23-2^26 entries, and on the compressor's 25 MB buckets; slower on 256 rows of 2^20,
+    mixed on 4096 short rows: docs/selection.md). ``default``: never."""
+    rows = 1 if x.dim() == 1 else x.shape[0]
+    return flat_kernels_for(x.is_cuda, rows, triton_kernel_choice(), _backend())
+
+
+def flat_kernels_for(is_cuda: bool, rows: int, choice: str, backend: str) -> bool:
+    """:func:`flat_kernels_selected` as a pure function of the input's device and rows,
+    ``DISTK_TRITON_KERNEL`` (``choice``) and ``DISTK_TOPK_BACKEND`` (``backend``)."""
+    if choice == "default" or backend in ("reference", "cpu"):
         return False
-    backend = _backend()
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
+    if choice == "flat":
+        return backend == "triton" or is_cuda
+    return is_cuda and rows == 1
 
 
 def bucket_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
@@ -210,8 +228,9 @@ def per_bucket_topk(x: torch.Tensor, buckets: int, k_per_bucket: int,
     ``add``: error feedback fused into the selection: ``x += add`` in place, then the
     top entries of the sum (see :func:`bucket_candidates`).
 
-    With the flat kernels selected (``DISTK_TRITON_KERNEL=flat``) the floor, the check
-    and the redo of short buckets all run on the device: no sync.
+    With the flat kernels selected (on single CUDA rows by default, see
+    :func:`flat_kernels_selected`) the floor, the check and the redo of short buckets all
+    run on the device: no sync.
     """
     rows, n = x.shape
     length = -(-n // buckets)

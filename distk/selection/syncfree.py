@@ -42,8 +42,8 @@ def select_packed(acc: torch.Tensor, buckets: int, k_per_bucket: int,
     device-to-host synchronisation on CUDA.
 
     What the compressor calls for a packed plan when the flat kernels are selected
-    (``DISTK_TRITON_KERNEL=flat``; ``GradientCompressor._select_local``, in place of
-    ``per_bucket_topk`` + ``positions_of``), keeping one floor state per key (created
+    (``flat_kernels_selected``: on CUDA by default; ``GradientCompressor._select_local``,
+    in place of ``per_bucket_topk`` + ``positions_of``), keeping one floor state per key (created
     once with :func:`new_floor_state`, then passed at every step)::
 
         positions = select_packed(acc, plan.buckets, plan.k_per_bucket, cfg.interleaved,

@@ -1,9 +1,10 @@
 """Flat-filter Triton kernels: a first stage that reads each row once, whatever its buckets.
 
-Selectable, not the default (``DISTK_TRITON_KERNEL=flat``, or the functions below called
-directly; see docs/selection.md): they are held to ``reference.py`` under
-``TRITON_INTERPRET=1`` and compiled for sm_80 / sm_90, but not yet timed on a GPU.
-``benchmarks/gpu_check.py`` times them beside the default kernels.
+The default for single rows on CUDA (``DISTK_TRITON_KERNEL=auto``), where an H200
+measured them faster than ``triton_kernel.py``; ``flat`` selects them everywhere they
+apply (see docs/selection.md). Held to ``reference.py`` under ``TRITON_INTERPRET=1`` and
+on CUDA, compiled for sm_80 / sm_90; ``benchmarks/gpu_check.py`` times them beside the
+other kernels, ``benchmarks/filter_probe.py`` takes the filter apart.
 
 Long rows, with a score floor (:func:`flat_candidates`), one launch each:
 
@@ -82,15 +83,15 @@ __all__ = [
     "row_topk",
 ]
 
-# Tunables. Untimed on a GPU so far: chosen from the bandwidth model of docs/selection.md
-# (16-byte loads, about 8 KB per tile and program in flight); benchmarks/gpu_check.py
-# times them.
+# Tunables: chosen from the bandwidth model of docs/selection.md (16-byte loads, about 8 KB
+# per tile and program in flight), then swept on an H200 (benchmarks/filter_probe.py:
+# within 10% of each other for fp32; 4 warps 18% faster than 8 for fp16).
 FILTER_BLOCK = {4: 1024, 2: 2048}
-"""Entries per ``filter`` tile by input bytes per entry: eight per thread (two 16-byte
-loads of fp32, one of fp16/bf16), 4 KB per tile, 8 KB in flight per program with the
-next tile's load; about 61 registers (sm_90), so 8 (fp32) or 4 (16-bit) programs per SM."""
-FILTER_WARPS = {4: 4, 2: 8}
-FILTER_PROGRAMS_PER_SM = 8
+"""Entries per ``filter`` tile by input bytes per entry: 4 KB per tile, 8 KB in flight per
+program with the next tile's load (fp32: eight entries per thread, two 16-byte loads;
+fp16/bf16: sixteen, two loads)."""
+FILTER_WARPS = {4: 4, 2: 4}
+FILTER_PROGRAMS_PER_SM = 16
 """``filter`` programs per SM over all rows (chunks split long rows to fill the chip)."""
 SCATTER_BLOCK = 1024
 """Candidates per ``scatter`` program."""

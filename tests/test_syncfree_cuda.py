@@ -1,0 +1,89 @@
+"""A compressor step with no host synchronisation, on CUDA (skipped without a GPU).
+
+One DDP bucket (25 MB of fp32) through ``GradientCompressor.step`` on one process, at a
+plain step (no stats or recall diagnostics, which synchronise by design) and with the
+default kernels (``DISTK_TRITON_KERNEL=auto``: ``select_packed`` for the packed plan):
+
+* with ``nonfinite="zero"`` it runs under ``torch.cuda.set_sync_debug_mode("error")``
+  and can be captured in a CUDA graph, whose replay gives the eager step's update;
+* with the default ``nonfinite="raise"`` the one sync left is the non-finite check.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import distk
+
+pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
+
+NUMEL = 25_000_000 // 4
+"""One DDP bucket (DDP's default ``bucket_cap_mb``) of fp32."""
+
+
+def _plain_steps(cfg: distk.SparsityConfig):
+    step = 0
+    while True:
+        step += 1
+        if step % cfg.stats_interval and step % cfg.recall_interval:
+            yield step
+
+
+def _syncs(fn) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_step_has_no_host_sync_and_is_captured_in_a_cuda_graph(monkeypatch):
+    monkeypatch.delenv("DISTK_TRITON_KERNEL", raising=False)
+    cfg = distk.SparsityConfig(density=0.01, nonfinite="zero")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grads = [torch.randn(NUMEL, device="cuda", generator=gen) for _ in range(3)]
+    compressor = distk.GradientCompressor(cfg)
+    steps = _plain_steps(cfg)
+    for grad in grads[:2]:  # warm-up: plans, kernels, residual, verified layout
+        compressor.step(grad, "bucket", step=next(steps))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        update = compressor.step(grads[2], "bucket", step=next(steps))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sent = int((update != 0).sum())
+    assert 0 < sent <= 2 * cfg.k_at(NUMEL, 10)
+
+    # The same step captured: its replay gives what the eager step gives from the same
+    # state (the floor state may differ; the selection does not depend on it).
+    eager = distk.GradientCompressor(cfg)
+    eager.load_state_dict(compressor.state_dict())
+    step = next(steps)
+    static_grad = grads[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_update = compressor.step(static_grad, "bucket", step=step)
+    graph.replay()
+    want = eager.step(grads[0], "bucket", step=step)
+    torch.cuda.synchronize()
+    assert torch.equal(static_update, want)
+    assert torch.equal(compressor.residual("bucket"), eager.residual("bucket"))
+
+
+def test_default_step_syncs_only_for_the_nonfinite_check(monkeypatch):
+    monkeypatch.delenv("DISTK_TRITON_KERNEL", raising=False)
+    cfg = distk.SparsityConfig(density=0.01)
+    assert cfg.nonfinite == "raise"
+    grads = [torch.randn(NUMEL, device="cuda") for _ in range(3)]
+    compressor = distk.GradientCompressor(cfg)
+    steps = _plain_steps(cfg)
+    for grad in grads[:2]:
+        compressor.step(grad, "bucket", step=next(steps))
+    assert _syncs(lambda: compressor.step(grads[2], "bucket", step=next(steps))) == 1
