@@ -475,7 +475,6 @@ def run_breakdown(report: dict) -> list[dict]:
     time, the CUDA events' time, each kernel's device time (``torch.profiler``) and, for
     ``select_packed``, the time of a CUDA-graph replay of the same call (the device's
     time with no host in the way). Graph captures run after every other call."""
-    from torch.profiler import ProfilerActivity, profile
 
     out: list[dict] = report.setdefault("breakdown", [])
     cases = []  # (shape, call, kernels, fn, capturable)
@@ -506,12 +505,7 @@ def run_breakdown(report: dict) -> list[dict]:
                 torch.cuda.synchronize()
                 row["wall_us"] = (time.perf_counter() - started) * 1e6
                 row["event_us"] = time_cuda(lambda _: fn(), [None]) * 1000
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    fn()
-                    torch.cuda.synchronize()
-            kernels = sorted(((e.key, e.device_time_total, e.count)
-                              for e in prof.key_averages() if e.device_time_total > 0),
-                             key=lambda r: -r[1])
+                kernels = kernel_times(fn)
             row["kernel_us"] = sum(t for _, t, _ in kernels)
             row["kernels"] = [[key[:90], t, c] for key, t, c in kernels[:10]]
         except Exception as err:  # noqa: BLE001 - reported, the other cases still run
@@ -695,10 +689,22 @@ def dry_run() -> int:
     return 0
 
 
+def kernel_times(fn) -> list[tuple[str, float, int]]:
+    """``(kernel, device microseconds, launches)`` of one call of ``fn``, slowest first
+    (``torch.profiler``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted(((e.key, e.device_time_total, e.count)
+                   for e in prof.key_averages() if e.device_time_total > 0),
+                  key=lambda r: -r[1])
+
+
 def run_profile(quick: bool) -> list[dict]:
     """Per-kernel CUDA time of one call of each timed configuration (torch.profiler),
     and the host time of a call (synchronised wall clock)."""
-    from torch.profiler import ProfilerActivity, profile
 
     out = []
     for name, rows, n, dtype, k in SHAPES:
@@ -720,12 +726,7 @@ def run_profile(quick: bool) -> list[dict]:
             fn()
             torch.cuda.synchronize()
             wall_us = (time.perf_counter() - started) * 1e6
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                fn()
-                torch.cuda.synchronize()
-            kernels = sorted(((e.key, e.device_time_total, e.count)
-                              for e in prof.key_averages() if e.device_time_total > 0),
-                             key=lambda r: -r[1])
+            kernels = kernel_times(fn)
             total = sum(t for _, t, _ in kernels)
             log(f"  {name:34} {label:24} wall {wall_us:8.1f} us, kernels {total:8.1f} us")
             for key, t, count in kernels[:6]:

@@ -11,12 +11,16 @@ default kernels (``DISTK_TRITON_KERNEL=auto``: ``select_packed`` for the packed 
 
 from __future__ import annotations
 
-import warnings
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import distk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from gpu_check import count_syncs  # noqa: E402  (the counter gpu_check.py reports with)
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
@@ -30,17 +34,6 @@ def _plain_steps(cfg: distk.SparsityConfig):
         step += 1
         if step % cfg.stats_interval and step % cfg.recall_interval:
             yield step
-
-
-def _syncs(fn) -> int:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def test_step_has_no_host_sync_and_is_captured_in_a_cuda_graph(monkeypatch):
@@ -86,4 +79,4 @@ def test_default_step_syncs_only_for_the_nonfinite_check(monkeypatch):
     steps = _plain_steps(cfg)
     for grad in grads[:2]:
         compressor.step(grad, "bucket", step=next(steps))
-    assert _syncs(lambda: compressor.step(grads[2], "bucket", step=next(steps))) == 1
+    assert count_syncs(lambda: compressor.step(grads[2], "bucket", step=next(steps))) == 1
