@@ -166,6 +166,76 @@ def test_failure_modes_on_every_rank():
         assert res["alive"] == 1.0
 
 
+def _deferred_nonfinite(rank, world):
+    # The deferred check (defer_checks, as the integrations run it) on CPU tensors: the
+    # flag is written on the device side of the exchange, never read by the sender.
+    GradientCompressor.DEFER_DEVICE_TYPES = ("cuda", "cpu")  # this process only
+    out = {}
+    for name, options in (("allgather", dict(exchange="allgather", mask="local")),
+                          ("dense", dict(exchange="dense", mask="local")),
+                          ("shared", dict(mask="shared"))):
+        cfg = SparsityConfig(density=0.1, min_numel=1, stats_interval=100, **options)
+        comp = GradientCompressor(cfg, defer_checks=True)
+        comp.step(torch.arange(1000.0) * (rank + 1), "w", step=1)  # verified: first exchange
+        before = comp.residual("w")
+        grad = torch.ones(1000)
+        if rank == 1:
+            grad[5] = float("nan")
+        try:  # step 2 is unverified: the flag travels with the payload
+            comp.step(grad, "w", step=2)
+            out[name] = None
+        except NonFiniteGradientError as err:
+            out[name] = str(err)
+        # The flagged rank's residual got zeros, not the NaN; another rank's keeps its
+        # gradient (delayed, not lost), as without the deferral.
+        out[f"{name}/residual_kept"] = bool(torch.equal(comp.residual("w"), before))
+        out[f"{name}/deferred_left"] = len(comp._deferred)
+    return out
+
+
+@pytest.mark.distributed
+def test_deferred_nonfinite_check_raises_on_every_rank_from_the_payload():
+    results = run_distributed(_deferred_nonfinite, 2, timeout=120)
+    for rank, res in enumerate(results):
+        for name in ("allgather", "dense", "shared"):
+            assert res[name] is not None, (name, res)
+            assert "step 2 for key 'w' on rank(s) [1]" in res[name], res[name]
+            assert res[f"{name}/residual_kept"] == (rank == 1), (rank, name)
+            assert res[f"{name}/deferred_left"] == 0  # several ranks: nothing kept back
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.9, "error_decay": 0.9}])
+def test_deferred_nonfinite_check_of_one_process(monkeypatch, options):
+    monkeypatch.setattr(GradientCompressor, "DEFER_DEVICE_TYPES", ("cuda", "cpu"))
+    cfg = SparsityConfig(density=0.1, min_numel=1, **options)
+    plain, deferred = GradientCompressor(cfg), GradientCompressor(cfg, defer_checks=True)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):  # finite gradients: bitwise the same updates, nothing raised
+        grad = torch.randn(1000, generator=gen)
+        want = plain.step(grad, "w", step=step)
+        work = deferred.launch(grad, "w", step=step)
+        assert torch.equal(work.wait(), want)
+        deferred.raise_deferred()
+    before = deferred.state_dict()
+    bad = torch.ones(1000)
+    bad[3], bad[9] = float("inf"), float("nan")
+    work_a = deferred.launch(bad, "a", step=3)
+    work_w = deferred.launch(bad, "w", step=3)
+    # A flagged step updates nothing and takes nothing from the state.
+    assert (work_a.wait() == 0).all() and (work_w.wait() == 0).all()
+    after = deferred.state_dict()
+    for table in ("residuals", "momenta"):
+        assert before[table].keys() == after[table].keys() - {"a"}
+        for key, tensor in before[table].items():
+            assert torch.equal(after[table][key], tensor), (table, key)
+    with pytest.raises(NonFiniteGradientError,
+                       match=r"at step 3 for keys \['a', 'w'\] on rank\(s\) \[0\]"):
+        deferred.raise_deferred()
+    deferred.raise_deferred()  # read once: nothing left
+    with pytest.raises(NonFiniteGradientError, match=r"at step 4 for key 'w'"):
+        deferred.step(bad, "w", step=4)  # step() reads its own check
+
+
 # -- single process ---------------------------------------------------------------------
 
 def test_warmup_schedule():

@@ -165,10 +165,13 @@ def test_ddp_hook_returns_futures_that_complete_after_the_hook_returns(tmp_path)
     assert torch.equal(results[0]["params"], results[1]["params"])
 
 
-def _async_raise_worker(rank: int, world: int) -> str | None:
+def _async_raise_worker(rank: int, world: int, defer: bool) -> str | None:
     import math
 
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if defer:  # the CUDA path's deferred check, on these CPU tensors (this process only)
+        distk.GradientCompressor.DEFER_DEVICE_TYPES = ("cuda", "cpu")
 
     ddp = DDP(_net(), bucket_cap_mb=0.1)
     distk.ddp.enable(ddp, distk.SparsityConfig(density=0.05, min_numel=64, stats_interval=100))
@@ -185,10 +188,13 @@ def _async_raise_worker(rank: int, world: int) -> str | None:
 
 
 @pytest.mark.distributed
-def test_nonfinite_in_an_unverified_async_step_raises_its_type_on_every_rank():
+@pytest.mark.parametrize("defer", [False, True], ids=["host_check", "device_flag"])
+def test_nonfinite_in_an_unverified_async_step_raises_its_type_on_every_rank(defer):
     # stats_interval=100: step 2 of each bucket is neither its first exchange nor a stats
-    # step, so the flag travels inside the payload, and end_step raises it.
-    for message in run_distributed(_async_raise_worker, 2, timeout=120, pg_timeout=30):
+    # step, so the flag travels inside the payload, and end_step raises it. With the
+    # deferred check (CUDA gradients) the sender never reads its flag on the host.
+    for message in run_distributed(_async_raise_worker, 2, defer, timeout=120,
+                                   pg_timeout=30):
         assert message is not None and "at step 2 for key" in message, message
         assert "on rank(s) [1]" in message
 
@@ -231,6 +237,27 @@ def test_the_step_ends_with_the_backward_pass_and_drives_the_schedule():
     assert state.totals.buffers == 3 and state.totals.sent == 100 + 10 + 10
     with pytest.raises(RuntimeError, match="inside a backward pass"):
         state.reduce(torch.ones(100), "w")
+
+
+@pytest.mark.parametrize("call", ["reduce_async", "reduce"])
+def test_deferred_check_of_one_process_raises_when_the_step_ends(monkeypatch, call):
+    # The CUDA path's deferred non-finite check, on CPU tensors: nothing is read during
+    # the backward's exchanges; the step's end (or the synchronous reduce) raises.
+    monkeypatch.setattr(distk.GradientCompressor, "DEFER_DEVICE_TYPES", ("cuda", "cpu"))
+    state = CompressionState(distk.SparsityConfig(density=0.1, min_numel=1))
+    weight = torch.zeros(100, requires_grad=True)
+    def hook(grad: torch.Tensor) -> None:
+        getattr(state, call)(grad.clone(), "w")
+
+    weight.register_hook(hook)
+    (weight * torch.arange(100.0)).sum().backward()  # a finite step goes through
+    assert state.iteration == 1 and state.stats.sent == 10
+    with pytest.raises(NonFiniteGradientError,
+                       match=r"at step 1 for key 'w' on rank\(s\) \[0\]"):
+        (weight * torch.full((100,), float("nan"))).sum().backward()
+    assert state.iteration == 1  # the flagged step is dropped, not counted
+    (weight * torch.arange(100.0)).sum().backward()  # and the next one runs
+    assert state.iteration == 2
 
 
 def test_step_stats_merge_and_metrics():

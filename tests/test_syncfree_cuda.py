@@ -6,7 +6,9 @@ default kernels (``DISTK_TRITON_KERNEL=auto``: ``select_packed`` for the packed 
 
 * with ``nonfinite="zero"`` it runs under ``torch.cuda.set_sync_debug_mode("error")``
   and can be captured in a CUDA graph, whose replay gives the eager step's update;
-* with the default ``nonfinite="raise"`` the one sync left is the non-finite check.
+* with the default ``nonfinite="raise"`` the one sync left is the non-finite check;
+  with ``defer_checks=True`` (what the integrations set) it stays on the device until
+  ``raise_deferred``, once per step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 import distk
+from distk.compressor import NonFiniteGradientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from gpu_check import count_syncs  # noqa: E402  (the counter gpu_check.py reports with)
@@ -80,3 +83,28 @@ def test_default_step_syncs_only_for_the_nonfinite_check(monkeypatch):
     for grad in grads[:2]:
         compressor.step(grad, "bucket", step=next(steps))
     assert count_syncs(lambda: compressor.step(grads[2], "bucket", step=next(steps))) == 1
+
+
+def test_deferred_check_leaves_the_step_without_sync(monkeypatch):
+    # defer_checks (what the integrations set): the non-finite check of the default
+    # nonfinite="raise" stays on the device until raise_deferred, once per step.
+    monkeypatch.delenv("DISTK_TRITON_KERNEL", raising=False)
+    cfg = distk.SparsityConfig(density=0.01)
+    grads = [torch.randn(NUMEL, device="cuda") for _ in range(3)]
+    compressor = distk.GradientCompressor(cfg, defer_checks=True)
+    steps = _plain_steps(cfg)
+    for grad in grads[:2]:
+        compressor.step(grad, "bucket", step=next(steps))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        update = compressor.launch(grads[2], "bucket", step=next(steps)).wait()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(update).all()
+    compressor.raise_deferred()  # finite: nothing raised
+    bad = grads[0].clone()
+    bad[17] = float("nan")
+    assert (compressor.launch(bad, "bucket", step=next(steps)).wait() == 0).all()
+    with pytest.raises(NonFiniteGradientError, match=r"on rank\(s\) \[0\]"):
+        compressor.raise_deferred()

@@ -178,7 +178,10 @@ class ExchangeRequest:
             sends every position) is averaged over the world size either way.
         tag: integer that must match across ranks (the compressor passes a key digest).
         nonfinite: this rank's gradient had NaN/Inf; if any rank sets it, the result is
-            ``None`` on every rank.
+            ``None`` on every rank. A 0-dim bool tensor on the values' device is also
+            accepted, so that the sender need not read it on the host: it travels in the
+            trailer (all-gather) or the flag slots (dense, shared) as written on the
+            device; verified steps and a single process read it on the host.
         verify: all-gather the metadata row first (sizes, dtypes, plan, key tag, range of
             the indices) and raise :class:`RankMismatchError` on every rank when the ranks
             disagree. ``False`` (a steady state the caller verified before, or checked
@@ -201,7 +204,7 @@ class ExchangeRequest:
     average: bool = True
     per_sender: bool = False
     tag: int = 0
-    nonfinite: bool = False
+    nonfinite: bool | torch.Tensor = False
     verify: bool = True
     union_hint: float | None = None
     measure_union: bool = False
@@ -308,6 +311,7 @@ class _Context:
     buffer: torch.Tensor | None  # the caller's ``out`` when the sum can accumulate in it
     trailer: torch.Tensor | None  # unverified all-gather: digest and flags in front
     per_sender: bool  # average each position over the ranks that sent it (all-gather)
+    device_flag: torch.Tensor | None = None  # this rank's non-finite flag, on the device
 
 
 def _validate(request: ExchangeRequest) -> tuple[ExchangeRequest, torch.Tensor, WireFormat]:
@@ -398,6 +402,10 @@ def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
     if bad_indices and world == 1:
         raise ValueError(f"distk.comm: indices must lie in [0, numel={numel}), got values "
                          f"from {int(lowest)} to {int(highest)}")
+    device_flag = request.nonfinite if isinstance(request.nonfinite, torch.Tensor) else None
+    if device_flag is not None and (world == 1 or verify):  # a host sync: no way around it
+        request = dataclasses.replace(request, nonfinite=bool(device_flag))
+        device_flag = None
     if world == 1:
         return PendingExchange.done(_single_process(request, indices, wire, scheme, acc_dtype,
                                                     buffer, payload_bytes, started))
@@ -407,7 +415,8 @@ def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
     fields = [_PROTOCOL, numel, values.numel(), SCHEMES.index(scheme),
               DTYPE_CODES[wire.value_dtype], -1 if dense_input else wire.index_code,
               wire.buckets or 0, wire.k_per_bucket or 0, int(wire.interleaved), request.tag,
-              _FLAG_NONFINITE * int(request.nonfinite) + _FLAG_BAD_INDICES * int(bad_indices),
+              _FLAG_NONFINITE * int(device_flag is None and request.nonfinite)
+              + _FLAG_BAD_INDICES * int(bad_indices),
               DTYPE_CODES[request.out_dtype]]
     bytes_sent = 0
     routing = None
@@ -442,8 +451,11 @@ def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
     trailer = None if verify or scheme != "allgather" else torch.tensor(
         [digest63(fields[:_NONFINITE_FIELD] + fields[_NONFINITE_FIELD + 1:]),
          fields[_NONFINITE_FIELD]], dtype=torch.int64, device=device)
+    if trailer is not None and device_flag is not None:  # written on the device: no sync
+        trailer[1:] += device_flag.to(device=device, dtype=torch.int64) * _FLAG_NONFINITE
+    ctx_flag = device_flag
     ctx = _Context(request, indices, values, wire, rank, world, group, acc_dtype, buffer,
-                   trailer, per_sender)
+                   trailer, per_sender, ctx_flag)
     if scheme == "reduce_scatter":
         result, sent, union = _reduce_scatter(ctx, routing)
         return PendingExchange.done(result_of(result, sent, union))
@@ -590,7 +602,9 @@ def _flagged_allreduce(ctx: _Context, dense: torch.Tensor, length: int, flag_slo
     """All-reduce ``dense`` (``length`` entries, then ``world`` flag slots when
     ``flag_slots``: this rank's set to 1 when it flags a non-finite gradient; 0 and 1 sum
     exactly in any float dtype, so the sum names the flagged ranks)."""
-    if flag_slots and ctx.request.nonfinite:
+    if flag_slots and ctx.device_flag is not None:  # written on the device: no sync
+        dense[length + ctx.rank] = ctx.device_flag.to(device=dense.device, dtype=dense.dtype)
+    elif flag_slots and ctx.request.nonfinite:
         dense[length + ctx.rank] = 1
     future = _launch(dist.all_reduce, what, ctx.group, dense)
 

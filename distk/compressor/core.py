@@ -106,6 +106,16 @@ def as_sparsity_config(cfg: Any, what: str = "cfg") -> SparsityConfig:
                     f"{type(cfg).__name__}")
 
 
+def _nonfinite_error(step: int, keys: list[Hashable], ranks: list[int]
+                     ) -> NonFiniteGradientError:
+    """The error of ``nonfinite="raise"``, naming the step, the keys and the ranks."""
+    named = f"key {keys[0]!r}" if len(keys) == 1 else f"keys {keys!r}"
+    return NonFiniteGradientError(
+        f"non-finite gradient (NaN or Inf) at step {step} for {named} on rank(s) {ranks}; "
+        "set SparsityConfig.nonfinite to 'skip' (drop the step on every rank) or 'zero' "
+        "(treat entries as 0)")
+
+
 def _has_nonfinite(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` holds NaN or +-Inf: one reduction, no tensor-sized allocation
     (a finite tensor whose sum overflows is confirmed entry by entry)."""
@@ -233,6 +243,9 @@ class Accumulated:
         input_sq: squared norm of the gradient handed over (stats steps), else ``None``.
         estimate: ``feedback="estimate"``: this rank's gradient estimate (EF21); ``acc``
             is then the innovation, the gradient minus the estimate.
+        flag: the non-finite check left on the device (``defer_checks``): a 0-dim bool
+            tensor, true when the gradient held NaN/Inf (then zeros reached ``acc`` in
+            its place); ``nonfinite`` is then False.
     """
 
     acc: torch.Tensor
@@ -243,6 +256,7 @@ class Accumulated:
     seconds: float
     input_sq: float | None = None
     estimate: torch.Tensor | None = None
+    flag: torch.Tensor | None = None
 
 
 @dataclass
@@ -320,6 +334,12 @@ class GradientCompressor:
     Args:
         cfg: a :class:`~distk.SparsityConfig` (or a dict for ``SparsityConfig.from_dict``).
         group: process group (``None`` = default; no initialised group = one process).
+        defer_checks: under ``nonfinite="raise"``, leave the non-finite check of CUDA
+            gradients on the device instead of reading it at every step (a host sync
+            per buffer): the flag travels with the exchange and raises in ``finish`` on
+            every rank (several ranks), or waits for :meth:`raise_deferred` (one
+            process; :meth:`step` calls it, the integrations call it at the end of each
+            step). A flagged gradient adds zeros to the residual, so none of it is kept.
 
     Attributes:
         last: :class:`~distk.stats.StepStats` of the last buffer finished.
@@ -328,10 +348,17 @@ class GradientCompressor:
         masks: the shared-mask policy (``cfg.mask_policy``).
     """
 
+    DEFER_DEVICE_TYPES = ("cuda",)
+    """Devices whose gradients' non-finite check ``defer_checks`` defers (a host read of
+    a CPU tensor costs nothing; tests add ``"cpu"`` to exercise the deferred path)."""
+
     def __init__(self, cfg: SparsityConfig | dict[str, Any] | None = None,
-                 group: Any = None) -> None:
+                 group: Any = None, *, defer_checks: bool = False) -> None:
         self.cfg = as_sparsity_config(cfg)
         self.group = group
+        self.defer_checks = defer_checks
+        # defer_checks, one process: (step, key, device flag) of checks not yet read.
+        self._deferred: list[tuple[int, Hashable, torch.Tensor]] = []
         self.last = StepStats()
         self.totals = StepStats()
         self.masks: MaskPolicy = make_mask_policy(self.cfg, group)
@@ -376,6 +403,8 @@ class GradientCompressor:
             for table in (self._residuals, self._momenta, self._estimates, self._means,
                           self._overlap, self._verified, self._floors):
                 table.pop(name, None)
+        self._deferred = [item for item in self._deferred
+                          if key is not None and item[1] != key]
         self.masks.forget(key)
 
     def state_dict(self) -> dict[str, Any]:
@@ -435,7 +464,24 @@ class GradientCompressor:
             distk.comm.RankMismatchError: on every rank, when ranks disagree on numel, k,
                 key, options or a shared mask.
         """
-        return self.launch(grad, key, out, step=step, stateless=stateless).wait()
+        update = self.launch(grad, key, out, step=step, stateless=stateless).wait()
+        self.raise_deferred()
+        return update
+
+    def raise_deferred(self) -> None:
+        """Read the non-finite checks that ``defer_checks`` left on the device for this
+        process (one process; with several ranks the flags travel with the exchange and
+        raise in ``finish``): one host sync for all of them, then
+        :class:`NonFiniteGradientError` if any gradient held NaN/Inf. No-op when none is
+        pending. The integrations call it at the end of every step."""
+        if not self._deferred:
+            return
+        pending, self._deferred = self._deferred, []
+        device = pending[0][2].device
+        flags = torch.stack([flag.to(device) for _, _, flag in pending]).tolist()
+        bad = [(step, key) for (step, key, _), flag in zip(pending, flags) if flag]
+        if bad:
+            raise _nonfinite_error(bad[0][0], [key for _, key in bad], [0])
 
     def launch(self, grad: torch.Tensor, key: Hashable, out: torch.Tensor | None = None, *,
                step: int, stateless: bool = False) -> CompressorWork:
@@ -575,9 +621,17 @@ class GradientCompressor:
         # Measured before anything is written: the caller's buffer may receive the update.
         input_sq = (float(torch.linalg.vector_norm(g, dtype=torch.float64).item()) ** 2
                     if request.stats_step else None)
-        nonfinite = False
+        nonfinite, flag = False, None
         if cfg.nonfinite == "zero":
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        elif (self.defer_checks and cfg.nonfinite == "raise" and cfg.feedback != "estimate"
+              and g.device.type in self.DEFER_DEVICE_TYPES):
+            # Decided on the device, never read here: the flag travels with the exchange
+            # (several ranks) or waits for raise_deferred (one process). A flagged
+            # gradient adds zeros, so no NaN reaches the residual. (A float64 sum of
+            # finite values cannot overflow: only NaN/Inf make it non-finite.)
+            flag = torch.isfinite(g.sum(dtype=torch.float64)).logical_not()
+            g = torch.where(flag, torch.zeros((), dtype=g.dtype, device=g.device), g)
         else:
             nonfinite = _has_nonfinite(g)
         if cfg.clip_norm is not None and not nonfinite:
@@ -591,10 +645,13 @@ class GradientCompressor:
             else:
                 velocity = self._check_state(velocity, key, request.numel, state_dtype,
                                              g.device)
-                velocity.mul_(cfg.momentum).add_(g)
-            g = velocity
+                # (A flagged step leaves the velocity as it was: x 1, + 0.)
+                velocity.mul_(cfg.momentum if flag is None
+                              else torch.where(flag, 1.0, cfg.momentum)).add_(g)
+            g = velocity if flag is None else torch.where(flag, 0.0, velocity)
         if cfg.feedback == "estimate" and not request.stateless:
-            return self._innovation(request, g, nonfinite, started, input_sq)
+            return dataclasses.replace(self._innovation(request, g, nonfinite, started,
+                                                        input_sq), flag=flag)
         keep_residual = cfg.error_feedback and not request.stateless
         residual = self._residuals.get(key) if keep_residual else None
         pending = None
@@ -612,7 +669,7 @@ class GradientCompressor:
                 # In place. Should another rank raise for a non-finite gradient, this
                 # rank's gradient stays in its residual (delayed, not lost).
                 if decay != 1.0:
-                    acc.mul_(decay)
+                    acc.mul_(decay if flag is None else torch.where(flag, 1.0, decay))
                 if (plan.selection is not None and plan.selection.packed
                         and plan.selection.tiles is None
                         and plan.scheme != "shared" and g.dtype == state_dtype
@@ -625,7 +682,7 @@ class GradientCompressor:
         else:
             acc = g.to(state_dtype)
         return Accumulated(acc, velocity, nonfinite, pending, keep_residual,
-                           time.perf_counter() - started, input_sq)
+                           time.perf_counter() - started, input_sq, flag=flag)
 
     def _innovation(self, request: StepRequest, g: torch.Tensor, nonfinite: bool,
                     started: float, input_sq: float | None) -> Accumulated:
@@ -721,7 +778,7 @@ class GradientCompressor:
             selection.sent, request.numel, selection.positions, wire=wire,
             scheme=plan.scheme, out_dtype=request.state_dtype, out=request.out, average=True,
             per_sender=self.cfg.outer_average == "senders",
-            tag=_key_tag(key), nonfinite=accumulated.nonfinite,
+            tag=_key_tag(key), nonfinite=self._nonfinite_for_exchange(request, accumulated),
             verify=plan.verify and not shared,  # shared: checked in the select stage
             union_hint=hint, measure_union=measure), self.group)
         if plan.verify:
@@ -731,6 +788,17 @@ class GradientCompressor:
                                                        ahead=True), selection.positions)
         return pending
 
+    def _nonfinite_for_exchange(self, request: StepRequest,
+                                accumulated: Accumulated) -> bool | torch.Tensor:
+        """The exchange's non-finite flag: the host decision, or the device flag (several
+        ranks; one process keeps it for :meth:`raise_deferred`)."""
+        if accumulated.flag is None:
+            return accumulated.nonfinite
+        if request.world == 1:
+            self._deferred.append((request.step, request.key, accumulated.flag))
+            return False
+        return accumulated.flag
+
     def _finish(self, request: StepRequest, plan: StepPlan, accumulated: Accumulated,
                 selection: Selection, result: ExchangeResult
                 ) -> tuple[torch.Tensor, StepStats]:
@@ -739,14 +807,18 @@ class GradientCompressor:
         cfg, key, acc = self.cfg, request.key, accumulated.acc
         if result.nonfinite_ranks:
             if cfg.nonfinite == "raise":
-                raise NonFiniteGradientError(
-                    f"non-finite gradient (NaN or Inf) at step {request.step} for key {key!r} "
-                    f"on rank(s) {result.nonfinite_ranks}; set SparsityConfig.nonfinite to "
-                    "'skip' (drop the step on every rank) or 'zero' (treat entries as 0)")
+                raise _nonfinite_error(request.step, [key], result.nonfinite_ranks)
             stats = self._record(request, plan, selection, result, accumulated, skipped=True)
             out = request.out_given
             return (torch.zeros_like(request.grad) if out is None else out.zero_()), stats
         positions, decoded = selection.positions, plan.wire.decoded(selection.sent)
+        keep = None
+        if accumulated.flag is not None and request.world == 1:
+            # One process, check deferred: a flagged step takes nothing from the state
+            # and updates nothing (raise_deferred raises it); several ranks never get
+            # here flagged (the flag travelled with the exchange).
+            keep = accumulated.flag.logical_not()
+            decoded = decoded * keep.to(decoded.dtype)
         if accumulated.keep_residual:
             if positions is None:
                 acc.sub_(decoded.to(request.state_dtype))
@@ -755,7 +827,13 @@ class GradientCompressor:
             self._residuals[key] = (round_to_bf16(acc, request.step * 1_000_003 + _key_tag(key))
                                     if self.cfg.residual_dtype == "bfloat16" else acc)
         if accumulated.velocity is not None:
-            if positions is None:
+            if keep is not None:  # flagged: x 1 (kept), else x 0 (sent)
+                kept = accumulated.flag.to(accumulated.velocity.dtype)
+                if positions is None:
+                    accumulated.velocity.mul_(kept)
+                else:
+                    accumulated.velocity[positions] *= kept
+            elif positions is None:
                 accumulated.velocity.zero_()
             else:
                 accumulated.velocity[positions] = 0
@@ -764,6 +842,8 @@ class GradientCompressor:
             self.masks.observe(key, request.step, result.output,
                                positions if plan.scheme == "shared" else None)
         output = result.output
+        if keep is not None:
+            output.mul_(keep.to(output.dtype))
         if accumulated.estimate is not None:
             output = self._move_estimates(request, accumulated, positions, decoded, output)
         stats = self._record(request, plan, selection, result, accumulated, skipped=False)

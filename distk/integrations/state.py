@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distk.compressor import GradientCompressor, as_sparsity_config
+from distk.compressor import GradientCompressor, NonFiniteGradientError, as_sparsity_config
 from distk.config import SparsityConfig, optimizer_chain
 from distk.integrations.owner import StepOwner, group_ready
 from distk.stats import StepStats
@@ -155,7 +155,8 @@ class CompressionState(StepOwner):
         if model is not None:
             refuse_sparse_gradients(model, entry)
         super().__init__(cfg, process_group, entry=entry)
-        self.compressor = GradientCompressor(self.cfg, group=process_group)
+        self.compressor = GradientCompressor(self.cfg, group=process_group,
+                                             defer_checks=True)
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -204,6 +205,7 @@ class CompressionState(StepOwner):
         target = tensor if out is None else out
         work, _ = self._launch(tensor, key, target, stateless)
         result = work.wait()
+        self.compressor.raise_deferred()
         self._step_stats.append(work.stats)
         return self._into(target, result)
 
@@ -216,6 +218,10 @@ class CompressionState(StepOwner):
             return False
         if self._inflight:  # already complete where the framework waited for them (DDP)
             torch.futures.wait_all(self._inflight)
+        try:  # the non-finite checks left on the device (one process): one host sync
+            self.compressor.raise_deferred()
+        except NonFiniteGradientError as err:
+            self._errors.append((len(self._inflight), err))
         error = min(self._errors, key=lambda item: item[0])[1] if self._errors else None
         merged = StepStats()
         for stats in self._step_stats:
@@ -301,7 +307,7 @@ class CompressionState(StepOwner):
         # exchange when no group exists yet.
         StepOwner.__init__(self, SparsityConfig.from_dict(state["state_dict"]["config"]),
                            None, entry="distk")
-        self.compressor = GradientCompressor(self.cfg, group=None)
+        self.compressor = GradientCompressor(self.cfg, group=None, defer_checks=True)
         self._reset_step()
         self.stats = StepStats.from_dict(state["stats"])
         self._extra_setstate(state)
