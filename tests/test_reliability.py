@@ -20,7 +20,7 @@ from torch import nn
 
 import distk
 from distk import GradientCompressor, SparsityConfig
-from distk.comm import sparse_allreduce
+from distk.comm import launch_exchange, sparse_allreduce
 from distk.compressor import NonFiniteGradientError
 
 # -- configuration --------------------------------------------------------------------------
@@ -247,6 +247,12 @@ def _refusals_worker(rank: int, world: int) -> dict:
         indices = torch.arange(10) if rank == 0 else torch.arange(10) + 995
         out[f"indices/{scheme}"] = _catch(
             lambda s=scheme, i=indices: sparse_allreduce(i, torch.ones(10), 1000, scheme=s))
+    # An unverified all-gather asked for the range check alone (the compressor's stats
+    # steps): the bad range travels in the trailer and raises on every rank.
+    indices = torch.arange(10) if rank == 0 else torch.arange(10) + 995
+    out["indices/allgather_unverified"] = _catch(lambda: launch_exchange(
+        indices, torch.ones(10), 1000, scheme="allgather", verify=False,
+        check_range=True).wait())
     try:  # numel differs across ranks
         sparse_allreduce(torch.arange(2), torch.ones(2), 4 + rank)
         out["mismatch_as_value_error"] = None
@@ -277,7 +283,8 @@ def refusals() -> list[dict]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("scheme", ["allgather", "reduce_scatter", "dense"])
+@pytest.mark.parametrize("scheme", ["allgather", "reduce_scatter", "dense",
+                                    "allgather_unverified"])
 def test_out_of_range_indices_on_one_rank_are_refused_on_every_rank(refusals, scheme):
     for out in refusals:
         assert out[f"indices/{scheme}"] == ("ValueError: distk.comm: indices out of range "

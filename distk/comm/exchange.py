@@ -85,7 +85,8 @@ _META_NAMES = ("protocol version", "numel", "k", "exchange scheme", "value dtype
 _NONFINITE_FIELD = 10  # status flags of the rank: bit 0 non-finite, bit 1 bad indices
 _FLAG_NONFINITE = 1
 _FLAG_BAD_INDICES = 2
-_TRAILER_BYTES = 16  # unverified steps: int64 signature digest and int64 flags
+_TRAILER_BYTES = 8  # unverified steps: one int64, a 55-bit signature digest over 8 flag bits
+_FLAG_BITS = 8
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 assert len(_META_NAMES) == META_FIELDS
 
@@ -190,6 +191,9 @@ class ExchangeRequest:
             (all-gather), the non-finite flags as extra slots of the all-reduce (dense,
             shared). With one process, the indices' range is checked on verified calls
             only (a host sync); an unverified call trusts them.
+        check_range: on an unverified all-gather, check the indices' range anyway (a host
+            sync, no metadata round trip): a bad range travels as a flag in the trailer
+            and raises on every rank (the compressor's stats steps).
         union_hint: expected largest distinct-position count per shard (cost model).
         measure_union: with ``"allgather"``, also measure ``union_per_shard``.
     """
@@ -205,6 +209,7 @@ class ExchangeRequest:
     per_sender: bool = False
     tag: int = 0
     nonfinite: bool | torch.Tensor = False
+    check_range: bool = False
     verify: bool = True
     union_hint: float | None = None
     measure_union: bool = False
@@ -396,7 +401,9 @@ def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
                      else values.numel() * wire.value_bytes if scheme == "shared"
                      else wire.payload_bytes)
     bad_indices = False
-    if indices.numel() and verify:  # one host sync: verified steps only
+    # One host sync: verified steps, and all-gathers asked to check the range alone (a bad
+    # range then travels as a flag in the trailer and raises on every rank).
+    if indices.numel() and (verify or (request.check_range and scheme == "allgather")):
         lowest, highest = torch.aminmax(indices)
         bad_indices = bool((lowest < 0) | (highest >= numel))
     if bad_indices and world == 1:
@@ -449,10 +456,11 @@ def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
 
     # Unverified all-gathers carry the metadata digest and the flags in front of the payload.
     trailer = None if verify or scheme != "allgather" else torch.tensor(
-        [digest63(fields[:_NONFINITE_FIELD] + fields[_NONFINITE_FIELD + 1:]),
-         fields[_NONFINITE_FIELD]], dtype=torch.int64, device=device)
+        [(digest63(fields[:_NONFINITE_FIELD] + fields[_NONFINITE_FIELD + 1:])
+          >> _FLAG_BITS << _FLAG_BITS) | fields[_NONFINITE_FIELD]],
+        dtype=torch.int64, device=device)
     if trailer is not None and device_flag is not None:  # written on the device: no sync
-        trailer[1:] += device_flag.to(device=device, dtype=torch.int64) * _FLAG_NONFINITE
+        trailer += device_flag.to(device=device, dtype=torch.int64) * _FLAG_NONFINITE
     ctx_flag = device_flag
     ctx = _Context(request, indices, values, wire, rank, world, group, acc_dtype, buffer,
                    trailer, per_sender, ctx_flag)
@@ -561,7 +569,7 @@ def _launch_allgather(ctx: _Context, *, flag_slots: bool):
     del flag_slots  # the trailer (ctx.trailer) carries the flags of unverified steps
     wire, world, trailer, buffer = ctx.wire, ctx.world, ctx.trailer, ctx.buffer
     payload = wire.pack(ctx.indices, ctx.values)
-    if trailer is not None:  # 16 bytes in front: the payload sections stay aligned
+    if trailer is not None:  # 8 bytes in front: the payload sections stay aligned
         payload = torch.cat([trailer.view(torch.uint8), payload])
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
     future = all_gather_flat(gathered, payload, ctx.group, async_op=True).get_future()
@@ -570,10 +578,11 @@ def _launch_allgather(ctx: _Context, *, flag_slots: bool):
         rows = gathered.view(world, -1)
         flagged = None
         if trailer is not None:
-            head = rows[:, :_TRAILER_BYTES].clone().view(torch.int64).view(world, 2)
-            columns = head.cpu().tolist()  # host memory already on gloo
-            flagged = _trailer_check([c[0] for c in columns], [c[1] for c in columns],
-                                     wire.numel)
+            words = rows[:, :_TRAILER_BYTES].clone().view(torch.int64).view(-1)
+            words = words.cpu().tolist()  # host memory already on gloo
+            mask = (1 << _FLAG_BITS) - 1
+            flagged = _trailer_check([w >> _FLAG_BITS for w in words],
+                                     [w & mask for w in words], wire.numel)
             rows = rows[:, _TRAILER_BYTES:]
         sent = (world - 1) * payload.numel()
         if flagged:
