@@ -1,6 +1,7 @@
 """Where the flat filter's time goes on a GPU (development aid; needs CUDA).
 
     python benchmarks/filter_probe.py [--out benchmarks/results/filter_probe.json]
+    TRITON_INTERPRET=1 python benchmarks/filter_probe.py --check   # kernels vs reference
 
 Two parts, each under a minute on one H200:
 
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -93,85 +96,79 @@ def sweep_tunables(budget_s: float) -> list[dict]:
     return rows
 
 
-def probe_kernels():
-    import triton
-    import triton.language as tl
+# --- the probe kernels (CUDA; stripped-down filters over one row) ---------------------
 
-    @triton.jit
-    def count_only(x_ptr, out_ptr, n, chunk, floor, BLOCK: tl.constexpr):
-        start = tl.program_id(0) * chunk
-        end = tl.minimum(start + chunk, n)
-        lane = tl.arange(0, BLOCK)
-        acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for tile in range(start, end, BLOCK):
-            v = tl.load(x_ptr + tile + lane, mask=tile + lane < end, other=0.0)
-            acc += (tl.abs(v) > floor).to(tl.int32)
-        tl.atomic_add(out_ptr, tl.sum(acc, 0))
 
-    @triton.jit
-    def atomic_per_tile(x_ptr, out_ptr, n, chunk, floor, BLOCK: tl.constexpr):
-        start = tl.program_id(0) * chunk
-        end = tl.minimum(start + chunk, n)
-        lane = tl.arange(0, BLOCK)
-        for tile in range(start, end, BLOCK):
-            offs = tile + lane
-            v = tl.load(x_ptr + offs, mask=offs < end, other=0.0)
-            hits = tl.sum(((tl.abs(v) > floor) & (offs < end)).to(tl.int32), 0)
-            if hits > 0:
-                tl.atomic_add(out_ptr, hits, sem="relaxed")
+@triton.jit
+def chunk_of(n, chunk):
+    start = tl.program_id(0) * chunk
+    return start, tl.minimum(start + chunk, n)
 
-    @triton.jit
-    def cumsum_store(x_ptr, cand_ptr, n, chunk, floor, BLOCK: tl.constexpr):
-        start = tl.program_id(0) * chunk
-        end = tl.minimum(start + chunk, n)
-        lane = tl.arange(0, BLOCK)
-        base = start // 16  # a region of its own per program: no atomic
-        for tile in range(start, end, BLOCK):
-            offs = tile + lane
-            v = tl.load(x_ptr + offs, mask=offs < end, other=0.0)
-            hit = (tl.abs(v) > floor) & (offs < end)
+
+@triton.jit
+def tile_hits(x_ptr, tile, end, floor, BLOCK: tl.constexpr):
+    offs = tile + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + offs, mask=offs < end, other=0.0)
+    return offs, (tl.abs(v) > floor) & (offs < end)
+
+
+@triton.jit
+def count_only(x_ptr, out_ptr, n, chunk, floor, BLOCK: tl.constexpr):
+    start, end = chunk_of(n, chunk)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for tile in range(start, end, BLOCK):
+        _, hit = tile_hits(x_ptr, tile, end, floor, BLOCK)
+        acc += hit.to(tl.int32)
+    tl.atomic_add(out_ptr, tl.sum(acc, 0))
+
+
+@triton.jit
+def atomic_per_tile(x_ptr, out_ptr, n, chunk, floor, BLOCK: tl.constexpr):
+    start, end = chunk_of(n, chunk)
+    for tile in range(start, end, BLOCK):
+        _, hit = tile_hits(x_ptr, tile, end, floor, BLOCK)
+        hits = tl.sum(hit.to(tl.int32), 0)
+        if hits > 0:
+            tl.atomic_add(out_ptr, hits, sem="relaxed")
+
+
+@triton.jit
+def cumsum_store(x_ptr, cand_ptr, n, chunk, floor, BLOCK: tl.constexpr):
+    start, end = chunk_of(n, chunk)
+    base = start // 16  # a region of its own per program: no atomic
+    for tile in range(start, end, BLOCK):
+        offs, hit = tile_hits(x_ptr, tile, end, floor, BLOCK)
+        dest = base + tl.cumsum(hit.to(tl.int32), 0) - 1
+        tl.store(cand_ptr + dest, offs.to(tl.int64), mask=hit)
+        base += tl.sum(hit.to(tl.int32), 0)
+
+
+@triton.jit
+def atomic_cumsum_store(x_ptr, out_ptr, cand_ptr, n, chunk, floor, BLOCK: tl.constexpr):
+    start, end = chunk_of(n, chunk)
+    for tile in range(start, end, BLOCK):
+        offs, hit = tile_hits(x_ptr, tile, end, floor, BLOCK)
+        hits = tl.sum(hit.to(tl.int32), 0)
+        if hits > 0:
+            base = tl.atomic_add(out_ptr, hits, sem="relaxed")
             dest = base + tl.cumsum(hit.to(tl.int32), 0) - 1
             tl.store(cand_ptr + dest, offs.to(tl.int64), mask=hit)
-            base += tl.sum(hit.to(tl.int32), 0)
 
-    @triton.jit
-    def atomic_cumsum_store(x_ptr, out_ptr, cand_ptr, n, chunk, floor, BLOCK: tl.constexpr):
-        start = tl.program_id(0) * chunk
-        end = tl.minimum(start + chunk, n)
-        lane = tl.arange(0, BLOCK)
-        for tile in range(start, end, BLOCK):
-            offs = tile + lane
-            v = tl.load(x_ptr + offs, mask=offs < end, other=0.0)
-            hit = (tl.abs(v) > floor) & (offs < end)
-            hits = tl.sum(hit.to(tl.int32), 0)
-            if hits > 0:
-                base = tl.atomic_add(out_ptr, hits, sem="relaxed")
-                dest = base + tl.cumsum(hit.to(tl.int32), 0) - 1
-                tl.store(cand_ptr + dest, offs.to(tl.int64), mask=hit)
 
-    @triton.jit
-    def element_atomic_store(x_ptr, cnt_ptr, cand_ptr, n, chunk, cap, floor,
-                             BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        start = pid * chunk
-        end = tl.minimum(start + chunk, n)
-        lane = tl.arange(0, BLOCK)
-        for tile in range(start, end, BLOCK):
-            offs = tile + lane
-            v = tl.load(x_ptr + offs, mask=offs < end, other=0.0)
-            hit = (tl.abs(v) > floor) & (offs < end)
-            slot = tl.atomic_add(cnt_ptr + pid + lane * 0, 1, mask=hit, sem="relaxed")
-            tl.store(cand_ptr + pid.to(tl.int64) * cap + slot, offs.to(tl.int64),
-                     mask=hit & (slot < cap))
-
-    return count_only, atomic_per_tile, cumsum_store, atomic_cumsum_store, element_atomic_store
+@triton.jit
+def element_atomic_store(x_ptr, cnt_ptr, cand_ptr, n, chunk, cap, floor,
+                         BLOCK: tl.constexpr):
+    start, end = chunk_of(n, chunk)
+    pid = tl.program_id(0)
+    for tile in range(start, end, BLOCK):
+        offs, hit = tile_hits(x_ptr, tile, end, floor, BLOCK)
+        slot = tl.atomic_add(cnt_ptr + pid + offs * 0, 1, mask=hit, sem="relaxed")
+        tl.store(cand_ptr + pid.to(tl.int64) * cap + slot, offs.to(tl.int64),
+                 mask=hit & (slot < cap))
 
 
 def probe_write_path() -> list[dict]:
-    import triton
-
-    count_only, atomic_per_tile, cumsum_store, atomic_cumsum_store, element_atomic = (
-        probe_kernels())
+    element_atomic = element_atomic_store
     n = 1 << 26
     rows = []
     for dtype in (torch.float32, torch.float16):
@@ -208,6 +205,44 @@ def probe_write_path() -> list[dict]:
     return rows
 
 
+def check_kernels(device: str) -> int:
+    """The probe kernels against their reference, ``(|x| > FLOOR).nonzero()``: every one
+    counts or writes exactly those positions (on ``device``; ``"cpu"`` needs
+    ``TRITON_INTERPRET=1``). Returns the number of cases checked; raises on a mismatch."""
+    n, block, chunk = 1 << 14, 1024, 4096
+    x = torch.randn(n, device=device)
+    want = torch.nonzero(x.abs() > FLOOR).flatten().sort().values.cpu()
+    grid = (triton.cdiv(n, chunk),)
+
+    def written(cand: torch.Tensor) -> torch.Tensor:
+        return cand[cand >= 0].sort().values.cpu()
+
+    def fresh() -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(grid[0], dtype=torch.int32, device=device),
+                torch.full((n // 8,), -1, dtype=torch.int64, device=device))
+
+    counts, cand = fresh()
+    count_only[grid](x, counts, n, chunk, FLOOR, BLOCK=block)
+    results = {"read and compare only": int(counts[0]) == want.numel()}
+    counts, cand = fresh()
+    atomic_per_tile[grid](x, counts, n, chunk, FLOOR, BLOCK=block)
+    results["one atomic per tile"] = int(counts[0]) == want.numel()
+    counts, cand = fresh()
+    cumsum_store[grid](x, cand, n, chunk, FLOOR, BLOCK=block)
+    results["cumsum and stores"] = torch.equal(written(cand), want)
+    counts, cand = fresh()
+    atomic_cumsum_store[grid](x, counts, cand, n, chunk, FLOOR, BLOCK=block)
+    results["atomic, cumsum and stores"] = torch.equal(written(cand), want)
+    counts, cand = fresh()
+    element_atomic_store[grid](x, counts, cand, n, chunk, (n // 8) // grid[0], FLOOR,
+                               BLOCK=block)
+    results["per-element atomic and stores"] = torch.equal(written(cand), want)
+    wrong = [name for name, ok in results.items() if not ok]
+    if wrong:
+        raise AssertionError(f"filter_probe kernels differ from the reference: {wrong}")
+    return len(results)
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -231,15 +266,22 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS / "filter_probe.json"))
     parser.add_argument("--budget-s", type=float, default=120.0,
                         help="the tunables sweep stops starting configurations after this")
+    parser.add_argument("--check", action="store_true",
+                        help="only hold the probe kernels to their reference (on the CPU "
+                             "with TRITON_INTERPRET=1, else on CUDA) and exit")
     args = parser.parse_args()
+    if args.check:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"filter_probe --check: {check_kernels(device)} kernels equal the reference "
+              f"on {device}")
+        return 0
     if not torch.cuda.is_available():
         print("filter_probe: no CUDA device on this machine; nothing to measure (exit 0)")
         return 0
-    import triton
-
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "triton": triton.__version__, "command": " ".join(sys.argv)}
     report["tunables"] = sweep_tunables(args.budget_s)
+    report["checked_kernels"] = check_kernels("cuda")
     report["write_path"] = probe_write_path()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -232,6 +232,15 @@ def _gpu_check():
     return gpu_check
 
 
+def test_filter_probe_kernels_equal_their_reference_under_the_interpreter():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "filter_probe.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5 kernels equal the reference on cpu" in result.stdout
+
+
 def test_gpu_check_dry_run_plans_every_shape_without_a_gpu(capsys):
     gpu_check = _gpu_check()
     assert gpu_check.main(["--dry-run"]) == 0
