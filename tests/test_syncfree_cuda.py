@@ -108,3 +108,31 @@ def test_deferred_check_leaves_the_step_without_sync(monkeypatch):
     assert (compressor.launch(bad, "bucket", step=next(steps)).wait() == 0).all()
     with pytest.raises(NonFiniteGradientError, match=r"on rank\(s\) \[0\]"):
         compressor.raise_deferred()
+
+
+def test_graphed_selection_equals_the_eager_steps(monkeypatch):
+    # DISTK_CUDA_GRAPHS=1: the packed selection replayed from a CUDA graph, re-recorded
+    # when the gradient's buffer moves, gives the eager compressor's updates bitwise.
+    monkeypatch.delenv("DISTK_TRITON_KERNEL", raising=False)
+    cfg = distk.SparsityConfig(density=0.01)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    buffers = [torch.empty(NUMEL, device="cuda") for _ in range(2)]
+    grads = [torch.randn(NUMEL, device="cuda", generator=gen) for _ in range(6)]
+    updates = {}
+    for graphs in ("0", "1"):
+        monkeypatch.setenv("DISTK_CUDA_GRAPHS", graphs)
+        compressor = distk.GradientCompressor(cfg)
+        steps = _plain_steps(cfg)
+        out = []
+        for i, grad in enumerate(grads):
+            buffer = buffers[i // 4]  # the same buffer for 4 steps, then another one
+            buffer.copy_(grad)
+            out.append(compressor.step(buffer, "bucket", step=next(steps)).clone())
+        updates[graphs] = out
+        if graphs == "1":
+            # Recorded at the first step (a fresh accumulator, nothing to fuse), at the
+            # second (the residual, with the buffer fused in) and when the buffer moved;
+            # replayed at the other three.
+            assert compressor._selectors["bucket"].captures == 3
+    for eager, graphed in zip(updates["0"], updates["1"], strict=True):
+        assert torch.equal(eager, graphed)

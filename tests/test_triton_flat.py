@@ -175,6 +175,20 @@ def test_kernel_choice_per_shape(is_cuda, rows, choice, backend, want):
     assert flat_kernels_for(is_cuda, rows, choice, backend) is want
 
 
+def test_cuda_graph_switch_refuses_unknown_values_and_cpu_selectors_run_eagerly(monkeypatch):
+    from distk.selection.syncfree import PackedSelector, cuda_graphs_enabled
+
+    monkeypatch.setenv("DISTK_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match=r"DISTK_CUDA_GRAPHS must be '0' or '1', got 'yes'"):
+        cuda_graphs_enabled()
+    monkeypatch.setenv("DISTK_CUDA_GRAPHS", "1")
+    acc = torch.randn(20_000)
+    selector = PackedSelector("cpu")
+    got = selector(acc.clone(), 50, 4)
+    assert torch.equal(got, select_packed(acc.clone(), 50, 4))
+    assert selector.captures == 0  # graphs are CUDA's: the CPU runs eagerly
+
+
 def test_kernel_choice_reads_the_environment(monkeypatch):
     monkeypatch.delenv("DISTK_TRITON_KERNEL", raising=False)
     assert triton_kernel_choice() == "auto"

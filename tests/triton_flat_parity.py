@@ -256,19 +256,28 @@ def entry_point_cases() -> int:
         checked += 1
     # The compressor with DISTK_TRITON_KERNEL=flat selects packed plans through
     # select_packed: the same updates as with the default kernels, a floor state per key.
+    # On CUDA also with DISTK_CUDA_GRAPHS=1: the selection replayed from a CUDA graph.
     cfg = SparsityConfig(density=0.01, recall_interval=0)
-    grads = [torch.randn(n) for _ in range(2)]
+    grads = [torch.randn(n) for _ in range(4)]
     updates = {}
-    for kernel in ("default", "flat"):
+    runs = [("default", "0"), ("flat", "0")] + ([("flat", "1")] if CUDA else [])
+    for kernel, graphs in runs:
         os.environ["DISTK_TRITON_KERNEL"] = kernel
+        os.environ["DISTK_CUDA_GRAPHS"] = graphs
         compressor = GradientCompressor(cfg)
-        updates[kernel] = [compressor.step(g.to(DEVICE), "w", step=s).cpu()
-                           for s, g in enumerate(grads)]
+        updates[kernel, graphs] = [compressor.step(g.to(DEVICE), "w", step=s).cpu()
+                                   for s, g in enumerate(grads)]
         check(compressor.last.sent == 17 * 78, f"compressor sent {compressor.last.sent}")
-    floors = compressor._floors
-    check("w" in floors and int(floors["w"].item()) != INT32_MAX, "no floor state for 'w'")
-    check(all(torch.equal(a, b) for a, b in zip(updates["default"], updates["flat"],
-                                                 strict=True)), "compressor updates differ")
+        if kernel == "flat":
+            selector = compressor._selectors.get("w")
+            check(selector is not None
+                  and int(selector.floor_state.item()) != INT32_MAX, "no floor state for 'w'")
+            check(graphs == "0" or selector.captures >= 1, "no CUDA graph recorded")
+    os.environ["DISTK_CUDA_GRAPHS"] = "0"
+    for run in runs[1:]:
+        check(all(torch.equal(a, b) for a, b in zip(updates[runs[0]], updates[run],
+                                                     strict=True)),
+              f"compressor updates differ: {run} against {runs[0]}")
     checked += 1
     # distk.topk and per_bucket_topk with DISTK_TRITON_KERNEL=flat: short and long rows.
     x = specials(torch.randn(3, 3000))

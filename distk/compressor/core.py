@@ -66,7 +66,7 @@ from distk.compressor.plan import SelectionPlan, make_plans, tile_grid
 from distk.config import TILE_SIDE, SparsityConfig
 from distk.selection import flat_kernels_selected, per_bucket_topk, topk
 from distk.selection.reference import positions_of
-from distk.selection.syncfree import new_floor_state, select_packed
+from distk.selection.syncfree import PackedSelector
 from distk.stats import StepStats
 
 __all__ = ["CompressorWork", "GradientCompressor", "NonFiniteGradientError",
@@ -370,10 +370,10 @@ class GradientCompressor:
         self._estimates: dict[Hashable, torch.Tensor] = {}
         self._means: dict[Hashable, torch.Tensor] = {}
         self._overlap: dict[Hashable, float] = {}
-        # Flat kernels selected (CUDA, by default): per key, the device floor state of
-        # select_packed (a cache: last step's floor, reused where the device finds it
-        # still valid).
-        self._floors: dict[Hashable, torch.Tensor] = {}
+        # Flat kernels selected (CUDA, by default): per key, select_packed with its device
+        # floor state (a cache: last step's floor, reused where the device finds it still
+        # valid) and, with DISTK_CUDA_GRAPHS=1, its CUDA graph.
+        self._selectors: dict[Hashable, PackedSelector] = {}
         # Per (numel, k, tile grid or None): the plans used in turn.
         self._plans: dict[tuple[int, int, Any], tuple[SelectionPlan, ...]] = {}
         self._tile_noted = False  # bucket_layout="tile": the fallback note, once
@@ -403,7 +403,7 @@ class GradientCompressor:
                     ) if key is None else [key]
         for name in keys:
             for table in (self._residuals, self._momenta, self._estimates, self._means,
-                          self._overlap, self._verified, self._floors):
+                          self._overlap, self._verified, self._selectors):
                 table.pop(name, None)
         self._deferred = [item for item in self._deferred
                           if key is not None and item[1] != key]
@@ -940,18 +940,19 @@ class GradientCompressor:
         kernels selected (on CUDA by default: ``distk.selection.flat_kernels_selected``),
         a packed plan of ``key`` goes through
         :func:`~distk.selection.syncfree.select_packed` (the same positions, no host
-        synchronisation, the floor state kept per key)."""
+        synchronisation) by the key's :class:`~distk.selection.syncfree.PackedSelector`
+        (its floor state; its CUDA graph with ``DISTK_CUDA_GRAPHS=1``)."""
         cfg = self.cfg
         if plan.k >= acc.numel():  # every entry, in order (implicit on a codec's wire)
             return torch.arange(acc.numel(), device=acc.device)
         if plan.tiles is not None:
             return self._select_tiles(acc, plan)
         if plan.packed and key is not None and flat_kernels_selected(acc):
-            state = self._floors.get(key)
-            if state is None or state.device != acc.device:
-                state = self._floors[key] = new_floor_state(acc.device)
-            return select_packed(acc, plan.buckets, plan.k_per_bucket, cfg.interleaved,
-                                 add=pending, floor_state=state)
+            selector = self._selectors.get(key)
+            if selector is None or selector.device != acc.device:
+                selector = self._selectors[key] = PackedSelector(acc.device)
+            return selector(acc, plan.buckets, plan.k_per_bucket, cfg.interleaved,
+                            add=pending)
         if plan.packed:
             keys = per_bucket_topk(acc.view(1, -1), plan.buckets, plan.k_per_bucket,
                                    cfg.interleaved, True,

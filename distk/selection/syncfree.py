@@ -13,18 +13,25 @@ positions with none: the floor is sampled on the device (and last step's reused 
 device finds it still valid), every shape is a capacity fixed on the host, and the redo
 kernel is launched every time and exits at once when no bucket was short. It can be
 called under ``torch.cuda.set_sync_debug_mode("error")`` and captured in a CUDA graph.
+
+:class:`PackedSelector` is the compressor's per-key wrapper: it keeps the key's floor
+state and, with ``DISTK_CUDA_GRAPHS=1``, replays the selection from a CUDA graph instead
+of launching its kernels from Python (on a DDP bucket the launches, not the kernels, are
+most of the time: docs/selection.md).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from distk.selection import _backend, bucket_candidates, per_bucket_topk
 from distk.selection.reference import positions_of
 
-__all__ = ["FLOOR_STATE_UNSET", "new_floor_state", "select_packed"]
+__all__ = ["FLOOR_STATE_UNSET", "PackedSelector", "cuda_graphs_enabled", "new_floor_state",
+           "select_packed"]
 
 FLOOR_STATE_UNSET = 2**31 - 1
 """Floor state value that is never reused (no sample entry lies above it)."""
@@ -43,11 +50,12 @@ def select_packed(acc: torch.Tensor, buckets: int, k_per_bucket: int,
 
     What the compressor calls for a packed plan when the flat kernels are selected
     (``flat_kernels_selected``: on CUDA by default; ``GradientCompressor._select_local``,
-    in place of ``per_bucket_topk`` + ``positions_of``), keeping one floor state per key (created
-    once with :func:`new_floor_state`, then passed at every step)::
+    in place of ``per_bucket_topk`` + ``positions_of``), through one
+    :class:`PackedSelector` per key, which keeps the key's floor state (created once
+    with :func:`new_floor_state`, then passed at every step)::
 
         positions = select_packed(acc, plan.buckets, plan.k_per_bucket, cfg.interleaved,
-                                  add=pending, floor_state=self._floors[key])
+                                  add=pending, floor_state=selector.floor_state)
 
     Contract:
 
@@ -96,3 +104,63 @@ def select_packed(acc: torch.Tensor, buckets: int, k_per_bucket: int,
         acc.add_(add)
     return positions_of(bucket_candidates(x, buckets, k_per_bucket, interleaved,
                                           True)).reshape(-1)
+
+
+def cuda_graphs_enabled() -> bool:
+    """``DISTK_CUDA_GRAPHS``: ``"1"`` replays the compressor's packed selection from CUDA
+    graphs (:class:`PackedSelector`), ``"0"`` (the default) launches it each time."""
+    value = os.environ.get("DISTK_CUDA_GRAPHS", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"DISTK_CUDA_GRAPHS must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
+class PackedSelector:
+    """:func:`select_packed` for one key of the compressor: its floor state, and, with
+    ``DISTK_CUDA_GRAPHS=1`` on CUDA, a CUDA graph of the call replayed at later steps.
+
+    The graph is recorded for fixed addresses: the first call with a new ``(acc, add)``
+    pair (or plan) runs eagerly, then records the same call (recording runs nothing);
+    calls with the same pair replay it, writing the positions into the graph's own
+    output tensor, valid until this selector's next call. A key whose tensors move more
+    than ``MAX_CAPTURES`` times goes back to eager calls for good.
+    """
+
+    MAX_CAPTURES = 4
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.floor_state = new_floor_state(device)
+        self.captures = 0
+        self._signature: tuple | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._positions: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.floor_state.device
+
+    def __call__(self, acc: torch.Tensor, buckets: int, k_per_bucket: int,
+                 interleaved: bool = True, add: torch.Tensor | None = None) -> torch.Tensor:
+        def call() -> torch.Tensor:
+            return select_packed(acc, buckets, k_per_bucket, interleaved, add,
+                                 self.floor_state)
+
+        if (not acc.is_cuda or self.captures > self.MAX_CAPTURES
+                or not cuda_graphs_enabled()):
+            return call()
+        signature = (acc.data_ptr(), acc.numel(), acc.dtype,
+                     None if add is None else add.data_ptr(), buckets, k_per_bucket,
+                     bool(interleaved))
+        if signature == self._signature:
+            self._graph.replay()
+            return self._positions
+        positions = call()  # eager: compiles what it needs; acc += add happens once
+        self.captures += 1
+        if self.captures > self.MAX_CAPTURES:  # the tensors keep moving: stay eager
+            self._graph = self._positions = self._signature = None
+            return positions
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._positions = call()
+        self._graph, self._signature = graph, signature
+        return positions
