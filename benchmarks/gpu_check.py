@@ -290,20 +290,24 @@ RECALL_INPUTS = 5
 
 
 class kernel_choice:
-    """``DISTK_TRITON_KERNEL`` set for the duration of a ``with`` block."""
+    """``DISTK_TRITON_KERNEL`` (and, given, ``DISTK_CUDA_GRAPHS``) set for the duration
+    of a ``with`` block."""
 
-    def __init__(self, kernel: str):
-        self.kernel = kernel
+    def __init__(self, kernel: str, graphs: str | None = None):
+        self.values = {"DISTK_TRITON_KERNEL": kernel}
+        if graphs is not None:
+            self.values["DISTK_CUDA_GRAPHS"] = graphs
 
     def __enter__(self):
-        self.saved = os.environ.get("DISTK_TRITON_KERNEL")
-        os.environ["DISTK_TRITON_KERNEL"] = self.kernel
+        self.saved = {name: os.environ.get(name) for name in self.values}
+        os.environ.update(self.values)
 
     def __exit__(self, *exc):
-        if self.saved is None:
-            os.environ.pop("DISTK_TRITON_KERNEL", None)
-        else:
-            os.environ["DISTK_TRITON_KERNEL"] = self.saved
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def flashinfer_top_k():
@@ -432,16 +436,20 @@ def run_compressor_step(report: dict) -> dict:
     # set of kernels (DISTK_TRITON_KERNEL; "auto" is the default).
     plain = (s for s in itertools.count(1)
              if s % cfg.stats_interval and s % cfg.recall_interval)
-    for kernel in ("default", "auto"):
-        with kernel_choice(kernel):
+    # The same gradient buffer at every step, as DDP's bucket: with DISTK_CUDA_GRAPHS=1
+    # the selection is then replayed from its CUDA graph.
+    bucket = torch.empty(numel, device="cuda")
+    for kernel, graphs in (("default", "0"), ("auto", "0"), ("auto", "1")):
+        with kernel_choice(kernel, graphs):
             compressor = distk.GradientCompressor(cfg)
 
             def step(grad: torch.Tensor, compressor=compressor) -> torch.Tensor:
-                return compressor.step(grad, "bucket", step=next(plain))
+                return compressor.step(bucket.copy_(grad), "bucket", step=next(plain))
 
-            for grad in grads:  # warm-up: plans, kernels, residual
+            for grad in grads:  # warm-up: plans, kernels, residual, graph
                 step(grad)
-            suffix = "" if kernel == "auto" else f"_{kernel}"
+            suffix = {"default": "_default", "auto": ""}[kernel] + (
+                "_graphs" if graphs == "1" else "")
             out[f"step_ms{suffix}"] = time_cuda(step, grads)
             out[f"step_syncs{suffix}"] = count_syncs(lambda: step(grads[0]))
             out[f"step_under_sync_error{suffix}"] = _attempt(
@@ -849,6 +857,7 @@ def print_summary(report: dict) -> None:
             f"(x{v['speedup']:.2f}, outputs equal: {v['outputs_equal']}): {v['pick']}")
     step = report.get("compressor_step", {})
     for key in ("step_ms_default", "step_syncs_default", "step_ms", "step_syncs",
+                "step_ms_graphs", "step_syncs_graphs",
                 "step_under_sync_error", "step_cuda_graph",
                 "select_packed_ms", "one_read_ms", "select_packed_vs_one_read",
                 "select_packed_syncs", "select_packed_under_sync_error",
