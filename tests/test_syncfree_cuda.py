@@ -23,20 +23,12 @@ import distk
 from distk.compressor import NonFiniteGradientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from gpu_check import count_syncs  # noqa: E402  (the counter gpu_check.py reports with)
+from gpu_check import count_syncs, plain_steps  # noqa: E402  (as gpu_check.py measures)
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
 NUMEL = 25_000_000 // 4
 """One DDP bucket (DDP's default ``bucket_cap_mb``) of fp32."""
-
-
-def _plain_steps(cfg: distk.SparsityConfig):
-    step = 0
-    while True:
-        step += 1
-        if step % cfg.stats_interval and step % cfg.recall_interval:
-            yield step
 
 
 def test_step_has_no_host_sync_and_is_captured_in_a_cuda_graph(monkeypatch):
@@ -45,7 +37,7 @@ def test_step_has_no_host_sync_and_is_captured_in_a_cuda_graph(monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(0)
     grads = [torch.randn(NUMEL, device="cuda", generator=gen) for _ in range(3)]
     compressor = distk.GradientCompressor(cfg)
-    steps = _plain_steps(cfg)
+    steps = plain_steps(cfg)
     for grad in grads[:2]:  # warm-up: plans, kernels, residual, verified layout
         compressor.step(grad, "bucket", step=next(steps))
     torch.cuda.synchronize()
@@ -79,7 +71,7 @@ def test_default_step_syncs_only_for_the_nonfinite_check(monkeypatch):
     assert cfg.nonfinite == "raise"
     grads = [torch.randn(NUMEL, device="cuda") for _ in range(3)]
     compressor = distk.GradientCompressor(cfg)
-    steps = _plain_steps(cfg)
+    steps = plain_steps(cfg)
     for grad in grads[:2]:
         compressor.step(grad, "bucket", step=next(steps))
     assert count_syncs(lambda: compressor.step(grads[2], "bucket", step=next(steps))) == 1
@@ -92,7 +84,7 @@ def test_deferred_check_leaves_the_step_without_sync(monkeypatch):
     cfg = distk.SparsityConfig(density=0.01)
     grads = [torch.randn(NUMEL, device="cuda") for _ in range(3)]
     compressor = distk.GradientCompressor(cfg, defer_checks=True)
-    steps = _plain_steps(cfg)
+    steps = plain_steps(cfg)
     for grad in grads[:2]:
         compressor.step(grad, "bucket", step=next(steps))
     torch.cuda.synchronize()
@@ -122,7 +114,7 @@ def test_graphed_selection_equals_the_eager_steps(monkeypatch):
     for graphs in ("0", "1"):
         monkeypatch.setenv("DISTK_CUDA_GRAPHS", graphs)
         compressor = distk.GradientCompressor(cfg)
-        steps = _plain_steps(cfg)
+        steps = plain_steps(cfg)
         out = []
         for i, grad in enumerate(grads):
             buffer = buffers[i // 4]  # the same buffer for 4 steps, then another one

@@ -461,9 +461,8 @@ def launch(request: ExchangeRequest, group: Any = None) -> PendingExchange:
         dtype=torch.int64, device=device)
     if trailer is not None and device_flag is not None:  # written on the device: no sync
         trailer += device_flag.to(device=device, dtype=torch.int64) * _FLAG_NONFINITE
-    ctx_flag = device_flag
     ctx = _Context(request, indices, values, wire, rank, world, group, acc_dtype, buffer,
-                   trailer, per_sender, ctx_flag)
+                   trailer, per_sender, device_flag)
     if scheme == "reduce_scatter":
         result, sent, union = _reduce_scatter(ctx, routing)
         return PendingExchange.done(result_of(result, sent, union))

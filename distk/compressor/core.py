@@ -637,7 +637,7 @@ class GradientCompressor:
             # gradient adds zeros, so no NaN reaches the residual. (A float64 sum of
             # finite values cannot overflow: only NaN/Inf make it non-finite.)
             flag = torch.isfinite(g.sum(dtype=torch.float64)).logical_not()
-            g = torch.where(flag, torch.zeros((), dtype=g.dtype, device=g.device), g)
+            g = torch.where(flag, 0.0, g)
         else:
             nonfinite = _has_nonfinite(g)
         if cfg.clip_norm is not None and not nonfinite:
