@@ -15,8 +15,10 @@ the knobs to tune), and ``--method`` adds or replaces one from the command line:
   rank {1, 2, 4, 8} x ``start_powerSGD_iter`` {10%, 25%} of the run x factors in fp32 or
   in bf16 (PyTorch's ``bf16_compress_wrapper``);
 * ``exact``, ``bucketed``: distk's top-k exchange with ``torch.topk`` / bucketed selection;
+* ``outer`` (``--methods`` only): outer synchronisation (``distk.outer``) with
+  SparseLoCo's recipe (``SparsityConfig.sparseloco()``), its period H tuned;
 * ``bucketed_2bit``, ``outer_h8_2bit``, ``outer_h32_4bit`` (``--methods`` only): the
-  compact codec, and outer synchronisation every 8 / 32 steps (``distk.outer``).
+  compact codec, and outer synchronisation every 8 / 32 steps with distk's plain codec.
 
 Protocol (docs/netem.md, "The protocol"), per optimizer:
 
@@ -37,6 +39,14 @@ Protocol (docs/netem.md, "The protocol"), per optimizer:
    final loss; ties: fewer bytes).
 5. **Measure**: every method, at its rate and its setting for that R, runs ``--steps``
    under netem once per reported seed (``--seeds``), all in this one run of the script.
+   Methods named in ``--bound`` instead run each reported seed once on the unshaped
+   link, and at each R take the **lower bound** of their time on that link: at every
+   evaluation, max(unshaped wall time, bytes sent so far x 8 / rate). No run on the
+   link can beat it (the compute is the same, and the link carries no more than its
+   rate), so a netem-measured method that reaches the target before a bound row's time
+   is sooner for certain, and a speed-up over a bound dense fp32 is a lower bound
+   itself. It is for rows whose netem runs would take hours (dense fp32 at R = 64 spends
+   64 x compute per step on the link); the tables mark such rows "bound".
 
 Reported per R and slack (``--slacks``; target = mean over the reported seeds of dense
 fp32's final validation loss x (1 + slack)): **time to target**, the training wall time
@@ -83,6 +93,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, print_table, write_results  # noqa: E402
+from outer_long import RECIPE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NETEM = ROOT / "launchers" / "netem.sh"
@@ -214,6 +225,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
                  "ranks and above)"),
     Method("bucketed_local", "bucketed", {"sparsity.mask": "local"},
            about="distk, bucketed selection, each rank's own top-k (all-gather)"),
+    Method("outer", "bucketed",
+           {"train.adamw_dense_steps": 0, "train.adamw_warmup_steps": 0,
+            **{f"sparsity.{key}": value for key, value in RECIPE.items()}},
+           tune={"sparsity.sync_every": [25, 5]},  # divide eval_every: evaluations on syncs
+           about="distk.outer with SparseLoCo's recipe (top-64 of each 64 x 64 tile, 2-bit "
+                 "values, decayed error feedback, senders' average, median clip), H tuned"),
     Method("bucketed_2bit", "bucketed", {"sparsity.value_bits": 2},
            about="bucketed with 2-bit values and bit-packed offsets"),
     Method("outer_h8_2bit", "bucketed", {"sparsity.sync_every": 8, "sparsity.value_bits": 2},
@@ -312,6 +329,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="add (or replace) a method: NAME MODE [KEY=VALUE ...] "
                              "[tune:KEY=V1,V2 ...], e.g. --method shared bucketed "
                              "sparsity.exchange=shared tune:sparsity.warmup_steps=0,50")
+    parser.add_argument("--bound", nargs="+", default=[], metavar="METHOD",
+                        help="methods timed by their lower bound instead of under netem: "
+                             "each reported seed runs once unshaped, and at each R its time "
+                             "is max(unshaped wall, bytes sent x 8 / rate) (module "
+                             "docstring, step 5); for rows whose netem runs take hours")
     parser.add_argument("--optimizers", nargs="+", default=None, choices=list(OPTIMIZERS),
                         help="tables to run; the first is the headline")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -386,6 +408,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"not among --seeds {args.seeds} (tuning is done apart from reporting)")
     if "dense_fp32" not in args.methods:
         parser.error("--methods must include dense_fp32: it sets the target and the rate")
+    outside = [m for m in args.bound if m not in args.methods]
+    if outside or len(set(args.bound)) != len(args.bound):
+        parser.error(f"--bound {args.bound} is invalid: allowed distinct methods among "
+                     f"--methods {args.methods}")
+    if set(args.bound) == set(args.methods):
+        parser.error(f"--bound {args.bound} is invalid: at least one method must run under "
+                     "netem (bound every row and nothing is measured)")
     if args.sweep_steps < 0:
         parser.error(f"--sweep-steps {args.sweep_steps} is invalid: allowed an int >= 0")
     if any(lr <= 0 for grid in args.lrs.values() for lr in grid):
@@ -622,6 +651,18 @@ def on_link_clock(evals: Sequence[Mapping[str, Any]], bits: float | None
     return [{**e, "wall": e["wall"] + (e.get("bytes") or 0) * 8 / bits} for e in evals]
 
 
+def lower_bound(result: Mapping[str, Any], bits: float) -> dict[str, Any]:
+    """An unshaped run's result with its times bounded from below on a link of
+    ``bits``/s: at every evaluation (and at the end) max(unshaped wall, bytes sent so far
+    x 8 / bits); marked ``timing="bound"``. Module docstring, step 5."""
+    def bound(wall: float, sent: float | None) -> float:
+        return max(wall, (sent or 0) * 8 / bits)
+    return {**result, "timing": "bound",
+            "wall_seconds": bound(result["wall_seconds"], result["bytes_sent"]),
+            "evals": [{**e, "wall": bound(e["wall"], e.get("bytes"))}
+                      for e in result["evals"]]}
+
+
 def choose_setting(candidates: Sequence[Mapping[str, Any]], target: float,
                    bits: float | None) -> tuple[int, list[dict[str, Any]]]:
     """(index of the best candidate, one score per candidate) at a link of ``bits``/s.
@@ -677,6 +718,7 @@ def summarise(runs: Mapping[str, Mapping[str, Mapping[str, Any]]], compute: floa
         mean_step, mean_sel = statistics.fmean(per_step), statistics.fmean(sel)
         row: dict[str, Any] = {
             "method": method, "setting": setting_label(settings[method]),
+            "timing": "bound" if any(r.get("timing") == "bound" for r in res) else "netem",
             "lr": lrs[method], "seeds": len(res),
             "final_val_loss": _mean([r["final_val_loss"] for r in res]),
             "final_val_spread": _spread([r["final_val_loss"] for r in res]),
@@ -712,13 +754,19 @@ def summarise(runs: Mapping[str, Mapping[str, Mapping[str, Any]]], compute: floa
         for slack, block in row["targets"].items():
             dense_tt = base["targets"][slack]["time_to_target_s"]
             tt = block["time_to_target_s"]
-            block["speedup_vs_dense"] = dense_tt / tt if dense_tt and tt else None
+            # A ratio of two bounds bounds nothing; a measured time against a bound
+            # dense fp32 gives a lower bound of the speed-up ("speedup_at_least").
+            both_bound = row["timing"] == base["timing"] == "bound" and row is not base
+            block["speedup_vs_dense"] = (dense_tt / tt if dense_tt and tt and not both_bound
+                                         else None)
+            block["speedup_at_least"] = base["timing"] == "bound" and row is not base
     return {"targets": targets, "equal_wall_budget_s": wall_budget,
             "equal_bytes_budget_mb": bytes_budget / 1e6, "rows": rows}
 
 
 COLUMNS = [
-    ("method", "method", "s"), ("setting", "setting", "s"), ("lr", "lr", "g"),
+    ("method", "method", "s"), ("timing", "timing", "s"), ("setting", "setting", "s"),
+    ("lr", "lr", "g"),
     ("final_val_loss", "val @ end", ".4f"), ("final_val_spread", "+-", ".4f"),
     ("val_at_equal_wall", "val @ equal wall", ".4f"),
     ("val_at_equal_bytes", "val @ equal bytes", ".4f"),
@@ -728,7 +776,7 @@ COLUMNS = [
     ("total_mb", "MB total", ".1f"),
 ]
 TARGET_COLUMNS = [
-    ("method", "method", "s"), ("reached", "seeds at target", "d"),
+    ("method", "method", "s"), ("timing", "timing", "s"), ("reached", "seeds at target", "d"),
     ("time_to_target_s", "time to target s", ".1f"), ("time_to_target_spread", "+-", ".1f"),
     ("first_crossing_s", "first crossing s", ".1f"),
     ("speedup_vs_dense", "vs dense fp32", ".2f"), ("stable_step", "step", ".0f"),
@@ -765,8 +813,10 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
                 loss = [[c[j]["loss"] for c in curves] for j in range(n)]
                 setting = block["settings"][method]
                 label = method + (f" ({setting_label(setting)})" if setting else "")
-                ax.plot(wall, [statistics.fmean(v) for v in loss], "o-", color=f"C{i}",
-                        markersize=3, label=label)
+                bound = any(r.get("timing") == "bound" for r in seeds.values())
+                ax.plot(wall, [statistics.fmean(v) for v in loss], "o--" if bound else "o-",
+                        color=f"C{i}", markersize=3,
+                        label=label + (" [lower bound]" if bound else ""))
                 if len(curves) > 1:
                     ax.fill_between(wall, [min(v) for v in loss], [max(v) for v in loss],
                                     color=f"C{i}", alpha=0.2)
@@ -791,15 +841,21 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
 def plan(args: argparse.Namespace) -> dict[str, int]:
     """Runs of each stage, summed over ``--optimizers``: learning-rate sweep
     (``--sweep-steps`` each, unshaped), tuning (``--steps``, unshaped), measurement
-    (``--steps``, under netem)."""
+    (``--steps``, under netem; ``--bound`` methods' reported seeds unshaped, at most one
+    run per tuned setting and seed)."""
     methods = [args.method_table[m] for m in args.methods]
     tune_runs = sum(len(m.settings()) for m in methods if len(m.settings()) > 1)
-    out = {"sweep_runs": 0, "tune_runs": 0, "netem_runs": 0}
+    out = {"sweep_runs": 0, "tune_runs": 0, "netem_runs": 0, "unshaped_runs": 0}
     for opt in args.optimizers:
         if args.sweep_steps and len(args.lrs[opt]) > 1:
             out["sweep_runs"] += len(methods) * len(args.lrs[opt])
         out["tune_runs"] += tune_runs + (1 if tune_runs else 0)  # + dense fp32's reference
-        out["netem_runs"] += len(methods) * len(args.seeds) * len(args.rates or args.ratios)
+        links_n = len(args.rates or args.ratios)
+        for m in methods:
+            if m.name in args.bound:  # at most one unshaped run per setting and seed
+                out["unshaped_runs"] += len(args.seeds) * min(len(m.settings()), links_n)
+            else:
+                out["netem_runs"] += len(args.seeds) * links_n
     return out
 
 
@@ -811,7 +867,9 @@ def dry_run(args: argparse.Namespace, root: Path, config_path: Path) -> int:
           f"MB per rank; rates below assume compute = {compute} s/step (--compute-seconds)")
     print(f"# runs: sweep {counts['sweep_runs']} x {args.sweep_steps} steps (unshaped), "
           f"tuning {counts['tune_runs']} x {args.steps} steps (unshaped), measured "
-          f"{counts['netem_runs']} x {args.steps} steps (netem)")
+          f"{counts['netem_runs']} x {args.steps} steps (netem)"
+          + (f", bound {counts['unshaped_runs']} x {args.steps} steps (unshaped)"
+             if args.bound else ""))
     for opt in args.optimizers:
         if args.compute_seconds is None:
             print(" ".join(compute_command(args, opt, config_path)))
@@ -842,11 +900,15 @@ def dry_run(args: argparse.Namespace, root: Path, config_path: Path) -> int:
                       "methods at their first setting below (the tuning chooses per R)")
             for name in args.methods:
                 setting = args.method_table[name].settings()[0]
+                bound = name in args.bound
+                if bound:
+                    print(f"# {name}: lower bound from its unshaped runs (run once)")
                 for seed in args.seeds:
                     print(" ".join(train_command(
-                        args, rate=rate, method=name, setting=setting, opt=opt, lr=lr,
-                        seed=seed, steps=args.steps, config_path=config_path,
-                        run_dir=root / opt / f"R{key}" / f"{name}-s{seed}")))
+                        args, rate="none" if bound else rate, method=name, setting=setting,
+                        opt=opt, lr=lr, seed=seed, steps=args.steps, config_path=config_path,
+                        run_dir=root / opt / ("unshaped" if bound else f"R{key}")
+                        / (f"{name}-0-s{seed}" if bound else f"{name}-s{seed}"))))
     return 0
 
 
@@ -859,8 +921,7 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
                                                               "distk-e2e"),
            "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     counts = plan(args)
-    bar = tqdm(total=counts["sweep_runs"] + counts["tune_runs"] + counts["netem_runs"],
-               desc="e2e", unit="run")
+    bar = tqdm(total=sum(counts.values()), desc="e2e", unit="run")
     methods = {name: args.method_table[name] for name in args.methods}
     first_slack = args.slacks[0]
     results: dict[str, Any] = {}
@@ -946,7 +1007,9 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
                     cand["unshaped_s_per_step"] = run["wall_seconds"] / run["steps"]
                     cand["mb_per_step"] = run["bytes_sent"] / run["steps"] / 1e6
                 table["tuning"]["methods"][name] = report
-        # 4. measure: every reported seed under netem at every R
+        # 4. measure: every reported seed under netem at every R (--bound methods: once
+        # unshaped per setting and seed, then bounded at each R)
+        unshaped: dict[tuple[str, int, int], dict[str, Any]] = {}
         for key, rate, ratio, bits in link_list:
             check = None
             if args.check_mb:
@@ -954,8 +1017,22 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
                 check = run_json(check_command(args, rate), env, "all-reduce check")
             runs: dict[str, dict[str, Any]] = {}
             for name in methods:
+                setting = chosen[name][key]
+                if name in args.bound:
+                    index = methods[name].settings().index(setting)
+                    runs[name] = {}
+                    for seed in args.seeds:
+                        done = (name, index, seed)
+                        if done not in unshaped:  # one run serves every R
+                            unshaped[done] = train(
+                                rate="none", method=name, setting=setting,
+                                lr=chosen_lr[name], seed=seed, steps=args.steps,
+                                run_dir=root / opt / "unshaped" / f"{name}-{index}-s{seed}",
+                                what=f"unshaped {name} seed {seed}")
+                        runs[name][str(seed)] = lower_bound(unshaped[done], bits)
+                    continue
                 runs[name] = {str(seed): train(
-                    rate=rate, method=name, setting=chosen[name][key], lr=chosen_lr[name],
+                    rate=rate, method=name, setting=setting, lr=chosen_lr[name],
                     seed=seed, steps=args.steps,
                     run_dir=root / opt / f"R{key}" / f"{name}-s{seed}",
                     what=f"R={key} {name} seed {seed}") for seed in args.seeds}
@@ -965,9 +1042,11 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
             table["ratios"][key] = {
                 "ratio": ratio, "rate": rate, "rate_bits_per_s": bits, "check": check,
                 "check_gbit_per_s": check["achieved_gbit_per_s"] if check else None,
-                "measured_ratio": (dense["s_per_step"] - compute) / compute,
-                "settings": settings, "summary": summary, "runs": runs}
-            for name in tuned:
+                "measured_ratio": (None if dense["timing"] == "bound"
+                                   else (dense["s_per_step"] - compute) / compute),
+                "bound": list(args.bound), "settings": settings, "summary": summary,
+                "runs": runs}
+            for name in (n for n in tuned if n not in args.bound):
                 # The tuning's clock model against this R's measurement of the setting.
                 report = table["tuning"]["methods"][name]
                 cand = next(c for c in report["candidates"]
@@ -994,14 +1073,18 @@ def print_results(results: Mapping[str, Any]) -> None:
             summary = block["summary"]
             print(f"\n### {opt} R={key}: rate {block['rate']}, all-reduce check "
                   f"{block['check_gbit_per_s'] or float('nan'):.3f} Gbit/s, dense fp32 "
-                  f"measured (s/step - compute) / compute = {block['measured_ratio']:.2f}, "
+                  f"measured (s/step - compute) / compute = "
+                  f"{block['measured_ratio'] or float('nan'):.2f}, "
                   f"equal wall {summary['equal_wall_budget_s']:.1f} s, equal bytes "
                   f"{summary['equal_bytes_budget_mb']:.1f} MB")
             print_table(summary["rows"], COLUMNS)
             for slack, target in summary["targets"].items():
                 print(f"\ntarget +{float(slack):.0%}: {target:.4f}")
-                print_table([{"method": r["method"], **r["targets"][slack]}
-                             for r in summary["rows"]], TARGET_COLUMNS)
+                print_table([{"method": r["method"], "timing": r["timing"],
+                              **r["targets"][slack]} for r in summary["rows"]],
+                            TARGET_COLUMNS)
+                if any(r["targets"][slack]["speedup_at_least"] for r in summary["rows"]):
+                    print("(dense fp32 is a lower bound: its speed-ups are lower bounds)")
 
 
 def main(argv: list[str] | None = None) -> int:

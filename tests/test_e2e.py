@@ -121,6 +121,41 @@ def test_tuning_puts_unshaped_runs_on_the_link_clock_and_picks_the_earliest():
     assert e2e.choose_setting([tie, small], 1.0, 8e6)[0] == 1
 
 
+def _run(evals, steps=20):
+    """A finished run's result for ``summarise`` from its evaluations."""
+    return {"evals": evals, "final_val_loss": evals[-1]["loss"], "steps": steps,
+            "wall_seconds": evals[-1]["wall"], "bytes_sent": evals[-1]["bytes"],
+            "selection_seconds": 0.0, "comm_seconds": 0.0}
+
+
+def test_lower_bound_is_what_the_link_allows_and_marks_its_speedups():
+    e2e = _e2e_module()
+    # Unshaped: 2 s and 10 s of wall time, 1 MB and 4 MB sent. At 1 Mbit/s the link alone
+    # needs 8 s and 32 s, so the bound is the link's; at 100 Mbit/s it is the wall time.
+    dense = _run(_evals((10, 2.0, 3.0, 1e6), (20, 10.0, 2.0, 4e6)))
+    slow = e2e.lower_bound(dense, 1e6)
+    assert [e["wall"] for e in slow["evals"]] == [pytest.approx(8.0), pytest.approx(32.0)]
+    assert slow["wall_seconds"] == pytest.approx(32.0) and slow["timing"] == "bound"
+    assert dense["evals"][0]["wall"] == 2.0 and "timing" not in dense  # input unchanged
+    fast = e2e.lower_bound(dense, 1e8)
+    assert [e["wall"] for e in fast["evals"]] == [2.0, 10.0]
+    # A row measured under netem reaching the target at 4 s against the bound dense row
+    # (32 s): the speed-up 8 is a lower bound; another bound row gets no speed-up at all.
+    measured = _run(_evals((10, 2.0, 2.5, 1e3), (20, 4.0, 2.0, 2e3)))
+    other = e2e.lower_bound(_run(_evals((10, 3.0, 2.5, 1e5), (20, 6.0, 2.0, 2e5))), 1e6)
+    summary = e2e.summarise({"dense_fp32": {"1": slow}, "outer": {"1": measured},
+                             "bucketed": {"1": other}}, 0.1, [0.01],
+                            {"dense_fp32": 1e-3, "outer": 1e-3, "bucketed": 1e-3}, {
+                                 "dense_fp32": {}, "outer": {}, "bucketed": {}})
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert [rows[m]["timing"] for m in ("dense_fp32", "outer", "bucketed")] == [
+        "bound", "netem", "bound"]
+    outer = rows["outer"]["targets"]["0.01"]
+    assert outer["speedup_vs_dense"] == pytest.approx(8.0) and outer["speedup_at_least"]
+    assert rows["bucketed"]["targets"]["0.01"]["speedup_vs_dense"] is None
+    assert rows["dense_fp32"]["targets"]["0.01"]["speedup_vs_dense"] == pytest.approx(1.0)
+
+
 def test_method_declarations():
     e2e = _e2e_module()
     psgd = e2e.METHODS["powersgd"]
@@ -136,6 +171,17 @@ def test_method_declarations():
     assert e2e.resolve("25%", 300) == 75 and e2e.resolve("10%", 8) == 1
     assert e2e.resolve("shared", 300) == "shared" and e2e.resolve(5, 300) == 5
     assert e2e.METHODS["bucketed"].settings() == [{}]
+    # The outer row is the SparseLoCo preset (the same options as distk's own), H tuned.
+    outer = e2e.METHODS["outer"]
+    from distk.config import SparsityConfig
+    recipe = SparsityConfig.sparseloco()
+    for key, value in outer.set.items():
+        if key.startswith("sparsity.") and key != "sparsity.warmup_steps":
+            assert getattr(recipe, key.split(".", 1)[1]) == value, key
+    # Every H divides the protocol's evaluation period: evaluations fall on syncs, where
+    # the replicas agree.
+    every = e2e.PRESETS["full"]["eval_every"]
+    assert all(every % s["sparsity.sync_every"] == 0 for s in outer.settings())
     # A distk variant from the command line: fixed keys and a tuned knob.
     added = e2e.parse_method(["shared", "bucketed", "sparsity.exchange=shared",
                               "sparsity.value_dtype=bfloat16",
@@ -175,7 +221,10 @@ def test_arguments_are_named(capsys):
     for argv, message in ((["--methods", "bucketed"], "must include dense_fp32"),
                           (["--methods", "dense_fp32", "nope"], "unknown"),
                           (["--slacks", "-0.1"], "--slacks [-0.1] is invalid"),
-                          (["--method", "x", "sparse"], "mode='sparse' is invalid")):
+                          (["--method", "x", "sparse"], "mode='sparse' is invalid"),
+                          (["--bound", "outer"], "--bound ['outer'] is invalid"),
+                          (["--methods", "dense_fp32", "--bound", "dense_fp32"],
+                           "at least one method must run under netem")):
         with pytest.raises(SystemExit) as exited:
             e2e.parse_args(["--dry-run", *argv])
         assert exited.value.code == 2, argv
