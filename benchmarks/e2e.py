@@ -228,9 +228,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("outer", "bucketed",
            {"train.adamw_dense_steps": 0, "train.adamw_warmup_steps": 0,
             **{f"sparsity.{key}": value for key, value in RECIPE.items()}},
-           tune={"sparsity.sync_every": [25, 5]},  # divide eval_every: evaluations on syncs
+           # Periods that divide eval_every (evaluations fall on syncs); a dense start of
+           # 25 steps (fp32 pseudo-gradients) or none.
+           tune={"sparsity.sync_every": [5, 25], "sparsity.dense_steps": [0, 25]},
            about="distk.outer with SparseLoCo's recipe (top-64 of each 64 x 64 tile, 2-bit "
-                 "values, decayed error feedback, senders' average, median clip), H tuned"),
+                 "values, decayed error feedback, senders' average, median clip), H and "
+                 "a dense start tuned"),
     Method("bucketed_2bit", "bucketed", {"sparsity.value_bits": 2},
            about="bucketed with 2-bit values and bit-packed offsets"),
     Method("outer_h8_2bit", "bucketed", {"sparsity.sync_every": 8, "sparsity.value_bits": 2},
