@@ -192,10 +192,13 @@ class OuterSync(StepOwner):
             deltas.append(anchor - param.detach().reshape(-1).to(anchor.dtype))
         if cfg.outer_clip == "median":
             self.clip_scale = self._median_clip(deltas)
-        for (name, param), delta in zip(self._params, deltas, strict=True):
+        # Every exchange is launched before the first is waited on, so the collectives of
+        # one tensor overlap the selection and encoding of the next (the same order on
+        # every rank); in the parameter's shape: bucket_layout="tile" follows its 2-D layout.
+        works = [self.compressor.launch(delta.view(param.shape), name, step=step)
+                 for (name, param), delta in zip(self._params, deltas, strict=True)]
+        for (name, param), work in zip(self._params, works, strict=True):
             anchor = self._anchors[name]
-            # In the parameter's shape: bucket_layout="tile" follows its 2-D layout.
-            work = self.compressor.launch(delta.view(param.shape), name, step=step)
             update = work.wait().reshape(-1)
             merged = merged.merge(work.stats)
             outer_step = update
