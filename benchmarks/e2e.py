@@ -16,7 +16,8 @@ the knobs to tune), and ``--method`` adds or replaces one from the command line:
   in bf16 (PyTorch's ``bf16_compress_wrapper``);
 * ``exact``, ``bucketed``: distk's top-k exchange with ``torch.topk`` / bucketed selection;
 * ``outer`` (``--methods`` only): outer synchronisation (``distk.outer``) with
-  SparseLoCo's recipe (``SparsityConfig.sparseloco()``), its period H tuned;
+  SparseLoCo's recipe (``SparsityConfig.sparseloco()``), its period H and a dense start
+  tuned;
 * ``bucketed_2bit``, ``outer_h8_2bit``, ``outer_h32_4bit`` (``--methods`` only): the
   compact codec, and outer synchronisation every 8 / 32 steps with distk's plain codec.
 
