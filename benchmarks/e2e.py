@@ -763,7 +763,8 @@ def summarise(runs: Mapping[str, Mapping[str, Mapping[str, Any]]], compute: floa
             both_bound = row["timing"] == base["timing"] == "bound" and row is not base
             block["speedup_vs_dense"] = (dense_tt / tt if dense_tt and tt and not both_bound
                                          else None)
-            block["speedup_at_least"] = base["timing"] == "bound" and row is not base
+            block["speedup_at_least"] = (base["timing"] == "bound" and row is not base
+                                         and block["speedup_vs_dense"] is not None)
     return {"targets": targets, "equal_wall_budget_s": wall_budget,
             "equal_bytes_budget_mb": bytes_budget / 1e6, "rows": rows}
 
@@ -817,7 +818,7 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
                 loss = [[c[j]["loss"] for c in curves] for j in range(n)]
                 setting = block["settings"][method]
                 label = method + (f" ({setting_label(setting)})" if setting else "")
-                bound = any(r.get("timing") == "bound" for r in seeds.values())
+                bound = method in block.get("bound", ())
                 ax.plot(wall, [statistics.fmean(v) for v in loss], "o--" if bound else "o-",
                         color=f"C{i}", markersize=3,
                         label=label + (" [lower bound]" if bound else ""))

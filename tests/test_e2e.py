@@ -153,6 +153,7 @@ def test_lower_bound_is_what_the_link_allows_and_marks_its_speedups():
     outer = rows["outer"]["targets"]["0.01"]
     assert outer["speedup_vs_dense"] == pytest.approx(8.0) and outer["speedup_at_least"]
     assert rows["bucketed"]["targets"]["0.01"]["speedup_vs_dense"] is None
+    assert not rows["bucketed"]["targets"]["0.01"]["speedup_at_least"]
     assert rows["dense_fp32"]["targets"]["0.01"]["speedup_vs_dense"] == pytest.approx(1.0)
 
 
