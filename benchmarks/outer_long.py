@@ -17,7 +17,10 @@ Every row trains the main job's model (``configs/default.json``: 4 layers, width
 
 A row runs once per ``H`` (``--sync-every``) and seed; a run whose ``result.json``
 already exists under ``--run-root`` is read, not rerun (``--collect`` only reads; a
-result carried over from an earlier revision's file names it in ``source``). The
+result carried over from an earlier revision's file names it in ``source``).
+``--carry FILE...`` reads the rows of earlier results files (``results/<out>.json``)
+for the runs whose directory is not under ``--run-root``, so a fresh checkout adds rows
+to a table without rerunning the ones it has; each keeps ``source`` = the file. The
 table compares each row's final validation loss with the dense row of the same seed and
 the ``diloco`` / ``outer_dense`` rows of the same ``H`` and seed, and gives bits per
 parameter per sync (bytes rank 0 sent x 8 / syncs / parameters; and of it the entries'
@@ -132,6 +135,23 @@ def load(run_root: str, row: str, h: int | None, seed: int, steps: int,
             "source": result.get("source", "this run")}
 
 
+def carried(paths: list[str], steps: int, nproc: int) -> dict[tuple, dict[str, Any]]:
+    """(row, H, seed) -> the row recorded in an earlier results file of the same steps and
+    ranks, with ``source`` naming the file (its own ``source`` if it was carried there)."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for name in paths:
+        path = Path(name)
+        data = json.loads(path.read_text())
+        if (data.get("steps"), data.get("nproc")) != (steps, nproc):
+            sys.exit(f"--carry {name}: steps={data.get('steps')} nproc={data.get('nproc')}, "
+                     f"allowed only files of --steps {steps} --nproc {nproc}")
+        for row in data["rows"]:
+            source = row.get("source", "this run")
+            row = {**row, "source": path.name if source == "this run" else source}
+            out.setdefault((row["row"], row["sync_every"], row["seed"]), row)
+    return out
+
+
 def compare(rows: list[dict[str, Any]]) -> None:
     """Add the relative gaps to the same seed's dense row and the same (H, seed) dense
     outer rows."""
@@ -198,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-root", default="runs/outer_long")
     parser.add_argument("--collect", action="store_true", help="read finished runs only")
     parser.add_argument("--out", default="outer_long")
+    parser.add_argument("--carry", nargs="+", default=[], metavar="FILE",
+                        help="earlier results JSON whose rows stand in for runs not under "
+                             "--run-root (same --steps and --nproc)")
     args = parser.parse_args(argv)
     for h in args.sync_every:
         if h < 2 or args.steps % h or args.eval_every % h:
@@ -206,15 +229,20 @@ def main(argv: list[str] | None = None) -> None:
     job = json.loads((ROOT / "configs" / "default.json").read_text())  # COMMON's config
     tokens_per_step = job["train"]["batch_size"] * job["model"]["context"] * args.nproc
     wanted = runs(args)
+    earlier = carried(args.carry, args.steps, args.nproc)
+
+    def result(row: str, h: int | None, seed: int) -> dict[str, Any] | None:
+        return (load(args.run_root, row, h, seed, args.steps, tokens_per_step)
+                or earlier.get((row, h, seed)))
+
     for i, (row, h, seed) in enumerate(wanted):
-        if args.collect or load(args.run_root, row, h, seed, args.steps, tokens_per_step):
+        if args.collect or result(row, h, seed):
             continue
         cmd = command(row, h, seed, args.steps, args.eval_every, args.nproc, args.run_root)
         print(f"[outer_long] run {i + 1}/{len(wanted)}: {' '.join(cmd)}", flush=True)
         env = {**os.environ, "NPROC": str(args.nproc), "PYTHONPATH": str(ROOT)}
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-    rows = [r for r in (load(args.run_root, *w, args.steps, tokens_per_step) for w in wanted)
-            if r is not None]
+    rows = [r for r in (result(*w) for w in wanted) if r is not None]
     missing = len(wanted) - len(rows)
     if not rows:
         sys.exit(f"no finished runs under {args.run_root} for these rows")

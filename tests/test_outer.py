@@ -460,3 +460,14 @@ def test_long_run_benchmark_trains_the_preset(tmp_path):
     assert row["bits_per_param_per_sync"] == 8e6 / 800_000 / 100
     assert row["bits_per_param_per_step"] == 8e6 / 800_000 / 3000
     assert outer_long.load(str(tmp_path), "recipe", 100, 0, 3000, 4096) is None
+    # An earlier results file stands in for runs not under the run root, naming itself as
+    # the source; a file of another length or rank count is refused.
+    earlier = tmp_path / "outer_long_x.json"
+    earlier.write_text(json.dumps({"steps": 3000, "nproc": 2, "rows": [
+        {**row, "source": "this run"}, {**row, "sync_every": 8, "source": "older.json"}]}))
+    rows = outer_long.carried([str(earlier)], 3000, 2)
+    assert rows[("recipe", 30, 0)]["source"] == "outer_long_x.json"
+    assert rows[("recipe", 8, 0)]["source"] == "older.json"
+    assert rows[("recipe", 30, 0)]["final_val_loss"] == 2.0
+    with pytest.raises(SystemExit, match="allowed only files of --steps 3000 --nproc 4"):
+        outer_long.carried([str(earlier)], 3000, 4)
