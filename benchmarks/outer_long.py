@@ -13,6 +13,8 @@ Every row trains the main job's model (``configs/default.json``: 4 layers, width
   every 64 x 64 tile, 2-bit values, 12-bit offsets, decayed error feedback, senders
   average, median clip, biases and norms through the codec);
 * ``recipe_means``: the recipe with per-cell mean levels (``value_levels="means"``);
+* ``recipe_sigma``: the recipe with the field's statistical quantizer (four signed cells
+  over 6 standard deviations, cell means, one table per tensor: ``value_levels="sigma"``);
 * ``recipe_fp32_small``: the recipe with the small tensors sent dense in fp32.
 
 A row runs once per ``H`` (``--sync-every``) and seed; a run whose ``result.json``
@@ -69,6 +71,7 @@ ROWS: dict[str, dict[str, Any] | None] = {
     "diloco": {"method": "dense", "outer_lr": 0.7, "outer_momentum": 0.9},
     "recipe": RECIPE,
     "recipe_means": {**RECIPE, "value_levels": "means"},
+    "recipe_sigma": {**RECIPE, "value_levels": "sigma"},
     "recipe_fp32_small": {**RECIPE, "small_tensors": "dense"},
 }
 """Row -> its ``sparsity`` options with outer sync (``None``: dense DDP, ``--mode dense``)."""

@@ -37,7 +37,7 @@ entries of a weight matrix)."""
 VALUE_BITS = (1, 2, 4, 8)
 """Widths of the compact codec's value codes, accepted by ``SparsityConfig.value_bits``
 (the codec in ``distk.comm.codec`` uses this tuple)."""
-VALUE_LEVELS = ("centres", "means")
+VALUE_LEVELS = ("centres", "means", "sigma")
 """What a code of the compact codec decodes to (``SparsityConfig.value_levels``)."""
 VALUE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -219,7 +219,12 @@ class SparsityConfig:
     least-squares value for that partition; ``2**(bits-1)`` bfloat16 means per group
     travel: as many bytes as the range at 2 bits, four times as many at 4), after
     SparseLoCo's per-bin means (arXiv 2508.15706). Needs ``value_bits`` 1, 2 or 4 (at
-    1 bit both are the mean)."""
+    1 bit both are the mean). ``"sigma"``: the field's statistical quantizer (the one
+    SparseLoCo's trainer and hivemind use): ``2**bits`` signed cells of equal width over
+    6 standard deviations about the mean of all of a tensor's sent values, values beyond
+    clamped into the end cells, each code decoded to its cell's mean; one table of
+    ``2**bits`` bfloat16 means per tensor travels (float32 at 8 bits), no per-bucket
+    ranges. Needs ``value_bits`` 2, 4 or 8."""
 
     sync_every: int = 1
     """Outer synchronisation period ``H`` (``distk.outer``): ranks take ``H`` local
@@ -425,6 +430,10 @@ class SparsityConfig:
             _fail("value_levels", self.value_levels,
                   f"'centres' when value_bits={self.value_bits} (per-cell means need "
                   "value_bits 1, 2 or 4)")
+        if self.value_levels == "sigma" and self.value_bits not in (2, 4, 8):
+            _fail("value_levels", self.value_levels,
+                  f"'centres' or 'means' when value_bits={self.value_bits} (the sigma grid "
+                  "needs value_bits 2, 4 or 8)")
         if self.small_tensors not in SMALL_TENSORS:
             _fail("small_tensors", self.small_tensors, f"one of {SMALL_TENSORS}")
         if self.small_tensors == "codec" and self.value_bits is None:

@@ -313,7 +313,8 @@ def _conservation(rank, world, bits, exchange, small, levels):
 
 
 CONSERVATION_CASES = [(2, "auto", "dense", "centres"), (1, "allgather", "dense", "centres"),
-                      (8, "auto", "dense", "centres"), (2, "auto", "codec", "means")]
+                      (8, "auto", "dense", "centres"), (2, "auto", "codec", "means"),
+                      (2, "auto", "codec", "sigma")]
 
 
 def _conservation_cases(rank, world):
@@ -343,13 +344,15 @@ def test_conservation_and_identical_bits_on_two_ranks(bits, exchange, small, lev
     assert stats["mid"].schemes == {"allgather": 1}
     assert stats["mid"].bits_per_entry <= bits + 13 + 1
     # The 300-entry tensor: dense in float32 (nothing left behind), or every entry at
-    # `bits` bits with no index and a bfloat16 range per 64 entries, its rounding kept.
+    # `bits` bits with no index and a bfloat16 range per 64 entries (one table of 2**bits
+    # bfloat16 cell means for the tensor with "sigma"), its rounding kept.
     residual = results[0][2]["small"]
     if small == "dense":
         assert (stats["small"].bits_per_entry, residual.abs().max()) == (32.0, 0.0)
     else:
         assert stats["small"].sent == 300 and stats["small"].schemes == {"allgather": 1}
-        assert stats["small"].bits_per_entry == (300 * bits + 7) // 8 * 8 / 300 + 32 * 5 / 300
+        scale_bits = 16 * (1 << bits) if levels == "sigma" else 32 * 5
+        assert stats["small"].bits_per_entry == ((300 * bits + 7) // 8 * 8 + scale_bits) / 300
         assert residual.abs().max() > 0
 
 
@@ -371,3 +374,67 @@ def test_step_stats_carry_bits_per_entry_and_per_param():
     metrics = compressor.totals.to_metrics()
     assert metrics["distk/bits_per_entry"] == 14.5
     assert metrics["distk/bits_per_param"] == 14.5 / 64
+
+
+def reference_sigma(values: list[float], bits: int, group: int) -> list[float]:
+    """``levels="sigma"`` in plain Python: per group, ``2**bits`` cells of width 6 s /
+    2**bits about the mean (s unbiased), code round((v - mean) / width) + 2**(bits-1)
+    clamped, each entry decoded to its cell's mean, rounded as it travels."""
+    cells = 1 << bits
+    out = []
+    for start in range(0, len(values), group):
+        chunk = values[start:start + group]
+        mean = sum(chunk) / len(chunk)
+        std = math.sqrt(sum((v - mean) ** 2 for v in chunk) / max(len(chunk) - 1, 1))
+        width = 6 * std / cells or 1.0
+        code = [min(cells - 1, max(0, round((v - mean) / width) + cells // 2)) for v in chunk]
+        means = {j: sum(v for v, c in zip(chunk, code, strict=True) if c == j)
+                 / code.count(j) for j in set(code)}
+        out += [on_wire(means[c], bits) for c in code]
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("k,group", [(1, 1), (5, 2), (64, 64), (130, 13), (4096, 4096)])
+def test_value_codec_sigma_cells(bits, k, group):
+    """``levels="sigma"`` decodes to :func:`reference_sigma`, sends ``2**bits`` means per
+    group, and its pack decodes to the round trip."""
+    values = torch.randn(k, generator=torch.Generator().manual_seed(k * bits)) * 3 + 0.5
+    codec = ValueCodec(bits, k, group, "sigma")
+    decoded = codec.roundtrip(values)
+    expected = torch.tensor(reference_sigma(values.double().tolist(), bits, group),
+                            dtype=torch.float64)
+    torch.testing.assert_close(decoded.double(), expected, rtol=1e-6, atol=1e-7)
+    groups = math.ceil(k / group)
+    payload = codec.pack(values)
+    assert payload.numel() == codec.nbytes == (range_bytes(bits) // 2 * (1 << bits) * groups
+                                               + (k * bits + 7) // 8)
+    assert torch.equal(codec.unpack(torch.stack([payload, payload])), torch.stack([decoded] * 2))
+    # A constant group decodes exactly; values far outside 3 s land in the end cells.
+    assert torch.equal(ValueCodec(bits, 4, 4, "sigma").roundtrip(torch.full((4,), 2.5)),
+                       torch.full((4,), 2.5))
+    spiky = torch.tensor([0.0] * 63 + [100.0])
+    assert ValueCodec(bits, 64, 64, "sigma").encode(spiky)[0][-1] == (1 << bits) - 1
+    with pytest.raises(ValueError, match="'sigma' at 2, 4 or 8"):
+        ValueCodec(1, k, group, "sigma")
+
+
+def test_sigma_levels_config_and_wire():
+    """The config accepts ``"sigma"`` at 2, 4 and 8 bits only; the wire format gives it one
+    group for the tensor and a distinct index code."""
+    SparsityConfig(value_bits=2, value_levels="sigma")
+    with pytest.raises(ValueError, match=r"SparsityConfig.value_levels must be 'centres' or "
+                                          r"'means' when value_bits=1"):
+        SparsityConfig(value_bits=1, value_levels="sigma")
+    with pytest.raises(ValueError, match=r"SparsityConfig.value_levels must be 'centres' or "
+                                          r"'means' when value_bits=None"):
+        SparsityConfig(value_levels="sigma")
+    args = dict(numel=4096 * 4, k=256, value_dtype=torch.float32, buckets=4, k_per_bucket=64,
+                interleaved=False, value_bits=2)
+    sigma = WireFormat(**args, value_levels="sigma")
+    assert sigma.codec.group_size == 256 and sigma.codec.scale_bytes == 4 * 2
+    centres = WireFormat(**args)
+    assert centres.codec.group_size == 64 and centres.codec.scale_bytes == 4 * 2 * 2
+    assert sigma.index_code != centres.index_code
+    assert len({WireFormat(**args, value_levels=lv).index_code
+                for lv in ("centres", "means", "sigma")}) == 3

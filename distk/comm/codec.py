@@ -17,7 +17,13 @@ With ``SparsityConfig.value_bits`` set, a rank's selected entries travel as
   ``levels="means"`` (1, 2 or 4 bits) the same cells are chosen, but the group sends,
   in place of ``lo, hi``, the ``M`` mean magnitudes of its entries in each cell (an
   empty cell: its centre), and a code decodes to its cell's mean: the least-squares
-  reconstruction for that partition (SparseLoCo's per-bin means, arXiv 2508.15706);
+  reconstruction for that partition (SparseLoCo's per-bin means, arXiv 2508.15706).
+  With ``levels="sigma"`` (2, 4 or 8 bits) the code is not sign-magnitude: ``2**b``
+  signed cells of width ``SIGMA_RANGE * s / 2**b`` about the group's mean ``m`` (``s``
+  the unbiased standard deviation), code ``round((v - m) / width) + 2**(b-1)`` clamped
+  to ``[0, 2**b - 1]``, and the group sends its ``2**b`` cell means (an empty cell: its
+  centre), the statistical quantizer of the field's low-bit pseudo-gradients (hivemind,
+  SparseLoCo's trainer). The wire format makes the whole tensor one group, as they do;
 * **index codes**: ``index_bits`` bits per entry, the offset inside the bucket
   (``ceil(log2(bucket size))`` bits, 12 for buckets of 4096) or the absolute position.
 
@@ -41,6 +47,7 @@ import torch
 from distk.config import VALUE_BITS, VALUE_LEVELS
 
 __all__ = [
+    "SIGMA_RANGE",
     "VALUE_BITS",
     "ValueCodec",
     "bits_for",
@@ -49,6 +56,11 @@ __all__ = [
     "scale_dtype",
     "unpack_bits",
 ]
+
+
+SIGMA_RANGE = 6.0
+"""Width of the ``levels="sigma"`` grid in standard deviations of the group's values
+(SparseLoCo's and hivemind's setting)."""
 
 
 def scale_dtype(bits: int) -> torch.dtype:
@@ -134,8 +146,10 @@ class ValueCodec:
         bits: code width, one of :data:`VALUE_BITS` (1 = sign with a mean-magnitude scale).
         k: number of values.
         group_size: entries sharing one range (the last group may be shorter).
-        levels: ``"centres"`` (a ``(lo, hi)`` range per group) or ``"means"`` (``M``
-            per-cell mean magnitudes per group; 1, 2 or 4 bits).
+        levels: ``"centres"`` (a ``(lo, hi)`` range per group), ``"means"`` (``M``
+            per-cell mean magnitudes per group; 1, 2 or 4 bits) or ``"sigma"`` (``2**bits``
+            signed cells over :data:`SIGMA_RANGE` standard deviations, their means sent;
+            2, 4 or 8 bits).
     """
 
     bits: int
@@ -146,9 +160,11 @@ class ValueCodec:
     def __post_init__(self) -> None:
         if self.bits not in VALUE_BITS:
             raise ValueError(f"value bits must be one of {VALUE_BITS}, got {self.bits!r}")
-        if self.levels not in VALUE_LEVELS or (self.levels == "means" and self.bits > 4):
+        if (self.levels not in VALUE_LEVELS or (self.levels == "means" and self.bits > 4)
+                or (self.levels == "sigma" and self.bits == 1)):
             raise ValueError(f"levels must be one of {VALUE_LEVELS} ('means' at 1, 2 or 4 "
-                             f"bits), got {self.levels!r} at {self.bits} bits")
+                             f"bits, 'sigma' at 2, 4 or 8), got {self.levels!r} at "
+                             f"{self.bits} bits")
         if self.k < 0:
             raise ValueError(f"k must be >= 0, got {self.k}")
         if self.group_size < 1:
@@ -169,6 +185,11 @@ class ValueCodec:
         return scale_dtype(self.bits)
 
     @property
+    def signed(self) -> bool:
+        """Whether codes are signed cells (``"sigma"``) rather than sign-magnitude."""
+        return self.levels == "sigma"
+
+    @property
     def sends_means(self) -> bool:
         """Whether groups send per-cell means (``"means"`` over 1 bit; at 1 bit the one
         level is the mean either way)."""
@@ -176,8 +197,10 @@ class ValueCodec:
 
     @property
     def scales_per_group(self) -> int:
-        """Floats per group on the wire: ``(lo, hi)``, or ``M`` means
-        (:attr:`sends_means`)."""
+        """Floats per group on the wire: ``(lo, hi)``, ``M`` means
+        (:attr:`sends_means`) or ``2**bits`` signed cell means (:attr:`signed`)."""
+        if self.signed:
+            return 1 << self.bits
         return self.magnitudes if self.sends_means else 2
 
     @property
@@ -212,6 +235,8 @@ class ValueCodec:
                              f"{tuple(values.shape)}")
         values = values.to(torch.float32)
         wire = self.scale_dtype
+        if self.signed:
+            return self._encode_sigma(values)
         magnitude = values.abs()
         negative = (values < 0).to(torch.int64)
         if self.bits == 1:
@@ -235,6 +260,32 @@ class ValueCodec:
         if self.sends_means:
             ranges = self._cell_means(magnitude, level, lo, hi).to(wire)
         return level + negative * self.magnitudes, ranges
+
+    def _encode_sigma(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``levels="sigma"``: signed cells over :data:`SIGMA_RANGE` standard deviations
+        about each group's mean; the scales are the ``2**bits`` cell means (an empty
+        cell: its centre). Statistics and sums in float64 over the grouped view: the same
+        bits on every call."""
+        cells = 1 << self.bits
+        v = self._grouped(values.double(), math.nan)
+        present = ~v.isnan()
+        count = present.sum(-1, keepdim=True)
+        mean = torch.where(present, v, 0.0).sum(-1, keepdim=True) / count.clamp(min=1)
+        centred = torch.where(present, v - mean, 0.0)
+        std = (centred.square().sum(-1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        width = SIGMA_RANGE * std / cells
+        width = torch.where(width > 0, width, torch.ones_like(width))
+        code = (centred / width).round() + cells // 2
+        code = torch.where(present, code.clamp(0, cells - 1), -1).to(torch.int64)
+        means = []
+        for j in range(cells):
+            inside = code == j
+            total = torch.where(inside, v, 0.0).sum(-1)
+            n = inside.sum(-1)
+            centre = (mean + (j - cells // 2) * width).squeeze(-1)
+            means.append(torch.where(n > 0, total / n.clamp(min=1), centre))
+        table = torch.stack(means, dim=-1).to(torch.float32).to(self.scale_dtype)
+        return code.flatten()[: self.k], table
 
     def _centre(self, lo: torch.Tensor, hi: torch.Tensor,
                 level: torch.Tensor | int) -> torch.Tensor:
@@ -266,6 +317,8 @@ class ValueCodec:
         multiply-add): bitwise the same on any device."""
         ranges = ranges.to(torch.float32)  # exact from bfloat16
         group = self._group_of_entry(codes.device)
+        if self.signed:  # the code's cell mean, sign included
+            return torch.gather(ranges.flatten(-2), -1, group * (1 << self.bits) + codes)
         if self.sends_means:
             cell = group * self.magnitudes + codes % self.magnitudes
             magnitude = torch.gather(ranges.flatten(-2), -1, cell)

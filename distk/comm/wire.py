@@ -169,7 +169,8 @@ class WireFormat:
             ``rows x cols`` view (``bucket_layout="tile"``; contiguous buckets of the
             tile order, see :func:`to_tile_order`); ``None``: flat buckets.
         value_levels: with ``value_bits``, what codes decode to: ``"centres"`` of the
-            range's cells or per-cell ``"means"`` (:class:`~distk.comm.codec.ValueCodec`).
+            range's cells, per-cell ``"means"``, or the means of ``"sigma"`` cells (one
+            group for the whole tensor) (:class:`~distk.comm.codec.ValueCodec`).
     """
 
     numel: int
@@ -240,8 +241,9 @@ class WireFormat:
         """The value codec (``None`` without ``value_bits``)."""
         if self.value_bits is None:
             return None
-        return ValueCodec(self.value_bits, self.k, codec_group_size(self.k_per_bucket),
-                          self.value_levels)
+        group = (max(self.k, 1) if self.value_levels == "sigma"  # one table per tensor
+                 else codec_group_size(self.k_per_bucket))
+        return ValueCodec(self.value_bits, self.k, group, self.value_levels)
 
     @property
     def implicit(self) -> bool:
@@ -356,6 +358,8 @@ class WireFormat:
             code += (self.value_bits << 8) + (self.index_bits << 16)
             if self.value_levels == "means":
                 code += 1 << 25
+            elif self.value_levels == "sigma":
+                code += 1 << 26
         return code
 
     def _sections(self) -> tuple[tuple[str, int, int], ...]:
