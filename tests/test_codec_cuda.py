@@ -18,10 +18,11 @@ from distk.config import SparsityConfig
 pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
 
-@pytest.mark.parametrize("bits", VALUE_BITS)
-def test_cuda_decode_equals_cpu_decode(bits):
+@pytest.mark.parametrize("bits,levels", [(b, "centres") for b in VALUE_BITS]
+                         + [(2, "means"), (2, "sigma"), (4, "sigma")])
+def test_cuda_decode_equals_cpu_decode(bits, levels):
     values = torch.randn(1000, device="cuda")
-    codec = ValueCodec(bits, 1000, 64)
+    codec = ValueCodec(bits, 1000, 1000 if levels == "sigma" else 64, levels)
     payload = codec.pack(values)
     assert payload.is_cuda
     on_cuda = codec.unpack(payload)
