@@ -15,7 +15,11 @@ in the same run:
 * ``distk_local``: ``SparsityConfig(density=0.01, mask="local")``: each rank's own top-k,
   all-gathered (bytes grow with the number of ranks);
 * ``distk``: ``SparsityConfig(density=0.01)``, the default: a shared mask (the union of
-  the ranks' top k/P proposals) whose values are summed by one all-reduce.
+  the ranks' top k/P proposals) whose values are summed by one all-reduce;
+* ``outer``: no DDP: ``distk.outer`` with SparseLoCo's recipe
+  (``SparsityConfig.sparseloco(sync_every=4)``: top-64 of every 64 x 64 tile, 2-bit
+  values, 12-bit offsets, all-gathered), a sync every 4 steps; its per-step bytes are a
+  sync's over 4, and the JSON adds bits per parameter per sync.
 
     # one world size (every rank in its own host):
     sudo launchers/netem.sh run 8 1gbit -- .venv/bin/python benchmarks/wire.py --part runs/wire/8
@@ -54,7 +58,10 @@ from distk.comm.codec import bits_for, packed_nbytes  # noqa: E402
 from distk.train.peer_hooks import powersgd_bucket_entries  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("ddp", "fp16_hook", "powersgd_r1", "powersgd_r4", "distk_local", "distk")
+METHODS = ("ddp", "fp16_hook", "powersgd_r1", "powersgd_r4", "distk_local", "distk", "outer")
+OUTER_H = 4
+"""Inner steps per sync of the ``outer`` method (``--warmup`` and ``--steps`` must be
+multiples of it)."""
 DENSITY = 0.01
 INTERFACE = "veth0"
 
@@ -98,9 +105,15 @@ def measure(method: str, rank: int, world: int, warmup: int, steps: int) -> dict
     launches its second all-reduce from the first one's callback, and with two buckets on
     gloo the ranks can then issue their collectives in different orders (a mismatch
     gloo aborts on)."""
-    ddp = DDP(build_model(), bucket_cap_mb=64)
-    state = enable(method, ddp)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    if method == "outer":  # a plain model; the optimizer's hook syncs every OUTER_H steps
+        ddp = build_model()
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        state = distk.outer.enable(ddp, optimizer,
+                                   distk.SparsityConfig.sparseloco(sync_every=OUTER_H))
+    else:
+        ddp = DDP(build_model(), bucket_cap_mb=64)
+        state = enable(method, ddp)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(rank)
     counted = 0
     for step in range(warmup + steps):
@@ -112,8 +125,9 @@ def measure(method: str, rank: int, world: int, warmup: int, steps: int) -> dict
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if state is not None and step >= warmup:
-            counted += state.stats.bytes_sent
+        if state is not None and step >= warmup and (method != "outer"
+                                                      or (step + 1) % OUTER_H == 0):
+            counted += state.stats.bytes_sent  # outer: the sync this step ran
     dist.barrier()
     sent = tx_bytes() - start
     row = {"method": method, "world": world, "rank": rank, "steps": steps,
@@ -121,6 +135,11 @@ def measure(method: str, rank: int, world: int, warmup: int, steps: int) -> dict
            "seconds_per_step": (time.perf_counter() - began) / steps,
            "counted_bytes_per_step": counted / steps if state is not None else None,
            "schemes": dict(state.stats.schemes) if state is not None else None}
+    if method == "outer":
+        params = sum(p.numel() for p in ddp.parameters())
+        row["sync_every"] = OUTER_H
+        row["wire_bits_per_param_per_sync"] = 8 * sent / (steps // OUTER_H) / params
+        row["counted_bits_per_param_per_sync"] = 8 * counted / (steps // OUTER_H) / params
     return row
 
 
@@ -193,7 +212,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             counted = [r["counted_bytes_per_step"] for r in mine
                        if r["counted_bytes_per_step"] is not None]
             base = wire if method == "ddp" else base
+            extra = ({key: sum(r[key] for r in mine) / len(mine)
+                      for key in ("wire_bits_per_param_per_sync",
+                                  "counted_bits_per_param_per_sync")}
+                     if method == "outer" else {})
             table.append({
+                **extra,
                 "world": world, "method": method, "wire_bytes_per_step": wire,
                 "max_rank_wire_bytes_per_step": max(r["wire_bytes_per_step"] for r in mine),
                 "counted_bytes_per_step": sum(counted) / len(counted) if counted else None,
@@ -215,6 +239,11 @@ def print_table(table: list[dict[str, Any]]) -> None:
               f"{f'{100 * fraction:.2f}%' if fraction is not None else '':>8} "
               f"{f'{counted / 1e6:.3f}' if counted is not None else '':>10} "
               f"{row['max_rank_wire_bytes_per_step'] / 1e6:>11.3f}")
+    for row in table:
+        if row["method"] == "outer":
+            print(f"outer sync at {row['world']} ranks: "
+                  f"{row['wire_bits_per_param_per_sync']:.4f} bits per parameter per sync on "
+                  f"the wire, {row['counted_bits_per_param_per_sync']:.4f} counted")
 
 
 def plot(table: list[dict[str, Any]], model: list[dict[str, Any]], path: Path) -> None:
@@ -228,7 +257,8 @@ def plot(table: list[dict[str, Any]], model: list[dict[str, Any]], path: Path) -
         color = f"C{index}"
         curve = sorted((r["world"], r["fraction_of_ddp"]) for r in model
                        if r["method"] == method)
-        ax.plot(*zip(*curve), color=color, linestyle="--", alpha=0.7)
+        if curve:  # no cost model for outer sync
+            ax.plot(*zip(*curve), color=color, linestyle="--", alpha=0.7)
         points = sorted((r["world"], r["fraction_of_ddp"]) for r in table
                         if r["method"] == method and r["fraction_of_ddp"] is not None)
         if points:
@@ -302,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replot", action="store_true",
                         help="no runs: rebuild table, model and plot from <out>.json's rows")
     args = parser.parse_args(argv)
+    if "outer" in args.methods and (args.warmup % OUTER_H or args.steps % OUTER_H):
+        parser.error(f"--warmup {args.warmup} --steps {args.steps} with the outer method: "
+                     f"both must be multiples of its sync period {OUTER_H}")
     if args.part is not None:
         run_part(args)
     elif args.replot:
