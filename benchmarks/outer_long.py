@@ -259,10 +259,11 @@ def main(argv: list[str] | None = None) -> None:
                        ("bits_per_param_per_step", "bits/param/step", ".4g"),
                        ("wall_seconds", "s", ".0f")])
     if missing:
-        print(f"({missing} of {len(wanted)} runs not finished)")
-    commands = {run_name(*w, args.steps): " ".join(command(*w, args.steps, args.eval_every,
-                                                            args.nproc, args.run_root))
-                for w in wanted}
+        print(f"({missing} of {len(wanted)} runs not run or not finished)")
+    commands = {run_name(r["row"], r["sync_every"], r["seed"], args.steps):
+                " ".join(command(r["row"], r["sync_every"], r["seed"], args.steps,
+                                 args.eval_every, args.nproc, args.run_root))
+                for r in rows}  # the runs in the table only
     path = write_results(args.out, {"steps": args.steps, "nproc": args.nproc,
                                     "tokens_per_step": tokens_per_step, "rows": rows,
                                     "commands": commands})
