@@ -15,7 +15,11 @@ Every row trains the main job's model (``configs/default.json``: 4 layers, width
 * ``recipe_means``: the recipe with per-cell mean levels (``value_levels="means"``);
 * ``recipe_sigma``: the recipe with the field's statistical quantizer (four signed cells
   over 6 standard deviations, cell means, one table per tensor: ``value_levels="sigma"``);
-* ``recipe_fp32_small``: the recipe with the small tensors sent dense in fp32.
+* ``recipe_fp32_small``: the recipe with the small tensors sent dense in fp32;
+* ``recipe_low``: the recipe at a quarter of its density (top-16 of every 64 x 64 tile);
+* ``per_step``: no outer sync: distk's per-step exchange (``--mode bucketed``) with the
+  AdamW default of ``configs/default.json`` (75 dense steps, then a 200-step density
+  warm-up to 1%; no ``H``).
 
 A row runs once per ``H`` (``--sync-every``) and seed; a run whose ``result.json``
 already exists under ``--run-root`` is read, not rerun (``--collect`` only reads; a
@@ -73,8 +77,15 @@ ROWS: dict[str, dict[str, Any] | None] = {
     "recipe_means": {**RECIPE, "value_levels": "means"},
     "recipe_sigma": {**RECIPE, "value_levels": "sigma"},
     "recipe_fp32_small": {**RECIPE, "small_tensors": "dense"},
+    "recipe_low": {**RECIPE, "density": 16 / 4096},
+    "per_step": None,
 }
-"""Row -> its ``sparsity`` options with outer sync (``None``: dense DDP, ``--mode dense``)."""
+"""Row -> its ``sparsity`` options with outer sync (``None``: a row without ``H``: dense
+DDP, or the per-step exchange, :data:`PER_STEP`)."""
+
+PER_STEP = ["--mode", "bucketed", "--set", "train.adamw_dense_steps=75",
+            "--set", "train.adamw_warmup_steps=200"]
+"""The ``per_step`` row's options after :data:`COMMON` (whose later ``--set`` wins)."""
 
 
 def run_name(row: str, sync_every: int | None, seed: int, steps: int) -> str:
@@ -90,7 +101,7 @@ def command(row: str, sync_every: int | None, seed: int, steps: int, eval_every:
            "--name", run_name(row, sync_every, seed, steps)]
     options = ROWS[row]
     if options is None:
-        return [*cmd, "--mode", "dense"]
+        return [*cmd, *PER_STEP] if row == "per_step" else [*cmd, "--mode", "dense"]
     cmd += ["--set", f"sparsity.sync_every={sync_every}"]
     for key, value in options.items():
         cmd += ["--set", f"sparsity.{key}={value}"]

@@ -450,6 +450,12 @@ def test_long_run_benchmark_trains_the_preset(tmp_path):
     assert "--set sparsity.value_levels=means" in cmd and "--set seed=1" in cmd
     assert "--set sparsity.sync_every=30" in cmd and "--name outer3000_recipe_means_h30_s1" in cmd
     assert outer_long.command("dense", None, 0, 3000, 600, 2, "r")[-2:] == ["--mode", "dense"]
+    per_step = " ".join(outer_long.command("per_step", None, 0, 3000, 600, 2, "r"))
+    assert per_step.endswith("--mode bucketed --set train.adamw_dense_steps=75 "
+                             "--set train.adamw_warmup_steps=200")
+    assert "sparsity.sync_every" not in per_step
+    assert "--set sparsity.density=0.00390625" in " ".join(
+        outer_long.command("recipe_low", 30, 0, 3000, 600, 2, "r"))
     run = tmp_path / "outer3000_recipe_h30_s0"
     run.mkdir()
     (run / "result.json").write_text(json.dumps({
