@@ -288,3 +288,23 @@ def test_non_root_gets_a_clear_message():
                             capture_output=True, text=True, timeout=20)
     assert result.returncode == 1
     assert "must run as root" in result.stderr
+
+
+@needs_netns
+def test_outer_sync_bytes_on_the_wire_match_the_count(netem, tmp_path):
+    # benchmarks/wire.py's outer method at 3 ranks (SparseLoCo's recipe, a sync every 4
+    # steps, 2 syncs measured): what each host's veth0 sent is distk's count plus the
+    # headers (and the ACKs of what it received: up to about 15% on these small
+    # messages), and a rank sends its payload to each of the 2 others: distk counts
+    # under 2 x 0.25 bits per parameter per sync.
+    part = tmp_path / "outer"
+    result = netem("run", "--timeout", "100", "3", "1gbit", "--", sys.executable,
+                   str(ROOT / "benchmarks" / "wire.py"), "--part", str(part), "--methods",
+                   "outer", "--warmup", "4", "--steps", "8", timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(part.with_suffix(".json").read_text())
+    assert sorted(r["rank"] for r in rows) == [0, 1, 2]
+    for row in rows:
+        assert row["schemes"] == {"allgather": 6}
+        assert 1.0 < row["wire_bytes_per_step"] / row["counted_bytes_per_step"] < 1.25, row
+        assert 0.4 < row["counted_bits_per_param_per_sync"] < 0.5, row
