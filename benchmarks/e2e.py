@@ -230,8 +230,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            {"train.adamw_dense_steps": 0, "train.adamw_warmup_steps": 0,
             **{f"sparsity.{key}": value for key, value in RECIPE.items()}},
            # Periods that divide eval_every (evaluations fall on syncs); a dense start of
-           # 25 steps (fp32 pseudo-gradients) or none.
-           tune={"sparsity.sync_every": [5, 25], "sparsity.dense_steps": [0, 25]},
+           # 25 or 50 steps (fp32 pseudo-gradients) or none.
+           tune={"sparsity.sync_every": [5, 25], "sparsity.dense_steps": [0, 25, 50]},
            about="distk.outer with SparseLoCo's recipe (top-64 of each 64 x 64 tile, 2-bit "
                  "values, decayed error feedback, senders' average, median clip), H and "
                  "a dense start tuned"),
