@@ -258,7 +258,10 @@ class ValueCodec:
         cell = ((magnitude - lo[group]) / safe[group] * self.magnitudes).floor()
         level = cell.clamp(0, self.magnitudes - 1).to(torch.int64)
         if self.sends_means:
-            ranges = self._cell_means(magnitude, level, lo, hi).to(wire)
+            ranges = self._cell_means(self._grouped(magnitude.double(), 0.0),
+                                      self._grouped(level, -1),
+                                      [self._centre(lo, hi, j)
+                                       for j in range(self.magnitudes)]).to(wire)
         return level + negative * self.magnitudes, ranges
 
     def _encode_sigma(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,14 +280,9 @@ class ValueCodec:
         width = torch.where(width > 0, width, torch.ones_like(width))
         code = (centred / width).round() + cells // 2
         code = torch.where(present, code.clamp(0, cells - 1), -1).to(torch.int64)
-        means = []
-        for j in range(cells):
-            inside = code == j
-            total = torch.where(inside, v, 0.0).sum(-1)
-            n = inside.sum(-1)
-            centre = (mean + (j - cells // 2) * width).squeeze(-1)
-            means.append(torch.where(n > 0, total / n.clamp(min=1), centre))
-        table = torch.stack(means, dim=-1).to(torch.float32).to(self.scale_dtype)
+        centres = [(mean + (j - cells // 2) * width).squeeze(-1).to(torch.float32)
+                   for j in range(cells)]
+        table = self._cell_means(v, code, centres).to(self.scale_dtype)
         return code.flatten()[: self.k], table
 
     def _centre(self, lo: torch.Tensor, hi: torch.Tensor,
@@ -293,20 +291,20 @@ class ValueCodec:
         (``(level + 1/2) / M`` is exact: M is a power of two)."""
         return lo + ((level + 0.5) / self.magnitudes) * (hi - lo)
 
-    def _cell_means(self, magnitude: torch.Tensor, level: torch.Tensor, lo: torch.Tensor,
-                    hi: torch.Tensor) -> torch.Tensor:
-        """``(groups, M)`` float32: the mean magnitude in each cell (its centre when
-        empty). Masked sums over the grouped view, in float64: no atomics, the same bits
-        on every call (the residual's round trip and the packed payload agree)."""
-        mags = self._grouped(magnitude.double(), 0.0)
-        cells = self._grouped(level, -1)
+    @staticmethod
+    def _cell_means(values: torch.Tensor, codes: torch.Tensor,
+                    empty: list[torch.Tensor]) -> torch.Tensor:
+        """``(groups, len(empty))`` float32: per group, the mean of the ``(groups, size)``
+        float64 ``values`` whose code is ``j`` (``codes`` grouped alike, padding -1), or
+        ``empty[j]`` (float32, per group) where none is. Masked sums, no atomics: the same
+        bits on every call (the residual's round trip and the packed payload agree)."""
         means = []
-        for j in range(self.magnitudes):
-            inside = cells == j
-            total = torch.where(inside, mags, 0.0).sum(-1)
+        for j, fallback in enumerate(empty):
+            inside = codes == j
+            total = torch.where(inside, values, 0.0).sum(-1)
             count = inside.sum(-1)
             means.append(torch.where(count > 0, (total / count.clamp(min=1)).to(torch.float32),
-                                     self._centre(lo, hi, j)))
+                                     fallback))
         return torch.stack(means, dim=-1)
 
     def decode(self, codes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
