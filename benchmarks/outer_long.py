@@ -80,12 +80,16 @@ ROWS: dict[str, dict[str, Any] | None] = {
     "recipe_low": {**RECIPE, "density": 16 / 4096},
     "per_step": None,
 }
-"""Row -> its ``sparsity`` options with outer sync (``None``: a row without ``H``: dense
-DDP, or the per-step exchange, :data:`PER_STEP`)."""
+"""Row -> its ``sparsity`` options with outer sync (``None``: a row without ``H``, whose
+options are in :data:`WITHOUT_H`)."""
 
-PER_STEP = ["--mode", "bucketed", "--set", "train.adamw_dense_steps=75",
-            "--set", "train.adamw_warmup_steps=200"]
-"""The ``per_step`` row's options after :data:`COMMON` (whose later ``--set`` wins)."""
+WITHOUT_H: dict[str, list[str]] = {
+    "dense": ["--mode", "dense"],
+    "per_step": ["--mode", "bucketed", "--set", "train.adamw_dense_steps=75",
+                 "--set", "train.adamw_warmup_steps=200"],
+}
+"""The options of the rows without ``H``, after :data:`COMMON` (whose ``--set`` they
+override)."""
 
 
 def run_name(row: str, sync_every: int | None, seed: int, steps: int) -> str:
@@ -101,7 +105,7 @@ def command(row: str, sync_every: int | None, seed: int, steps: int, eval_every:
            "--name", run_name(row, sync_every, seed, steps)]
     options = ROWS[row]
     if options is None:
-        return [*cmd, *PER_STEP] if row == "per_step" else [*cmd, "--mode", "dense"]
+        return [*cmd, *WITHOUT_H[row]]
     cmd += ["--set", f"sparsity.sync_every={sync_every}"]
     for key, value in options.items():
         cmd += ["--set", f"sparsity.{key}={value}"]
