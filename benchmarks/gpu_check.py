@@ -284,18 +284,25 @@ def measured_recall(x: torch.Tensor, indices: torch.Tensor, k: int) -> float:
     return chosen.gather(1, exact).float().mean().item()
 
 
-KERNELS = ("default", "flat")
-"""``DISTK_TRITON_KERNEL`` values timed side by side (see docs/selection.md)."""
+KERNELS = ("default", "flat", "flat-words")
+"""Kernel settings timed side by side (see docs/selection.md): ``DISTK_TRITON_KERNEL``
+``default`` and ``flat``, and ``flat`` with the ``words`` first pass
+(``DISTK_TRITON_FILTER=words``)."""
+SETTINGS = {"default": {"DISTK_TRITON_KERNEL": "default"},
+            "flat": {"DISTK_TRITON_KERNEL": "flat", "DISTK_TRITON_FILTER": "scan"},
+            "flat-words": {"DISTK_TRITON_KERNEL": "flat", "DISTK_TRITON_FILTER": "words"}}
+"""The environment of each of ``KERNELS``."""
 RECALL_INPUTS = 5
 """Inputs the Graphcore shape's recall is measured on (its minimum is reported)."""
 
 
 class kernel_choice:
-    """``DISTK_TRITON_KERNEL`` (and, given, ``DISTK_CUDA_GRAPHS``) set for the duration
-    of a ``with`` block."""
+    """The environment of a kernel setting (one of ``KERNELS``, or a
+    ``DISTK_TRITON_KERNEL`` value) and, given, ``DISTK_CUDA_GRAPHS``, for the duration of
+    a ``with`` block."""
 
     def __init__(self, kernel: str, graphs: str | None = None):
-        self.values = {"DISTK_TRITON_KERNEL": kernel}
+        self.values = dict(SETTINGS.get(kernel, {"DISTK_TRITON_KERNEL": kernel}))
         if graphs is not None:
             self.values["DISTK_CUDA_GRAPHS"] = graphs
 
@@ -383,11 +390,13 @@ def run_timings(report: dict, full: bool, deadline: float) -> list[dict]:
                 recall = min(measured_recall(x, idx, k) for x, idx in zip(inputs, chosen))
                 add(f"distk {kernel} r={target}", ms, recall, f"b={plan[0]} kb={plan[1]}",
                     kernel=kernel, pair=f"distk.topk r={target}")
-            same = all(torch.equal(a, b) for a, b in zip(results["default"], results["flat"]))
-            rows_out[-1]["equal_to_default"] = same
-            if not same:
-                report.setdefault("failures", []).append(
-                    f"flat != default on {name} r={target}")
+            for kernel, row in zip(KERNELS[1:], rows_out[-len(KERNELS) + 1:], strict=True):
+                same = all(torch.equal(a, b) for a, b in zip(results["default"],
+                                                              results[kernel]))
+                row["equal_to_default"] = same
+                if not same:
+                    report.setdefault("failures", []).append(
+                        f"{kernel} != default on {name} r={target}")
         if rows == 1:
             # The compressor's packed plan at this density (kept 64, no second stage):
             # per_bucket_topk (default kernels, one sync) and select_packed (flat, none).
@@ -400,10 +409,19 @@ def run_timings(report: dict, full: bool, deadline: float) -> list[dict]:
                            inputs)
             add("packed select_packed (flat)", ms, None, f"b={buckets} kb=64", kernel="flat",
                 pair="packed kb=64")
+            with kernel_choice("flat-words"):
+                state = new_floor_state("cuda")
+                ms = time_cuda(lambda x: select_packed(x.view(-1), buckets, 64,
+                                                       floor_state=state), inputs)
+                words = select_packed(inputs[0].view(-1), buckets, 64)
+            add("packed select_packed (flat-words)", ms, None, f"b={buckets} kb=64",
+                kernel="flat-words", pair="packed kb=64")
             want = positions_of(per_bucket_topk(inputs[0], buckets, 64)).reshape(-1)
-            if not torch.equal(select_packed(inputs[0].view(-1), buckets, 64), want):
-                report.setdefault("failures", []).append(f"select_packed != per_bucket_topk "
-                                                         f"on {name}")
+            for kernel, got in (("flat", select_packed(inputs[0].view(-1), buckets, 64)),
+                                ("flat-words", words)):
+                if not torch.equal(got, want):
+                    report.setdefault("failures", []).append(
+                        f"select_packed ({kernel}) != per_bucket_topk on {name}")
         if name.startswith("graphcore") and full:
             for kb in (2, 4, 6, 8, 12, 16):
                 buckets, kb = distk.choose_buckets(n, k, 0.99, k_per_bucket=kb)
@@ -616,28 +634,45 @@ def _capture(fn) -> None:
     graph.replay()
 
 
+def _faster(base: dict, other: dict) -> bool:
+    """Whether ``other`` should replace ``base``: equal outputs and at least 5% faster
+    (about the spread between runs)."""
+    return other.get("equal_to_default", True) and other["ms"] <= 0.95 * base["ms"]
+
+
+def _overall(picks: set[str], new: str, old: str) -> str:
+    return ((new if picks == {new} else old if picks == {old} else "per shape (see per_shape)")
+            if picks else "not measured")
+
+
 def recommend(rows: list[dict]) -> dict:
     """Which kernels should become the default: for each shape and call timed with both
     (``pair``), the faster of ``default`` and ``flat`` (flat only when its output equalled
-    the default's and it was at least 5% faster: about the spread between runs), and
-    overall: ``flat`` when it wins every comparison, ``default`` when it wins none."""
+    the default's and it was at least 5% faster: ``_faster``), and overall: ``flat`` when
+    it wins every comparison, ``default`` when it wins none. The same for the flat
+    kernels' first pass (``DISTK_TRITON_FILTER``): ``words`` against ``scan``."""
     verdict = {}
     pairs = dict.fromkeys((r["shape"], r["pair"]) for r in rows if r.get("pair"))
     for shape, pair in pairs:
         timed = {r["kernel"]: r for r in rows if r["shape"] == shape and r.get("pair") == pair}
-        if set(timed) != {"default", "flat"}:
+        if not {"default", "flat"} <= set(timed):
             continue
-        default, flat = timed["default"]["ms"], timed["flat"]["ms"]
-        equal = timed["flat"].get("equal_to_default", True)
-        winner = "flat" if equal and flat <= 0.95 * default else "default"
-        verdict[f"{shape} / {pair}"] = {
-            "default_us": default * 1000, "flat_us": flat * 1000, "speedup": default / flat,
-            "outputs_equal": equal, "recall_default": timed["default"]["recall"],
-            "recall_flat": timed["flat"]["recall"], "pick": winner}
-    picks = {v["pick"] for v in verdict.values()}
-    overall = ("flat" if picks == {"flat"} else "default" if picks == {"default"}
-               else "per shape (see per_shape)") if picks else "not measured"
-    return {"per_shape": verdict, "overall": overall}
+        default, flat = timed["default"], timed["flat"]
+        row = {"default_us": default["ms"] * 1000, "flat_us": flat["ms"] * 1000,
+               "speedup": default["ms"] / flat["ms"],
+               "outputs_equal": flat.get("equal_to_default", True),
+               "recall_default": default["recall"], "recall_flat": flat["recall"],
+               "pick": "flat" if _faster(default, flat) else "default"}
+        words = timed.get("flat-words")
+        if words is not None:
+            row.update(flat_words_us=words["ms"] * 1000, words_speedup=flat["ms"] / words["ms"],
+                       words_outputs_equal=words.get("equal_to_default", True),
+                       filter_pick="words" if _faster(flat, words) else "scan")
+        verdict[f"{shape} / {pair}"] = row
+    return {"per_shape": verdict,
+            "overall": _overall({v["pick"] for v in verdict.values()}, "flat", "default"),
+            "filter": _overall({v["filter_pick"] for v in verdict.values()
+                                if "filter_pick" in v}, "words", "scan")}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -655,8 +690,9 @@ def plot(report: dict, path: Path) -> None:
     for ax, shape in zip(axes[:, 0], shapes):
         mine = [r for r in rows if r["shape"] == shape and r["method"] != "copy (read+write)"]
         ax.barh([r["method"] for r in mine], [r["ms"] * 1000 for r in mine],
-                color=["tab:orange" if r.get("kernel") == "flat" else "tab:blue"
-                       if r.get("kernel") == "default" else "tab:gray" for r in mine])
+                color=[{"flat": "tab:orange", "flat-words": "tab:green",
+                        "default": "tab:blue"}.get(r.get("kernel"), "tab:gray")
+                       for r in mine])
         ax.axvline(mine[0]["copy_ms"] * 500, color="k", linestyle="--", label="one read")
         ax.set_title(shape)
         ax.set_xlabel("microseconds (median)")
@@ -861,6 +897,9 @@ def print_summary(report: dict) -> None:
     for shape, v in verdict["per_shape"].items():
         log(f"  {shape:58} default {v['default_us']:8.1f} us, flat {v['flat_us']:8.1f} us "
             f"(x{v['speedup']:.2f}, outputs equal: {v['outputs_equal']}): {v['pick']}")
+        if "filter_pick" in v:
+            log(f"  {'':58} flat-words {v['flat_words_us']:8.1f} us (x{v['words_speedup']:.2f} "
+                f"of flat, outputs equal: {v['words_outputs_equal']}): {v['filter_pick']}")
     step = report.get("compressor_step", {})
     for key in ("step_ms_default", "step_syncs_default", "step_ms", "step_syncs",
                 "step_ms_graphs", "step_syncs_graphs",
@@ -872,6 +911,8 @@ def print_summary(report: dict) -> None:
             log(f"  compressor step (25 MB bucket) {key}: {step[key]}")
     log(f"default kernel recommendation: {verdict['overall']} (DISTK_TRITON_KERNEL; see "
         f"docs/selection.md)")
+    log(f"flat first pass recommendation: {verdict.get('filter', 'not measured')} "
+        f"(DISTK_TRITON_FILTER)")
 
 
 def check_flat(failures: list[str]) -> int:

@@ -151,15 +151,15 @@ def compile_all(workers: int | None = None, selected: list[tuple[int, int]] | No
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'kernel':8} {'constexprs':62} {'warps':>5} {'dtype':9} {'sm':>3} "
+    lines = [f"{'kernel':12} {'constexprs':58} {'warps':>5} {'dtype':9} {'sm':>3} "
              f"{'regs':>4} {'stack':>5} {'shared':>6}"]
     for row in rows:
         consts = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}"
                           for k, v in row["constexprs"].items())
         if "error" in row:
-            lines.append(f"{row['kernel']:8} {consts:62} ERROR {row['error'][:200]}")
+            lines.append(f"{row['kernel']:12} {consts:58} ERROR {row['error'][:200]}")
             continue
-        lines.append(f"{row['kernel']:8} {consts:62} {row['num_warps']:>5} {row['dtype']:9} "
+        lines.append(f"{row['kernel']:12} {consts:58} {row['num_warps']:>5} {row['dtype']:9} "
                      f"{row['sm']:>3} {row['reg']:>4} {row['stack']:>5} {row['shared']:>6}")
     return "\n".join(lines)
 

@@ -280,3 +280,32 @@ def test_gpu_check_recommends_flat_only_when_equal_and_faster():
     assert picks == {"a": "flat", "b": "default", "c": "default"}
     assert verdict["overall"].startswith("per shape")
     assert gpu_check.recommend(rows[:2])["overall"] == "flat"
+    assert verdict["filter"] == "not measured"
+    # The flat kernels' first pass: words replaces scan only when equal and faster.
+    rows += [row("a", "flat-words", 0.3), row("b", "flat-words", 0.96),
+             row("c", "flat-words", 0.1, equal=False)]
+    verdict = gpu_check.recommend(rows)
+    filters = {key.split(" /")[0]: v["filter_pick"] for key, v in verdict["per_shape"].items()}
+    assert filters == {"a": "words", "b": "scan", "c": "scan"}
+    assert verdict["filter"].startswith("per shape")
+    assert gpu_check.recommend(rows[:2] + rows[6:7])["filter"] == "words"
+
+
+def test_words_filter_plans_two_first_pass_launches_and_refuses_unknown_kinds(monkeypatch):
+    sample = (64, 16384, 100, 0.001)
+    scan = tf.plan_flat(1, 1 << 26, 48517, 3, True, True, 132, sample, 67108)
+    words = tf.plan_flat(1, 1 << 26, 48517, 3, True, True, 132, sample, 67108,
+                         filter_kind="words")
+    assert [s.kernel for s in scan.launches][1:3] == ["filter", "scatter"]
+    assert [s.kernel for s in words.launches][1:4] == ["filter_words", "expand", "scatter"]
+    assert words.launches[1].grid == scan.launches[1].grid
+    assert words.row_cap == scan.row_cap and words.launches[3:] == scan.launches[2:]
+    known = {v.variant() for v in tf.all_flat_variants()}
+    assert all(launch.variant() in known for launch in words.launches)
+    with pytest.raises(ValueError, match="filter_kind must be one of"):
+        tf.plan_flat(1, 1 << 20, 1000, 3, True, True, 132, sample, None, filter_kind="bits")
+    monkeypatch.setenv("DISTK_TRITON_FILTER", "bits")
+    from distk.selection import flat_filter_choice
+
+    with pytest.raises(ValueError, match="DISTK_TRITON_FILTER must be one of"):
+        flat_filter_choice()

@@ -8,7 +8,8 @@ flat first stage for packed selections and with a second stage, including each r
 path (short buckets, a full row buffer, an overflowing bucket list, rows left with fewer
 than k candidates), the fused ``x += add``, the short-row kernel (and its flagged rows),
 the sync-free packed selection, and ``distk.topk`` / ``per_bucket_topk`` with
-``DISTK_TRITON_KERNEL=flat``. Exact equality throughout: selection compares integer
+``DISTK_TRITON_KERNEL=flat``; the packed cases again with the ``words`` first pass
+(``DISTK_TRITON_FILTER=words``). Exact equality throughout: selection compares integer
 keys and does no floating-point reduction (the fused add is one IEEE add per entry, as
 ``add_``). Prints ``OK <n> cases`` or exits non-zero at the first mismatch.
 
@@ -200,6 +201,32 @@ def topk_cases() -> int:
     return checked + 1
 
 
+def words_cases() -> int:
+    """The packed cases again with the ``words`` first pass (``DISTK_TRITON_FILTER=words``;
+    the kernels after it are the same), and a row whose word list overflows."""
+    os.environ["DISTK_TRITON_FILTER"] = "words"
+    try:
+        checked = packed_cases()
+        # Every 32-entry word of row 1 holds hits: more words than the row's buffer.
+        n, buckets, kb = 140_000, 10, 3
+        unsampled = torch.ones(n, dtype=torch.bool)
+        unsampled[floor_sample_columns(n, 8)] = False
+        x = torch.randn(2, n)
+        x[1, unsampled] *= 100
+        result = flat(x, buckets, kb)
+        plan = tf.plan_flat(2, n, buckets, kb, True, True, 2,
+                            tuple(sample_for(n, packed_fraction(n, buckets, kb))), None,
+                            F32, False, False, "words")
+        check(plan.launches[1].kernel == "filter_words" and plan.row_cap < n // 32,
+              f"no word-list overflow in this case: row_cap {plan.row_cap}")
+        check(torch.equal(result.candidates.cpu(),
+                          bucket_candidates_reference(x, buckets, kb)),
+              "words filter: word list overflow")
+    finally:
+        del os.environ["DISTK_TRITON_FILTER"]
+    return checked + 1
+
+
 def row_cases() -> int:
     checked = 0
     torch.manual_seed(4)
@@ -299,7 +326,8 @@ def main() -> int:
     started = time.time()
     checked = 0
     try:
-        for part in (floor_cases, packed_cases, topk_cases, row_cases, entry_point_cases):
+        for part in (floor_cases, packed_cases, topk_cases, words_cases, row_cases,
+                     entry_point_cases):
             part_started = time.time()
             checked += part()
             print(f"  {part.__name__}: {time.time() - part_started:.1f} s", file=sys.stderr)

@@ -15,6 +15,8 @@ the launch spec of ``triton_kernel.py`` and the flat-filter kernels of ``triton_
 kernels for single rows on CUDA, the shapes where an H200 measured them faster (long
 rows and the compressor's buckets: ``benchmarks/gpu_check.py``), and the launch spec for
 inputs of several rows; ``flat`` and ``default`` force one set wherever it applies.
+``DISTK_TRITON_FILTER`` chooses the flat kernels' first pass: ``scan`` (the default) or
+``words``.
 :func:`distk.selection.syncfree.select_packed` is the compressor's selection with no host
 synchronisation (flat kernels on CUDA).
 
@@ -48,6 +50,7 @@ __all__ = [
     "DEFAULT_RECALL_TARGET",
     "bucket_candidates",
     "choose_buckets",
+    "flat_filter_choice",
     "flat_kernels_for",
     "flat_kernels_selected",
     "floor_sample",
@@ -78,6 +81,18 @@ def triton_kernel_choice() -> str:
     if kernel not in TRITON_KERNELS:
         raise ValueError(f"DISTK_TRITON_KERNEL must be one of {TRITON_KERNELS}, got {kernel!r}")
     return kernel
+
+
+def flat_filter_choice() -> str:
+    """The flat kernels' first pass selected by ``DISTK_TRITON_FILTER`` (default
+    ``"scan"``, the one measured on a GPU; ``"words"`` lists a tile's hits as 32-bit
+    words: ``triton_flat.FILTERS``)."""
+    from distk.selection.triton_flat import FILTERS
+
+    kind = os.environ.get("DISTK_TRITON_FILTER", "scan")
+    if kind not in FILTERS:
+        raise ValueError(f"DISTK_TRITON_FILTER must be one of {FILTERS}, got {kind!r}")
+    return kind
 
 
 def flat_kernels_selected(x: torch.Tensor) -> bool:

@@ -21,6 +21,10 @@ Long rows, with a score floor (:func:`flat_candidates`), one launch each:
   key with the floor, and reserve output space once per tile: the tile's hit count, one
   atomic add on the row's counter, an exclusive prefix sum for the offsets. Hits go, as
   composite keys, to one buffer per row. Optionally ``x += add`` in the same pass.
+  ``DISTK_TRITON_FILTER=words`` (``FILTERS``) replaces it by ``filter_words`` (the same
+  pass, a tile's hits packed into 32-bit words, only the non-zero words listed: the
+  prefix sum runs over words, not entries) and ``expand`` (the listed words back to the
+  same composite keys).
 * ``scatter``: the buffer's keys go to per-bucket lists (``pos % b`` or the contiguous
   bucket of ``pos``; one atomic per candidate, on about 1% of the row).
 * ``finish``: per bucket, the list is sorted and its top ``kept`` keys written; a bucket
@@ -93,6 +97,14 @@ fp16/bf16: sixteen, two loads)."""
 FILTER_WARPS = {4: 4, 2: 4}
 FILTER_PROGRAMS_PER_SM = 16
 """``filter`` programs per SM over all rows (chunks split long rows to fill the chip)."""
+FILTERS = ("scan", "words")
+"""First-pass variants (``DISTK_TRITON_FILTER``): ``scan``, the hits' offsets from a prefix
+sum over each tile's entries (measured on an H200, the default); ``words``, a tile's hits
+packed into 32-bit words, only the non-zero words listed, then expanded (not yet timed on
+a GPU: ``benchmarks/gpu_check.py`` times both)."""
+EXPAND_WORDS = 32
+"""Words per step of an ``expand`` program (1024 bit lanes)."""
+EXPAND_PROGRAMS_PER_SM = 8
 SCATTER_BLOCK = 1024
 """Candidates per ``scatter`` program."""
 FINISH_ELEMENTS_PER_PROGRAM = 2048
@@ -194,6 +206,77 @@ def _filter_kernel(x_ptr, add_ptr, floor_ptr, cand_ptr, count_ptr, n, chunk, row
             tl.store(cand_row + dest, composite(key, offs), mask=hit & (dest < row_cap))
         value = ahead_value
         extra = ahead_extra
+
+
+@triton.jit
+def _filter_words_kernel(x_ptr, add_ptr, floor_ptr, word_ptr, wcount_ptr, n, chunk, row_cap,
+                         by_magnitude, BLOCK: tl.constexpr, HAS_ADD: tl.constexpr):
+    # The same pass as _filter_kernel, but a tile's hits leave as 32-bit words: each
+    # 32-entry group of the tile is one word (bit j: entry j clears the floor), and only
+    # the words with a bit set are written, with their word index, to the row's word
+    # list. The prefix sum runs over BLOCK / 32 words instead of BLOCK entries, and a
+    # tile stores a few 8-byte words instead of scattering its hits.
+    row = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * chunk
+    end = tl.minimum(start + chunk, n)
+    floor = tl.load(floor_ptr + row)
+    row_ptr = x_ptr + row * n
+    add_row = add_ptr + row * n
+    word_row = word_ptr + row * row_cap
+    group = tl.arange(0, BLOCK // 32)
+    bit = tl.arange(0, 32)
+    lane = group[:, None] * 32 + bit[None, :]
+    value = tl.load(row_ptr + start + lane, mask=start + lane < end, other=0.0)
+    extra = tl.load(add_row + start + lane, mask=(start + lane < end) & HAS_ADD, other=0.0)
+    for tile in range(start, end, BLOCK):
+        ahead = tile + BLOCK + lane
+        ahead_value = tl.load(row_ptr + ahead, mask=ahead < end, other=0.0)
+        ahead_extra = tl.load(add_row + ahead, mask=(ahead < end) & HAS_ADD, other=0.0)
+        offs = tile + lane
+        ok = offs < end
+        if HAS_ADD:
+            value = add_rounded(value, extra, x_ptr.dtype.element_ty)
+            tl.store(row_ptr + offs, value, mask=ok)
+        hit = ok & (score_key(value, by_magnitude) > floor)
+        # Distinct powers of two: their int64 sum is their bitwise or.
+        word = tl.sum(tl.where(hit, tl.full(lane.shape, 1, tl.int64) << bit[None, :], 0), 1)
+        marked = word != 0
+        words = tl.sum(marked.to(tl.int32), 0)
+        if words > 0:
+            base = tl.atomic_add(wcount_ptr + row, words, sem="relaxed")
+            dest = base + tl.cumsum(marked.to(tl.int32), 0) - 1
+            index = (tile // 32 + group).to(tl.int64)
+            tl.store(word_row + dest, (index << 32) | word, mask=marked & (dest < row_cap))
+        value = ahead_value
+        extra = ahead_extra
+
+
+@triton.jit
+def _expand_kernel(x_ptr, word_ptr, wcount_ptr, cand_ptr, count_ptr, n, row_cap,
+                   by_magnitude, WORDS: tl.constexpr):
+    # The word list of _filter_words_kernel back to the composite keys of _filter_kernel's
+    # buffer (the same set; the order within the buffer does not matter downstream). A
+    # row whose word list overflowed has more hits than row_cap: its count says so.
+    row = tl.program_id(0).to(tl.int64)
+    marked = tl.load(wcount_ptr + row)
+    total = tl.minimum(marked, row_cap)
+    if (tl.program_id(1) == 0) & (marked > row_cap):
+        tl.atomic_add(count_ptr + row, row_cap + 1, sem="relaxed")
+    bit = tl.arange(0, 32)
+    for first in range(tl.program_id(1) * WORDS, total, tl.num_programs(1) * WORDS):
+        j = first + tl.arange(0, WORDS)
+        packed = tl.load(word_ptr + row * row_cap + j, mask=j < total, other=0)
+        hit = ((packed[:, None] >> bit[None, :]) & 1) != 0
+        per_word = tl.sum(hit.to(tl.int32), 1)
+        hits = tl.sum(per_word, 0)
+        base = tl.atomic_add(count_ptr + row, hits, sem="relaxed")
+        dest = (base + (tl.cumsum(per_word, 0) - per_word)[:, None]
+                + tl.cumsum(hit.to(tl.int32), 1) - 1)
+        pos = (packed >> 32)[:, None] * 32 + bit[None, :]
+        value = tl.load(x_ptr + row * n + pos, mask=hit, other=0.0)
+        key = score_key(value, by_magnitude)
+        tl.store(cand_ptr + row * row_cap + dest, composite(key, pos),
+                 mask=hit & (dest < row_cap))
 
 
 @triton.jit
@@ -367,7 +450,9 @@ def _row_kernel(x_ptr, scratch_ptr, out_ptr, flag_ptr, n, buckets, kept, k, m, i
     tl.store(flag_ptr + row, (tl.sum(keep.to(tl.int32), 0) < k).to(tl.int32))
 
 
-FLAT_KERNELS = {"floor": _floor_kernel, "filter": _filter_kernel, "scatter": _scatter_kernel,
+FLAT_KERNELS = {"floor": _floor_kernel, "filter": _filter_kernel,
+                "filter_words": _filter_words_kernel, "expand": _expand_kernel,
+                "scatter": _scatter_kernel,
                 "finish": _finish_kernel, "redo_buckets": _redo_buckets_kernel,
                 "redo_rows": _redo_rows_kernel, "row": _row_kernel}
 # Runtime arguments of each kernel and their Triton types; ``*x`` is the input's type.
@@ -377,6 +462,12 @@ FLAT_PARAMS = {
               ("by_magnitude", "i32")),
     "filter": (("x_ptr", "*x"), ("add_ptr", "*x"), ("floor_ptr", "*i32"), ("cand_ptr", "*i64"),
                ("count_ptr", "*i32"), ("n", "i32"), ("chunk", "i32"), ("row_cap", "i32"),
+               ("by_magnitude", "i32")),
+    "filter_words": (("x_ptr", "*x"), ("add_ptr", "*x"), ("floor_ptr", "*i32"),
+                     ("word_ptr", "*i64"), ("wcount_ptr", "*i32"), ("n", "i32"),
+                     ("chunk", "i32"), ("row_cap", "i32"), ("by_magnitude", "i32")),
+    "expand": (("x_ptr", "*x"), ("word_ptr", "*i64"), ("wcount_ptr", "*i32"),
+               ("cand_ptr", "*i64"), ("count_ptr", "*i32"), ("n", "i32"), ("row_cap", "i32"),
                ("by_magnitude", "i32")),
     "scatter": (("cand_ptr", "*i64"), ("count_ptr", "*i32"), ("list_ptr", "*i64"),
                 ("bcount_ptr", "*i32"), ("n", "i32"), ("buckets", "i32"), ("row_cap", "i32"),
@@ -411,7 +502,8 @@ class FlatPlan:
     """Every launch of one flat first stage, as data."""
 
     launches: tuple[KernelLaunch, ...]
-    """``floor``, ``filter``, ``scatter``, ``finish`` and a ``redo`` kernel, in order."""
+    """``floor``, ``filter`` (``filter_words`` then ``expand`` for the ``words`` filter),
+    ``scatter``, ``finish`` and a ``redo`` kernel, in order."""
     row_cap: int
     """Candidate buffer per row (the filter's output capacity)."""
     width: int
@@ -439,7 +531,7 @@ def floor_launch(rows: int, n: int, sample: tuple, by_magnitude: bool, dtype: to
 def plan_flat(rows: int, n: int, buckets: int, k_per_bucket: int, interleaved: bool,
               by_magnitude: bool, sm_count: int, sample: tuple, k: int | None = None,
               dtype: torch.dtype = torch.float32, has_add: bool = False,
-              has_previous: bool = False) -> FlatPlan | None:
+              has_previous: bool = False, filter_kind: str = "scan") -> FlatPlan | None:
     """The launch spec of :func:`flat_candidates`; ``None`` where the flat kernels do not
     apply (a list would need more than ``MAX_WIDTH`` keys, or ``kept`` too).
 
@@ -453,6 +545,7 @@ def plan_flat(rows: int, n: int, buckets: int, k_per_bucket: int, interleaved: b
         dtype: input dtype (one of ``INPUT_DTYPES``).
         has_add: ``x += add`` in the floor's sample and the filter's pass.
         has_previous: the floor buffer holds last step's floor, to reuse where valid.
+        filter_kind: one of ``FILTERS``.
     """
     length = -(-n // buckets)
     kept = min(k_per_bucket, length)
@@ -472,9 +565,17 @@ def plan_flat(rows: int, n: int, buckets: int, k_per_bucket: int, interleaved: b
     cdiv = triton.cdiv
     programs = max(1, min(cdiv(FILTER_PROGRAMS_PER_SM * sm_count, rows), cdiv(n, block)))
     chunk = cdiv(cdiv(n, programs), block) * block  # whole tiles: aligned 16-byte loads
-    filter_ = _spec("filter", {"BLOCK": block, "HAS_ADD": bool(has_add)},
-                    (rows, cdiv(n, chunk)), FILTER_WARPS[min(dtype.itemsize, 4)], dtype,
-                    {**common, "chunk": chunk, "row_cap": row_cap})
+    if filter_kind not in FILTERS:
+        raise ValueError(f"filter_kind must be one of {FILTERS}, got {filter_kind!r}")
+    words = filter_kind == "words"
+    first = (_spec("filter_words" if words else "filter",
+                   {"BLOCK": block, "HAS_ADD": bool(has_add)}, (rows, cdiv(n, chunk)),
+                   FILTER_WARPS[min(dtype.itemsize, 4)], dtype,
+                   {**common, "chunk": chunk, "row_cap": row_cap}),)
+    if words:
+        programs = min(cdiv(row_cap, EXPAND_WORDS), cdiv(EXPAND_PROGRAMS_PER_SM * sm_count, rows))
+        first += (_spec("expand", {"WORDS": EXPAND_WORDS}, (rows, programs), 4, dtype,
+                        {**common, "row_cap": row_cap}),)
     scatter = _spec("scatter", {"BLOCK": SCATTER_BLOCK}, (rows, row_cap // SCATTER_BLOCK), 4,
                     torch.float32, {"n": n, "buckets": buckets, "row_cap": row_cap,
                                     "width": width, "interleaved": int(interleaved)})
@@ -496,7 +597,7 @@ def plan_flat(rows: int, n: int, buckets: int, k_per_bucket: int, interleaved: b
         per_row = max(1, min(buckets, cdiv(REDO_PROGRAMS_PER_SM * sm_count, rows)))
         redo = _spec("redo_rows", constexprs, (rows, per_row), warps, dtype,
                      {**redo_common, "k": k})
-    return FlatPlan((floor, filter_, scatter, finish, redo), row_cap, width, kept, packed)
+    return FlatPlan((floor, *first, scatter, finish, redo), row_cap, width, kept, packed)
 
 
 def row_candidates(n: int, k: int, buckets: int, kept: int) -> int:
@@ -554,14 +655,14 @@ def all_flat_variants() -> Iterator[KernelLaunch]:
         launch = floor_launch(1, 1 << 20, sample, True, dtype, has_add, has_previous)
         if new(launch):
             yield launch
-    for dtype, kept, packed, has_add in itertools.product(
+    for dtype, kept, packed, has_add, kind in itertools.product(
             INPUT_DTYPES, (1, 3, 16, 17, 33, 65, 100, 200, 300, 1000, 1024, 2000), (True, False),
-            (False, True)):
+            (False, True), FILTERS):
         for length in (kept + 1, 4 * kept, 1000 * kept):
             for upper in (0.001, 0.05, 0.5):
                 plan = plan_flat(1, length * 64, 64, kept, True, True, 132,
                                  sample[:3] + (upper,), None if packed else kept * 32, dtype,
-                                 has_add, False)
+                                 has_add, False, kind)
                 for launch in () if plan is None else plan.launches[1:]:
                     if new(launch):
                         yield launch
@@ -598,7 +699,8 @@ def flat_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
                     add: torch.Tensor | None = None,
                     floor_state: torch.Tensor | None = None,
                     sample: tuple | None = None,
-                    sm_count: int | None = None) -> FlatCandidates | None:
+                    sm_count: int | None = None,
+                    filter_kind: str | None = None) -> FlatCandidates | None:
     """First stage of a 2-D ``x`` by the flat kernels, with no host synchronisation.
 
     Returns the candidates of ``reference.bucket_candidates_reference`` with no floor for
@@ -619,8 +721,10 @@ def flat_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
         sample: the floor's sample (tests; default ``floor_sample(n, above_fraction)``
             with the CUDA length threshold).
         sm_count: overrides the device's (tests).
+        filter_kind: one of ``FILTERS``; ``None``: ``DISTK_TRITON_FILTER`` (default
+            ``"scan"``).
     """
-    from distk.selection import floor_sample
+    from distk.selection import flat_filter_choice, floor_sample
 
     if x.dtype not in INPUT_DTYPES or not x.is_contiguous() or x.dim() != 2:
         return None
@@ -636,7 +740,7 @@ def flat_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
         sm_count = _sm_count(x.device)
     plan = plan_flat(rows, n, buckets, k_per_bucket, bool(interleaved), bool(by_magnitude),
                      sm_count, tuple(sample), k, x.dtype, add is not None,
-                     floor_state is not None)
+                     floor_state is not None, filter_kind or flat_filter_choice())
     if plan is None:
         return None
     if floor_state is not None and (floor_state.shape != (rows,) or floor_state.dtype
@@ -645,9 +749,10 @@ def flat_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
                          f"{x.device}, got {floor_state.dtype} {tuple(floor_state.shape)} on "
                          f"{floor_state.device}")
     device = x.device
-    # One zeroed buffer for every counter: row hits, bucket hits, flags, valid counts.
-    zeros = torch.zeros(rows * (buckets + 3) + 1, dtype=torch.int32, device=device)
-    count, zeros = zeros[:rows], zeros[rows:]
+    # One zeroed buffer for every counter: row hits, listed words (the words filter),
+    # bucket hits, flags, valid counts.
+    zeros = torch.zeros(rows * (buckets + 4) + 1, dtype=torch.int32, device=device)
+    count, wcount, zeros = zeros[:rows], zeros[rows:2 * rows], zeros[2 * rows:]
     bcount, zeros = zeros[:rows * buckets], zeros[rows * buckets:]
     flag, valid = zeros[:rows + 1], zeros[rows + 1:]
     floor = (floor_state if floor_state is not None
@@ -655,8 +760,10 @@ def flat_candidates(x: torch.Tensor, buckets: int, k_per_bucket: int,
     out = torch.empty(rows, buckets, plan.kept, dtype=torch.int64, device=device)
     tensors = {
         "x": x, "add": x if add is None else add, "floor": floor, "count": count,
-        "bcount": bcount, "flag": flag, "valid": valid, "out": out,
+        "bcount": bcount, "flag": flag, "valid": valid, "out": out, "wcount": wcount,
         "cand": torch.empty(rows * plan.row_cap, dtype=torch.int64, device=device),
+        "word": torch.empty(rows * plan.row_cap if plan.launches[1].kernel == "filter_words"
+                            else 1, dtype=torch.int64, device=device),
         "list": torch.empty(rows * buckets * plan.width, dtype=torch.int64, device=device),
         "work": torch.empty(rows * buckets if plan.packed else 1, dtype=torch.int64,
                             device=device),
