@@ -173,31 +173,49 @@ def _floor_kernel(x_ptr, add_ptr, floor_ptr, n, blocks, rank, low, high, by_magn
 
 
 @triton.jit
-def _filter_kernel(x_ptr, add_ptr, floor_ptr, cand_ptr, count_ptr, n, chunk, row_cap,
-                   by_magnitude, BLOCK: tl.constexpr, HAS_ADD: tl.constexpr):
+def _chunk_of(x_ptr, add_ptr, floor_ptr, n, chunk):
+    """This program's row and chunk ``[start, end)``, the row's floor, and the row's
+    bases in ``x`` and ``add``."""
     row = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * chunk
-    end = tl.minimum(start + chunk, n)
-    floor = tl.load(floor_ptr + row)
-    row_ptr = x_ptr + row * n
-    add_row = add_ptr + row * n
+    return (row, start, tl.minimum(start + chunk, n), tl.load(floor_ptr + row),
+            x_ptr + row * n, add_ptr + row * n)
+
+
+@triton.jit
+def _load_tile(row_ptr, add_row, offs, end, HAS_ADD: tl.constexpr):
+    """A tile of the row (and of ``add`` when ``HAS_ADD``) at ``offs``, up to ``end``."""
+    value = tl.load(row_ptr + offs, mask=offs < end, other=0.0)
+    extra = tl.load(add_row + offs, mask=(offs < end) & HAS_ADD, other=0.0)
+    return value, extra
+
+
+@triton.jit
+def _tile_hits(row_ptr, value, extra, offs, end, floor, by_magnitude, HAS_ADD: tl.constexpr):
+    """Score keys of a tile (of ``value + extra``, written back, when ``HAS_ADD``) and
+    which of them clear the floor."""
+    ok = offs < end
+    if HAS_ADD:
+        value = add_rounded(value, extra, row_ptr.dtype.element_ty)
+        tl.store(row_ptr + offs, value, mask=ok)
+    key = score_key(value, by_magnitude)
+    return key, ok & (key > floor)
+
+
+@triton.jit
+def _filter_kernel(x_ptr, add_ptr, floor_ptr, cand_ptr, count_ptr, n, chunk, row_cap,
+                   by_magnitude, BLOCK: tl.constexpr, HAS_ADD: tl.constexpr):
+    row, start, end, floor, row_ptr, add_row = _chunk_of(x_ptr, add_ptr, floor_ptr, n, chunk)
     cand_row = cand_ptr + row * row_cap
     lane = tl.arange(0, BLOCK)
-    value = tl.load(row_ptr + start + lane, mask=start + lane < end, other=0.0)
-    extra = tl.load(add_row + start + lane, mask=(start + lane < end) & HAS_ADD, other=0.0)
+    value, extra = _load_tile(row_ptr, add_row, start + lane, end, HAS_ADD)
     for tile in range(start, end, BLOCK):
         # The next tile's load is issued before this tile is processed (Triton pipelines
         # only loads that feed tl.dot): twice the bytes in flight per program.
-        ahead = tile + BLOCK + lane
-        ahead_value = tl.load(row_ptr + ahead, mask=ahead < end, other=0.0)
-        ahead_extra = tl.load(add_row + ahead, mask=(ahead < end) & HAS_ADD, other=0.0)
+        ahead_value, ahead_extra = _load_tile(row_ptr, add_row, tile + BLOCK + lane, end,
+                                              HAS_ADD)
         offs = tile + lane
-        ok = offs < end
-        if HAS_ADD:
-            value = add_rounded(value, extra, x_ptr.dtype.element_ty)
-            tl.store(row_ptr + offs, value, mask=ok)
-        key = score_key(value, by_magnitude)
-        hit = ok & (key > floor)
+        key, hit = _tile_hits(row_ptr, value, extra, offs, end, floor, by_magnitude, HAS_ADD)
         hits = tl.sum(hit.to(tl.int32), 0)
         if hits > 0:
             # One reservation per tile; offsets from the tile's exclusive prefix sum.
@@ -216,28 +234,17 @@ def _filter_words_kernel(x_ptr, add_ptr, floor_ptr, word_ptr, wcount_ptr, n, chu
     # the words with a bit set are written, with their word index, to the row's word
     # list. The prefix sum runs over BLOCK / 32 words instead of BLOCK entries, and a
     # tile stores a few 8-byte words instead of scattering its hits.
-    row = tl.program_id(0).to(tl.int64)
-    start = tl.program_id(1) * chunk
-    end = tl.minimum(start + chunk, n)
-    floor = tl.load(floor_ptr + row)
-    row_ptr = x_ptr + row * n
-    add_row = add_ptr + row * n
+    row, start, end, floor, row_ptr, add_row = _chunk_of(x_ptr, add_ptr, floor_ptr, n, chunk)
     word_row = word_ptr + row * row_cap
     group = tl.arange(0, BLOCK // 32)
     bit = tl.arange(0, 32)
     lane = group[:, None] * 32 + bit[None, :]
-    value = tl.load(row_ptr + start + lane, mask=start + lane < end, other=0.0)
-    extra = tl.load(add_row + start + lane, mask=(start + lane < end) & HAS_ADD, other=0.0)
+    value, extra = _load_tile(row_ptr, add_row, start + lane, end, HAS_ADD)
     for tile in range(start, end, BLOCK):
-        ahead = tile + BLOCK + lane
-        ahead_value = tl.load(row_ptr + ahead, mask=ahead < end, other=0.0)
-        ahead_extra = tl.load(add_row + ahead, mask=(ahead < end) & HAS_ADD, other=0.0)
-        offs = tile + lane
-        ok = offs < end
-        if HAS_ADD:
-            value = add_rounded(value, extra, x_ptr.dtype.element_ty)
-            tl.store(row_ptr + offs, value, mask=ok)
-        hit = ok & (score_key(value, by_magnitude) > floor)
+        ahead_value, ahead_extra = _load_tile(row_ptr, add_row, tile + BLOCK + lane, end,
+                                              HAS_ADD)
+        _, hit = _tile_hits(row_ptr, value, extra, tile + lane, end, floor, by_magnitude,
+                            HAS_ADD)
         # Distinct powers of two: their int64 sum is their bitwise or.
         word = tl.sum(tl.where(hit, tl.full(lane.shape, 1, tl.int64) << bit[None, :], 0), 1)
         marked = word != 0
