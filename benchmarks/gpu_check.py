@@ -18,10 +18,11 @@ In order:
 2. Timings (CUDA events, median after warm-up, inputs rotated so that no call reads the
    previous call's data from L2) on the shapes of the README's GPU table: copy of the
    same bytes (the bandwidth ceiling), ``torch.topk(|x|)``, FlashInfer's ``top_k(|x|)``, and
-   ``distk.topk`` with the default and the flat kernels (``DISTK_TRITON_KERNEL``) on the
-   same plan, whose outputs must be equal; on the Graphcore shape recall is the minimum
+   ``distk.topk`` with the default and the flat kernels (``DISTK_TRITON_KERNEL``), the
+   flat ones with each first pass (``DISTK_TRITON_FILTER`` ``scan`` and ``words``), on
+   the same plan, whose outputs must be equal; on the Graphcore shape recall is the minimum
    over 5 inputs; on single rows also the compressor's packed selection
-   (``per_bucket_topk`` vs the sync-free ``select_packed``). ``--full`` adds a
+   (``per_bucket_topk`` vs the sync-free ``select_packed``, with each first pass). ``--full`` adds a
    (buckets, k_per_bucket) sweep on the Graphcore shape.
 3. A compressor step on one 25 MB fp32 bucket through ``distk.GradientCompressor(cfg)
    .step``: time, host syncs, whether it runs under
@@ -35,7 +36,8 @@ In order:
 
 ``--only PART ...`` runs the named parts alone (say, to rerun one that failed).
 
-Prints a table and which kernels should become the default (``recommend``), writes JSON
+Prints a table and which kernels and which flat first pass should become the default
+(``recommend``), writes JSON
 and a plot (``--out`` with ``.png``).
 """
 
