@@ -22,8 +22,8 @@ In order:
    flat ones with each first pass (``DISTK_TRITON_FILTER`` ``scan`` and ``words``), on
    the same plan, whose outputs must be equal; on the Graphcore shape recall is the minimum
    over 5 inputs; on single rows also the compressor's packed selection
-   (``per_bucket_topk`` vs the sync-free ``select_packed``, with each first pass). ``--full`` adds a
-   (buckets, k_per_bucket) sweep on the Graphcore shape.
+   (``per_bucket_topk`` vs the sync-free ``select_packed``, with each first pass).
+   ``--full`` adds a (buckets, k_per_bucket) sweep on the Graphcore shape.
 3. A compressor step on one 25 MB fp32 bucket through ``distk.GradientCompressor(cfg)
    .step``: time, host syncs, whether it runs under
    ``torch.cuda.set_sync_debug_mode("error")`` and inside a CUDA graph (failures are
@@ -37,8 +37,7 @@ In order:
 ``--only PART ...`` runs the named parts alone (say, to rerun one that failed).
 
 Prints a table and which kernels and which flat first pass should become the default
-(``recommend``), writes JSON
-and a plot (``--out`` with ``.png``).
+(``recommend``), writes JSON and a plot (``--out`` with ``.png``).
 """
 
 from __future__ import annotations
@@ -406,21 +405,15 @@ def run_timings(report: dict, full: bool, deadline: float) -> list[dict]:
             ms = time_cuda(lambda x: per_bucket_topk(x, buckets, 64), inputs)
             add("packed per_bucket_topk (default)", ms, None, f"b={buckets} kb=64",
                 kernel="default", pair="packed kb=64")
-            state = new_floor_state("cuda")
-            ms = time_cuda(lambda x: select_packed(x.view(-1), buckets, 64, floor_state=state),
-                           inputs)
-            add("packed select_packed (flat)", ms, None, f"b={buckets} kb=64", kernel="flat",
-                pair="packed kb=64")
-            with kernel_choice("flat-words"):
-                state = new_floor_state("cuda")
-                ms = time_cuda(lambda x: select_packed(x.view(-1), buckets, 64,
-                                                       floor_state=state), inputs)
-                words = select_packed(inputs[0].view(-1), buckets, 64)
-            add("packed select_packed (flat-words)", ms, None, f"b={buckets} kb=64",
-                kernel="flat-words", pair="packed kb=64")
             want = positions_of(per_bucket_topk(inputs[0], buckets, 64)).reshape(-1)
-            for kernel, got in (("flat", select_packed(inputs[0].view(-1), buckets, 64)),
-                                ("flat-words", words)):
+            for kernel in KERNELS[1:]:  # select_packed runs the flat kernels: each first pass
+                with kernel_choice(kernel):
+                    state = new_floor_state("cuda")
+                    ms = time_cuda(lambda x, s=state: select_packed(x.view(-1), buckets, 64,
+                                                                    floor_state=s), inputs)
+                    got = select_packed(inputs[0].view(-1), buckets, 64)
+                add(f"packed select_packed ({kernel})", ms, None, f"b={buckets} kb=64",
+                    kernel=kernel, pair="packed kb=64")
                 if not torch.equal(got, want):
                     report.setdefault("failures", []).append(
                         f"select_packed ({kernel}) != per_bucket_topk on {name}")
