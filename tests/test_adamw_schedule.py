@@ -249,3 +249,4 @@ def test_adam_schedule_announces_a_skipped_warmup(capsys):
     said = capsys.readouterr().err
     assert scheduled.warmup_steps == 0 and scheduled.dense_steps == 75
     assert "dense_steps 0 -> 75" in said and "no density warm-up (density 0.5" in said
+    assert "distk.outer.enable(model, optimizer, SparsityConfig.sparseloco(" in said

@@ -112,7 +112,11 @@ def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,
         print(f"[distk] {entry}: the optimizer ({names}) is Adam-family, so "
               f"{', '.join(changes)} (SparsityConfig.adam_dense_steps / adam_warmup_steps / "
               "adam_value_dtype; 0, 0 and None turn it off; docs/train.md, \"Sparse "
-              "training with AdamW\")", file=sys.stderr, flush=True)
+              "training with AdamW\"). Under AdamW a per-step exchange ends above dense "
+              "quality; to match it at a few % of the bytes use outer synchronisation: "
+              "distk.outer.enable(model, optimizer, "
+              "SparsityConfig.sparseloco(sync_every=5, dense_steps=50)) on the plain model "
+              "(docs/train.md, \"AdamW at a true 1%\")", file=sys.stderr, flush=True)
     return scheduled
 
 
