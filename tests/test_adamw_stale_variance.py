@@ -8,27 +8,18 @@ held ``v`` (here without the per-tensor scale), the replicas stay equal, and Ada
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
+from script_module import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "adamw_stale_variance.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("adamw_stale_variance", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _steps(rank: int, world: int, freeze_after: int) -> dict:
-    stale = _module()
+    stale = load_script(SCRIPT, "adamw_stale_variance")
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3)
     reference = torch.nn.Linear(6, 3)

@@ -17,7 +17,6 @@ stage's choice), not the speed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_module import load_script
 from test_netem import _NETNS_MISSING, _namespaces
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,12 +34,8 @@ E2E = ROOT / "benchmarks" / "e2e.py"
 
 
 def _e2e_module():
-    sys.path.insert(0, str(E2E.parent))
-    spec = importlib.util.spec_from_file_location("e2e_bench", E2E)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(E2E.parent))  # e2e.py imports its sibling outer_long
+    return load_script(E2E, "e2e_bench")
 
 
 def _evals(*points):

@@ -7,7 +7,6 @@ fixture tears down and checks that nothing is left behind, also when the test fa
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import json
 import os
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from script_module import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 NETEM = ROOT / "launchers" / "netem.sh"
@@ -27,10 +27,7 @@ BENCHMARK_RANGE = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544
 
 
 def _check_module():
-    spec = importlib.util.spec_from_file_location("netem_check", CHECK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(CHECK, "netem_check")
 
 
 def _can_build_namespaces() -> str | None:

@@ -10,12 +10,12 @@ selection saw in the main job (``benchmarks/record_gradients.py``).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from script_module import load_script
 from torch import nn
 
 import distk
@@ -29,10 +29,7 @@ TOLERANCE = 0.01
 
 
 def _load_fixture() -> dict:
-    spec = importlib.util.spec_from_file_location(
-        "record_gradients", ROOT / "benchmarks" / "record_gradients.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(ROOT / "benchmarks" / "record_gradients.py", "record_gradients")
     return module.load_fixture(FIXTURE)
 
 
