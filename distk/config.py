@@ -200,7 +200,10 @@ class SparsityConfig:
     density 1.0 is plain dense averaging; fp64, fp16 and bf16 gradients). The rounding
     error stays in the residual, so bf16 values cost no gradient mass, only delay (the
     main job: within the seed spread of fp32 values, docs/comm-and-compressor.md,
-    "Shared masks")."""
+    "Shared masks"). With ``value_bits`` set, the codec encodes every step but the dense
+    ones (``dense_steps``, tensors under ``min_numel`` with ``small_tensors="dense"``),
+    and this sets only their dtype: a named dtype, or float32 for ``"auto"`` and
+    ``None`` (``"bfloat16"`` halves the bytes of outer synchronisation's dense start)."""
 
     value_bits: int | None = None
     """Compact wire codec: ``None`` (values in ``value_dtype``, byte-aligned indices) or
@@ -208,9 +211,9 @@ class SparsityConfig:
     magnitude levels spanning each bucket's least to largest selected magnitude, sent as
     two bfloat16 per bucket (float32 at 8 bits), or per group of at least 64 entries; 1
     bit = sign times the mean magnitude) and indices bit-packed at ``ceil(log2(bucket
-    size))`` bits. The quantization error stays in the residual. Needs ``value_dtype``
-    ``"auto"`` or ``None`` and ``exchange`` ``"auto"`` or ``"allgather"`` (the only
-    scheme that sends entries as packed)."""
+    size))`` bits. The quantization error stays in the residual. ``value_dtype`` then
+    sets only the dtype of dense steps. Needs ``exchange`` ``"auto"`` or ``"allgather"``
+    (the only scheme that sends entries as packed)."""
 
     value_levels: str = "centres"
     """What each magnitude code of the ``value_bits`` codec decodes to. ``"centres"``: the
@@ -416,10 +419,6 @@ class SparsityConfig:
         if self.value_bits is not None:
             if not _is_int(self.value_bits) or self.value_bits not in VALUE_BITS:
                 _fail("value_bits", self.value_bits, f"None or one of {VALUE_BITS}")
-            if self.value_dtype not in (None, "auto"):
-                _fail("value_dtype", self.value_dtype,
-                      f"'auto' or None when value_bits={self.value_bits} is set (the codec "
-                      "sets the values' encoding)")
             if self.exchange not in ("auto", "allgather"):
                 _fail("exchange", self.exchange,
                       f"'auto' or 'allgather' when value_bits={self.value_bits} is set (only "
@@ -603,13 +602,19 @@ class SparsityConfig:
         ``"auto"`` see :meth:`wire_dtype_for`)."""
         return VALUE_DTYPES.get(self.value_dtype)
 
-    def wire_dtype_for(self, grad_dtype: torch.dtype, dense: bool) -> torch.dtype:
+    def wire_dtype_for(self, grad_dtype: torch.dtype, whole: bool,
+                       dense: bool = False) -> torch.dtype:
         """The dtype values of a ``grad_dtype`` gradient travel in, at a step that sends
-        every entry (``dense``) or a sparse one (the codec's values decode to float32)."""
+        every entry (``whole``; through the dense exchange: ``dense`` too) or a sparse one
+        (the codec's values decode to float32)."""
         if self.value_bits is not None:
+            # The codec encodes every step but the dense exchange's; value_dtype, when
+            # named, is the dense exchange's dtype.
+            if dense and self.wire_dtype is not None:
+                return self.wire_dtype
             return torch.float32
         if self.value_dtype == "auto":
-            return torch.bfloat16 if grad_dtype == torch.float32 and not dense else grad_dtype
+            return torch.bfloat16 if grad_dtype == torch.float32 and not whole else grad_dtype
         return self.wire_dtype or grad_dtype
 
     def is_dense_step(self, numel: int, step: int) -> bool:

@@ -249,8 +249,6 @@ def test_wire_and_config_validation():
     with pytest.raises(ValueError, match=r"SparsityConfig.value_bits must be None or one of"
                                          r" \(1, 2, 4, 8\), got 16"):
         SparsityConfig(value_bits=16)
-    with pytest.raises(ValueError, match="SparsityConfig.value_dtype must be 'auto' or None when"):
-        SparsityConfig(value_bits=2, value_dtype="bfloat16")
     with pytest.raises(ValueError, match="SparsityConfig.exchange must be 'auto' or"):
         SparsityConfig(value_bits=2, exchange="reduce_scatter")
     assert SparsityConfig.from_dict({"value_bits": 4}).value_bits == 4
@@ -288,6 +286,39 @@ def test_compressor_single_process_keeps_quantization_error():
     residual = compressor.residual("w").double()
     torch.testing.assert_close(total + residual, sum(g.double() for g in grads),
                                rtol=0, atol=1e-5)
+
+
+def test_value_dtype_with_the_codec_sets_the_dense_steps_dtype_only():
+    # value_bits encodes the sparse steps; a named value_dtype is the dense steps' dtype
+    # (bf16: half the bytes), the rounding kept in the residual; the codec is untouched.
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(4096 * 8, generator=gen) for _ in range(3)]
+    runs = {}
+    for value_dtype in (None, "bfloat16"):
+        cfg = SparsityConfig(density=1 / 64, value_bits=2, min_numel=0, recall_interval=0,
+                             buckets=8, k_per_bucket=64, dense_steps=1,
+                             value_dtype=value_dtype)
+        assert cfg.wire_dtype_for(torch.float32, whole=True, dense=True) == (
+            torch.float32 if value_dtype is None else torch.bfloat16)
+        assert cfg.wire_dtype_for(torch.float32, whole=True) == torch.float32  # codec
+        compressor = GradientCompressor(cfg)
+        updates, stats = [], []
+        for step, grad in enumerate(grads):
+            updates.append(compressor.step(grad, "w", step=step))
+            stats.append(compressor.last)
+        runs[value_dtype] = (updates, stats, compressor.residual("w"))
+    (fp32_updates, fp32_stats, _), (bf16_updates, bf16_stats, residual) = runs.values()
+    # The dense step: every entry, at 4 and at 2 bytes.
+    assert fp32_stats[0].payload_bytes == 4 * grads[0].numel()
+    assert bf16_stats[0].payload_bytes == 2 * grads[0].numel()
+    torch.testing.assert_close(fp32_updates[0], grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(bf16_updates[0], grads[0].bfloat16().float(), rtol=0, atol=0)
+    # The sparse steps: the same codec, the same bytes, and mass is conserved.
+    for fp32, bf16 in zip(fp32_stats[1:], bf16_stats[1:], strict=True):
+        assert (bf16.sent, bf16.bits_per_entry) == (fp32.sent, fp32.bits_per_entry) == (
+            512, 14.5)
+    total = sum(u.double() for u in bf16_updates) + residual.double()
+    torch.testing.assert_close(total, sum(g.double() for g in grads), rtol=0, atol=1e-5)
 
 
 def _conservation(rank, world, bits, exchange, small, levels):

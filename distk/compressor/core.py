@@ -541,7 +541,7 @@ class GradientCompressor:
         # A step that sends every entry (k >= numel) travels in the gradient's dtype, as a
         # dense one does: bf16 values pay off only where entries are left behind.
         whole = dense or self._k_at(grad.numel(), step) >= grad.numel()
-        value_dtype = cfg.wire_dtype_for(grad.dtype, whole)
+        value_dtype = cfg.wire_dtype_for(grad.dtype, whole, dense)
         direct = out is not None and out.dtype == state_dtype
         return StepRequest(
             key=key, grad=grad, flat=grad.detach().reshape(-1),
