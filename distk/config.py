@@ -17,8 +17,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["BUCKET_LAYOUTS", "MASKS", "MASK_POLICIES", "SparsityConfig", "TILE_SIDE",
+__all__ = ["ADAMW_OUTER", "BUCKET_LAYOUTS", "MASKS", "MASK_POLICIES", "SparsityConfig", "TILE_SIDE",
            "VALUE_BITS", "VALUE_DTYPES", "VALUE_LEVELS", "is_adam_family", "optimizer_chain"]
+
+ADAMW_OUTER: dict[str, Any] = {"sync_every": 5, "dense_steps": 10, "value_dtype": "bfloat16"}
+"""The overrides of :meth:`SparsityConfig.sparseloco` that matched dense AdamW's quality on
+the main job at a few % of its bytes (docs/benchmarks.md, outer synchronisation at 8
+ranks): a sync every 5 steps, the first 10 syncs (50 steps) dense in bf16.
+``distk.outer.enable(model, optimizer, SparsityConfig.sparseloco(**ADAMW_OUTER))``; the
+Adam schedule's notice names it, and ``distk-train``'s ``outer`` compare mode runs it."""
 
 METHODS = ("bucketed", "exact", "dense")
 EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")

@@ -250,3 +250,14 @@ def test_adam_schedule_announces_a_skipped_warmup(capsys):
     assert scheduled.warmup_steps == 0 and scheduled.dense_steps == 75
     assert "dense_steps 0 -> 75" in said and "no density warm-up (density 0.5" in said
     assert "distk.outer.enable(model, optimizer, SparsityConfig.sparseloco(" in said
+    # The configuration it recommends is valid as printed: bf16 dense syncs, then the codec.
+    import re
+
+    import torch
+
+    from distk.config import SparsityConfig
+    call = re.search(r"SparsityConfig\.sparseloco\([^)]*\)", said).group(0)
+    recommended = eval(call, {"SparsityConfig": SparsityConfig})
+    # distk.outer counts dense_steps in syncs: 10 syncs of 5 steps, the measured 50 steps.
+    assert (recommended.sync_every, recommended.dense_steps, recommended.value_bits) == (5, 10, 2)
+    assert recommended.wire_dtype_for(torch.float32, whole=True, dense=True) == torch.bfloat16

@@ -414,6 +414,45 @@ def test_sparseloco_preset_trains_with_identical_bits_on_every_rank(capsys):
     assert metrics["distk/bits_per_param"] < 0.5
 
 
+def _dense_start_run(rank, world, value_dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(),
+                                torch.nn.Linear(128, 1))
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sync = distk.outer.enable(model, inner, SparsityConfig.sparseloco(
+        sync_every=2, dense_steps=2, value_dtype=value_dtype, stats_interval=1))
+    payloads, synced = [], []
+    for step in range(8):
+        x = torch.randn(32, 64, generator=torch.Generator().manual_seed(100 * step + rank))
+        loss = model(x).square().mean()
+        inner.zero_grad()
+        loss.backward()
+        inner.step()
+        if (step + 1) % 2 == 0:
+            payloads.append(sync.stats.payload_bytes)
+            synced.append(_params(model))
+    return payloads, synced
+
+
+@pytest.mark.parametrize("world", [2])
+def test_bf16_dense_start_halves_the_dense_syncs_and_keeps_replicas_identical(world):
+    """SparsityConfig.sparseloco(dense_steps=..., value_dtype="bfloat16"): the dense syncs
+    send bf16 values (half of fp32's bytes), the sparse syncs the same 2-bit codec, and
+    every rank ends every sync with the same bits."""
+    runs = {dtype: run_distributed(_dense_start_run, world, dtype, timeout=120)
+            for dtype in (None, "bfloat16")}
+    params = sum(p.numel() for p in _params(torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 1))))
+    fp32, bf16 = runs[None][0][0], runs["bfloat16"][0][0]
+    assert fp32[:2] == [4 * params] * 2 and bf16[:2] == [2 * params] * 2
+    assert bf16[2:] == fp32[2:] and all(0 < b < params for b in bf16[2:])
+    for payloads, synced in runs["bfloat16"][1:]:
+        assert payloads == bf16
+        for a, b in zip(runs["bfloat16"][0][1], synced, strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert torch.equal(x, y)
+
+
 def test_recipe_options_refuse_what_they_cannot_do():
     for changes, message in [
         ({"outer_average": "senders"}, "SparsityConfig.outer_average must be 'all' when "

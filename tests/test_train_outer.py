@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 from distributed import run_distributed
 
+from distk.config import ADAMW_OUTER, SparsityConfig
 from distk.train.config import load_config
 from distk.train.loop import mode_config, momentum_placement
-from distk.train.outer_mode import COMPARE_SYNC_EVERY, outer_schedule
+from distk.train.outer_mode import outer_schedule
+from distk.train.placement import adamw_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.json"
@@ -25,7 +27,19 @@ def test_mode_configs() -> None:
                              "sparsity.dense_steps=1"])
     assert mode_config(cfg, "bucketed").sparsity.sync_every == 1  # per-step modes stay so
     assert mode_config(cfg, "outer").sparsity.sync_every == 30
-    assert mode_config(load_config(TINY), "outer").sparsity.sync_every == COMPARE_SYNC_EVERY
+    # A per-step config compares against the setting that matched dense AdamW: SparseLoCo's
+    # recipe every 5 steps, 50 dense bf16 steps (10 syncs) first, without the per-step
+    # AdamW schedule; the config's stats, recall and non-finite options kept.
+    tiny = load_config(TINY, ["sparsity.stats_interval=3", "sparsity.nonfinite=skip"])
+    outer = mode_config(tiny, "outer")
+    assert outer.sparsity == SparsityConfig.sparseloco(
+        sync_every=5, dense_steps=50, value_dtype="bfloat16", stats_interval=3,
+        recall_interval=tiny.sparsity.recall_interval, nonfinite="skip")
+    assert (outer.train.adamw_dense_steps, outer.train.adamw_warmup_steps) == (0, 0)
+    assert ADAMW_OUTER["dense_steps"] * ADAMW_OUTER["sync_every"] == 50
+    scheduled = outer_schedule(adamw_schedule(outer)).sparsity
+    assert (scheduled.sync_every, scheduled.dense_steps, scheduled.warmup_steps,
+            scheduled.value_dtype, scheduled.value_bits) == (5, 10, 0, "bfloat16", 2)
     # Step-counted schedules become sync counts: 50 steps = 2 syncs of 30, 1 step = 1 sync.
     converted = outer_schedule(cfg).sparsity
     assert (converted.warmup_steps, converted.dense_steps) == (2, 1)
@@ -67,6 +81,7 @@ def test_compare_with_an_outer_mode(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", "-m", "distk.train", "--config", str(TINY), "--compare",
            "--modes", "dense,outer", "--set", "sparsity.value_bits=2",
+           "--set", "sparsity.sync_every=8",
            "--set", f"run_root={json.dumps(str(tmp_path))}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=280)

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from distk.compressor import GradientCompressor, NonFiniteGradientError, as_sparsity_config
-from distk.config import SparsityConfig, optimizer_chain
+from distk.config import ADAMW_OUTER, SparsityConfig, optimizer_chain
 from distk.integrations.owner import StepOwner, group_ready
 from distk.stats import StepStats
 
@@ -109,13 +109,14 @@ def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,
         if not scheduled.adam_warms_up:
             changes.append(f"no density warm-up (density {cfg.density} is not below "
                            f"warmup_density {cfg.warmup_density})")
+        recipe = ", ".join(f"{key}={value!r}" for key, value in ADAMW_OUTER.items())
         print(f"[distk] {entry}: the optimizer ({names}) is Adam-family, so "
               f"{', '.join(changes)} (SparsityConfig.adam_dense_steps / adam_warmup_steps / "
               "adam_value_dtype; 0, 0 and None turn it off; docs/train.md, \"Sparse "
               "training with AdamW\"). Under AdamW a per-step exchange ends above dense "
               "quality; to match it at a few % of the bytes use outer synchronisation: "
-              "distk.outer.enable(model, optimizer, "
-              "SparsityConfig.sparseloco(sync_every=5, dense_steps=50)) on the plain model "
+              f"distk.outer.enable(model, optimizer, SparsityConfig.sparseloco({recipe})) "
+              "on the plain model (dense_steps counts syncs there) "
               "(docs/train.md, \"AdamW at a true 1%\")", file=sys.stderr, flush=True)
     return scheduled
 

@@ -21,7 +21,8 @@ examples:
   launchers/torchrun.sh --compare --resume              # continue an interrupted compare
   launchers/torchrun.sh --set sparsity.sync_every=30 --set sparsity.value_bits=2
                                                         # outer sync every 30 steps, 2-bit
-  launchers/torchrun.sh --compare --modes dense,bucketed,outer --set sparsity.value_bits=2
+  launchers/torchrun.sh --compare --modes dense,bucketed,outer --set train.optimizer=adamw \
+      --set train.lr=0.003 --set train.weight_decay=0.1     # AdamW, beside outer sync
 
 --set takes dotted keys of the JSON config; values are parsed as JSON (numbers,
 true/false/null) and otherwise kept as strings, e.g. --set sparsity.nonfinite=skip.
@@ -50,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "seed and data; print a table, write compare.json/compare.png")
     parser.add_argument("--modes", metavar="M1,M2,...",
                         help="modes of --compare, comma-separated, from dense, exact, bucketed "
-                             "and outer (outer synchronisation every sparsity.sync_every steps, "
-                             "8 when it is 1); default: dense,exact,bucketed")
+                             "and outer (outer synchronisation: the config's own options when "
+                             "sparsity.sync_every > 1, else SparseLoCo's recipe at "
+                             "distk.config.ADAMW_OUTER, H = 5 with 50 dense bf16 steps); "
+                             "default: dense,exact,bucketed")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run directory's checkpoint (if any)")
     parser.add_argument("--name", help="shorthand for --set name=NAME (the run directory)")

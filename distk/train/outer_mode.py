@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
+from distk.config import ADAMW_OUTER, SparsityConfig
 from distk.integrations.outer import OuterSync
 from distk.integrations.outer import enable as enable_outer
 from distk.stats import StepStats
 from distk.train.config import TrainConfig
 
 __all__ = [
-    "COMPARE_SYNC_EVERY",
     "OUTER_MODE",
     "OuterTrainState",
     "outer_mode_config",
@@ -39,9 +39,6 @@ __all__ = [
 
 OUTER_MODE = "outer"
 """Name of the mode in ``--compare`` and in results."""
-
-COMPARE_SYNC_EVERY = 8
-"""``sync_every`` of the ``"outer"`` compare mode when the config leaves it at 1."""
 
 
 def uses_outer_sync(cfg: TrainConfig) -> bool:
@@ -66,11 +63,26 @@ def outer_schedule(cfg: TrainConfig) -> TrainConfig:
 
 
 def outer_mode_config(cfg: TrainConfig) -> TrainConfig:
-    """The ``"outer"`` mode of ``--compare``: bucketed selection of pseudo-gradients every
-    ``sparsity.sync_every`` steps (:data:`COMPARE_SYNC_EVERY` when the config says 1);
-    every other sparsity option (density, ``value_bits``, ``outer_*``) as configured."""
-    every = cfg.sparsity.sync_every if cfg.sparsity.sync_every > 1 else COMPARE_SYNC_EVERY
-    return replace(cfg, sparsity=cfg.sparsity.replace(method="bucketed", sync_every=every))
+    """The ``"outer"`` mode of ``--compare``.
+
+    A config that sets ``sparsity.sync_every > 1`` runs as configured, with bucketed
+    selection of the pseudo-gradients. One that leaves it at 1 (a per-step config, such
+    as the main job's) runs the setting that matched dense AdamW:
+    ``SparsityConfig.sparseloco(**ADAMW_OUTER)`` (a sync every 5 steps, 50 dense steps
+    in bf16, then 64 of every 4096-entry tile at 2 bits), keeping the config's
+    ``stats_interval``, ``recall_interval`` and ``nonfinite``, and without the job's
+    AdamW schedule for per-step exchange (``train.adamw_dense_steps`` /
+    ``adamw_warmup_steps``)."""
+    sparsity = cfg.sparsity
+    if sparsity.sync_every > 1:
+        return replace(cfg, sparsity=sparsity.replace(method="bucketed"))
+    every = ADAMW_OUTER["sync_every"]
+    recipe = SparsityConfig.sparseloco(**{
+        **ADAMW_OUTER, "dense_steps": ADAMW_OUTER["dense_steps"] * every,  # in steps here
+        **{name: getattr(sparsity, name)
+           for name in ("stats_interval", "recall_interval", "nonfinite")}})
+    return replace(cfg, sparsity=recipe,
+                   train=replace(cfg.train, adamw_dense_steps=0, adamw_warmup_steps=0))
 
 
 class OuterTrainState:
