@@ -93,6 +93,15 @@ def test_compare_with_an_outer_mode(tmp_path: Path) -> None:
     # 3 syncs of 30 steps at 5% density and ~15 bits per entry, against 30 dense steps.
     assert outer["bytes_sent"] < 0.01 * dense["bytes_sent"]
     assert "outer" in proc.stdout
+    assert "runs SparseLoCo's recipe at distk.config.ADAMW_OUTER" not in proc.stdout
+    # A per-step config: the outer mode runs ADAMW_OUTER, and says so on rank 0.
+    per_step = [*cmd[:cmd.index("--modes")], "--modes", "outer", "--name", "per_step",
+                "--set", f"run_root={json.dumps(str(tmp_path))}"]
+    proc = subprocess.run(per_step, capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=280)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    assert proc.stdout.count("runs SparseLoCo's recipe at distk.config.ADAMW_OUTER") == 1
+    assert "mode=outer sync_every=5" in proc.stdout
 
 
 def test_cli_rejects_unknown_modes() -> None:

@@ -58,6 +58,11 @@ def run_compare(cfg: TrainConfig, *, resume: bool = False,
                                               run_dir=mode_dir, corpus=corpus,
                                               wandb_group=cfg.name)
         else:
+            if mode == OUTER_MODE and cfg.sparsity.sync_every == 1 and dist.get_rank() == 0:
+                print(f"[distk-train] mode {OUTER_MODE!r}: sparsity.sync_every is 1, so it runs "
+                      "SparseLoCo's recipe at distk.config.ADAMW_OUTER (a sync every 5 steps, "
+                      "50 dense bf16 steps first) in place of the config's sparsity options; "
+                      "set sparsity.sync_every > 1 to compare your own", flush=True)
             results[mode] = train(mode_config(cfg, mode), mode_dir, resume=resume,
                                   corpus=corpus, wandb_group=cfg.name)
     if dist.get_rank() == 0:
