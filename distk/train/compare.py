@@ -21,7 +21,7 @@ from distk.train import deepspeed_job
 from distk.train.config import TrainConfig
 from distk.train.data import build_corpus
 from distk.train.loop import RunResult, mode_config, train
-from distk.train.outer_mode import OUTER_MODE
+from distk.train.outer_mode import OUTER_MODE, adamw_outer_notice, runs_adamw_outer
 
 __all__ = ["ALL_MODES", "COMPARE_MODES", "format_table", "plot_curves", "run_compare"]
 
@@ -58,11 +58,8 @@ def run_compare(cfg: TrainConfig, *, resume: bool = False,
                                               run_dir=mode_dir, corpus=corpus,
                                               wandb_group=cfg.name)
         else:
-            if mode == OUTER_MODE and cfg.sparsity.sync_every == 1 and dist.get_rank() == 0:
-                print(f"[distk-train] mode {OUTER_MODE!r}: sparsity.sync_every is 1, so it runs "
-                      "SparseLoCo's recipe at distk.config.ADAMW_OUTER (a sync every 5 steps, "
-                      "50 dense bf16 steps first) in place of the config's sparsity options; "
-                      "set sparsity.sync_every > 1 to compare your own", flush=True)
+            if mode == OUTER_MODE and runs_adamw_outer(cfg) and dist.get_rank() == 0:
+                print(adamw_outer_notice(), flush=True)
             results[mode] = train(mode_config(cfg, mode), mode_dir, resume=resume,
                                   corpus=corpus, wandb_group=cfg.name)
     if dist.get_rank() == 0:

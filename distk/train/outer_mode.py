@@ -32,8 +32,10 @@ from distk.train.config import TrainConfig
 __all__ = [
     "OUTER_MODE",
     "OuterTrainState",
+    "adamw_outer_notice",
     "outer_mode_config",
     "outer_schedule",
+    "runs_adamw_outer",
     "uses_outer_sync",
 ]
 
@@ -62,6 +64,22 @@ def outer_schedule(cfg: TrainConfig) -> TrainConfig:
         dense_steps=math.ceil(sparsity.dense_steps / every)))
 
 
+def runs_adamw_outer(cfg: TrainConfig) -> bool:
+    """Whether the ``"outer"`` compare mode replaces ``cfg``'s sparsity options by
+    :data:`~distk.config.ADAMW_OUTER` (:func:`outer_mode_config`): a per-step config,
+    ``sparsity.sync_every`` 1."""
+    return cfg.sparsity.sync_every == 1
+
+
+def adamw_outer_notice() -> str:
+    """What rank 0 prints when the ``"outer"`` compare mode runs ADAMW_OUTER."""
+    every, syncs = ADAMW_OUTER["sync_every"], ADAMW_OUTER["dense_steps"]
+    return (f"[distk-train] mode {OUTER_MODE!r}: sparsity.sync_every is 1, so it runs "
+            f"SparseLoCo's recipe at distk.config.ADAMW_OUTER (a sync every {every} steps, "
+            f"{syncs * every} dense {ADAMW_OUTER['value_dtype']} steps first) in place of the "
+            "config's sparsity options; set sparsity.sync_every > 1 to compare your own")
+
+
 def outer_mode_config(cfg: TrainConfig) -> TrainConfig:
     """The ``"outer"`` mode of ``--compare``.
 
@@ -74,7 +92,7 @@ def outer_mode_config(cfg: TrainConfig) -> TrainConfig:
     AdamW schedule for per-step exchange (``train.adamw_dense_steps`` /
     ``adamw_warmup_steps``)."""
     sparsity = cfg.sparsity
-    if sparsity.sync_every > 1:
+    if not runs_adamw_outer(cfg):
         return replace(cfg, sparsity=sparsity.replace(method="bucketed"))
     every = ADAMW_OUTER["sync_every"]
     recipe = SparsityConfig.sparseloco(**{
