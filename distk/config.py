@@ -24,8 +24,11 @@ ADAMW_OUTER: dict[str, Any] = {"sync_every": 5, "dense_steps": 10, "value_dtype"
 """The overrides of :meth:`SparsityConfig.sparseloco` that matched dense AdamW's quality on
 the main job at a few % of its bytes (docs/benchmarks.md, outer synchronisation at 8
 ranks): a sync every 5 steps, the first 10 syncs (50 steps) dense in bf16.
-``distk.outer.enable(model, optimizer, SparsityConfig.sparseloco(**ADAMW_OUTER))``; the
-Adam schedule's notice names it, and ``distk-train``'s ``outer`` compare mode runs it."""
+:meth:`SparsityConfig.adamw_outer` builds it: ``distk.ddp.enable(ddp_model,
+SparsityConfig.adamw_outer(), optimizer=optimizer)`` (DDP, and HF Trainer / Accelerate /
+Lightning on DDP) or ``distk.outer.enable(model, optimizer, SparsityConfig.adamw_outer())``
+on a plain model. The Adam schedule's notice names it, and ``distk-train``'s ``outer``
+compare mode runs it."""
 
 METHODS = ("bucketed", "exact", "dense")
 EXCHANGES = ("auto", "allgather", "reduce_scatter", "dense")
@@ -559,6 +562,15 @@ class SparsityConfig:
         recipe.update(overrides)
         return cls.from_dict(recipe)
 
+    @classmethod
+    def adamw_outer(cls, **overrides: Any) -> SparsityConfig:
+        """The outer synchronisation that matched dense AdamW at a few % of its bytes:
+        :meth:`sparseloco` with :data:`ADAMW_OUTER` (a sync every 5 inner steps, the
+        first 10 syncs dense in bf16). ``overrides`` replace any option. Give it to
+        ``distk.ddp.enable(..., optimizer=...)`` (or a framework callback on DDP) or to
+        ``distk.outer.enable``."""
+        return cls.sparseloco(**{**ADAMW_OUTER, **overrides})
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every option (JSON-serialisable; ``from_dict`` inverts it)."""
         return dataclasses.asdict(self)
@@ -577,8 +589,12 @@ class SparsityConfig:
 
         The schedule never makes a valid config invalid: there is no warm-up towards a
         ``density`` at or above ``warmup_density`` (:attr:`adam_warms_up`), and nothing
-        changes at all at ``density=1.0`` (every entry is sent anyway)."""
+        changes at all at ``density=1.0`` (every entry is sent anyway). Outer
+        synchronisation (``sync_every > 1``) is left as it is: there ``dense_steps``
+        counts syncs and the per-step schedule does not apply (:data:`ADAMW_OUTER` is its
+        measured AdamW setting)."""
         if (self.method == "dense" or optimizer is None or not is_adam_family(optimizer)
+                or self.sync_every > 1
                 or (self.k is None and self.density >= 1.0)):
             return self
         dense = max(self.dense_steps, self.adam_dense_steps)

@@ -249,15 +249,26 @@ def test_adam_schedule_announces_a_skipped_warmup(capsys):
     said = capsys.readouterr().err
     assert scheduled.warmup_steps == 0 and scheduled.dense_steps == 75
     assert "dense_steps 0 -> 75" in said and "no density warm-up (density 0.5" in said
-    assert "distk.outer.enable(model, optimizer, SparsityConfig.sparseloco(" in said
-    # The configuration it recommends is valid as printed: bf16 dense syncs, then the codec.
-    import re
-
+    assert ("distk.ddp.enable(ddp_model, SparsityConfig.adamw_outer(), optimizer=optimizer)"
+            in said and "a sync every 5 steps, the first 50 steps dense in bfloat16" in said)
+    assert "distk.outer.enable(model, optimizer, SparsityConfig.adamw_outer())" in said
+    # The configuration it recommends: SparseLoCo's recipe at ADAMW_OUTER, bf16 dense
+    # syncs, then the codec; distk.outer counts dense_steps in syncs (10 syncs of 5 steps).
     import torch
 
-    from distk.config import SparsityConfig
-    call = re.search(r"SparsityConfig\.sparseloco\([^)]*\)", said).group(0)
-    recommended = eval(call, {"SparsityConfig": SparsityConfig})
-    # distk.outer counts dense_steps in syncs: 10 syncs of 5 steps, the measured 50 steps.
+    from distk.config import ADAMW_OUTER, SparsityConfig
+    recommended = SparsityConfig.adamw_outer()
+    assert recommended == SparsityConfig.sparseloco(**ADAMW_OUTER)
     assert (recommended.sync_every, recommended.dense_steps, recommended.value_bits) == (5, 10, 2)
     assert recommended.wire_dtype_for(torch.float32, whole=True, dense=True) == torch.bfloat16
+    assert SparsityConfig.adamw_outer(sync_every=8).sync_every == 8
+
+
+def test_adam_schedule_leaves_outer_synchronisation_alone():
+    """dense_steps counts syncs under outer synchronisation: the per-step schedule (75
+    dense steps, a 200-step warm-up) must not turn into 75 dense syncs."""
+    from distk.config import SparsityConfig
+
+    cfg = SparsityConfig(sync_every=8, density=0.01)
+    assert cfg.for_optimizer("adamw") is cfg
+    assert SparsityConfig.adamw_outer().for_optimizer("adamw") == SparsityConfig.adamw_outer()

@@ -225,6 +225,45 @@ def test_hf_trainer_ddp_callback_acts_logs_and_resumes_per_rank(tmp_path):
         assert (tmp_path / "run" / "checkpoint-2" / f"distk_rank{rank:05d}.pt").is_file()
 
 
+def _hf_outer_job(rank: int, world_size: int, output_dir: str) -> dict:
+    """HF Trainer on DDP with SparsityConfig.adamw_outer (a sync every 2 steps, 1 dense
+    sync): 6 steps, the parameters after the last (a sync) returned."""
+    from transformers import Trainer
+
+    from distk.config import SparsityConfig
+    from distk.integrations.hf import DistkCallback
+
+    callback = DistkCallback(SparsityConfig.adamw_outer(sync_every=2, dense_steps=1))
+    trainer = Trainer(model=_gpt2(), args=_hf_args(output_dir, max_steps=6),
+                      train_dataset=_token_rows(64, seed=rank), callbacks=[callback])
+    trainer.train()
+    return {"history": [entry for entry in trainer.state.log_history if "loss" in entry],
+            "state": type(callback.state).__name__, "syncs": callback.state.syncs,
+            "params": [p.detach().clone() for p in trainer.model.parameters()]}
+
+
+def test_hf_trainer_ddp_runs_outer_synchronisation_from_the_callback(tmp_path):
+    """One line: DistkCallback(SparsityConfig.adamw_outer()) on DDP switches DDP's
+    all-reduce off and synchronises every sync_every steps of the Trainer's AdamW."""
+    pytest.importorskip("transformers", reason="HF Trainer test needs distk[frameworks]")
+    pytest.importorskip("accelerate", reason="HF Trainer needs accelerate (distk[frameworks])")
+    import torch
+
+    results = run_distributed(_hf_outer_job, 2, str(tmp_path / "run"), timeout=240)
+    for result in results:
+        assert result["state"] == "OuterSync" and result["syncs"] == 3
+        logged = [entry for entry in result["history"] if "distk/syncs" in entry]
+        # Steps 2-6 (step 1 precedes the first sync, which has nothing to log yet).
+        assert [entry["distk/syncs"] for entry in logged] == [1, 1, 2, 2, 3]
+        last = logged[-1]  # a sparse sync (the first was the dense start)
+        assert last["distk/bytes_sent"] < last["distk/dense_bytes"] / 4, last
+        assert 0 < last["distk/density"] < 0.5
+    for a, b in zip(results[0]["params"], results[1]["params"], strict=True):
+        assert torch.equal(a, b)  # step 6 was a sync: the replicas are identical
+    for rank in range(2):  # the Trainer's checkpoints carry each rank's outer state
+        assert (tmp_path / "run" / "checkpoint-6" / f"distk_rank{rank:05d}.pt").is_file()
+
+
 def _ds_config(stage: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": "auto",
@@ -414,6 +453,43 @@ def test_lightning_ddp_on_cpu_acts_and_resumes_per_rank(tmp_path, via_strategy_h
         assert result["schedule"] == ((0, 0, "auto") if via_strategy_hook else SCHEDULE)
         _assert_acted(result["metrics"])
     _assert_restored_per_rank(results)
+
+
+def _lightning_outer_job(rank: int, world_size: int, root: str) -> dict:
+    """fit 4 steps with DistkCallback(SparsityConfig.adamw_outer(sync_every=2, ...))."""
+    import pytorch_lightning as pl
+    import torch
+
+    from distk.config import SparsityConfig
+    from distk.integrations.lightning import DistkCallback
+
+    callback = DistkCallback(SparsityConfig.adamw_outer(sync_every=2, dense_steps=1))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world_size, strategy="ddp", max_steps=4,
+        callbacks=[callback], default_root_dir=root, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    module = _lightning_module()
+    trainer.fit(module, torch.utils.data.DataLoader(_token_rows(32, seed=rank),
+                                                    batch_size=BATCH))
+    return {"state": type(callback.state).__name__, "syncs": callback.state.syncs,
+            "metrics": {key: float(value) for key, value in trainer.callback_metrics.items()
+                        if key.startswith("distk/")},
+            "params": [p.detach().clone() for p in module.parameters()]}
+
+
+def test_lightning_ddp_runs_outer_synchronisation_from_the_callback(tmp_path):
+    pytest.importorskip("pytorch_lightning", reason="Lightning test needs distk[frameworks]")
+    pytest.importorskip("transformers", reason="the test model is transformers' GPT-2")
+    import torch
+
+    results = run_distributed(_lightning_outer_job, 2, str(tmp_path), timeout=180)
+    for result in results:
+        assert result["state"] == "OuterSync" and result["syncs"] == 2
+        metrics = result["metrics"]  # the last sync's, a sparse one
+        assert metrics["distk/syncs"] == 2.0
+        assert metrics["distk/bytes_sent"] < metrics["distk/dense_bytes"] / 4, metrics
+    for a, b in zip(results[0]["params"], results[1]["params"], strict=True):
+        assert torch.equal(a, b)  # step 4 was a sync: the replicas are identical
 
 
 # -- deepspeed.initialize patched: no recursion, idempotent --------------------------------------

@@ -73,7 +73,7 @@ def _dense_jobs(rank, world):
 
     out = {}
     for name, job in (("sgd", _against_torch_sgd), ("mismatch", _mismatch),
-                      ("refusals", _refusals)):
+                      ("refusals", _refusals), ("ddp_outer", _ddp_outer)):
         try:
             out[name] = job(rank, world)
         except Exception:  # noqa: BLE001 - reported by the test that reads this job
@@ -184,7 +184,7 @@ def _refusals(rank, world):
     model = _model(0)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     messages = []
-    try:
+    try:  # no optimizer: nothing to count steps on (raised before any collective)
         distk.ddp.enable(ddp, SparsityConfig(sync_every=8))
     except ValueError as err:
         messages.append(str(err))
@@ -199,9 +199,62 @@ def _refusals(rank, world):
 def test_integrations_refuse_sync_every(dense_runs):
     messages = _job(dense_runs, "refusals")[0]
     assert len(messages) == 2
-    assert "sync_every=8 (outer synchronisation) is not supported by DDPCompressionState" \
-        in messages[0] and "distk.outer.enable" in messages[0]
-    assert "takes the plain model, got a DistributedDataParallel" in messages[1]
+    assert ("distk.ddp.enable: SparsityConfig.sync_every=8 (outer synchronisation) needs "
+            "optimizer=" in messages[0])
+    assert ("takes the plain model, got a DistributedDataParallel" in messages[1]
+            and "use distk.ddp.enable(ddp_model, cfg, optimizer=optimizer)" in messages[1])
+
+
+def _ddp_outer(rank, world):
+    """distk.ddp.enable with sync_every > 1 beside distk.outer.enable on a plain replica of
+    the same model, fed the same batches: the two must stay bitwise equal (DDP's
+    all-reduce is off, so its gradients are the rank's own)."""
+    from distk.integrations.outer import OuterSync
+
+    cfg = SparsityConfig.adamw_outer(sync_every=3, dense_steps=1)
+    plain = _model(0)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    plain_sync = distk.outer.enable(plain, plain_opt, cfg)
+    ddp = torch.nn.parallel.DistributedDataParallel(_model(0))
+    ddp_opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    import contextlib
+    import io
+
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        sync = distk.ddp.enable(ddp, cfg, optimizer=ddp_opt)
+    local_steps_differ = []
+    for step in range(9):
+        _train_step(plain, plain_opt, rank, step)
+        _train_step(ddp, ddp_opt, rank, step)
+        for a, b in zip(plain.parameters(), ddp.module.parameters(), strict=True):
+            assert torch.equal(a, b), (rank, step)
+        if (step + 1) % 3:  # between syncs: this rank's own steps (compared across ranks)
+            local_steps_differ.append(_params(ddp.module))
+    metrics = sync.metrics()
+    return {"type": type(sync).__name__, "is_outer": isinstance(sync, OuterSync),
+            "syncs": sync.syncs, "plain_syncs": plain_sync.syncs, "metrics": metrics,
+            "synced": _params(ddp.module), "local": local_steps_differ,
+            "state_keys": sorted(sync.state_dict()), "said": said.getvalue()}
+
+
+def test_ddp_enable_with_sync_every_runs_outer_synchronisation(dense_runs):
+    results = _job(dense_runs, "ddp_outer")
+    for result in results:
+        assert result["is_outer"] and result["syncs"] == result["plain_syncs"] == 3
+        metrics = result["metrics"]
+        # The last sync was sparse (the first was the dense start): distk acted.
+        assert metrics["distk/bytes_sent"] < metrics["distk/dense_bytes"] / 4, metrics
+        assert metrics["distk/syncs"] == 3.0 and 0 < metrics["distk/density"] < 0.5
+        assert {"anchors", "compressor", "rank"} <= set(result["state_keys"])
+    # Rank 0 says that DDP's all-reduce is off; rank 1 stays quiet.
+    assert "DDP's per-step all-reduce is switched off" in results[0]["said"]
+    assert results[1]["said"] == ""
+    # After the last sync the replicas are bitwise equal; between syncs they had diverged.
+    for a, b in zip(results[0]["synced"], results[1]["synced"], strict=True):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(results[0]["local"][0],
+                                                     results[1]["local"][0], strict=True))
 
 
 def test_config_validation_of_outer_fields():

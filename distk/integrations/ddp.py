@@ -36,13 +36,16 @@ against the new layout.
 
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the
 # hook's annotations with dist.GradBucket / Future[Tensor] objects, not strings.
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from distk.config import SparsityConfig
+from distk.integrations.outer import OuterSync, attach
 from distk.integrations.state import CompressionState, schedule_for_optimizer
 
 __all__ = ["DDPCompressionState", "enable", "sparse_allreduce_hook"]
@@ -133,17 +136,28 @@ def enable(ddp_model: DistributedDataParallel, cfg: SparsityConfig | dict[str, A
             one (Adam, AdamW, ...) gets the Adam schedule (``cfg.adam_dense_steps`` /
             ``adam_warmup_steps`` / ``adam_value_dtype``: at least 75 dense steps, a
             200-step density warm-up and bf16 values), announced on rank 0. Without it
-            the hook cannot know the optimizer and uses ``cfg`` as given.
+            the hook cannot know the optimizer and uses ``cfg`` as given. Required for
+            outer synchronisation.
+
+    Outer synchronisation (``cfg.sync_every > 1``, e.g.
+    :meth:`SparsityConfig.adamw_outer() <distk.config.SparsityConfig.adamw_outer>`, the
+    setting that matched dense AdamW): DDP's all-reduce is switched off (PyTorch's
+    ``noop_hook``), every rank steps ``optimizer`` on its own gradients, and after every
+    ``sync_every``-th step the ranks exchange compressed pseudo-gradients
+    (:mod:`distk.outer`; rank 0 says so). DDP still broadcasts buffers at each forward.
 
     Returns:
         The :class:`DDPCompressionState`: ``.compressor``, ``.stats`` (last step, all
-        buckets merged), ``state_dict()`` / ``load_state_dict()`` for checkpoints.
+        buckets merged), ``state_dict()`` / ``load_state_dict()`` for checkpoints. With
+        ``sync_every > 1`` the :class:`~distk.integrations.outer.OuterSync`, which has
+        the same attributes and methods (its ``.stats`` are the last sync's).
 
     Raises:
         TypeError: ``ddp_model`` is not a DistributedDataParallel module, or ``cfg`` is
             neither a SparsityConfig nor a dict.
-        ValueError: the configs differ across ranks, or the model has sparse gradients
-            (``sparse=True`` embeddings), which DDP hands to hooks as sparse tensors.
+        ValueError: the configs differ across ranks, the model has sparse gradients
+            (``sparse=True`` embeddings), which DDP hands to hooks as sparse tensors, or
+            ``sync_every > 1`` without ``optimizer``.
         RuntimeError: a communication hook is already registered (raised by DDP).
     """
     if not isinstance(ddp_model, DistributedDataParallel):
@@ -152,6 +166,31 @@ def enable(ddp_model: DistributedDataParallel, cfg: SparsityConfig | dict[str, A
             f"got {type(ddp_model).__name__}; for FSDP use distk.fsdp.enable"
         )
     cfg = schedule_for_optimizer(cfg, optimizer, "distk.ddp.enable")
+    if cfg.sync_every > 1:
+        return _enable_outer_sync(ddp_model, cfg, optimizer)
     state = DDPCompressionState(cfg, ddp_model.process_group, model=ddp_model.module)
     ddp_model.register_comm_hook(state, sparse_allreduce_hook)
     return state
+
+
+def _enable_outer_sync(ddp_model: DistributedDataParallel, cfg: SparsityConfig,
+                       optimizer: Any) -> OuterSync:
+    """``sync_every > 1``: DDP's all-reduce off (PyTorch's ``noop_hook``: each rank steps
+    on its own gradients) and :mod:`distk.outer` on the replica DDP wraps, counting the
+    steps of ``optimizer``. Every check that can fail on one rank only runs before the
+    first collective."""
+    if optimizer is None:
+        raise ValueError(
+            f"distk.ddp.enable: SparsityConfig.sync_every={cfg.sync_every} (outer "
+            "synchronisation) needs optimizer=, the optimizer whose steps it counts; got "
+            "optimizer=None")
+    ddp_model.register_comm_hook(None, noop_hook)
+    sync = attach(ddp_model.module, optimizer, cfg, ddp_model.process_group, broadcast=False,
+                  entry="distk.ddp.enable")
+    if sync.rank == 0:
+        print(f"[distk] distk.ddp.enable: sync_every={cfg.sync_every}, so this is outer "
+              "synchronisation: DDP's per-step all-reduce is switched off (each rank steps "
+              f"on its own gradients) and every {cfg.sync_every} optimizer steps the "
+              "ranks exchange compressed pseudo-gradients and take one outer step "
+              "(docs/outer.md)", file=sys.stderr, flush=True)
+    return sync

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from distk.comm import check_same_config, rank_and_world
 from distk.comm.group import all_gather_flat, collective_device, tensor_digest
 from distk.compressor import GradientCompressor, as_sparsity_config
-from distk.config import SparsityConfig
+from distk.config import SparsityConfig, optimizer_chain
 from distk.integrations.owner import StepOwner
 from distk.stats import StepStats
 
@@ -97,8 +97,9 @@ class OuterSync(StepOwner):
                  "_anchors", "_momenta", "_handle")
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 cfg: SparsityConfig, group: Any = None) -> None:
-        super().__init__(as_sparsity_config(cfg), group, entry="distk.outer.enable")
+                 cfg: SparsityConfig, group: Any = None,
+                 entry: str = "distk.outer.enable") -> None:
+        super().__init__(as_sparsity_config(cfg), group, entry=entry)
         self.model = model
         self.optimizer = optimizer
         self.compressor = GradientCompressor(self.cfg, group)
@@ -106,7 +107,7 @@ class OuterSync(StepOwner):
         self.clip_scale = 1.0
         self._params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not self._params:
-            raise ValueError("distk.outer.enable: the model has no parameter that requires grad")
+            raise ValueError(f"{entry}: the model has no parameter that requires grad")
         self._anchors = {name: self._master(p) for name, p in self._params}
         self._momenta: dict[str, torch.Tensor] = {}
         self._handle = optimizer.register_step_post_hook(self._after_step)
@@ -310,10 +311,30 @@ def enable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any = 
     """
     cfg = as_sparsity_config(cfg)
     wrapper = type(model).__name__
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or "FullyShard" in wrapper:
-        raise TypeError(f"distk.outer.enable takes the plain model, got a {wrapper}: the "
-                        "wrapper would all-reduce gradients at every backward pass. Build the "
-                        "model without DDP/FSDP (every rank holds a full replica).")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError("distk.outer.enable takes the plain model, got a "
+                        "DistributedDataParallel: its hook would all-reduce gradients at every "
+                        "backward pass. For a DDP model use distk.ddp.enable(ddp_model, cfg, "
+                        "optimizer=optimizer), which switches that all-reduce off.")
+    if "FullyShard" in wrapper:
+        raise TypeError(f"distk.outer.enable takes the plain model, got a {wrapper}: FSDP "
+                        "shards the parameters, so no rank holds a replica to step locally. "
+                        "Build the model without FSDP (every rank holds a full replica).")
+    return attach(model, optimizer, cfg, group, broadcast, "distk.outer.enable")
+
+
+def attach(model: torch.nn.Module, optimizer: Any, cfg: SparsityConfig, group: Any,
+           broadcast: bool, entry: str) -> OuterSync:
+    """:func:`enable` past its wrapper check, for the entry points that hand over a
+    replica whose gradients are not averaged (``distk.ddp.enable`` after switching DDP's
+    all-reduce off); collective. The sync hooks the innermost optimizer of ``optimizer``
+    (Accelerate's and Lightning's wrappers hand their steps down to it), so steps a
+    wrapper skips (gradient accumulation, an AMP overflow) are not counted."""
+    inner = optimizer_chain(optimizer)[-1] if optimizer is not None else None
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"{entry}: optimizer must be a torch.optim.Optimizer (or a wrapper "
+                        f"of one), the optimizer whose steps outer synchronisation counts; "
+                        f"got {type(optimizer).__name__}")
     _, world = rank_and_world(group)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if world > 1:
@@ -325,4 +346,4 @@ def enable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any = 
                     dist.broadcast(param.data, src=source, group=group)
         else:
             check_same_parameters(params, group)
-    return OuterSync(model, optimizer, cfg, group)
+    return OuterSync(model, inner, cfg, group, entry=entry)

@@ -59,10 +59,12 @@ def refuse_sparse_gradients(model: torch.nn.Module, entry: str) -> None:
 
 
 def refuse_outer_sync(cfg: SparsityConfig, entry: str) -> None:
-    """Raise ValueError for ``sync_every > 1`` (outer synchronisation, :mod:`distk.outer`):
-    DDP, FSDP and DeepSpeed exchange gradients at every backward pass / engine step, so
-    ranks cannot take local steps under them. Local and deterministic (every rank holds
-    the same config), so every rank raises alike."""
+    """Raise ValueError for ``sync_every > 1`` (outer synchronisation, :mod:`distk.outer`)
+    in a state that exchanges gradients: FSDP and DeepSpeed reduce them at every backward
+    pass / engine step, so ranks cannot take local steps under them, and a DDP hook state
+    exchanges every bucket (``distk.ddp.enable`` runs outer synchronisation without one).
+    Local and deterministic (every rank holds the same config), so every rank raises
+    alike."""
     if cfg.sync_every == 1:
         return
     why = ("DeepSpeed's engine reduces (and under ZeRO partitions) gradients inside every "
@@ -71,8 +73,10 @@ def refuse_outer_sync(cfg: SparsityConfig, entry: str) -> None:
            "DDP/FSDP all-reduce or reduce-scatter gradients at every backward pass")
     raise ValueError(
         f"SparsityConfig.sync_every={cfg.sync_every} (outer synchronisation) is not supported "
-        f"by {entry}: {why}. Use distk.outer.enable(model, optimizer, cfg) on a plain "
-        "(unwrapped) model under torchrun, or set sync_every=1.")
+        f"by {entry}: {why}. Use distk.ddp.enable(ddp_model, cfg, optimizer=optimizer) on a "
+        "DDP model (it switches DDP's all-reduce off; the HF Trainer, Accelerate and "
+        "Lightning callbacks on DDP call it), distk.outer.enable(model, optimizer, cfg) on a "
+        "plain model, or set sync_every=1.")
 
 
 def residuals_for_sharding(cfg: SparsityConfig | dict[str, Any], sharded: bool,
@@ -109,14 +113,17 @@ def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,
         if not scheduled.adam_warms_up:
             changes.append(f"no density warm-up (density {cfg.density} is not below "
                            f"warmup_density {cfg.warmup_density})")
-        recipe = ", ".join(f"{key}={value!r}" for key, value in ADAMW_OUTER.items())
         print(f"[distk] {entry}: the optimizer ({names}) is Adam-family, so "
               f"{', '.join(changes)} (SparsityConfig.adam_dense_steps / adam_warmup_steps / "
               "adam_value_dtype; 0, 0 and None turn it off; docs/train.md, \"Sparse "
               "training with AdamW\"). Under AdamW a per-step exchange ends above dense "
               "quality; to match it at a few % of the bytes use outer synchronisation: "
-              f"distk.outer.enable(model, optimizer, SparsityConfig.sparseloco({recipe})) "
-              "on the plain model (dense_steps counts syncs there) "
+              "distk.ddp.enable(ddp_model, SparsityConfig.adamw_outer(), "
+              "optimizer=optimizer) (a sync every "
+              f"{ADAMW_OUTER['sync_every']} steps, the first "
+              f"{ADAMW_OUTER['dense_steps'] * ADAMW_OUTER['sync_every']} steps dense in "
+              f"{ADAMW_OUTER['value_dtype']}), or distk.outer.enable(model, optimizer, "
+              "SparsityConfig.adamw_outer()) on a plain model "
               "(docs/train.md, \"AdamW at a true 1%\")", file=sys.stderr, flush=True)
     return scheduled
 
