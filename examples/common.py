@@ -18,10 +18,18 @@ def add_distk_arguments(parser) -> None:
                         help="dense steps under AdamW (distk's default 75; 5 for the demo)")
     parser.add_argument("--adam-warmup-steps", type=int, default=5,
                         help="density warm-up under AdamW (distk's default 200; 5 here)")
+    parser.add_argument("--outer", action="store_true",
+                        help="outer synchronisation at SparsityConfig.adamw_outer() (DDP's "
+                             "all-reduce off, a sync every 5 steps; the dense start "
+                             "shortened to 1 sync for the demo, distk's default 10)")
 
 
 def distk_config(args) -> dict:
     """The distk config of the examples' arguments."""
+    if args.outer:
+        from distk import SparsityConfig
+
+        return SparsityConfig.adamw_outer(dense_steps=1).to_dict()
     return {"density": args.density, "adam_dense_steps": args.adam_dense_steps,
             "adam_warmup_steps": args.adam_warmup_steps}
 
