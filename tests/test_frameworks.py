@@ -10,9 +10,11 @@ when it is not installed (``pip install distk[frameworks]``); every run is bound
 
 By default: HF Trainer on DDP and on DeepSpeed ZeRO 2 (DistkCallback enabling distk from
 the JSON block), Accelerate, Lightning (callback, and DDPStrategy's hook state),
-``distk.deepspeed.install()`` without a trainer, ``distk.enable``'s dispatch and a hook
-state built before the process group. ``--runslow`` adds HF Trainer on ZeRO 1 after
-``distk.deepspeed.install()`` (each HF DeepSpeed run costs about a minute here).
+``distk.deepspeed.install()`` without a trainer, ``distk.enable``'s dispatch, a hook
+state built before the process group, and outer synchronisation
+(``SparsityConfig.adamw_outer``) through HF Trainer, Accelerate and Lightning on DDP.
+``--runslow`` adds HF Trainer on ZeRO 1 after ``distk.deepspeed.install()`` (each HF
+DeepSpeed run costs about a minute here).
 """
 
 from __future__ import annotations
@@ -363,6 +365,43 @@ def test_accelerate_ddp_acts_and_save_load_state_is_per_rank(tmp_path):
         assert "written by rank" in result["swapped"] or "another rank refused" in \
             result["swapped"], result["swapped"]
     _assert_restored_per_rank(results)
+
+
+def _accelerate_outer_job(rank: int, world_size: int) -> dict:
+    """4 steps with accelerate.enable(accelerator, SparsityConfig.adamw_outer(...))."""
+    import torch
+    from accelerate import Accelerator
+
+    import distk
+
+    accelerator = Accelerator(cpu=True)
+    model = _gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(_token_rows(16, seed=rank), batch_size=BATCH)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sync = distk.integrations.accelerate.enable(
+        accelerator, distk.SparsityConfig.adamw_outer(sync_every=2, dense_steps=1), model=model)
+    for batch in loader:
+        accelerator.backward(model(**batch).loss)
+        optimizer.step()  # the AcceleratedOptimizer: the sync hooks the AdamW inside it
+        optimizer.zero_grad()
+    return {"state": type(sync).__name__, "syncs": sync.syncs,
+            "metrics": distk.integrations.auto.metrics(sync),
+            "params": [p.detach().clone() for p in model.parameters()]}
+
+
+def test_accelerate_ddp_runs_outer_synchronisation(tmp_path):
+    pytest.importorskip("accelerate", reason="Accelerate test needs distk[frameworks]")
+    pytest.importorskip("transformers", reason="the test model is transformers' GPT-2")
+    import torch
+
+    results = run_distributed(_accelerate_outer_job, 2, timeout=180)
+    for result in results:
+        assert result["state"] == "OuterSync" and result["syncs"] == 2
+        metrics = result["metrics"]  # the last sync's, a sparse one
+        assert metrics["distk/bytes_sent"] < metrics["distk/dense_bytes"] / 4, metrics
+    for a, b in zip(results[0]["params"], results[1]["params"], strict=True):
+        assert torch.equal(a, b)  # step 4 was a sync: the replicas are identical
 
 
 # -- Lightning -------------------------------------------------------------------------------
