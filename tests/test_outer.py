@@ -188,6 +188,10 @@ def _refusals(rank, world):
         distk.ddp.enable(ddp, SparsityConfig(sync_every=8))
     except ValueError as err:
         messages.append(str(err))
+    try:  # not an optimizer: refused before DDP's hook is replaced
+        distk.ddp.enable(ddp, SparsityConfig(sync_every=8), optimizer="adamw")
+    except TypeError as err:
+        messages.append(str(err))
     try:
         distk.outer.enable(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1),
                            SparsityConfig(sync_every=8))
@@ -198,11 +202,13 @@ def _refusals(rank, world):
 
 def test_integrations_refuse_sync_every(dense_runs):
     messages = _job(dense_runs, "refusals")[0]
-    assert len(messages) == 2
+    assert len(messages) == 3
     assert ("distk.ddp.enable: SparsityConfig.sync_every=8 (outer synchronisation) needs "
             "optimizer=" in messages[0])
-    assert ("takes the plain model, got a DistributedDataParallel" in messages[1]
-            and "use distk.ddp.enable(ddp_model, cfg, optimizer=optimizer)" in messages[1])
+    assert ("distk.ddp.enable: optimizer must be a torch.optim.Optimizer (or a wrapper of "
+            "one)" in messages[1] and "got str" in messages[1])
+    assert ("takes the plain model, got a DistributedDataParallel" in messages[2]
+            and "use distk.ddp.enable(ddp_model, cfg, optimizer=optimizer)" in messages[2])
 
 
 def _ddp_outer(rank, world):

@@ -45,7 +45,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hoo
 from torch.nn.parallel import DistributedDataParallel
 
 from distk.config import SparsityConfig
-from distk.integrations.outer import OuterSync, attach
+from distk.integrations.outer import OuterSync, attach, inner_optimizer
 from distk.integrations.state import CompressionState, schedule_for_optimizer
 
 __all__ = ["DDPCompressionState", "enable", "sparse_allreduce_hook"]
@@ -184,6 +184,7 @@ def _enable_outer_sync(ddp_model: DistributedDataParallel, cfg: SparsityConfig,
             f"distk.ddp.enable: SparsityConfig.sync_every={cfg.sync_every} (outer "
             "synchronisation) needs optimizer=, the optimizer whose steps it counts; got "
             "optimizer=None")
+    inner_optimizer(optimizer, "distk.ddp.enable")  # a bad one raises before the hook
     ddp_model.register_comm_hook(None, noop_hook)
     sync = attach(ddp_model.module, optimizer, cfg, ddp_model.process_group, broadcast=False,
                   entry="distk.ddp.enable")

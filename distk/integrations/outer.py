@@ -323,6 +323,18 @@ def enable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any = 
     return attach(model, optimizer, cfg, group, broadcast, "distk.outer.enable")
 
 
+def inner_optimizer(optimizer: Any, entry: str) -> torch.optim.Optimizer:
+    """The innermost ``torch.optim.Optimizer`` of ``optimizer`` (itself, or what a
+    wrapper holds); TypeError naming ``entry`` otherwise. Local, so every rank raises
+    alike before any collective."""
+    inner = optimizer_chain(optimizer)[-1] if optimizer is not None else None
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"{entry}: optimizer must be a torch.optim.Optimizer (or a wrapper "
+                        f"of one), the optimizer whose steps outer synchronisation counts; "
+                        f"got {type(optimizer).__name__}")
+    return inner
+
+
 def attach(model: torch.nn.Module, optimizer: Any, cfg: SparsityConfig, group: Any,
            broadcast: bool, entry: str) -> OuterSync:
     """:func:`enable` past its wrapper check, for the entry points that hand over a
@@ -330,11 +342,7 @@ def attach(model: torch.nn.Module, optimizer: Any, cfg: SparsityConfig, group: A
     all-reduce off); collective. The sync hooks the innermost optimizer of ``optimizer``
     (Accelerate's and Lightning's wrappers hand their steps down to it), so steps a
     wrapper skips (gradient accumulation, an AMP overflow) are not counted."""
-    inner = optimizer_chain(optimizer)[-1] if optimizer is not None else None
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(f"{entry}: optimizer must be a torch.optim.Optimizer (or a wrapper "
-                        f"of one), the optimizer whose steps outer synchronisation counts; "
-                        f"got {type(optimizer).__name__}")
+    inner = inner_optimizer(optimizer, entry)
     _, world = rank_and_world(group)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if world > 1:
