@@ -86,7 +86,7 @@ def outer_mode_config(cfg: TrainConfig) -> TrainConfig:
     A config that sets ``sparsity.sync_every > 1`` runs as configured, with bucketed
     selection of the pseudo-gradients. One that leaves it at 1 (a per-step config, such
     as the main job's) runs the setting that matched dense AdamW:
-    ``SparsityConfig.sparseloco(**ADAMW_OUTER)`` (a sync every 5 steps, 50 dense steps
+    ``SparsityConfig.adamw_outer()`` (a sync every 5 steps, 50 dense steps
     in bf16, then 64 of every 4096-entry tile at 2 bits), keeping the config's
     ``stats_interval``, ``recall_interval`` and ``nonfinite``, and without the job's
     AdamW schedule for per-step exchange (``train.adamw_dense_steps`` /
@@ -94,11 +94,10 @@ def outer_mode_config(cfg: TrainConfig) -> TrainConfig:
     sparsity = cfg.sparsity
     if not runs_adamw_outer(cfg):
         return replace(cfg, sparsity=sparsity.replace(method="bucketed"))
-    every = ADAMW_OUTER["sync_every"]
-    recipe = SparsityConfig.sparseloco(**{
-        **ADAMW_OUTER, "dense_steps": ADAMW_OUTER["dense_steps"] * every,  # in steps here
+    recipe = SparsityConfig.adamw_outer(
+        dense_steps=ADAMW_OUTER["dense_steps"] * ADAMW_OUTER["sync_every"],  # in steps here
         **{name: getattr(sparsity, name)
-           for name in ("stats_interval", "recall_interval", "nonfinite")}})
+           for name in ("stats_interval", "recall_interval", "nonfinite")})
     return replace(cfg, sparsity=recipe,
                    train=replace(cfg.train, adamw_dense_steps=0, adamw_warmup_steps=0))
 
