@@ -229,19 +229,46 @@ def test_hf_trainer_ddp_callback_acts_logs_and_resumes_per_rank(tmp_path):
 
 def _hf_outer_job(rank: int, world_size: int, output_dir: str) -> dict:
     """HF Trainer on DDP with SparsityConfig.adamw_outer (a sync every 2 steps, 1 dense
-    sync): 6 steps, the parameters after the last (a sync) returned."""
-    from transformers import Trainer
+    sync): 6 steps, the parameters after the last (a sync) returned; then a new Trainer
+    resumed from checkpoint-4."""
+    from transformers import Trainer, TrainerCallback
 
     from distk.config import SparsityConfig
     from distk.integrations.hf import DistkCallback
 
-    callback = DistkCallback(SparsityConfig.adamw_outer(sync_every=2, dense_steps=1))
+    cfg = SparsityConfig.adamw_outer(sync_every=2, dense_steps=1)
+    probes: dict = {}
+
+    class Probe(TrainerCallback):
+        """Residuals as saved at step 4, and as found before the resumed run's step 5."""
+
+        def __init__(self, distk_callback):
+            self.distk_callback = distk_callback
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4 and "saved" not in probes:
+                probes["saved"] = _residuals(self.distk_callback.state)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if "saved" in probes and "restored" not in probes and state.global_step == 4:
+                probes["restored"] = _residuals(self.distk_callback.state)
+
+    callback = DistkCallback(cfg)
     trainer = Trainer(model=_gpt2(), args=_hf_args(output_dir, max_steps=6),
                       train_dataset=_token_rows(64, seed=rank), callbacks=[callback])
+    trainer.add_callback(Probe(callback))
     trainer.train()
-    return {"history": [entry for entry in trainer.state.log_history if "loss" in entry],
-            "state": type(callback.state).__name__, "syncs": callback.state.syncs,
-            "params": [p.detach().clone() for p in trainer.model.parameters()]}
+    result = {"history": [entry for entry in trainer.state.log_history if "loss" in entry],
+              "state": type(callback.state).__name__, "syncs": callback.state.syncs,
+              "params": [p.detach().clone() for p in trainer.model.parameters()]}
+    resumed_callback = DistkCallback(cfg)  # a new Trainer resumes from step 4
+    resumed = Trainer(model=_gpt2(seed=1), args=_hf_args(output_dir, max_steps=6),
+                      train_dataset=_token_rows(64, seed=rank), callbacks=[resumed_callback])
+    resumed.add_callback(Probe(resumed_callback))
+    resumed.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-4"))
+    return {**result, **probes, "resumed_syncs": resumed_callback.state.syncs,
+            "refusal": _refusal_of_other_rank(os.path.join(output_dir, "checkpoint-4"),
+                                              resumed_callback.state)}
 
 
 def test_hf_trainer_ddp_runs_outer_synchronisation_from_the_callback(tmp_path):
@@ -264,6 +291,10 @@ def test_hf_trainer_ddp_runs_outer_synchronisation_from_the_callback(tmp_path):
         assert torch.equal(a, b)  # step 6 was a sync: the replicas are identical
     for rank in range(2):  # the Trainer's checkpoints carry each rank's outer state
         assert (tmp_path / "run" / "checkpoint-6" / f"distk_rank{rank:05d}.pt").is_file()
+    # Resumed from checkpoint-4, every rank gets its own residuals back (rank 1's file is
+    # refused by rank 0) and the sync counter goes on from there: 3 syncs at step 6.
+    _assert_restored_per_rank(results)
+    assert [result["resumed_syncs"] for result in results] == [3, 3]
 
 
 def _ds_config(stage: int) -> dict:
