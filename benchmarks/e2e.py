@@ -27,17 +27,21 @@ Protocol (docs/netem.md, "The protocol"), per optimizer:
    unshaped network.
 2. **Dilate**: for each R in ``--ratios`` the link rate is set so that dense fp32's ring
    all-reduce takes R x that compute: ``rate = bytes_per_rank * 8 / (R * compute)``.
-3. **Sweep the learning rate** on the tuning seed (``--tuning-seed``, never reported), on
-   the unshaped link (the loss per step does not depend on the link): every method runs
-   ``--sweep-steps`` steps at each rate of its optimizer's grid, its knobs at their first
-   values; the lowest final validation loss wins (ties: the smaller rate).
-4. **Tune the knobs** on the tuning seed at the chosen rate: every combination of a
-   method's knob values runs the full ``--steps`` once on the unshaped link, and so does
-   dense fp32 (the tuning target: its final loss x (1 + the first slack)). For each R,
-   each combination is put on that link's clock (wall time at an evaluation = its
-   unshaped wall time + the bytes it sent so far x 8 / rate); the one with the earliest
-   stable time to target is the method's setting at that R (none reaching it: the lowest
-   final loss; ties: fewer bytes).
+3. **Sweep the learning rate** on the tuning seeds (``--tuning-seeds``, never reported),
+   on the unshaped link (the loss per step does not depend on the link): every method
+   runs ``--sweep-steps`` steps at each rate of its optimizer's grid on each tuning seed,
+   its knobs at their first values; the lowest mean final validation loss wins (ties: the
+   smaller rate).
+4. **Tune the knobs** on the tuning seeds at the chosen rate: every combination of a
+   method's knob values runs the full ``--steps`` once per tuning seed on the unshaped
+   link, and so does dense fp32 (each seed's tuning target: its final loss x (1 + the
+   first slack)). For each R, each run is put on that link's clock (wall time at an
+   evaluation = its unshaped wall time + the bytes it sent so far x 8 / rate); the
+   combination that reaches its seed's target on the most tuning seeds, then with the
+   earliest mean stable time over those seeds, is the method's setting at that R (ties:
+   the lowest mean final loss, then fewer bytes). One tuning seed is the default; a knob
+   whose effect is smaller than the seed-to-seed swing needs two or more
+   (``choose_setting``).
 5. **Measure**: every method, at its rate and its setting for that R, runs ``--steps``
    under netem once per reported seed (``--seeds``), all in this one run of the script.
    Methods named in ``--bound`` instead run each reported seed once on the unshaped
@@ -116,7 +120,7 @@ class Method:
         name: row name, lower case, digits and ``_``.
         mode: distk-train's ``--mode`` ("dense", "exact" or "bucketed").
         set: fixed config overrides (``key: value``, as ``--set key=value``).
-        tune: knobs tuned on the tuning seed, ``key: [values]``; every combination runs,
+        tune: knobs tuned on the tuning seeds, ``key: [values]``; every combination runs,
             and each R takes its best. The first value of each knob is the setting of
             the learning-rate sweep. A value ``"N%"`` is N% of the run's steps, rounded
             up (``"10%"`` of 300 steps is 30).
@@ -264,7 +268,7 @@ _PROTOCOL_JOB: dict[str, Any] = {
     "sparsity": {"recall_interval": 0},
 }
 _FULL = {"world": 2, "ratios": [1.0, 4.0, 16.0], "steps": 300, "eval_every": 25,
-         "sweep_steps": 100, "seeds": [1, 2, 3], "tuning_seed": 0,
+         "sweep_steps": 100, "seeds": [1, 2, 3], "tuning_seeds": [0],
          "optimizers": ["adamw", "sgd"], "check_mb": 16.0, "calibrate_steps": 10,
          "lrs": {name: spec["lrs"] for name, spec in OPTIMIZERS.items()},
          "tune": {}, "job": _PROTOCOL_JOB}
@@ -279,7 +283,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The same pipeline on a tiny model: plumbing, not a measurement. PowerSGD's grid is
     # rank {2, 1} only, so the tuning stage runs with two candidates.
     "quick": {"world": 2, "ratios": [4.0], "steps": 8, "eval_every": 4, "sweep_steps": 0,
-              "seeds": [1, 2], "tuning_seed": 0, "optimizers": ["adamw"], "check_mb": 1.0,
+              "seeds": [1, 2], "tuning_seeds": [0], "optimizers": ["adamw"],
+              "check_mb": 1.0,
               "calibrate_steps": 3, "lrs": {"adamw": [3e-3], "sgd": [0.1]},
               "tune": {"powersgd": {"train.powersgd_rank": [2, 1]}},
               "job": {"data": {"max_train_bytes": 200_000, "max_val_bytes": 20_000},
@@ -342,9 +347,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tables to run; the first is the headline")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="reported seeds, each run under netem at every R (1 2 3)")
-    parser.add_argument("--tuning-seed", type=int, default=None,
-                        help="seed of the learning-rate sweep and the knob tuning, not "
-                             "among --seeds (0)")
+    parser.add_argument("--tuning-seeds", "--tuning-seed", dest="tuning_seeds", type=int,
+                        nargs="+", default=None,
+                        help="seeds of the learning-rate sweep and the knob tuning, none "
+                             "among --seeds; with several, every sweep and tuning run is "
+                             "repeated on each and the choices go by the mean (0)")
     parser.add_argument("--steps", type=int, default=None, help="steps of every run (300)")
     parser.add_argument("--eval-every", type=int, default=None, help="(25; quick 4)")
     parser.add_argument("--sweep-steps", type=int, default=None,
@@ -378,7 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.preset = "quick" if args.quick else (args.preset or "full")
     preset = PRESETS[args.preset]
     for key in ("world", "ratios", "steps", "eval_every", "sweep_steps", "seeds",
-                "tuning_seed", "optimizers", "check_mb", "calibrate_steps"):
+                "tuning_seeds", "optimizers", "check_mb", "calibrate_steps"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     args.lrs = {"adamw": args.lrs_adamw or preset["lrs"]["adamw"],
@@ -407,9 +414,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--ratios {args.ratios} is invalid: allowed floats > 0")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         parser.error(f"--seeds {args.seeds} is invalid: allowed distinct ints >= 0")
-    if args.tuning_seed < 0 or args.tuning_seed in args.seeds:
-        parser.error(f"--tuning-seed {args.tuning_seed} is invalid: allowed an int >= 0 "
-                     f"not among --seeds {args.seeds} (tuning is done apart from reporting)")
+    if (len(set(args.tuning_seeds)) != len(args.tuning_seeds) or min(args.tuning_seeds) < 0
+            or set(args.tuning_seeds) & set(args.seeds)):
+        parser.error(f"--tuning-seeds {args.tuning_seeds} is invalid: allowed distinct ints "
+                     f">= 0 not among --seeds {args.seeds} (tuning is done apart from "
+                     "reporting)")
     if "dense_fp32" not in args.methods:
         parser.error("--methods must include dense_fp32: it sets the target and the rate")
     outside = [m for m in args.bound if m not in args.methods]
@@ -667,24 +676,44 @@ def lower_bound(result: Mapping[str, Any], bits: float) -> dict[str, Any]:
                       for e in result["evals"]]}
 
 
-def choose_setting(candidates: Sequence[Mapping[str, Any]], target: float,
-                   bits: float | None) -> tuple[int, list[dict[str, Any]]]:
-    """(index of the best candidate, one score per candidate) at a link of ``bits``/s.
-    ``candidates`` are tuning runs (``evals``, ``final_val_loss``, ``bytes_sent``); the
-    best has the earliest stable time to ``target`` on that link's clock (``on_link_clock``),
-    else the lowest final loss, then the fewest bytes."""
-    scores = []
-    for run in candidates:
-        reached = at_target(on_link_clock(run["evals"], bits), target)
-        loss = run["final_val_loss"]
-        scores.append({"modelled_time_to_target_s": reached["stable_s"],
-                       "final_val_loss": loss, "mb": run["bytes_sent"] / 1e6})
+def tuning_dir(name: str, seed: int, tuning_seeds: Sequence[int]) -> str:
+    """Run directory name of a sweep or tuning run: ``name`` alone with one tuning seed
+    (the layout of every earlier result), ``name-t<seed>`` with several."""
+    return name if len(tuning_seeds) == 1 else f"{name}-t{seed}"
 
-    def key(i: int) -> tuple[float, float, float]:
+
+def choose_setting(candidates: Sequence[Sequence[Mapping[str, Any]]],
+                   targets: Sequence[float], bits: float | None
+                   ) -> tuple[int, list[dict[str, Any]]]:
+    """(index of the best candidate, one score per candidate) at a link of ``bits``/s.
+
+    ``candidates[i][j]`` is candidate i's tuning run (``evals``, ``final_val_loss``,
+    ``bytes_sent``) on tuning seed j, and ``targets[j]`` that seed's target. Each run is
+    put on the link's clock (``on_link_clock``). The best candidate reaches its target
+    (stable crossing) on the most seeds, then has the earliest mean time over the seeds
+    it reaches, then the lowest mean final loss, then the fewest mean bytes. With one seed
+    this is: the earliest time to target, else the lowest final loss, then bytes."""
+    scores = []
+    for runs in candidates:
+        if len(runs) != len(targets):
+            raise ValueError(f"a candidate has {len(runs)} tuning runs for "
+                             f"{len(targets)} targets: allowed one run per tuning seed")
+        times = [at_target(on_link_clock(run["evals"], bits), target)["stable_s"]
+                 for run, target in zip(runs, targets)]
+        reached = [t for t in times if t is not None]
+        losses = [run["final_val_loss"] for run in runs]
+        scores.append({
+            "modelled_time_to_target_s": statistics.fmean(reached) if reached else None,
+            "modelled_per_seed_s": times, "seeds_reached": len(reached),
+            "final_val_loss": (statistics.fmean(losses)
+                               if all(math.isfinite(x) for x in losses) else math.inf),
+            "mb": statistics.fmean(run["bytes_sent"] for run in runs) / 1e6})
+
+    def key(i: int) -> tuple[int, float, float, float]:
         s = scores[i]
-        loss = s["final_val_loss"]
-        return (s["modelled_time_to_target_s"] if s["modelled_time_to_target_s"] is not None
-                else math.inf, loss if math.isfinite(loss) else math.inf, s["mb"])
+        time_s = s["modelled_time_to_target_s"]
+        return (-s["seeds_reached"], time_s if time_s is not None else math.inf,
+                s["final_val_loss"], s["mb"])
     return min(range(len(candidates)), key=key), scores
 
 
@@ -845,16 +874,19 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
 # -- the protocol --------------------------------------------------------------------------
 def plan(args: argparse.Namespace) -> dict[str, int]:
     """Runs of each stage, summed over ``--optimizers``: learning-rate sweep
-    (``--sweep-steps`` each, unshaped), tuning (``--steps``, unshaped), measurement
+    (``--sweep-steps`` each, unshaped, on every tuning seed), tuning (``--steps``,
+    unshaped, on every tuning seed), measurement
     (``--steps``, under netem; ``--bound`` methods' reported seeds unshaped, at most one
     run per tuned setting and seed)."""
     methods = [args.method_table[m] for m in args.methods]
     tune_runs = sum(len(m.settings()) for m in methods if len(m.settings()) > 1)
     out = {"sweep_runs": 0, "tune_runs": 0, "netem_runs": 0, "unshaped_runs": 0}
     for opt in args.optimizers:
+        n_tuning = len(args.tuning_seeds)
         if args.sweep_steps and len(args.lrs[opt]) > 1:
-            out["sweep_runs"] += len(methods) * len(args.lrs[opt])
-        out["tune_runs"] += tune_runs + (1 if tune_runs else 0)  # + dense fp32's reference
+            out["sweep_runs"] += len(methods) * len(args.lrs[opt]) * n_tuning
+        # + dense fp32's reference, on every tuning seed
+        out["tune_runs"] += (tune_runs + (1 if tune_runs else 0)) * n_tuning
         links_n = len(args.rates or args.ratios)
         for m in methods:
             if m.name in args.bound:  # at most one unshaped run per setting and seed
@@ -883,22 +915,25 @@ def dry_run(args: argparse.Namespace, root: Path, config_path: Path) -> int:
             method = args.method_table[name]
             sweep_setting = method.settings()[0]
             if args.sweep_steps and len(args.lrs[opt]) > 1:
-                for grid_lr in args.lrs[opt]:
+                for grid_lr, seed in itertools.product(args.lrs[opt], args.tuning_seeds):
                     print(" ".join(train_command(
                         args, rate="none", method=name, setting=sweep_setting, opt=opt,
-                        lr=grid_lr, seed=args.tuning_seed, steps=args.sweep_steps,
+                        lr=grid_lr, seed=seed, steps=args.sweep_steps,
                         config_path=config_path,
-                        run_dir=root / opt / "sweep" / f"{name}-lr{grid_lr:g}")))
+                        run_dir=root / opt / "sweep" / tuning_dir(
+                            f"{name}-lr{grid_lr:g}", seed, args.tuning_seeds))))
         print("# tuning (train.lr below: the grid's middle; the sweep chooses it)")
         for name in args.methods:
             method = args.method_table[name]
             if len(method.settings()) < 2 and name != "dense_fp32":
                 continue
-            for i, setting in enumerate(method.settings()):
+            for (i, setting), seed in itertools.product(enumerate(method.settings()),
+                                                        args.tuning_seeds):
                 print(" ".join(train_command(
                     args, rate="none", method=name, setting=setting, opt=opt, lr=lr,
-                    seed=args.tuning_seed, steps=args.steps, config_path=config_path,
-                    run_dir=root / opt / "tune" / f"{name}-{i}")))
+                    seed=seed, steps=args.steps, config_path=config_path,
+                    run_dir=root / opt / "tune" / tuning_dir(f"{name}-{i}", seed,
+                                                             args.tuning_seeds))))
         for key, rate, ratio, _ in links(args, nbytes, compute):
             if ratio is not None:
                 print(f"# R={key}: rate = bytes_per_rank * 8 / ({key} x compute); tuned "
@@ -962,19 +997,26 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
         # 2. learning rate, on the tuning seed, each method at its first setting
         chosen_lr: dict[str, float] = {}
         grid = args.lrs[opt]
+        tuning_seeds = args.tuning_seeds
         for name, method in methods.items():
             if args.sweep_steps == 0 or len(grid) == 1:
                 chosen_lr[name] = grid[len(grid) // 2]
                 continue
-            sweep = {lr: train(rate="none", method=name, setting=method.settings()[0],
-                               lr=lr, seed=args.tuning_seed, steps=args.sweep_steps,
-                               run_dir=root / opt / "sweep" / f"{name}-lr{lr:g}",
-                               what=f"sweep {name} lr={lr:g}")
-                     for lr in grid}
+            losses = {lr: [train(rate="none", method=name, setting=method.settings()[0],
+                                 lr=lr, seed=seed, steps=args.sweep_steps,
+                                 run_dir=root / opt / "sweep" / tuning_dir(
+                                     f"{name}-lr{lr:g}", seed, tuning_seeds),
+                                 what=f"sweep {name} lr={lr:g} seed {seed}"
+                                 )["final_val_loss"] for seed in tuning_seeds]
+                      for lr in grid}
+            sweep = {lr: {"final_val_loss": statistics.fmean(values)
+                          if all(math.isfinite(v) for v in values) else math.inf}
+                     for lr, values in losses.items()}
             chosen_lr[name] = select_lr(sweep)
             table["sweep"][name] = {
-                f"{lr:g}": {"final_val_loss": r["final_val_loss"],
-                            "edge": lr in (min(grid), max(grid))} for lr, r in sweep.items()}
+                f"{lr:g}": {"final_val_loss": sweep[lr]["final_val_loss"],
+                            "per_seed": losses[lr], "edge": lr in (min(grid), max(grid))}
+                for lr in grid}
         table["lr"] = chosen_lr
         # 3. knobs, on the tuning seed: full-length runs on the unshaped link, each R's
         # clock modelled from the bytes they sent
@@ -983,34 +1025,44 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
             for name, m in methods.items()}
         tuned = [name for name, m in methods.items() if len(m.settings()) > 1]
         if tuned:
-            reference = train(rate="none", method="dense_fp32", setting={},
-                              lr=chosen_lr["dense_fp32"], seed=args.tuning_seed,
-                              steps=args.steps, run_dir=root / opt / "tune" / "dense_fp32-0",
-                              what="tune dense_fp32")
-            tune_target = reference["final_val_loss"] * (1 + first_slack)
-            table["tuning"] = {"target": tune_target, "slack": first_slack,
-                               "reference_final_val_loss": reference["final_val_loss"],
-                               "methods": {}}
+            references = [train(rate="none", method="dense_fp32", setting={},
+                                lr=chosen_lr["dense_fp32"], seed=seed, steps=args.steps,
+                                run_dir=root / opt / "tune" / tuning_dir(
+                                    "dense_fp32-0", seed, tuning_seeds),
+                                what=f"tune dense_fp32 seed {seed}")
+                          for seed in tuning_seeds]
+            finals = [r["final_val_loss"] for r in references]
+            targets = [loss * (1 + first_slack) for loss in finals]
+            # "target" and "reference_final_val_loss": the means (one seed: that seed's).
+            table["tuning"] = {"seeds": list(tuning_seeds), "slack": first_slack,
+                               "target": statistics.fmean(targets), "targets": targets,
+                               "reference_final_val_loss": statistics.fmean(finals),
+                               "reference_per_seed": finals, "methods": {}}
             for name in tuned:
                 settings = methods[name].settings()
-                candidates = [train(rate="none", method=name, setting=setting,
-                                    lr=chosen_lr[name], seed=args.tuning_seed,
-                                    steps=args.steps,
-                                    run_dir=root / opt / "tune" / f"{name}-{i}",
-                                    what=f"tune {name} {setting_label(setting)}")
+                candidates = [[train(rate="none", method=name, setting=setting,
+                                     lr=chosen_lr[name], seed=seed, steps=args.steps,
+                                     run_dir=root / opt / "tune" / tuning_dir(
+                                         f"{name}-{i}", seed, tuning_seeds),
+                                     what=f"tune {name} {setting_label(setting)} seed {seed}")
+                               for seed in tuning_seeds]
                               for i, setting in enumerate(settings)]
                 report = {"candidates": [{"setting": s, "label": setting_label(s)}
                                          for s in settings], "chosen": {}}
                 for key, _, _, bits in link_list:
-                    best, scores = choose_setting(candidates, tune_target, bits)
+                    best, scores = choose_setting(candidates, targets, bits)
                     chosen[name][key] = settings[best]
                     report["chosen"][key] = setting_label(settings[best])
                     for cand, score in zip(report["candidates"], scores):
                         cand.setdefault("by_link", {})[key] = score
-                for cand, run in zip(report["candidates"], candidates):
-                    cand["final_val_loss"] = run["final_val_loss"]
-                    cand["unshaped_s_per_step"] = run["wall_seconds"] / run["steps"]
-                    cand["mb_per_step"] = run["bytes_sent"] / run["steps"] / 1e6
+                for cand, runs in zip(report["candidates"], candidates):
+                    cand["final_val_loss"] = statistics.fmean(r["final_val_loss"]
+                                                              for r in runs)
+                    cand["final_val_loss_per_seed"] = [r["final_val_loss"] for r in runs]
+                    cand["unshaped_s_per_step"] = statistics.fmean(
+                        r["wall_seconds"] / r["steps"] for r in runs)
+                    cand["mb_per_step"] = statistics.fmean(
+                        r["bytes_sent"] / r["steps"] for r in runs) / 1e6
                 table["tuning"]["methods"][name] = report
         # 4. measure: every reported seed under netem at every R (--bound methods: once
         # unshaped per setting and seed, then bounded at each R)
@@ -1072,7 +1124,10 @@ def print_results(results: Mapping[str, Any]) -> None:
               f"{c['dense_bytes_per_rank'] / 1e6:.3f} MB per rank per dense all-reduce; "
               f"lr {table['lr']}")
         for name, report in table["tuning"].get("methods", {}).items():
-            print(f"tuned {name} (tuning seed, target {table['tuning']['target']:.4f}): "
+            seeds = table["tuning"].get("seeds", [0])
+            print(f"tuned {name} (tuning seed{'s' if len(seeds) > 1 else ''} "
+                  f"{' '.join(map(str, seeds))}, mean target "
+                  f"{table['tuning']['target']:.4f}): "
                   + ", ".join(f"R={k}: {v}" for k, v in report["chosen"].items()))
         for key, block in table["ratios"].items():
             summary = block["summary"]

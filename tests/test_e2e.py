@@ -106,15 +106,49 @@ def test_tuning_puts_unshaped_runs_on_the_link_clock_and_picks_the_earliest():
     clock = e2e.on_link_clock(small["evals"], 8e6)
     assert [e["wall"] for e in clock] == [pytest.approx(2.0), pytest.approx(4.0)]
     assert small["evals"][0]["wall"] == 1.0  # the input is not modified
-    assert e2e.choose_setting([small, big], 2.5, None)[0] == 1
-    best, scores = e2e.choose_setting([small, big], 2.5, 8e6)
+    # One tuning seed: each candidate is a list of one run, one target.
+    assert e2e.choose_setting([[small], [big]], [2.5], None)[0] == 1
+    best, scores = e2e.choose_setting([[small], [big]], [2.5], 8e6)
     assert best == 0
     assert scores[0]["modelled_time_to_target_s"] == pytest.approx(4.0)
     assert scores[1]["modelled_time_to_target_s"] == pytest.approx(11.0)
     # Nobody reaches the target: the lowest final loss, then the fewest bytes.
-    assert e2e.choose_setting([small, big], 1.0, 8e6)[0] == 1
+    assert e2e.choose_setting([[small], [big]], [1.0], 8e6)[0] == 1
     tie = {**big, "final_val_loss": 2.0}
-    assert e2e.choose_setting([tie, small], 1.0, 8e6)[0] == 1
+    assert e2e.choose_setting([[tie], [small]], [1.0], 8e6)[0] == 1
+    with pytest.raises(ValueError, match="one run per tuning seed"):
+        e2e.choose_setting([[small, big]], [2.5], None)
+
+
+def test_choose_setting_over_several_tuning_seeds():
+    # A lucky seed must not decide: "fast" reaches its target sooner on seed A but misses
+    # seed B; "steady" reaches both, so it wins on the count of seeds reached, whatever
+    # the times. Among candidates that reach every seed the mean time decides, and each
+    # seed is held to its own target.
+    e2e = _e2e_module()
+    fast_a = {"evals": _evals((10, 1.0, 1.9, 1e6), (20, 2.0, 1.8, 2e6)),
+              "final_val_loss": 1.8, "bytes_sent": 2e6}
+    fast_b = {"evals": _evals((10, 1.0, 3.2, 1e6), (20, 2.0, 3.1, 2e6)),
+              "final_val_loss": 3.1, "bytes_sent": 2e6}
+    steady_a = {"evals": _evals((10, 1.0, 2.4, 1e6), (20, 2.0, 1.95, 2e6)),
+                "final_val_loss": 1.95, "bytes_sent": 2e6}
+    steady_b = {"evals": _evals((10, 1.0, 3.2, 1e6), (20, 2.0, 2.9, 2e6)),
+                "final_val_loss": 2.9, "bytes_sent": 2e6}
+    targets = [2.0, 3.0]  # seed B is the harder one: its dense run ended higher
+    best, scores = e2e.choose_setting([[fast_a, fast_b], [steady_a, steady_b]], targets,
+                                      None)
+    assert best == 1
+    assert [s["seeds_reached"] for s in scores] == [1, 2]
+    assert scores[0]["modelled_per_seed_s"] == [pytest.approx(1.0), None]
+    assert scores[1]["modelled_time_to_target_s"] == pytest.approx(2.0)
+    assert scores[1]["final_val_loss"] == pytest.approx((1.95 + 2.9) / 2)
+    # On seed A alone "fast" would have won: the old single-seed rule.
+    assert e2e.choose_setting([[fast_a], [steady_a]], targets[:1], None)[0] == 0
+    # Both reach both seeds: the earlier mean time wins (1.5 s against 2.0 s).
+    quick_b = {**steady_b, "evals": _evals((10, 1.0, 2.8, 1e6), (20, 2.0, 2.9, 2e6))}
+    best, scores = e2e.choose_setting([[steady_a, steady_b], [steady_a, quick_b]],
+                                      targets, None)
+    assert best == 1 and scores[1]["modelled_time_to_target_s"] == pytest.approx(1.5)
 
 
 def _run(evals, steps=20):
@@ -213,11 +247,14 @@ def test_arguments_are_named(capsys):
     # each costs seconds of imports); the other cases go through its parse_args in-process.
     proc = subprocess.run([sys.executable, str(E2E), "--dry-run", "--tuning-seed", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--tuning-seed 1 is invalid" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "--tuning-seeds [1] is invalid" in proc.stderr, \
+        proc.stderr
     e2e = _e2e_module()
     for argv, message in ((["--methods", "bucketed"], "must include dense_fp32"),
                           (["--methods", "dense_fp32", "nope"], "unknown"),
                           (["--slacks", "-0.1"], "--slacks [-0.1] is invalid"),
+                          (["--tuning-seeds", "0", "0"], "--tuning-seeds [0, 0] is invalid"),
+                          (["--tuning-seeds", "0", "2"], "--tuning-seeds [0, 2] is invalid"),
                           (["--method", "x", "sparse"], "mode='sparse' is invalid"),
                           (["--bound", "outer"], "--bound ['outer'] is invalid"),
                           (["--methods", "dense_fp32", "--bound", "dense_fp32"],
@@ -228,7 +265,11 @@ def test_arguments_are_named(capsys):
         assert message in capsys.readouterr().err, argv
     args = e2e.parse_args(["--quick", "--method", "shared", "bucketed",
                            "sparsity.value_bits=2"])
-    assert args.methods[-1] == "shared" and args.seeds == [1, 2] and args.tuning_seed == 0
+    assert args.methods[-1] == "shared" and args.seeds == [1, 2] and args.tuning_seeds == [0]
+    two = e2e.parse_args(["--quick", "--tuning-seeds", "0", "4"])
+    assert two.tuning_seeds == [0, 4]
+    # Every tuning run (PowerSGD's two candidates and dense fp32's reference) on each seed.
+    assert e2e.plan(two)["tune_runs"] == 2 * e2e.plan(args)["tune_runs"] == 6
 
 
 def test_dry_run_lists_every_stage_without_root():
