@@ -60,7 +60,8 @@ below the target (and at the first evaluation at or below it); the bytes sent, t
 fraction of dense fp32's and the effective density (entries sent / entries) up to that
 evaluation; the final loss (equal steps); the loss at equal wall time (the shortest mean
 run of that R) and at equal bytes (the smallest mean total of that R); seconds per step
-split into compute, selection and exposed communication; MB per step. Curves: validation
+split into compute, selection and exposed communication; MB per step (distk's count) and
+the whole run's bytes on each host's link (``netem.sh``'s counters). Curves: validation
 loss against wall time, mean over the seeds with the min-max band, one panel per R.
 
 Root only. Not a test: the full protocol takes hours on a small CPU machine.
@@ -589,8 +590,20 @@ def read_evals(metrics_path: Path) -> list[dict[str, Any]]:
     return evals
 
 
+def read_wire(path: Path) -> list[int] | None:
+    """Bytes each host's link transmitted in a run (``netem.sh run --log-dir``'s
+    ``wire.tsv``, host order), or None when the file is missing or unreadable."""
+    try:
+        rows = [line.split() for line in path.read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+        return [int(tx) for _, tx, _ in sorted(rows, key=lambda r: int(r[0][1:]))]
+    except (OSError, ValueError):
+        return None
+
+
 def run_training(cmd: list[str], run_dir: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run one training job; its result.json plus its evaluations (``read_evals``)."""
+    """Run one training job; its result.json plus its evaluations (``read_evals``) and
+    the bytes each host's link carried (``wire_tx_bytes``, ``read_wire``)."""
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         logs = "\n".join(f"--- {p.name} ---\n{_tail(p)}"
@@ -599,6 +612,7 @@ def run_training(cmd: list[str], run_dir: Path, env: dict[str, str]) -> dict[str
                            f"{proc.stderr[-2000:]}\n{logs}")
     result = json.loads((run_dir / "result.json").read_text())
     result["evals"] = read_evals(run_dir / "metrics.jsonl")
+    result["wire_tx_bytes"] = read_wire(run_dir / "logs" / "wire.tsv")
     return result
 
 
@@ -766,8 +780,14 @@ def summarise(runs: Mapping[str, Mapping[str, Mapping[str, Any]]], compute: floa
                                                      for r in res),
             "mb_per_step": statistics.fmean(r["bytes_sent"] / r["steps"] for r in res) / 1e6,
             "total_mb": statistics.fmean(r["bytes_sent"] for r in res) / 1e6,
+            # On the wire: each host's link counter for the whole run (every frame, the
+            # launch and evaluations included), mean over hosts, then over seeds.
+            "wire_mb": _mean([statistics.fmean(r["wire_tx_bytes"]) / 1e6
+                              if r.get("wire_tx_bytes") else None for r in res]),
             "targets": {},
         }
+        row["wire_vs_count"] = (row["wire_mb"] / row["total_mb"]
+                                if row["wire_mb"] and row["total_mb"] else None)
         for slack, target in targets.items():
             reached = [at_target(r["evals"], target) for r in res]
             stable = [a["stable_s"] for a in reached]
@@ -807,7 +827,8 @@ COLUMNS = [
     ("s_per_step", "s/step", ".3f"), ("compute_s_per_step", "compute", ".3f"),
     ("selection_s_per_step", "selection", ".3f"),
     ("exposed_comm_s_per_step", "exposed comm", ".3f"), ("mb_per_step", "MB/step", ".3f"),
-    ("total_mb", "MB total", ".1f"),
+    ("total_mb", "MB total", ".1f"), ("wire_mb", "wire MB", ".1f"),
+    ("wire_vs_count", "wire/count", ".2f"),
 ]
 TARGET_COLUMNS = [
     ("method", "method", "s"), ("timing", "timing", "s"), ("reached", "seeds at target", "d"),

@@ -17,7 +17,8 @@
 #       rendezvous at MASTER_ADDR); NPROC_PER_NODE ranks per host (default 1)
 #
 # OPTS: --timeout SECONDS (stop every rank and fail after this long; exit 124),
-#       --log-dir DIR (host I's stdout+stderr go to DIR/h<I>.log instead of the terminal).
+#       --log-dir DIR (host I's stdout+stderr go to DIR/h<I>.log instead of the terminal;
+#       at the end DIR/wire.tsv holds each host's link byte counters, tx and rx).
 # RATE: a tc rate (100mbit, 1gbit, 10gbit, 500kbit...) or "none" (no limit).
 # LATENCY: one-way delay added host to host, a tc time (0.1ms, 100us, 2ms) or 0 (default).
 # Each host's link is limited to RATE in each direction (egress of both veth ends, like a
@@ -384,7 +385,25 @@ cmd_run() {
     done
     RUNNING=0
     note "all $count hosts finished in $((SECONDS - started))s (status $status)"
+    [ -z "$log_dir" ] || write_wire "$count" "$log_dir/wire.tsv"
     exit "$status"
+}
+
+# The bytes each host's link carried in this run (its veth0 counters, read before the
+# teardown; the links are built fresh for each run, so they count from zero), one line
+# per host: "h<I> <tx_bytes> <rx_bytes>". They include every frame: IP/TCP headers, the
+# launch's rendezvous and any traffic besides the gradients.
+write_wire() {
+    local count="$1" path="$2" i ns stats
+    {
+        echo "# host tx_bytes rx_bytes (veth0 counters, whole run)"
+        for ((i = 0; i < count; i++)); do
+            ns="$(host_ns "$i")"
+            stats="/sys/class/net/$HOST_IF/statistics"
+            echo "h$i $(ip netns exec "$ns" cat "$stats/tx_bytes")" \
+                 "$(ip netns exec "$ns" cat "$stats/rx_bytes")"
+        done
+    } >"$path" 2>/dev/null || note "could not read the links' byte counters into $path"
 }
 
 main() {

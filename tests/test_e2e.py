@@ -187,6 +187,28 @@ def test_lower_bound_is_what_the_link_allows_and_marks_its_speedups():
     assert rows["dense_fp32"]["targets"]["0.01"]["speedup_vs_dense"] == pytest.approx(1.0)
 
 
+def test_wire_counters_reach_the_rows(tmp_path):
+    # netem.sh's wire.tsv (hosts in any order) -> each run's wire_tx_bytes in host order ->
+    # each row's wire MB (mean over hosts, then seeds) beside distk's count.
+    e2e = _e2e_module()
+    (tmp_path / "wire.tsv").write_text("# host tx_bytes rx_bytes\nh1 3000000 10\n"
+                                       "h0 1000000 20\n")
+    assert e2e.read_wire(tmp_path / "wire.tsv") == [1000000, 3000000]
+    assert e2e.read_wire(tmp_path / "missing.tsv") is None
+    (tmp_path / "bad.tsv").write_text("h0 x y\n")
+    assert e2e.read_wire(tmp_path / "bad.tsv") is None
+    run = _run(_evals((10, 2.0, 3.0, 1e6), (20, 4.0, 2.0, 1.6e6)))
+    seeds = {"1": {**run, "wire_tx_bytes": [1000000, 3000000]},
+             "2": {**run, "wire_tx_bytes": [2000000, 2000000]}}
+    summary = e2e.summarise({"dense_fp32": seeds, "other": {"1": run}}, 0.1, [0.01],
+                            {"dense_fp32": 1e-3, "other": 1e-3},
+                            {"dense_fp32": {}, "other": {}})
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert rows["dense_fp32"]["wire_mb"] == pytest.approx(2.0)
+    assert rows["dense_fp32"]["wire_vs_count"] == pytest.approx(2.0 / 1.6)
+    assert rows["other"]["wire_mb"] is None and rows["other"]["wire_vs_count"] is None
+
+
 def test_method_declarations():
     e2e = _e2e_module()
     psgd = e2e.METHODS["powersgd"]

@@ -212,6 +212,29 @@ def test_allreduce_is_rate_limited(netem):
 
 
 @needs_netns
+@pytest.mark.timeout(60)
+def test_run_writes_each_links_byte_counters(netem, tmp_path):
+    # Host 1 sends 1 MB twice to host 0 over TCP (netem_check --transfer): its link's tx
+    # counter (read by netem.sh before the teardown into LOG_DIR/wire.tsv) holds those
+    # frames, headers included, plus a few kB of handshakes and ACKs; host 0's rx sees the
+    # same frames; host 0 sends only ACKs and 1-byte replies.
+    logs = tmp_path / "logs"
+    result = netem("run", "--timeout", "40", "--log-dir", str(logs), "2", "1gbit", "--",
+                   sys.executable, str(CHECK), "--transfer", "1000000", "--repeats", "2",
+                   "--idle", "0", "--timeout", "30", timeout=50)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((logs / "h1.log").read_text().strip().splitlines()[-1])
+    sent = 2 * report["wire_bytes"]
+    lines = [line.split() for line in (logs / "wire.tsv").read_text().splitlines()
+             if not line.startswith("#")]
+    counters = {host: (int(tx), int(rx)) for host, tx, rx in lines}
+    assert set(counters) == {"h0", "h1"}
+    assert sent <= counters["h1"][0] <= sent + 64_000, (counters, sent)
+    assert sent <= counters["h0"][1] <= sent + 64_000, (counters, sent)
+    assert counters["h0"][0] < 0.1 * sent, counters
+
+
+@needs_netns
 def test_run_sets_rank_environment(netem):
     script = ('echo "$RANK $WORLD_SIZE $LOCAL_RANK $MASTER_ADDR $GLOO_SOCKET_IFNAME"; '
               'ip -o -4 addr show dev "$GLOO_SOCKET_IFNAME" | grep -c "198.18.0.$((RANK + 1))/"')
