@@ -44,6 +44,13 @@ def _evals(*points):
              "density": b / (10 * s), "step_density": 0.01} for s, w, loss, b in points]
 
 
+def _tuning_run(*points):
+    """A tuning run (``choose_setting``'s input) from (step, wall, loss, bytes) points: its
+    final loss and bytes are the last point's."""
+    return {"evals": _evals(*points), "final_val_loss": points[-1][2],
+            "bytes_sent": points[-1][3]}
+
+
 def test_dilated_rate_makes_dense_comm_r_times_compute():
     e2e = _e2e_module()
     # 1 MB per rank, compute 0.1 s: R=4 -> the all-reduce must take 0.4 s -> 20 Mbit/s.
@@ -99,10 +106,8 @@ def test_tuning_puts_unshaped_runs_on_the_link_clock_and_picks_the_earliest():
     # the target at its second evaluation; "big" sends 10 MB per evaluation and reaches it
     # at its first. On an unlimited link big is sooner; at 8 Mbit/s (1 MB = 1 s) each MB
     # costs a second, so small (2 s + 2 s) beats big (1 s + 10 s).
-    small = {"evals": _evals((10, 1.0, 3.0, 1e6), (20, 2.0, 2.0, 2e6)),
-             "final_val_loss": 2.0, "bytes_sent": 2e6}
-    big = {"evals": _evals((10, 1.0, 2.0, 1e7), (20, 2.0, 1.9, 2e7)),
-           "final_val_loss": 1.9, "bytes_sent": 2e7}
+    small = _tuning_run((10, 1.0, 3.0, 1e6), (20, 2.0, 2.0, 2e6))
+    big = _tuning_run((10, 1.0, 2.0, 1e7), (20, 2.0, 1.9, 2e7))
     clock = e2e.on_link_clock(small["evals"], 8e6)
     assert [e["wall"] for e in clock] == [pytest.approx(2.0), pytest.approx(4.0)]
     assert small["evals"][0]["wall"] == 1.0  # the input is not modified
@@ -126,14 +131,10 @@ def test_choose_setting_over_several_tuning_seeds():
     # the times. Among candidates that reach every seed the mean time decides, and each
     # seed is held to its own target.
     e2e = _e2e_module()
-    fast_a = {"evals": _evals((10, 1.0, 1.9, 1e6), (20, 2.0, 1.8, 2e6)),
-              "final_val_loss": 1.8, "bytes_sent": 2e6}
-    fast_b = {"evals": _evals((10, 1.0, 3.2, 1e6), (20, 2.0, 3.1, 2e6)),
-              "final_val_loss": 3.1, "bytes_sent": 2e6}
-    steady_a = {"evals": _evals((10, 1.0, 2.4, 1e6), (20, 2.0, 1.95, 2e6)),
-                "final_val_loss": 1.95, "bytes_sent": 2e6}
-    steady_b = {"evals": _evals((10, 1.0, 3.2, 1e6), (20, 2.0, 2.9, 2e6)),
-                "final_val_loss": 2.9, "bytes_sent": 2e6}
+    fast_a = _tuning_run((10, 1.0, 1.9, 1e6), (20, 2.0, 1.8, 2e6))
+    fast_b = _tuning_run((10, 1.0, 3.2, 1e6), (20, 2.0, 3.1, 2e6))
+    steady_a = _tuning_run((10, 1.0, 2.4, 1e6), (20, 2.0, 1.95, 2e6))
+    steady_b = _tuning_run((10, 1.0, 3.2, 1e6), (20, 2.0, 2.9, 2e6))
     targets = [2.0, 3.0]  # seed B is the harder one: its dense run ended higher
     best, scores = e2e.choose_setting([[fast_a, fast_b], [steady_a, steady_b]], targets,
                                       None)
