@@ -360,6 +360,9 @@ def test_quick_runs_every_method(tmp_path):
     assert dense["targets"]["0.02"]["bytes_fraction_at_target"] == pytest.approx(1.0, rel=1e-3)
     for sparse in ("exact", "bucketed"):
         assert rows[sparse]["mb_per_step"] < dense["mb_per_step"], sparse
+        # Also on the wire (netem.sh's link counters), set-up and evaluations included.
+        assert 0 < rows[sparse]["wire_mb"] < dense["wire_mb"], sparse
+    assert dense["wire_vs_count"] > 1.0  # headers and set-up come on top of the count
     # bf16 sends half of fp32's payload; distk's dense mode adds its verified metadata
     # exchange (a few dozen bytes on some steps), hence the tolerance.
     assert rows["dense_bf16"]["mb_per_step"] == pytest.approx(dense["mb_per_step"] / 2,
