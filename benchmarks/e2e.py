@@ -285,8 +285,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # rank {2, 1} only, so the tuning stage runs with two candidates.
     "quick": {"world": 2, "ratios": [4.0], "steps": 8, "eval_every": 4, "sweep_steps": 0,
               "seeds": [1, 2], "tuning_seeds": [0], "optimizers": ["adamw"],
-              "check_mb": 1.0,
-              "calibrate_steps": 3, "lrs": {"adamw": [3e-3], "sgd": [0.1]},
+              "check_mb": 1.0, "calibrate_steps": 3, "lrs": {"adamw": [3e-3], "sgd": [0.1]},
               "tune": {"powersgd": {"train.powersgd_rank": [2, 1]}},
               "job": {"data": {"max_train_bytes": 200_000, "max_val_bytes": 20_000},
                       "model": {"n_layer": 1, "n_head": 2, "d_model": 64, "context": 32},
@@ -719,8 +718,7 @@ def choose_setting(candidates: Sequence[Sequence[Mapping[str, Any]]],
         scores.append({
             "modelled_time_to_target_s": statistics.fmean(reached) if reached else None,
             "modelled_per_seed_s": times, "seeds_reached": len(reached),
-            "final_val_loss": (statistics.fmean(losses)
-                               if all(math.isfinite(x) for x in losses) else math.inf),
+            "final_val_loss": _finite_mean(losses),
             "mb": statistics.fmean(run["bytes_sent"] for run in runs) / 1e6})
 
     def key(i: int) -> tuple[int, float, float, float]:
@@ -732,6 +730,11 @@ def choose_setting(candidates: Sequence[Sequence[Mapping[str, Any]]],
 
 
 # -- summarising ---------------------------------------------------------------------------
+def _finite_mean(values: Sequence[float]) -> float:
+    """Mean of tuning losses; inf when any is not finite (a diverged run loses)."""
+    return statistics.fmean(values) if all(math.isfinite(v) for v in values) else math.inf
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     """Mean over seeds, or None when any seed has no value."""
     vals = [v for v in values if v is not None]
@@ -902,8 +905,8 @@ def plan(args: argparse.Namespace) -> dict[str, int]:
     methods = [args.method_table[m] for m in args.methods]
     tune_runs = sum(len(m.settings()) for m in methods if len(m.settings()) > 1)
     out = {"sweep_runs": 0, "tune_runs": 0, "netem_runs": 0, "unshaped_runs": 0}
+    n_tuning = len(args.tuning_seeds)
     for opt in args.optimizers:
-        n_tuning = len(args.tuning_seeds)
         if args.sweep_steps and len(args.lrs[opt]) > 1:
             out["sweep_runs"] += len(methods) * len(args.lrs[opt]) * n_tuning
         # + dense fp32's reference, on every tuning seed
@@ -1015,7 +1018,7 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
             bar.update()
             return result
 
-        # 2. learning rate, on the tuning seed, each method at its first setting
+        # 2. learning rate, on the tuning seeds, each method at its first setting
         chosen_lr: dict[str, float] = {}
         grid = args.lrs[opt]
         tuning_seeds = args.tuning_seeds
@@ -1030,8 +1033,7 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
                                  what=f"sweep {name} lr={lr:g} seed {seed}"
                                  )["final_val_loss"] for seed in tuning_seeds]
                       for lr in grid}
-            sweep = {lr: {"final_val_loss": statistics.fmean(values)
-                          if all(math.isfinite(v) for v in values) else math.inf}
+            sweep = {lr: {"final_val_loss": _finite_mean(values)}
                      for lr, values in losses.items()}
             chosen_lr[name] = select_lr(sweep)
             table["sweep"][name] = {
@@ -1039,7 +1041,7 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
                             "per_seed": losses[lr], "edge": lr in (min(grid), max(grid))}
                 for lr in grid}
         table["lr"] = chosen_lr
-        # 3. knobs, on the tuning seed: full-length runs on the unshaped link, each R's
+        # 3. knobs, on the tuning seeds: full-length runs on the unshaped link, each R's
         # clock modelled from the bytes they sent
         chosen: dict[str, dict[str, dict[str, Any]]] = {
             name: {key: m.settings()[0] for key, *_ in link_list}

@@ -394,12 +394,11 @@ cmd_run() {
 # per host: "h<I> <tx_bytes> <rx_bytes>". They include every frame: IP/TCP headers, the
 # launch's rendezvous and any traffic besides the gradients.
 write_wire() {
-    local count="$1" path="$2" i ns stats
+    local count="$1" path="$2" i ns stats="/sys/class/net/$HOST_IF/statistics"
     {
         echo "# host tx_bytes rx_bytes (veth0 counters, whole run)"
         for ((i = 0; i < count; i++)); do
             ns="$(host_ns "$i")"
-            stats="/sys/class/net/$HOST_IF/statistics"
             echo "h$i $(ip netns exec "$ns" cat "$stats/tx_bytes")" \
                  "$(ip netns exec "$ns" cat "$stats/rx_bytes")"
         done
