@@ -378,6 +378,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate every method's config and print the plan and the "
                              "commands (rates from --compute-seconds or 0.1 s)")
+    parser.add_argument("--tune-only", action="store_true",
+                        help="stop after the sweep and the tuning (steps 1-4): no run under "
+                             "netem; the table and the plot compare every tuned setting's "
+                             "final loss per tuning seed with dense fp32's on that seed")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if args.quick and args.preset not in (None, "quick"):
@@ -428,6 +432,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if set(args.bound) == set(args.methods):
         parser.error(f"--bound {args.bound} is invalid: at least one method must run under "
                      "netem (bound every row and nothing is measured)")
+    if args.tune_only and not any(len(args.method_table[m].settings()) > 1
+                                  for m in args.methods):
+        parser.error(f"--tune-only with --methods {args.methods} runs nothing: allowed "
+                     "with a method that has knobs to tune (tune:KEY=V1,V2)")
     if args.sweep_steps < 0:
         parser.error(f"--sweep-steps {args.sweep_steps} is invalid: allowed an int >= 0")
     if any(lr <= 0 for grid in args.lrs.values() for lr in grid):
@@ -901,7 +909,7 @@ def plan(args: argparse.Namespace) -> dict[str, int]:
     (``--sweep-steps`` each, unshaped, on every tuning seed), tuning (``--steps``,
     unshaped, on every tuning seed), measurement
     (``--steps``, under netem; ``--bound`` methods' reported seeds unshaped, at most one
-    run per tuned setting and seed)."""
+    run per tuned setting and seed; none with ``--tune-only``)."""
     methods = [args.method_table[m] for m in args.methods]
     tune_runs = sum(len(m.settings()) for m in methods if len(m.settings()) > 1)
     out = {"sweep_runs": 0, "tune_runs": 0, "netem_runs": 0, "unshaped_runs": 0}
@@ -912,6 +920,8 @@ def plan(args: argparse.Namespace) -> dict[str, int]:
         # + dense fp32's reference, on every tuning seed
         out["tune_runs"] += (tune_runs + (1 if tune_runs else 0)) * n_tuning
         links_n = len(args.rates or args.ratios)
+        if args.tune_only:
+            continue
         for m in methods:
             if m.name in args.bound:  # at most one unshaped run per setting and seed
                 out["unshaped_runs"] += len(args.seeds) * min(len(m.settings()), links_n)
@@ -958,7 +968,7 @@ def dry_run(args: argparse.Namespace, root: Path, config_path: Path) -> int:
                     seed=seed, steps=args.steps, config_path=config_path,
                     run_dir=root / opt / "tune" / tuning_dir(f"{name}-{i}", seed,
                                                              args.tuning_seeds))))
-        for key, rate, ratio, _ in links(args, nbytes, compute):
+        for key, rate, ratio, _ in [] if args.tune_only else links(args, nbytes, compute):
             if ratio is not None:
                 print(f"# R={key}: rate = bytes_per_rank * 8 / ({key} x compute); tuned "
                       "methods at their first setting below (the tuning chooses per R)")
@@ -1087,6 +1097,8 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
                     cand["mb_per_step"] = statistics.fmean(
                         r["bytes_sent"] / r["steps"] for r in runs) / 1e6
                 table["tuning"]["methods"][name] = report
+        if args.tune_only:
+            continue
         # 4. measure: every reported seed under netem at every R (--bound methods: once
         # unshaped per setting and seed, then bounded at each R)
         unshaped: dict[tuple[str, int, int], dict[str, Any]] = {}
@@ -1140,6 +1152,59 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
     return results
 
 
+def tuning_rows(tuning: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per tuned setting: its final validation loss on each tuning seed against
+    dense fp32's on that seed (``gap_<seed>``, a fraction), the mean and the worst gap, and
+    the MB one rank sent over a run."""
+    refs = tuning.get("reference_per_seed", [])
+    rows = []
+    for name, report in tuning.get("methods", {}).items():
+        for cand in report["candidates"]:
+            gaps = [loss / ref - 1 for loss, ref in zip(cand["final_val_loss_per_seed"], refs)]
+            first = next(iter(cand.get("by_link", {}).values()), {})
+            rows.append({"method": name, "setting": cand["label"],
+                         **{f"gap_{seed}": gap for seed, gap in zip(tuning["seeds"], gaps)},
+                         "gap_mean": statistics.fmean(gaps) if gaps else None,
+                         "gap_worst": max(gaps) if gaps else None, "mb": first.get("mb")})
+    return rows
+
+
+def tuning_columns(tuning: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    return [("method", "method", "s"), ("setting", "setting", "s"),
+            *((f"gap_{seed}", f"seed {seed} vs dense", "+.2%") for seed in tuning["seeds"]),
+            ("gap_mean", "mean", "+.2%"), ("gap_worst", "worst", "+.2%"),
+            ("mb", "MB sent per rank", ".1f")]
+
+
+def plot_tuning(results: Mapping[str, Any], path: Path) -> None:
+    """``--tune-only``: each tuned setting's final loss against dense fp32's, one point
+    per tuning seed and a bar for the mean; one panel per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for ax, (opt, table) in zip(axes[0], results.items()):
+        rows = tuning_rows(table["tuning"])
+        seeds = table["tuning"].get("seeds", [])
+        x = range(len(rows))
+        ax.bar(x, [100 * r["gap_mean"] for r in rows], color="C0", alpha=0.4, label="mean")
+        for j, seed in enumerate(seeds):
+            ax.plot(x, [100 * r[f"gap_{seed}"] for r in rows], "o", color=f"C{j + 1}",
+                    label=f"seed {seed}")
+        ax.axhline(0, color="grey", linewidth=1)
+        ax.set_xticks(list(x), [f"{r['method']}\n{r['setting']}\n{r['mb']:.1f} MB"
+                                for r in rows], fontsize=7)
+        ax.set_ylabel("final val loss vs dense fp32 (%)")
+        ax.set_title(f"{opt}: tuned settings on the tuning seeds", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def print_results(results: Mapping[str, Any]) -> None:
     for opt, table in results.items():
         c = table["calibration"]
@@ -1152,6 +1217,8 @@ def print_results(results: Mapping[str, Any]) -> None:
                   f"{' '.join(map(str, seeds))}, mean target "
                   f"{table['tuning']['target']:.4f}): "
                   + ", ".join(f"R={k}: {v}" for k, v in report["chosen"].items()))
+        if table["tuning"].get("methods"):
+            print_table(tuning_rows(table["tuning"]), tuning_columns(table["tuning"]))
         for key, block in table["ratios"].items():
             summary = block["summary"]
             print(f"\n### {opt} R={key}: rate {block['rate']}, all-reduce check "
@@ -1196,7 +1263,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}")
     if not args.no_plot:
         png = args.results_dir / f"{args.out}.png"
-        plot(results, png)
+        (plot_tuning if args.tune_only else plot)(results, png)
         print(f"wrote {png}")
     return 0
 

@@ -295,6 +295,35 @@ def test_arguments_are_named(capsys):
     assert e2e.plan(two)["tune_runs"] == 2 * e2e.plan(args)["tune_runs"] == 6
 
 
+def test_tune_only_stops_after_the_tuning_and_tabulates_it(tmp_path, capsys):
+    e2e = _e2e_module()
+    argv = ["--quick", "--tuning-seeds", "0", "4", "--tune-only"]
+    counts = e2e.plan(e2e.parse_args(argv))
+    assert counts["netem_runs"] == counts["unshaped_runs"] == 0 and counts["tune_runs"] == 6
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--quick", "--methods", "dense_fp32", "bucketed", "--tune-only"])
+    assert "--tune-only with --methods ['dense_fp32', 'bucketed'] runs nothing" in \
+        capsys.readouterr().err
+    # The table: each setting's loss per tuning seed against dense fp32's on that seed.
+    tuning = {"seeds": [0, 4], "reference_per_seed": [2.0, 4.0], "methods": {"outer": {
+        "candidates": [
+            {"label": "density=0.25", "final_val_loss_per_seed": [2.02, 3.96],
+             "by_link": {"4": {"mb": 35.3}}},
+            {"label": "density=0.015625", "final_val_loss_per_seed": [2.04, 4.12],
+             "by_link": {"4": {"mb": 18.2}}}]}}}
+    rows = e2e.tuning_rows(tuning)
+    assert [r["setting"] for r in rows] == ["density=0.25", "density=0.015625"]
+    assert rows[0]["gap_0"] == pytest.approx(0.01) and rows[0]["gap_4"] == pytest.approx(-0.01)
+    assert rows[0]["gap_mean"] == pytest.approx(0.0) and rows[0]["gap_worst"] == \
+        pytest.approx(0.01)
+    assert rows[1]["gap_mean"] == pytest.approx(0.025) and rows[1]["mb"] == 18.2
+    text = e2e.print_table(rows, e2e.tuning_columns(tuning))
+    assert "| outer | density=0.25 | +1.00% | -1.00% | +0.00% | +1.00% | 35.3 |" in text
+    png = tmp_path / "tuning.png"
+    e2e.plot_tuning({"adamw": {"tuning": tuning}}, png)
+    assert png.stat().st_size > 0
+
+
 def test_dry_run_lists_every_stage_without_root():
     proc = subprocess.run([sys.executable, str(E2E), "--quick", "--dry-run",
                            "--compute-seconds", "0.01", "--out", "e2e_test_dry"],
