@@ -20,13 +20,10 @@ import torch
 __all__ = ["ADAMW_OUTER", "BUCKET_LAYOUTS", "MASKS", "MASK_POLICIES", "SparsityConfig", "TILE_SIDE",
            "VALUE_BITS", "VALUE_DTYPES", "VALUE_LEVELS", "is_adam_family", "optimizer_chain"]
 
-ADAMW_OUTER: dict[str, Any] = {"sync_every": 5, "dense_steps": 10, "value_dtype": "bfloat16",
-                               "union_density": 0.5}
-"""The overrides of :meth:`SparsityConfig.sparseloco` that came closest to dense AdamW's
-quality on the main job at a few % of its bytes (docs/benchmarks.md, outer
-synchronisation): a sync every 5 steps, the first 10 syncs (50 steps) dense in bf16,
-then ``union_density=0.5``: each of ``P`` ranks sends ``1 / (2 P)`` of every tile at 2
-bits (a quarter at 2 ranks, 1/16 at 8), so one rank's bytes do not grow with ``P``.
+ADAMW_OUTER: dict[str, Any] = {"sync_every": 5, "dense_steps": 10, "value_dtype": "bfloat16"}
+"""The overrides of :meth:`SparsityConfig.sparseloco` that matched dense AdamW's quality on
+the main job at a few % of its bytes (docs/benchmarks.md, outer synchronisation at 8
+ranks): a sync every 5 steps, the first 10 syncs (50 steps) dense in bf16.
 :meth:`SparsityConfig.adamw_outer` builds it: ``distk.ddp.enable(ddp_model,
 SparsityConfig.adamw_outer(), optimizer=optimizer)`` (DDP, and HF Trainer / Accelerate /
 Lightning on DDP) or ``distk.outer.enable(model, optimizer, SparsityConfig.adamw_outer())``
@@ -248,16 +245,6 @@ class SparsityConfig:
     sync minus parameters now) and apply an outer step. 1 = every step; the DDP, FSDP
     and DeepSpeed integrations exchange gradients every step and refuse ``H > 1``."""
 
-    union_density: float | None = None
-    """Outer synchronisation (``sync_every > 1``): the share of each tensor's entries the
-    ranks' selections cover together (at most; less where they overlap). When set, each
-    rank selects ``min(1, union_density / world_size)`` of each tensor in place of
-    ``density`` (:meth:`for_world`, applied when outer synchronisation is enabled, at
-    that world size), so an outer step touches about the same share of entries at any
-    number of ranks, and one rank's all-gather bytes (``(P - 1) * k`` entries, ``k``
-    falling as ``1 / P``) stay below ``union_density`` times the tensor's size however
-    many ranks there are. ``None``: ``density`` as given. In (0, 1]; not with ``k``."""
-
     outer_lr: float = 1.0
     """Outer learning rate (``distk.outer``): parameters move by ``outer_lr`` times the
     averaged pseudo-gradient step; > 0. With 1.0, no momentum and density 1.0, a sync
@@ -463,17 +450,6 @@ class SparsityConfig:
                   f"'dense' when value_bits is None (the codec needs value_bits in {VALUE_BITS})")
         if not _is_int(self.sync_every) or self.sync_every < 1:
             _fail("sync_every", self.sync_every, "an integer >= 1")
-        if self.union_density is not None:
-            if not _is_number(self.union_density) or not 0.0 < self.union_density <= 1.0:
-                _fail("union_density", self.union_density, "None or a number in (0, 1]")
-            self.union_density = float(self.union_density)
-            if self.sync_every == 1:
-                _fail("union_density", self.union_density,
-                      "None when sync_every=1 (it sets the density of outer "
-                      "synchronisation: set sync_every > 1)")
-            if self.k is not None:
-                _fail("union_density", self.union_density,
-                      f"None when k={self.k} is set (it sets the density instead of k)")
         if not _is_number(self.outer_lr) or not 0.0 < self.outer_lr < math.inf:
             _fail("outer_lr", self.outer_lr, "a finite number > 0")
         self.outer_lr = float(self.outer_lr)
@@ -590,24 +566,10 @@ class SparsityConfig:
     def adamw_outer(cls, **overrides: Any) -> SparsityConfig:
         """The outer synchronisation that matched dense AdamW at a few % of its bytes:
         :meth:`sparseloco` with :data:`ADAMW_OUTER` (a sync every 5 inner steps, the
-        first 10 syncs dense in bf16, each of ``P`` ranks then sending ``1 / (2 P)`` of
-        every tile: ``union_density=0.5``). ``overrides`` replace any option
-        (``union_density=None`` gives the ``density`` back its say). Give it to
+        first 10 syncs dense in bf16). ``overrides`` replace any option. Give it to
         ``distk.ddp.enable(..., optimizer=...)`` (or a framework callback on DDP) or to
         ``distk.outer.enable``."""
         return cls.sparseloco(**{**ADAMW_OUTER, **overrides})
-
-    def for_world(self, world_size: int) -> SparsityConfig:
-        """This config at ``world_size`` ranks: with ``union_density`` set, ``density`` =
-        ``min(1, union_density / world_size)``; otherwise (or when nothing changes)
-        ``self``. Applying it twice at the same size changes nothing more."""
-        if not _is_int(world_size) or world_size < 1:
-            raise ValueError(f"SparsityConfig.for_world: world_size must be an integer >= 1, "
-                             f"got {world_size!r}")
-        if self.union_density is None:
-            return self
-        density = min(1.0, self.union_density / world_size)
-        return self if density == self.density else self.replace(density=density)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every option (JSON-serialisable; ``from_dict`` inverts it)."""

@@ -262,9 +262,6 @@ def test_adam_schedule_announces_a_skipped_warmup(capsys):
     assert (recommended.sync_every, recommended.dense_steps, recommended.value_bits) == (5, 10, 2)
     assert recommended.wire_dtype_for(torch.float32, whole=True, dense=True) == torch.bfloat16
     assert SparsityConfig.adamw_outer(sync_every=8).sync_every == 8
-    # Half of each tensor's entries over the ranks together: a quarter each at 2 ranks.
-    assert "then 50% of each tensor's entries split over the ranks at 2 bits" in said
-    assert recommended.union_density == 0.5 and recommended.for_world(2).density == 0.25
 
 
 def test_adam_schedule_leaves_outer_synchronisation_alone():

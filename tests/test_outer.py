@@ -18,7 +18,7 @@ import torch.distributed as dist
 from distributed import run_distributed, teacher_batch
 
 import distk
-from distk.config import ADAMW_OUTER, SparsityConfig
+from distk.config import SparsityConfig
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -241,8 +241,7 @@ def _ddp_outer(rank, world):
     return {"type": type(sync).__name__, "is_outer": isinstance(sync, OuterSync),
             "syncs": sync.syncs, "plain_syncs": plain_sync.syncs, "metrics": metrics,
             "synced": _params(ddp.module), "local": local_steps_differ,
-            "state_keys": sorted(sync.state_dict()), "said": said.getvalue(),
-            "density": sync.cfg.density}
+            "state_keys": sorted(sync.state_dict()), "said": said.getvalue()}
 
 
 def test_ddp_enable_with_sync_every_runs_outer_synchronisation(dense_runs):
@@ -253,8 +252,6 @@ def test_ddp_enable_with_sync_every_runs_outer_synchronisation(dense_runs):
         # The last sync was sparse (the first was the dense start): distk acted.
         assert metrics["distk/bytes_sent"] < metrics["distk/dense_bytes"] / 4, metrics
         assert metrics["distk/syncs"] == 3.0 and 0 < metrics["distk/density"] < 0.5
-        # ADAMW_OUTER's union_density, shared by the two ranks.
-        assert result["density"] == ADAMW_OUTER["union_density"] / 2
         assert {"anchors", "compressor", "rank"} <= set(result["state_keys"])
     # Rank 0 says that DDP's all-reduce is off; rank 1 stays quiet.
     assert "DDP's per-step all-reduce is switched off" in results[0]["said"]
@@ -273,28 +270,6 @@ def test_config_validation_of_outer_fields():
                                 ("outer_nesterov", 1, "a bool")]:
         with pytest.raises(ValueError, match=f"SparsityConfig.{key} must be {allowed}"):
             SparsityConfig.from_dict({key: value})
-
-
-def test_union_density_sets_each_ranks_density_from_the_world_size():
-    cfg = SparsityConfig.sparseloco(sync_every=5, union_density=0.5)
-    assert [cfg.for_world(p).density for p in (1, 2, 8)] == [0.5, 0.25, 0.0625]
-    resolved = cfg.for_world(8)
-    assert resolved.for_world(8) is resolved and resolved.union_density == 0.5
-    assert SparsityConfig.sparseloco().for_world(8) == SparsityConfig.sparseloco()
-    for changes, message in [
-        ({"union_density": 0.5}, "union_density must be None when sync_every=1"),
-        ({"sync_every": 5, "union_density": 0.0}, r"union_density must be None or a number "
-                                                  r"in \(0, 1\], got 0.0"),
-        ({"sync_every": 5, "union_density": 0.5, "k": 8},
-         "union_density must be None when k=8 is set")]:
-        with pytest.raises(ValueError, match=f"SparsityConfig.{message}"):
-            SparsityConfig.from_dict(changes)
-    with pytest.raises(ValueError, match="world_size must be an integer >= 1, got 0"):
-        cfg.for_world(0)
-    # A single process: the density of a world of one.
-    sync = distk.outer.enable(_model(0), torch.optim.SGD(_model(0).parameters(), lr=0.1),
-                              cfg.replace(min_numel=0))
-    assert sync.cfg.density == 0.5 and sync.compressor.cfg.density == 0.5
 
 
 def test_single_process_sync_every_step_and_state_round_trip():

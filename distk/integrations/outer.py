@@ -99,8 +99,7 @@ class OuterSync(StepOwner):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  cfg: SparsityConfig, group: Any = None,
                  entry: str = "distk.outer.enable") -> None:
-        cfg = as_sparsity_config(cfg)
-        super().__init__(cfg.for_world(rank_and_world(group)[1]), group, entry=entry)
+        super().__init__(as_sparsity_config(cfg), group, entry=entry)
         self.model = model
         self.optimizer = optimizer
         self.compressor = GradientCompressor(self.cfg, group)

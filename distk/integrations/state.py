@@ -122,9 +122,7 @@ def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,
               "optimizer=optimizer) (a sync every "
               f"{ADAMW_OUTER['sync_every']} steps, the first "
               f"{ADAMW_OUTER['dense_steps'] * ADAMW_OUTER['sync_every']} steps dense in "
-              f"{ADAMW_OUTER['value_dtype']}, then {ADAMW_OUTER['union_density']:.0%} of "
-              "each tensor's entries split over the ranks at 2 bits), or "
-              "distk.outer.enable(model, optimizer, "
+              f"{ADAMW_OUTER['value_dtype']}), or distk.outer.enable(model, optimizer, "
               "SparsityConfig.adamw_outer()) on a plain model "
               "(docs/train.md, \"AdamW at a true 1%\")", file=sys.stderr, flush=True)
     return scheduled
