@@ -157,6 +157,11 @@ class Method:
         return [dict(zip(keys, combo)) for combo in
                 itertools.product(*(self.tune[k] for k in keys))]
 
+    @property
+    def tuned(self) -> bool:
+        """Whether the tuning stage runs this method: more than one setting to choose from."""
+        return len(self.settings()) > 1
+
     def overrides(self, setting: Mapping[str, Any], steps: int) -> list[str]:
         """``key=value`` overrides of this method at ``setting`` for a run of ``steps``."""
         merged = {**self.set, **setting}
@@ -432,8 +437,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if set(args.bound) == set(args.methods):
         parser.error(f"--bound {args.bound} is invalid: at least one method must run under "
                      "netem (bound every row and nothing is measured)")
-    if args.tune_only and not any(len(args.method_table[m].settings()) > 1
-                                  for m in args.methods):
+    if args.tune_only and not any(args.method_table[m].tuned for m in args.methods):
         parser.error(f"--tune-only with --methods {args.methods} runs nothing: allowed "
                      "with a method that has knobs to tune (tune:KEY=V1,V2)")
     if args.sweep_steps < 0:
@@ -911,7 +915,7 @@ def plan(args: argparse.Namespace) -> dict[str, int]:
     (``--steps``, under netem; ``--bound`` methods' reported seeds unshaped, at most one
     run per tuned setting and seed; none with ``--tune-only``)."""
     methods = [args.method_table[m] for m in args.methods]
-    tune_runs = sum(len(m.settings()) for m in methods if len(m.settings()) > 1)
+    tune_runs = sum(len(m.settings()) for m in methods if m.tuned)
     out = {"sweep_runs": 0, "tune_runs": 0, "netem_runs": 0, "unshaped_runs": 0}
     n_tuning = len(args.tuning_seeds)
     for opt in args.optimizers:
@@ -919,9 +923,9 @@ def plan(args: argparse.Namespace) -> dict[str, int]:
             out["sweep_runs"] += len(methods) * len(args.lrs[opt]) * n_tuning
         # + dense fp32's reference, on every tuning seed
         out["tune_runs"] += (tune_runs + (1 if tune_runs else 0)) * n_tuning
-        links_n = len(args.rates or args.ratios)
         if args.tune_only:
             continue
+        links_n = len(args.rates or args.ratios)
         for m in methods:
             if m.name in args.bound:  # at most one unshaped run per setting and seed
                 out["unshaped_runs"] += len(args.seeds) * min(len(m.settings()), links_n)
@@ -959,7 +963,7 @@ def dry_run(args: argparse.Namespace, root: Path, config_path: Path) -> int:
         print("# tuning (train.lr below: the grid's middle; the sweep chooses it)")
         for name in args.methods:
             method = args.method_table[name]
-            if len(method.settings()) < 2 and name != "dense_fp32":
+            if not method.tuned and name != "dense_fp32":
                 continue
             for (i, setting), seed in itertools.product(enumerate(method.settings()),
                                                         args.tuning_seeds):
@@ -1056,7 +1060,7 @@ def run_protocol(args: argparse.Namespace, root: Path, config_path: Path
         chosen: dict[str, dict[str, dict[str, Any]]] = {
             name: {key: m.settings()[0] for key, *_ in link_list}
             for name, m in methods.items()}
-        tuned = [name for name, m in methods.items() if len(m.settings()) > 1]
+        tuned = [name for name, m in methods.items() if m.tuned]
         if tuned:
             references = [train(rate="none", method="dense_fp32", setting={},
                                 lr=chosen_lr["dense_fp32"], seed=seed, steps=args.steps,
