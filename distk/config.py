@@ -18,12 +18,16 @@ from typing import Any
 import torch
 
 __all__ = ["ADAMW_OUTER", "BUCKET_LAYOUTS", "MASKS", "MASK_POLICIES", "SparsityConfig", "TILE_SIDE",
-           "VALUE_BITS", "VALUE_DTYPES", "VALUE_LEVELS", "is_adam_family", "optimizer_chain"]
+           "VALUE_BITS", "VALUE_DTYPES", "VALUE_LEVELS", "is_adam_family", "optimizer_chain",
+           "outer_density"]
 
-ADAMW_OUTER: dict[str, Any] = {"sync_every": 5, "dense_steps": 10, "value_dtype": "bfloat16"}
+ADAMW_OUTER: dict[str, Any] = {"sync_every": 5, "dense_steps": 10, "value_dtype": "bfloat16",
+                               "density": "auto"}
 """The overrides of :meth:`SparsityConfig.sparseloco` that matched dense AdamW's quality on
-the main job at a few % of its bytes (docs/benchmarks.md, outer synchronisation at 8
-ranks): a sync every 5 steps, the first 10 syncs (50 steps) dense in bf16.
+the main job at a few % of its bytes (docs/benchmarks.md, outer synchronisation at 2, 4
+and 8 ranks): a sync every 5 steps, the first 10 syncs (50 steps) dense in bf16, and the
+share of each tile a rank sends chosen from the number of ranks (``density="auto"``,
+:func:`outer_density`).
 :meth:`SparsityConfig.adamw_outer` builds it: ``distk.ddp.enable(ddp_model,
 SparsityConfig.adamw_outer(), optimizer=optimizer)`` (DDP, and HF Trainer / Accelerate /
 Lightning on DDP) or ``distk.outer.enable(model, optimizer, SparsityConfig.adamw_outer())``
@@ -55,6 +59,27 @@ VALUE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 """Names accepted by ``SparsityConfig.value_dtype`` and the dtypes they stand for."""
+
+OUTER_DENSITY_RANGE = (1 / 64, 1 / 4)
+"""The shares of each tile :func:`outer_density` chooses between (64 and 1024 of 4096)."""
+
+
+def outer_density(world_size: int) -> float:
+    """``density="auto"`` of outer synchronisation: the share of each tensor one rank sends
+    at a sync of ``world_size`` ranks, ``1 / world_size**2`` held within
+    :data:`OUTER_DENSITY_RANGE` (1/4 at 2 ranks, 1/16 at 4, 1/64 at 8 and above).
+
+    Measured under AdamW on the main job (H = 5, 50 dense bf16 steps; docs/outer.md,
+    "The share per rank by world size"): the best of {1/4, 1/16, 1/64} by mean final
+    loss was 1/4 at 2 ranks, 1/16 at 4 and 1/64 at 8, so what a sync of all ranks covers
+    (``world_size * density``) falls as ``1 / world_size``. Sizes above 8 keep 1/64,
+    SparseLoCo's share (arXiv 2508.15706); 3, 5, 6 and 7 ranks follow the rule
+    unmeasured."""
+    if not _is_int(world_size) or world_size < 1:
+        raise ValueError(f"outer_density: world_size must be an integer >= 1, got "
+                         f"{world_size!r}")
+    low, high = OUTER_DENSITY_RANGE
+    return min(high, max(low, 1.0 / world_size ** 2))
 
 def optimizer_chain(optimizer: object) -> list[object]:
     """``optimizer`` and the optimizers it wraps (Accelerate's ``.optimizer``, Lightning's
@@ -107,8 +132,11 @@ class SparsityConfig:
     ``method="dense"`` use a dense all-reduce through the same code path.
     """
 
-    density: float = 0.01
-    """Fraction of entries each rank sends per tensor, in (0, 1]."""
+    density: float | str = 0.01
+    """Fraction of entries each rank sends per tensor, in (0, 1]; or ``"auto"`` with outer
+    synchronisation (``sync_every > 1``, ``k`` unset): :func:`outer_density` of the number
+    of ranks, resolved when the sync is attached (:meth:`for_world`) and announced on rank
+    0 (:meth:`adamw_outer` sets it)."""
 
     k: int | None = None
     """Fixed number of entries per tensor (overrides ``density``); ``None`` = use density.
@@ -369,9 +397,10 @@ class SparsityConfig:
     wire alone; otherwise one of the ``value_dtype`` names."""
 
     def __post_init__(self) -> None:
-        if not _is_number(self.density) or not 0.0 < self.density <= 1.0:
-            _fail("density", self.density, "a number in (0, 1]")
-        self.density = float(self.density)
+        if self.density != "auto":
+            if not _is_number(self.density) or not 0.0 < self.density <= 1.0:
+                _fail("density", self.density, "a number in (0, 1] or 'auto'")
+            self.density = float(self.density)
         if self.k is not None and (not _is_int(self.k) or self.k < 1):
             _fail("k", self.k, "None or an integer >= 1")
         if self.method not in METHODS:
@@ -402,7 +431,8 @@ class SparsityConfig:
         if not _is_number(self.warmup_density) or not 0.0 < self.warmup_density <= 1.0:
             _fail("warmup_density", self.warmup_density, "a number in (0, 1]")
         self.warmup_density = float(self.warmup_density)
-        if self.warmup_steps > 0 and self.k is None and self.warmup_density < self.density:
+        if (self.warmup_steps > 0 and self.k is None and self.density != "auto"
+                and self.warmup_density < self.density):
             _fail("warmup_density", self.warmup_density,
                   f"at least density={self.density} (the warm-up decays towards density)")
         if self.feedback not in FEEDBACKS:
@@ -450,6 +480,11 @@ class SparsityConfig:
                   f"'dense' when value_bits is None (the codec needs value_bits in {VALUE_BITS})")
         if not _is_int(self.sync_every) or self.sync_every < 1:
             _fail("sync_every", self.sync_every, "an integer >= 1")
+        if self.density == "auto" and (self.sync_every == 1 or self.k is not None):
+            _fail("density", self.density,
+                  "a number in (0, 1]: 'auto' (outer_density of the number of ranks) needs "
+                  f"outer synchronisation and no k; got sync_every={self.sync_every}, "
+                  f"k={self.k}")
         if not _is_number(self.outer_lr) or not 0.0 < self.outer_lr < math.inf:
             _fail("outer_lr", self.outer_lr, "a finite number > 0")
         self.outer_lr = float(self.outer_lr)
@@ -566,10 +601,19 @@ class SparsityConfig:
     def adamw_outer(cls, **overrides: Any) -> SparsityConfig:
         """The outer synchronisation that matched dense AdamW at a few % of its bytes:
         :meth:`sparseloco` with :data:`ADAMW_OUTER` (a sync every 5 inner steps, the
-        first 10 syncs dense in bf16). ``overrides`` replace any option. Give it to
+        first 10 syncs dense in bf16, each rank's share of a tile chosen from the number
+        of ranks: ``density="auto"``, :func:`outer_density`). ``overrides`` replace any
+        option (``density=64 / 4096`` fixes the share). Give it to
         ``distk.ddp.enable(..., optimizer=...)`` (or a framework callback on DDP) or to
         ``distk.outer.enable``."""
         return cls.sparseloco(**{**ADAMW_OUTER, **overrides})
+
+    def for_world(self, world_size: int) -> SparsityConfig:
+        """This config at ``world_size`` ranks: ``density="auto"`` replaced by
+        :func:`outer_density` (``world_size``); otherwise ``self``."""
+        if self.density != "auto":
+            return self
+        return self.replace(density=outer_density(world_size))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every option (JSON-serialisable; ``from_dict`` inverts it)."""
@@ -615,7 +659,8 @@ class SparsityConfig:
         """Whether :meth:`for_optimizer` adds the Adam density warm-up: only when the
         warm-up would decay towards a smaller density (``k`` set, or ``density`` below
         ``warmup_density``)."""
-        return self.k is not None or self.density < self.warmup_density
+        return self.k is not None or (self.density != "auto"
+                                      and self.density < self.warmup_density)
 
     # -- schedule -----------------------------------------------------------------------
 

@@ -56,9 +56,9 @@ def test_unknown_key_without_close_match_lists_valid_keys():
 
 
 @pytest.mark.parametrize("key,value,allowed", [
-    ("density", 0.0, "a number in \\(0, 1\\]"),
-    ("density", 1.5, "a number in \\(0, 1\\]"),
-    ("density", "0.1", "a number in \\(0, 1\\]"),
+    ("density", 0.0, "a number in \\(0, 1\\] or 'auto'"),
+    ("density", 1.5, "a number in \\(0, 1\\] or 'auto'"),
+    ("density", "0.1", "a number in \\(0, 1\\] or 'auto'"),
     ("k", 0, "None or an integer >= 1"),
     ("k", 2.0, "None or an integer >= 1"),
     ("method", "topk", "one of \\('bucketed', 'exact', 'dense'\\)"),

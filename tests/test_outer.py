@@ -473,6 +473,70 @@ def test_sparseloco_preset_trains_with_identical_bits_on_every_rank(capsys):
     assert metrics["distk/bits_per_param"] < 0.5
 
 
+def _auto_density_run(rank, world):
+    import contextlib
+    import io
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Tanh(),
+                                torch.nn.Linear(128, 1))
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        sync = distk.outer.enable(model, inner, SparsityConfig.adamw_outer(
+            sync_every=2, dense_steps=0, stats_interval=1))
+    for step in range(2):
+        _train_step_wide(model, inner, rank, step)
+    return sync.cfg.density, sync.stats.sent, sync.stats.numel, said.getvalue()
+
+
+def _train_step_wide(model, optimizer, rank, step):
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(100 * step + rank))
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_adamw_outer_chooses_each_ranks_share_from_the_number_of_ranks(world):
+    """SparsityConfig.adamw_outer() leaves density "auto": distk.outer.enable resolves it
+    to outer_density(world) (1/4 at 2 ranks, 1/16 at 4), says so on rank 0 only, and the
+    128 x 128 weight (four 64 x 64 tiles) sends that share of every tile."""
+    from distk.config import outer_density
+    assert SparsityConfig.adamw_outer().density == "auto"
+    results = run_distributed(_auto_density_run, world, timeout=180)
+    density = outer_density(world)
+    assert density == {2: 1 / 4, 4: 1 / 16}[world]
+    for rank, (resolved, sent, numel, said) in enumerate(results):
+        assert resolved == density
+        # The weight's tiles at the share; the 128-entry bias and the 129-entry last
+        # layer (under min_numel) every entry through the codec.
+        assert sent == round(density * 128 * 128) + 128 + 129
+        assert numel == 128 * 128 + 128 + 129
+        assert ("density='auto'" in said) == (rank == 0)
+    assert f"each rank sends {density:g}" in results[0][3]
+
+
+def test_auto_density_is_for_outer_synchronisation_only():
+    from distk.config import outer_density
+    with pytest.raises(ValueError, match=r"SparsityConfig.density .*'auto'.*sync_every=1"):
+        SparsityConfig(density="auto")
+    with pytest.raises(ValueError, match=r"SparsityConfig.density .*no k.*k=10"):
+        SparsityConfig(density="auto", sync_every=5, k=10)
+    with pytest.raises(ValueError, match=r"SparsityConfig.density must be a number in "
+                                         r"\(0, 1\] or 'auto', got 'half'"):
+        SparsityConfig(density="half")
+    cfg = SparsityConfig.adamw_outer()
+    assert SparsityConfig.from_dict(cfg.to_dict()) == cfg
+    assert [cfg.for_world(w).density for w in (1, 2, 3, 4, 8, 64)] == [
+        1 / 4, 1 / 4, 1 / 9, 1 / 16, 1 / 64, 1 / 64]
+    fixed = SparsityConfig.adamw_outer(density=0.25)
+    assert fixed.for_world(8) is fixed
+    with pytest.raises(ValueError, match="world_size must be an integer >= 1, got 0"):
+        outer_density(0)
+    with pytest.raises(ValueError, match=r"GradientCompressor: .*density='auto'.*for_world"):
+        distk.GradientCompressor(cfg)
+
+
 def _dense_start_run(rank, world, value_dtype):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(),

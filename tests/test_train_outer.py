@@ -28,12 +28,13 @@ def test_mode_configs() -> None:
     assert mode_config(cfg, "bucketed").sparsity.sync_every == 1  # per-step modes stay so
     assert mode_config(cfg, "outer").sparsity.sync_every == 30
     # A per-step config compares against the setting that matched dense AdamW: SparseLoCo's
-    # recipe every 5 steps, 50 dense bf16 steps (10 syncs) first, without the per-step
-    # AdamW schedule; the config's stats, recall and non-finite options kept.
+    # recipe every 5 steps, 50 dense bf16 steps (10 syncs) first, each rank's share by the
+    # number of ranks, without the per-step AdamW schedule; the config's stats, recall and
+    # non-finite options kept.
     tiny = load_config(TINY, ["sparsity.stats_interval=3", "sparsity.nonfinite=skip"])
     outer = mode_config(tiny, "outer")
     assert outer.sparsity == SparsityConfig.sparseloco(
-        sync_every=5, dense_steps=50, value_dtype="bfloat16", stats_interval=3,
+        sync_every=5, dense_steps=50, value_dtype="bfloat16", density="auto", stats_interval=3,
         recall_interval=tiny.sparsity.recall_interval, nonfinite="skip")
     assert (outer.train.adamw_dense_steps, outer.train.adamw_warmup_steps) == (0, 0)
     assert ADAMW_OUTER["dense_steps"] * ADAMW_OUTER["sync_every"] == 50

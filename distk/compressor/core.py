@@ -357,6 +357,12 @@ class GradientCompressor:
     def __init__(self, cfg: SparsityConfig | dict[str, Any] | None = None,
                  group: Any = None, *, defer_checks: bool = False) -> None:
         self.cfg = as_sparsity_config(cfg)
+        if self.cfg.density == "auto":
+            raise ValueError(
+                "GradientCompressor: SparsityConfig.density='auto' is the share outer "
+                "synchronisation chooses from the number of ranks, resolved when "
+                "distk.outer.enable or distk.ddp.enable attaches it; for a compressor of "
+                "your own pass cfg.for_world(world_size)")
         self.group = group
         self.defer_checks = defer_checks
         # defer_checks, one process: (step, key, device flag) of checks not yet read.

@@ -40,6 +40,7 @@ running statistics) are not synchronised.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -343,7 +344,15 @@ def attach(model: torch.nn.Module, optimizer: Any, cfg: SparsityConfig, group: A
     (Accelerate's and Lightning's wrappers hand their steps down to it), so steps a
     wrapper skips (gradient accumulation, an AMP overflow) are not counted."""
     inner = inner_optimizer(optimizer, entry)
-    _, world = rank_and_world(group)
+    rank, world = rank_and_world(group)
+    if cfg.density == "auto":
+        cfg = cfg.for_world(world)
+        if rank == 0:
+            print(f"[distk] {entry}: density='auto', so each rank sends {cfg.density:g} of "
+                  f"every tensor at a sync ({round(cfg.density * 4096)} of each 64 x 64 "
+                  f"tile; distk.config.outer_density({world}): 1/world_size^2 within "
+                  "1/64..1/4, the share that matched dense AdamW at 2, 4 and 8 ranks; "
+                  "docs/outer.md). Set density to fix it.", file=sys.stderr, flush=True)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if world > 1:
         check_same_config(cfg, group)

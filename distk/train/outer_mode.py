@@ -76,7 +76,8 @@ def adamw_outer_notice() -> str:
     every, syncs = ADAMW_OUTER["sync_every"], ADAMW_OUTER["dense_steps"]
     return (f"[distk-train] mode {OUTER_MODE!r}: sparsity.sync_every is 1, so it runs "
             f"SparseLoCo's recipe at distk.config.ADAMW_OUTER (a sync every {every} steps, "
-            f"{syncs * every} dense {ADAMW_OUTER['value_dtype']} steps first) in place of the "
+            f"{syncs * every} dense {ADAMW_OUTER['value_dtype']} steps first, the share of "
+            "each tile by the number of ranks) in place of the "
             "config's sparsity options; set sparsity.sync_every > 1 to compare your own")
 
 
@@ -87,7 +88,8 @@ def outer_mode_config(cfg: TrainConfig) -> TrainConfig:
     selection of the pseudo-gradients. One that leaves it at 1 (a per-step config, such
     as the main job's) runs the setting that matched dense AdamW:
     ``SparsityConfig.adamw_outer()`` (a sync every 5 steps, 50 dense steps
-    in bf16, then 64 of every 4096-entry tile at 2 bits), keeping the config's
+    in bf16, then each rank's share of every 4096-entry tile chosen from the number of
+    ranks, at 2 bits: :func:`~distk.config.outer_density`), keeping the config's
     ``stats_interval``, ``recall_interval`` and ``nonfinite``, and without the job's
     AdamW schedule for per-step exchange (``train.adamw_dense_steps`` /
     ``adamw_warmup_steps``)."""
