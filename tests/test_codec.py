@@ -201,6 +201,63 @@ def test_wire_round_trip_bucketed(bits, numel, buckets, k_per_bucket, interleave
     assert torch.equal(values[1], wire.decoded(x[positions]))
 
 
+def _tile_selection(rows, cols, per_tile, seed):
+    """The top ``per_tile`` of every 64 x 64 tile of a ``rows x cols`` matrix, tiles in
+    order, each tile's entries by descending magnitude (as the tile layout selects)."""
+    from distk.comm.wire import from_tile_order, to_tile_order
+    x = torch.randn(rows * cols, generator=torch.Generator().manual_seed(seed))
+    in_tile_order = torch.empty_like(x)
+    in_tile_order[to_tile_order(torch.arange(x.numel()), cols)] = x
+    tiles = x.numel() // 4096
+    top = in_tile_order.view(tiles, 4096).abs().topk(per_tile, dim=1).indices
+    order = (torch.arange(tiles)[:, None] * 4096 + top).reshape(-1)
+    return x, from_tile_order(order, cols)
+
+
+@pytest.mark.parametrize("bits", VALUE_BITS)
+@pytest.mark.parametrize("shape,buckets,k_per_bucket", [
+    ((128, 192), 6, 1024),     # a quarter of every tile: 4096 bits a tile, not 12288
+    ((64, 64), 1, 400),        # just above 4096 / 12 per tile
+    (4097 * 3 - 2, 3, 500),    # contiguous flat buckets of uneven sizes, 13-bit offsets
+])
+def test_wire_bitmap_where_offsets_cost_more(bits, shape, buckets, k_per_bucket):
+    """Contiguous buckets whose entries would take more offset bits than the bucket has
+    entries travel as a bitmap of numel bits: each bucket's entries in ascending order,
+    every position with the value it decodes to in selection order."""
+    tiled = isinstance(shape, tuple)
+    if tiled:
+        x, positions = _tile_selection(*shape, k_per_bucket, seed=bits)
+    else:
+        x, positions = _bucketed_selection(shape, buckets, k_per_bucket, False, bits)
+    numel, k = x.numel(), buckets * k_per_bucket
+    wire = WireFormat(numel, k, torch.float32, buckets, k_per_bucket, False, bits,
+                      tiles=shape if tiled else None)
+    assert wire.bitmap and wire.index_code & (1 << 27)
+    payload = wire.pack(positions, x[positions])
+    group = codec_group_size(k_per_bucket)
+    assert payload.numel() == wire.payload_bytes == (
+        range_bytes(bits) * math.ceil(k / group) + (k * bits + 7) // 8 + (numel + 7) // 8)
+    assert wire.payload_bytes < wire.codec.nbytes + (k * wire.index_bits + 7) // 8
+    indices, values = wire.unpack(torch.stack([payload, payload]))
+    assert torch.equal(indices[0], indices[1]) and torch.equal(values[0], values[1])
+    assert torch.equal(indices[0].sort().values, positions.sort().values)
+    sent, received = torch.zeros(numel), torch.zeros(numel)
+    sent[positions] = wire.decoded(x[positions])
+    received[indices[0]] = values[0]
+    assert torch.equal(received, sent)
+    # One set bit too many is a corrupt payload, refused on the CPU.
+    corrupt = payload.clone()
+    bitmap = corrupt[wire.codec.nbytes:]
+    free = int((unpack_bits(bitmap, numel, 1) == 0).nonzero()[0])
+    bitmap[free // 8] |= 1 << (free % 8)
+    with pytest.raises(ValueError, match=f"exactly k={k} set bits"):
+        wire.unpack(corrupt)
+    # Below 1/12 of each tile the 12-bit offsets stay.
+    sparse = WireFormat(numel, buckets * 64, torch.float32, buckets, 64, False, bits,
+                        tiles=shape if tiled else None)
+    assert not sparse.bitmap and not sparse.index_code & (1 << 27)
+
+
 @pytest.mark.parametrize("numel,k", [(2, 1), (1000, 3), (65537, 100), (4096, 4095)])
 def test_wire_round_trip_absolute(numel, k):
     gen = torch.Generator().manual_seed(numel)

@@ -26,9 +26,14 @@ With ``value_bits`` set (the compact codec of :mod:`distk.comm.codec`), the payl
 instead: ranges (two per group of :func:`codec_group_size` entries, bfloat16 up to 4
 bits and float32 at 8), values packed at ``value_bits`` bits each, then indices packed at
 ``index_bits`` bits each (``ceil(log2(bucket size))`` for bucket offsets,
-``ceil(log2(numel))`` for positions, none when every entry is sent in order).
-Values then decode to float32; :meth:`WireFormat.decoded` gives exactly what receivers
-decode.
+``ceil(log2(numel))`` for positions, none when every entry is sent in order), or, with
+contiguous buckets (tiles included) where it is smaller, a **bitmap** of ``numel`` bits,
+one per position in bucket order (:attr:`WireFormat.bitmap`: when a bucket's entries
+cost more offset bits than the bucket has entries, e.g. above 1/12 of each 4096-entry
+tile). With the bitmap, each bucket's entries travel in ascending offset order: the
+codec's ranges cover whole buckets, so every entry decodes to the same value as in
+selection order. Values then decode to float32; :meth:`WireFormat.decoded` gives exactly
+what receivers decode.
 """
 
 from __future__ import annotations
@@ -254,10 +259,24 @@ class WireFormat:
     @property
     def index_bits(self) -> int:
         """Bits of one index on the wire (bit-packed with the codec, else the dtype's; 0
-        when :attr:`implicit`)."""
+        when :attr:`implicit`); with :attr:`bitmap`, the offset bits the bitmap replaces."""
         if self.value_bits is None:
             return 8 * self.index_dtype.itemsize
         return 0 if self.implicit else bits_for(self.bucket_size)
+
+    @property
+    def bitmap(self) -> bool:
+        """Whether positions travel as a bitmap of ``numel`` bits (codec, contiguous
+        buckets, and fewer bits than ``k`` offsets of :attr:`index_bits` each)."""
+        return (self.value_bits is not None and self.bucketed and not self.interleaved
+                and not self.implicit and self.numel < self.k * self.index_bits)
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of the codec's index section: the bitmap or the packed offsets."""
+        if self.bitmap:
+            return packed_nbytes(self.numel, 1)
+        return packed_nbytes(self.k, self.index_bits)
 
     @property
     def bits_per_entry(self) -> float:
@@ -289,6 +308,28 @@ class WireFormat:
         if self.tiles is not None:
             positions = from_tile_order(positions, self.tiles[1])
         return positions
+
+    def _bucket_order(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions in the coordinates of contiguous buckets (tile order with tiles)."""
+        return to_tile_order(positions, self.tiles[1]) if self.tiles is not None else positions
+
+    def _from_bitmap(self, packed: torch.Tensor) -> torch.Tensor:
+        """``(..., numel / 8)`` bitmaps -> ``(..., k)`` int64 positions, ascending in bucket
+        order. Without a host sync: the ``j``-th set bit is where the running count of set
+        bits first reaches ``j + 1``. A bitmap that does not hold exactly ``k`` set bits
+        raises on the CPU (on a GPU that check would stall the stream)."""
+        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+        bits = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :self.numel]
+        counts = torch.cumsum(bits, dim=-1, dtype=torch.int32)
+        if not counts.is_cuda and bool((counts[..., -1] != self.k).any()):
+            raise ValueError(f"a bitmap of {self.numel} positions must hold exactly "
+                             f"k={self.k} set bits, got {counts[..., -1].tolist()}")
+        wanted = torch.arange(1, self.k + 1, dtype=torch.int32, device=packed.device).expand(
+            *counts.shape[:-1], self.k).contiguous()
+        order = torch.searchsorted(counts, wanted)
+        if self.tiles is not None:
+            return from_tile_order(order, self.tiles[1])
+        return order
 
     def pack_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """``(k,)`` int64 positions (in bucket order with implicit bucket ids) ->
@@ -322,7 +363,7 @@ class WireFormat:
     def index_bytes(self) -> int | float:
         """Bytes of one index (with the codec: ``index_bits / 8``, a fraction)."""
         if self.value_bits is not None:
-            return self.index_bits / 8
+            return self.index_nbytes / self.k if self.bitmap else self.index_bits / 8
         return self.index_dtype.itemsize
 
     @property
@@ -344,7 +385,7 @@ class WireFormat:
         """Bytes of one rank's packed entries."""
         codec = self.codec
         if codec is not None:
-            return codec.nbytes + packed_nbytes(self.k, self.index_bits)
+            return codec.nbytes + self.index_nbytes
         return self.k * self.entry_bytes
 
     @property
@@ -360,6 +401,8 @@ class WireFormat:
                 code += 1 << 25
             elif self.value_levels == "sigma":
                 code += 1 << 26
+            if self.bitmap:
+                code += 1 << 27
         return code
 
     def _sections(self) -> tuple[tuple[str, int, int], ...]:
@@ -379,6 +422,12 @@ class WireFormat:
         if indices.shape != (self.k,) or values.shape != (self.k,):
             raise ValueError(f"pack expects indices and values of shape ({self.k},), got "
                              f"{tuple(indices.shape)} and {tuple(values.shape)}")
+        if self.bitmap:
+            order = self._bucket_order(indices)
+            ascending, sort = torch.sort(order)
+            bits = torch.zeros(self.numel, dtype=torch.uint8, device=indices.device)
+            bits[ascending] = 1
+            return torch.cat([self.codec.pack(values[sort]), pack_bits(bits, 1)])
         if self.bucketed:
             indices = self._offsets(indices)
         codec = self.codec
@@ -401,6 +450,8 @@ class WireFormat:
             values = codec.unpack(payload[..., : codec.nbytes])
             if self.implicit:
                 return torch.arange(self.k, device=payload.device).expand_as(values), values
+            if self.bitmap:
+                return self._from_bitmap(payload[..., codec.nbytes:]), values
             indices = unpack_bits(payload[..., codec.nbytes:], self.k, self.index_bits)
             if self.bucketed:
                 indices = self._positions(indices)
