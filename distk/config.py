@@ -70,10 +70,11 @@ def outer_density(world_size: int) -> float:
     :data:`OUTER_DENSITY_RANGE` (1/4 at 2 ranks, 1/16 at 4, 1/64 at 8 and above).
 
     Measured under AdamW on the main job (H = 5, 50 dense bf16 steps; docs/outer.md,
-    "The share per rank by world size"): the best of {1/4, 1/16, 1/64} by mean final
-    loss was 1/4 at 2 ranks, 1/16 at 4 and 1/64 at 8, so what a sync of all ranks covers
-    (``world_size * density``) falls as ``1 / world_size``. Sizes above 8 keep 1/64,
-    SparseLoCo's share (arXiv 2508.15706); 3, 5, 6 and 7 ranks follow the rule
+    "The share per rank by world size"): by mean final loss on tuning seeds, 1/4 beat
+    1/8, 1/16 and 1/64 at 2 ranks; 1/16 beat 1/4 and 1/64 at 4; at 8, 1/128 and 1/64 were
+    level within a seed's spread and 1/16 and 1/32 lost. So what a sync of all ranks
+    covers (``world_size * density``) falls as ``1 / world_size``. Sizes above 8 keep
+    1/64, SparseLoCo's share (arXiv 2508.15706); 3, 5, 6 and 7 ranks follow the rule
     unmeasured."""
     if not _is_int(world_size) or world_size < 1:
         raise ValueError(f"outer_density: world_size must be an integer >= 1, got "

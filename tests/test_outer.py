@@ -486,7 +486,7 @@ def _auto_density_run(rank, world):
             sync_every=2, dense_steps=0, stats_interval=1))
     for step in range(2):
         _train_step_wide(model, inner, rank, step)
-    return sync.cfg.density, sync.stats.sent, sync.stats.numel, said.getvalue()
+    return sync.cfg.density, sync.stats.sent, sync.stats.numel, said.getvalue(), _params(model)
 
 
 def _train_step_wide(model, optimizer, rank, step):
@@ -500,19 +500,22 @@ def _train_step_wide(model, optimizer, rank, step):
 def test_adamw_outer_chooses_each_ranks_share_from_the_number_of_ranks(world):
     """SparsityConfig.adamw_outer() leaves density "auto": distk.outer.enable resolves it
     to outer_density(world) (1/4 at 2 ranks, 1/16 at 4), says so on rank 0 only, and the
-    128 x 128 weight (four 64 x 64 tiles) sends that share of every tile."""
+    128 x 128 weight (four 64 x 64 tiles) sends that share of every tile (at 2 ranks a
+    quarter: positions as a bitmap), and the replicas are identical after the sync."""
     from distk.config import outer_density
     assert SparsityConfig.adamw_outer().density == "auto"
     results = run_distributed(_auto_density_run, world, timeout=180)
     density = outer_density(world)
     assert density == {2: 1 / 4, 4: 1 / 16}[world]
-    for rank, (resolved, sent, numel, said) in enumerate(results):
+    for rank, (resolved, sent, numel, said, params) in enumerate(results):
         assert resolved == density
         # The weight's tiles at the share; the 128-entry bias and the 129-entry last
         # layer (under min_numel) every entry through the codec.
         assert sent == round(density * 128 * 128) + 128 + 129
         assert numel == 128 * 128 + 128 + 129
         assert ("density='auto'" in said) == (rank == 0)
+        for mine, first in zip(params, results[0][4], strict=True):
+            assert torch.equal(mine, first)
     assert f"each rank sends {density:g}" in results[0][3]
 
 
