@@ -82,6 +82,7 @@ def outer_density(world_size: int) -> float:
     low, high = OUTER_DENSITY_RANGE
     return min(high, max(low, 1.0 / world_size ** 2))
 
+
 def optimizer_chain(optimizer: object) -> list[object]:
     """``optimizer`` and the optimizers it wraps (Accelerate's ``.optimizer``, Lightning's
     ``._optimizer``, DeepSpeed ZeRO's ``.optimizer``), outermost first."""
