@@ -137,8 +137,8 @@ class SparsityConfig:
     density: float | str = 0.01
     """Fraction of entries each rank sends per tensor, in (0, 1]; or ``"auto"`` with outer
     synchronisation (``sync_every > 1``, ``k`` unset): :func:`outer_density` of the number
-    of ranks, resolved when the sync is attached (:meth:`for_world`) and announced on rank
-    0 (:meth:`adamw_outer` sets it)."""
+    of ranks, resolved when the :class:`~distk.integrations.outer.OuterSync` is built
+    (:meth:`for_world`) and announced on rank 0 (:meth:`adamw_outer` sets it)."""
 
     k: int | None = None
     """Fixed number of entries per tensor (overrides ``density``); ``None`` = use density.

@@ -538,6 +538,10 @@ def test_auto_density_is_for_outer_synchronisation_only():
         outer_density(0)
     with pytest.raises(ValueError, match=r"GradientCompressor: .*density='auto'.*for_world"):
         distk.GradientCompressor(cfg)
+    # OuterSync itself resolves it (one process: a world of one), for its compressor too.
+    model = _model(0)
+    sync = distk.outer.OuterSync(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg)
+    assert sync.cfg.density == sync.compressor.cfg.density == outer_density(1)
 
 
 def _dense_start_run(rank, world, value_dtype):

@@ -318,6 +318,8 @@ class WireFormat:
         order. Without a host sync: the ``j``-th set bit is where the running count of set
         bits first reaches ``j + 1``. A bitmap that does not hold exactly ``k`` set bits
         raises on the CPU (on a GPU that check would stall the stream)."""
+        # unpack_bits' width-1 path, kept in uint8: its int64 codes would take 8 bytes a
+        # position of the tensor, per rank.
         shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
         bits = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :self.numel]
         counts = torch.cumsum(bits, dim=-1, dtype=torch.int32)

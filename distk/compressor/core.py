@@ -360,9 +360,9 @@ class GradientCompressor:
         if self.cfg.density == "auto":
             raise ValueError(
                 "GradientCompressor: SparsityConfig.density='auto' is the share outer "
-                "synchronisation chooses from the number of ranks, resolved when "
-                "distk.outer.enable or distk.ddp.enable attaches it; for a compressor of "
-                "your own pass cfg.for_world(world_size)")
+                "synchronisation chooses from the number of ranks, resolved by OuterSync "
+                "(distk.outer.enable, distk.ddp.enable); for a compressor of your own pass "
+                "cfg.for_world(world_size)")
         self.group = group
         self.defer_checks = defer_checks
         # defer_checks, one process: (step, key, device flag) of checks not yet read.

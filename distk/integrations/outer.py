@@ -50,7 +50,7 @@ import torch.distributed as dist
 from distk.comm import check_same_config, rank_and_world
 from distk.comm.group import all_gather_flat, collective_device, tensor_digest
 from distk.compressor import GradientCompressor, as_sparsity_config
-from distk.config import SparsityConfig, optimizer_chain
+from distk.config import TILE_SIDE, SparsityConfig, optimizer_chain
 from distk.integrations.owner import StepOwner
 from distk.stats import StepStats
 
@@ -101,6 +101,16 @@ class OuterSync(StepOwner):
                  cfg: SparsityConfig, group: Any = None,
                  entry: str = "distk.outer.enable") -> None:
         super().__init__(as_sparsity_config(cfg), group, entry=entry)
+        if self.cfg.density == "auto":
+            self.cfg = self.cfg.for_world(self.world_size)
+            if self.rank == 0:
+                print(f"[distk] {entry}: density='auto', so each rank sends "
+                      f"{self.cfg.density:g} of every tensor at a sync "
+                      f"({round(self.cfg.density * TILE_SIDE ** 2)} of each {TILE_SIDE} x "
+                      f"{TILE_SIDE} tile; distk.config.outer_density({self.world_size}): "
+                      "1/world_size^2 within 1/64..1/4, the share that matched dense AdamW "
+                      "at 2, 4 and 8 ranks; docs/outer.md). Set density to fix it.",
+                      file=sys.stderr, flush=True)
         self.model = model
         self.optimizer = optimizer
         self.compressor = GradientCompressor(self.cfg, group)
@@ -344,15 +354,7 @@ def attach(model: torch.nn.Module, optimizer: Any, cfg: SparsityConfig, group: A
     (Accelerate's and Lightning's wrappers hand their steps down to it), so steps a
     wrapper skips (gradient accumulation, an AMP overflow) are not counted."""
     inner = inner_optimizer(optimizer, entry)
-    rank, world = rank_and_world(group)
-    if cfg.density == "auto":
-        cfg = cfg.for_world(world)
-        if rank == 0:
-            print(f"[distk] {entry}: density='auto', so each rank sends {cfg.density:g} of "
-                  f"every tensor at a sync ({round(cfg.density * 4096)} of each 64 x 64 "
-                  f"tile; distk.config.outer_density({world}): 1/world_size^2 within "
-                  "1/64..1/4, the share that matched dense AdamW at 2, 4 and 8 ranks; "
-                  "docs/outer.md). Set density to fix it.", file=sys.stderr, flush=True)
+    _, world = rank_and_world(group)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if world > 1:
         check_same_config(cfg, group)
