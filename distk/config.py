@@ -610,6 +610,19 @@ class SparsityConfig:
         ``distk.outer.enable``."""
         return cls.sparseloco(**{**ADAMW_OUTER, **overrides})
 
+    @classmethod
+    def default_for(cls, optimizer: object = None, *, outer_sync: bool = True) -> SparsityConfig:
+        """distk's config when the user gives none (``cfg=None`` to ``distk.ddp.enable``,
+        ``distk.enable`` and the framework adapters): :meth:`adamw_outer` for an
+        Adam-family ``optimizer`` where outer synchronisation can run (``outer_sync``:
+        a DDP model), the setting that matched dense AdamW at a few % of its bytes;
+        otherwise ``SparsityConfig()``, the per-step exchange at 1% (under an Adam-family
+        optimizer with :meth:`for_optimizer`'s schedule). An explicit
+        ``SparsityConfig()`` always means the per-step exchange."""
+        if outer_sync and optimizer is not None and is_adam_family(optimizer):
+            return cls.adamw_outer()
+        return cls()
+
     def for_world(self, world_size: int) -> SparsityConfig:
         """This config at ``world_size`` ranks: ``density="auto"`` replaced by
         :func:`outer_density` (``world_size``); otherwise ``self``."""

@@ -19,6 +19,8 @@ DeepSpeed run costs about a minute here).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 import pytest
@@ -266,14 +268,24 @@ def _hf_outer_job(rank: int, world_size: int, output_dir: str) -> dict:
                       train_dataset=_token_rows(64, seed=rank), callbacks=[resumed_callback])
     resumed.add_callback(Probe(resumed_callback))
     resumed.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-4"))
+    # DistkCallback() with no config and no DeepSpeed: distk's default for the Trainer's
+    # AdamW, SparsityConfig.adamw_outer(), announced on rank 0.
+    default_callback = DistkCallback()
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        Trainer(model=_gpt2(), args=_hf_args(os.path.join(output_dir, "default"), max_steps=1),
+                train_dataset=_token_rows(64, seed=rank), callbacks=[default_callback]).train()
+    default = (type(default_callback.state).__name__, default_callback.state.cfg,
+               "SparsityConfig.adamw_outer()" in said.getvalue())
     return {**result, **probes, "resumed_syncs": resumed_callback.state.syncs,
             "refusal": _refusal_of_other_rank(os.path.join(output_dir, "checkpoint-4"),
-                                              resumed_callback.state)}
+                                              resumed_callback.state), "default": default}
 
 
 def test_hf_trainer_ddp_runs_outer_synchronisation_from_the_callback(tmp_path):
     """One line: DistkCallback(SparsityConfig.adamw_outer()) on DDP switches DDP's
-    all-reduce off and synchronises every sync_every steps of the Trainer's AdamW."""
+    all-reduce off and synchronises every sync_every steps of the Trainer's AdamW; so does
+    DistkCallback() with no config (distk's default for AdamW on DDP)."""
     pytest.importorskip("transformers", reason="HF Trainer test needs distk[frameworks]")
     pytest.importorskip("accelerate", reason="HF Trainer needs accelerate (distk[frameworks])")
     import torch
@@ -295,6 +307,11 @@ def test_hf_trainer_ddp_runs_outer_synchronisation_from_the_callback(tmp_path):
     # refused by rank 0) and the sync counter goes on from there: 3 syncs at step 6.
     _assert_restored_per_rank(results)
     assert [result["resumed_syncs"] for result in results] == [3, 3]
+    # DistkCallback() alone: outer synchronisation for the Trainer's AdamW, said on rank 0.
+    from distk.config import SparsityConfig
+    assert [result["default"] for result in results] == [
+        ("OuterSync", SparsityConfig.adamw_outer(density=0.25), said)
+        for said in (True, False)]
 
 
 def _ds_config(stage: int) -> dict:
@@ -609,12 +626,16 @@ def test_enable_refuses_an_unwrapped_model_and_a_missing_config():
     import torch
 
     import distk
-    from distk.integrations.auto import config_for
+    from distk.integrations.auto import config_for, resolve_config
 
     with pytest.raises(TypeError, match="DistributedDataParallel module, an FSDP2"):
         distk.enable(torch.nn.Linear(4, 4), {"density": 0.1})
+    # Neither a cfg nor a block: None, distk's default for the optimizer on DDP and FSDP;
+    # a DeepSpeed engine's config must carry the block (resolve_config, its path).
+    assert config_for(None, {"zero_optimization": {"stage": 1}}, where="test") is None
+    assert config_for(None, None, where="test") is None
     with pytest.raises(ValueError, match='no DeepSpeed config with a "distk" block'):
-        config_for(None, {"zero_optimization": {"stage": 1}}, where="test")
+        resolve_config(None, {"zero_optimization": {"stage": 1}}, where="test")
     with pytest.raises(ValueError, match="differs from the \"distk\" block"):
         config_for({"density": 0.5}, {"distk": {"density": 0.1}}, where="test")
     with pytest.raises(TypeError, match="cfg must be"):

@@ -646,3 +646,86 @@ def test_long_run_benchmark_trains_the_preset(tmp_path):
     assert rows[("recipe", 30, 0)]["final_val_loss"] == 2.0
     with pytest.raises(SystemExit, match="allowed only files of --steps 3000 --nproc 4"):
         outer_long.carried([str(earlier)], 3000, 4)
+
+
+def _no_config_run(rank, world):
+    """distk.enable / distk.ddp.enable / distk.fsdp.enable with no config: what each chose
+    and what it said, and (DDP + AdamW) the outer synchronisation it ran."""
+    import contextlib
+    import io
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from distk.integrations.ddp import DDPCompressionState
+    from distk.integrations.fsdp import FSDPCompressionState
+    out = {}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Tanh(),
+                                torch.nn.Linear(128, 1))
+    ddp = DDP(model)
+    inner = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        sync = distk.enable(ddp, optimizer=inner)
+    sent_by_sync = []
+    for step in range(12 * sync.cfg.sync_every):  # 10 dense syncs, then two sparse ones
+        _train_step_wide(ddp, inner, rank, step)
+        if (step + 1) % sync.cfg.sync_every == 0:
+            sent_by_sync.append(sync.stats.sent / sync.stats.numel)
+    out["adamw"] = (type(sync).__name__, sync.cfg, said.getvalue(), sent_by_sync,
+                    _params(model))
+    for name, optimizer in (("sgd", torch.optim.SGD), ("none", None)):
+        ddp = DDP(torch.nn.Linear(128, 128))
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):
+            state = distk.ddp.enable(ddp, optimizer=None if optimizer is None
+                                     else optimizer(ddp.parameters(), lr=0.1))
+        for step in range(2):  # DDP's first step rebuilds its buckets, dense
+            x = torch.randn(8, 128, generator=torch.Generator().manual_seed(step + 10 * rank))
+            ddp(x).square().mean().backward()
+        out[name] = (isinstance(state, DDPCompressionState), state.cfg, said.getvalue(),
+                     state.stats.density)
+    fsdp = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 128))
+    fully_shard(fsdp)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        state = distk.fsdp.enable(fsdp, optimizer=torch.optim.AdamW(fsdp.parameters()))
+    out["fsdp"] = (isinstance(state, FSDPCompressionState), state.cfg, said.getvalue())
+    return out
+
+
+def test_no_config_means_outer_synchronisation_under_adamw_on_ddp():
+    """With no config distk takes its default for the optimizer
+    (SparsityConfig.default_for): on DDP under AdamW SparsityConfig.adamw_outer() (outer
+    synchronisation, its share resolved at 2 ranks: a quarter of each tile), which runs:
+    ten dense syncs, then sparse ones, replicas identical after each; under SGD or with no
+    optimizer the per-step SparsityConfig(); on FSDP, which cannot run outer
+    synchronisation, the per-step one with the Adam schedule. Rank 0 alone says which
+    it took and why. An explicit SparsityConfig() still means the per-step exchange."""
+    assert SparsityConfig.default_for("adamw") == SparsityConfig.adamw_outer()
+    assert SparsityConfig.default_for("adamw", outer_sync=False) == SparsityConfig()
+    assert SparsityConfig.default_for(None) == SparsityConfig.default_for("sgd") == \
+        SparsityConfig()
+    results = run_distributed(_no_config_run, 2, timeout=240)
+    for rank, out in enumerate(results):
+        kind, cfg, said, sent_by_sync, params = out["adamw"]
+        assert kind == "OuterSync"
+        assert cfg == SparsityConfig.adamw_outer(density=0.25)
+        assert sent_by_sync[:10] == [1.0] * 10  # the first 10 syncs are dense (bf16)
+        assert all(0 < share < 0.3 for share in sent_by_sync[10:])  # a quarter of each tile
+        for mine, first in zip(params, results[0]["adamw"][4], strict=True):
+            assert torch.equal(mine, first)
+        assert ("no config given; the optimizer (AdamW) is Adam-family, so distk uses "
+                "SparsityConfig.adamw_outer()" in said) == (rank == 0)
+        for name, expect in (("sgd", "(SGD) is not Adam-family"), ("none", "no optimizer=")):
+            is_hook, cfg, said, density = out[name]
+            assert is_hook and cfg == SparsityConfig()
+            assert density < 0.05  # the second step sends about 1%
+            assert (expect in said) == (rank == 0)
+        is_fsdp, cfg, said = out["fsdp"]
+        # (FSDP keeps residuals in bf16 under "auto": they are sharded with the model)
+        assert is_fsdp and cfg.replace(residual_dtype="auto") == \
+            SparsityConfig().for_optimizer("adamw")
+        assert cfg.sync_every == 1 and cfg.dense_steps == cfg.adam_dense_steps > 0
+        assert ("distk.fsdp.enable cannot run outer synchronisation" in said) == (rank == 0)

@@ -63,7 +63,11 @@ def enable(accelerator: Any, cfg: Any = None, model: Any = None) -> Any:
         accelerator: the ``accelerate.Accelerator`` that prepared the model (DDP, FSDP
             or DeepSpeed; ``distributed_type`` MULTI_CPU / MULTI_GPU, FSDP or DEEPSPEED).
         cfg: a :class:`~distk.config.SparsityConfig`, a dict of its keys, or None: then
-            the ``"distk"`` block of the DeepSpeed plugin's config.
+            the ``"distk"`` block of the DeepSpeed plugin's config (an error when there
+            is none under DeepSpeed), and under DDP or FSDP distk's default for the one
+            prepared optimizer (:meth:`SparsityConfig.default_for
+            <distk.config.SparsityConfig.default_for>`: outer synchronisation on DDP for
+            an Adam-family one; rank 0 says which).
         model: the prepared model (what ``prepare`` returned). Required under DDP
             (Accelerate does not keep the DDP wrapper); under DeepSpeed and FSDP the
             default is the one model the accelerator prepared.
@@ -73,7 +77,7 @@ def enable(accelerator: Any, cfg: Any = None, model: Any = None) -> Any:
 
     Raises:
         ValueError: one process only, several prepared models and no ``model``, or cfg
-            missing.
+            missing under DeepSpeed.
         TypeError: the model is not wrapped by DDP, FSDP or DeepSpeed.
     """
     if accelerator.num_processes < 2:

@@ -91,14 +91,17 @@ def resolve_config(cfg: Any, ds_config: Any = None, *, where: str) -> Any:
 
 
 def config_for(cfg: Any, ds_config: Any, *, where: str) -> Any:
-    """The one config a framework adapter uses: ``cfg``, or the ``"distk"`` block.
+    """The one config a framework adapter uses: ``cfg``, or the ``"distk"`` block, or
+    ``None`` when neither is given (then :func:`enable` takes distk's default for the
+    optimizer on DDP and FSDP, :meth:`SparsityConfig.default_for
+    <distk.config.SparsityConfig.default_for>`, and refuses a DeepSpeed engine).
 
     ``cfg`` (SparsityConfig, dict or None) and the ``"distk"`` block of ``ds_config`` (the
     framework's DeepSpeed config, or None) may both be given only when they are equal;
     otherwise one of them would be silently ignored.
 
     Raises:
-        ValueError: both are given and differ, or neither is.
+        ValueError: both are given and differ.
     """
     block = None
     if ds_config is not None:
@@ -106,13 +109,18 @@ def config_for(cfg: Any, ds_config: Any, *, where: str) -> Any:
 
         _, block = split_config(ds_config)
     if cfg is None:
-        return resolve_config(None, ds_config, where=where)
+        return block
     cfg = resolve_config(cfg, where=where)
     if block is not None and block != cfg:
         raise ValueError(
             f"{where}: cfg={cfg.to_dict()} differs from the \"distk\" block of the DeepSpeed "
             f"config {block.to_dict()}; give the config once (cfg=None reads the block)")
     return cfg
+
+
+def _given(cfg: Any) -> Any:
+    """``cfg`` coerced, or ``None`` (distk's default for the optimizer) left as it is."""
+    return None if cfg is None else resolve_config(cfg, where="distk.enable")
 
 
 def enable(wrapped: Any, cfg: Any = None, optimizer: Any = None) -> Any:
@@ -123,11 +131,15 @@ def enable(wrapped: Any, cfg: Any = None, optimizer: Any = None) -> Any:
             FSDP1 root module, or a DeepSpeed engine; a ``torch.compile``'d wrapper is
             unwrapped. Call it before the first backward pass, on every rank.
         cfg: a :class:`~distk.config.SparsityConfig`, a dict of its keys, or None: then
-            the ``"distk"`` block of the DeepSpeed engine's config (for DDP and FSDP a
-            config is required).
+            the ``"distk"`` block of the DeepSpeed engine's config (an error when there
+            is none), and for DDP and FSDP distk's default for ``optimizer``
+            (:meth:`SparsityConfig.default_for <distk.config.SparsityConfig.default_for>`:
+            on DDP outer synchronisation for an Adam-family optimizer, otherwise the
+            per-step ``SparsityConfig()``; rank 0 says which).
         optimizer: the training optimizer for DDP and FSDP, optional: an Adam-family one
-            gets the Adam schedule (``cfg.adam_*``, as in :func:`distk.ddp.enable`). A
-            DeepSpeed engine uses its own optimizer.
+            gets the Adam schedule (``cfg.adam_*``, as in :func:`distk.ddp.enable`), and
+            with ``cfg=None`` on DDP outer synchronisation. A DeepSpeed engine uses its
+            own optimizer.
 
     Returns:
         The integration's state (``.stats``, ``.compressor``, ``state_dict()``), also
@@ -137,7 +149,8 @@ def enable(wrapped: Any, cfg: Any = None, optimizer: Any = None) -> Any:
 
     Raises:
         TypeError: ``wrapped`` is none of the supported wrappers, or cfg has a wrong type.
-        ValueError: cfg is missing and cannot be read, differs from the engine's, or the
+        ValueError: cfg is None for a DeepSpeed engine whose config has no ``"distk"``
+            block, cfg differs from the engine's, or the
             setup is not supported by the integration (its error names the setting).
     """
     module = unwrap_compiled(wrapped)
@@ -158,13 +171,11 @@ def enable(wrapped: Any, cfg: Any = None, optimizer: Any = None) -> Any:
     if isinstance(module, DistributedDataParallel):
         from distk.integrations import ddp
 
-        state = ddp.enable(module, resolve_config(cfg, where="distk.enable"),
-                           optimizer=optimizer)
+        state = ddp.enable(module, _given(cfg), optimizer=optimizer)
     elif _is_fsdp(module):
         from distk.integrations import fsdp
 
-        state = fsdp.enable(module, resolve_config(cfg, where="distk.enable"),
-                            optimizer=optimizer)
+        state = fsdp.enable(module, _given(cfg), optimizer=optimizer)
     else:
         raise TypeError(
             "distk.enable expects a torch.nn.parallel.DistributedDataParallel module, an "

@@ -122,8 +122,9 @@ def sparse_allreduce_hook(
     return state.reduce_bucket(bucket)
 
 
-def enable(ddp_model: DistributedDataParallel, cfg: SparsityConfig | dict[str, Any], *,
-           optimizer: Any = None) -> DDPCompressionState:
+def enable(ddp_model: DistributedDataParallel,
+           cfg: SparsityConfig | dict[str, Any] | None = None, *,
+           optimizer: Any = None) -> DDPCompressionState | OuterSync:
     """Register the distk sparse-gradient communication hook on ``ddp_model``.
 
     Args:
@@ -131,7 +132,12 @@ def enable(ddp_model: DistributedDataParallel, cfg: SparsityConfig | dict[str, A
             first backward pass (DDP accepts one communication hook, registered once).
         cfg: a :class:`~distk.config.SparsityConfig` (a dict is accepted and passed to
             ``SparsityConfig.from_dict``). Every rank must pass the same config; this is
-            checked collectively and a mismatch raises on every rank.
+            checked collectively and a mismatch raises on every rank. ``None`` (the
+            default) is distk's default for ``optimizer``
+            (:meth:`SparsityConfig.default_for <distk.config.SparsityConfig.default_for>`):
+            outer synchronisation (:meth:`SparsityConfig.adamw_outer()
+            <distk.config.SparsityConfig.adamw_outer>`) for an Adam-family optimizer, the
+            per-step ``SparsityConfig()`` otherwise; rank 0 says which.
         optimizer: the training optimizer (or a wrapper of it), optional. An Adam-family
             one (Adam, AdamW, ...) gets the Adam schedule (``cfg.adam_dense_steps`` /
             ``adam_warmup_steps`` / ``adam_value_dtype``: at least 75 dense steps, a
@@ -165,7 +171,7 @@ def enable(ddp_model: DistributedDataParallel, cfg: SparsityConfig | dict[str, A
             "distk.ddp.enable expects a torch.nn.parallel.DistributedDataParallel module, "
             f"got {type(ddp_model).__name__}; for FSDP use distk.fsdp.enable"
         )
-    cfg = schedule_for_optimizer(cfg, optimizer, "distk.ddp.enable")
+    cfg = schedule_for_optimizer(cfg, optimizer, "distk.ddp.enable", outer_sync=True)
     if cfg.sync_every > 1:
         return _enable_outer_sync(ddp_model, cfg, optimizer)
     state = DDPCompressionState(cfg, ddp_model.process_group, model=ddp_model.module)

@@ -343,7 +343,7 @@ def _enable_fsdp1(model: FSDP1, cfg: SparsityConfig | dict[str, Any]) -> FSDPCom
     return state
 
 
-def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any], *,
+def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any] | None = None, *,
            replicate_group: dist.ProcessGroup | None = None,
            optimizer: Any = None) -> FSDPCompressionState:
     """Sparsify the gradient reduction of an FSDP2 (``fully_shard``) or FSDP1 model.
@@ -354,7 +354,9 @@ def enable(model: nn.Module, cfg: SparsityConfig | dict[str, Any], *,
             first backward pass.
         cfg: a :class:`~distk.config.SparsityConfig` (or a dict for
             ``SparsityConfig.from_dict``); must be the same on every rank (checked
-            collectively; a mismatch raises on every rank).
+            collectively; a mismatch raises on every rank). ``None`` (the default): the
+            per-step ``SparsityConfig()`` (FSDP cannot run outer synchronisation, which
+            is distk's default for Adam-family optimizers on DDP), announced on rank 0.
         replicate_group: HSDP (FSDP2 only): the model is sharded over the shard
             dimension of a 2-D mesh (``fully_shard(m, mesh=mesh["shard"])``) and this is
             ``mesh["replicate"].get_group()``. FSDP2's dense reduce-scatter stays inside

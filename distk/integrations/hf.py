@@ -79,7 +79,10 @@ class DistkCallback(TrainerCallback):
     Args:
         cfg: a :class:`~distk.config.SparsityConfig`, a dict of its keys, or None: then the
             ``"distk"`` block of the Trainer's DeepSpeed config (an error when there is
-            none).
+            none), and on DDP or FSDP distk's default for the Trainer's optimizer
+            (:meth:`SparsityConfig.default_for
+            <distk.config.SparsityConfig.default_for>`: outer synchronisation on DDP for
+            the Trainer's default AdamW; rank 0 says which).
 
     Attributes:
         state: the distk state once training began (``None`` before).

@@ -61,7 +61,10 @@ class DistkCallback(pl.Callback):
         cfg: a :class:`~distk.config.SparsityConfig`, a dict of its keys, or None: then the
             state of a ``DDPStrategy(ddp_comm_hook=sparse_allreduce_hook,
             ddp_comm_state=...)``, or the ``"distk"`` block of a ``DeepSpeedStrategy``
-            config (an error when there is neither).
+            config (an error when there is neither under DeepSpeed), and otherwise distk's
+            default for the one optimizer (:meth:`SparsityConfig.default_for
+            <distk.config.SparsityConfig.default_for>`: outer synchronisation on DDP
+            for an Adam-family one; rank 0 says which).
 
     Attributes:
         state: the distk state once fitting started (``None`` before).
@@ -122,8 +125,8 @@ class DistkCallback(pl.Callback):
                 cfg = self.cfg
                 if cfg is None:
                     config = getattr(trainer.strategy, "config", None)
-                    cfg = auto.resolve_config(None, config if isinstance(config, dict) else None,
-                                              where="distk DistkCallback")
+                    cfg = auto.config_for(None, config if isinstance(config, dict) else None,
+                                          where="distk DistkCallback")
                 state = auto.enable(wrapped, cfg, optimizer=optimizer)
             self.state = state
         if self._restore_expected:

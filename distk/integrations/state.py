@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from distk.compressor import GradientCompressor, NonFiniteGradientError, as_sparsity_config
-from distk.config import ADAMW_OUTER, SparsityConfig, optimizer_chain
+from distk.config import ADAMW_OUTER, SparsityConfig, is_adam_family, optimizer_chain
 from distk.integrations.owner import StepOwner, group_ready
 from distk.stats import StepStats
 
@@ -98,11 +98,44 @@ def residuals_for_sharding(cfg: SparsityConfig | dict[str, Any], sharded: bool,
     return resolved
 
 
-def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,
-                           entry: str) -> SparsityConfig:
+def _default_config(optimizer: Any, entry: str, outer_sync: bool) -> SparsityConfig:
+    """:meth:`SparsityConfig.default_for`, with one line on rank 0 saying which it took."""
+    chosen = SparsityConfig.default_for(optimizer, outer_sync=outer_sync)
+    if group_ready() and dist.get_rank() != 0:
+        return chosen
+    names = " -> ".join(type(o).__name__ for o in optimizer_chain(optimizer))
+    if chosen.sync_every > 1:
+        why = (f"the optimizer ({names}) is Adam-family, so distk uses "
+               "SparsityConfig.adamw_outer(): outer synchronisation, the setting that "
+               "matched dense AdamW at a few % of its bytes (docs/outer.md). Pass "
+               "cfg=distk.SparsityConfig() for a per-step exchange instead")
+    elif optimizer is None:
+        why = ("no optimizer= either, so distk uses the per-step default SparsityConfig() "
+               "(1% of each bucket every step). Pass optimizer=: with an Adam-family one "
+               "distk uses outer synchronisation (SparsityConfig.adamw_outer()), which "
+               "matched dense AdamW where a per-step exchange did not")
+    elif is_adam_family(optimizer):
+        why = (f"the optimizer ({names}) is Adam-family, but {entry} cannot run outer "
+               "synchronisation (each rank would need a whole replica to step on its own; "
+               "docs/outer.md, \"Where it is refused\"), so distk uses the per-step default "
+               "SparsityConfig() with the Adam schedule")
+    else:
+        why = (f"the optimizer ({names}) is not Adam-family, so distk uses the per-step "
+               "default SparsityConfig() (1% of each bucket every step)")
+    print(f"[distk] {entry}: no config given; {why}", file=sys.stderr, flush=True)
+    return chosen
+
+
+def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any] | None, optimizer: Any,
+                           entry: str, *, outer_sync: bool = False) -> SparsityConfig:
     """``cfg`` (coerced) under ``optimizer`` (:meth:`SparsityConfig.for_optimizer`): the
     Adam schedule for an Adam-family optimizer. When it changes the config, rank 0 says
-    so once on stderr, naming ``entry``. ``optimizer=None`` leaves ``cfg`` as it is."""
+    so once on stderr, naming ``entry``. ``optimizer=None`` leaves ``cfg`` as it is.
+    ``cfg=None`` is distk's default for ``optimizer``
+    (:meth:`SparsityConfig.default_for`; ``outer_sync``: whether ``entry`` can run outer
+    synchronisation), announced on rank 0."""
+    if cfg is None:
+        cfg = _default_config(optimizer, entry, outer_sync)
     cfg = as_sparsity_config(cfg)
     scheduled = cfg.for_optimizer(optimizer)
     if scheduled != cfg and (not group_ready() or dist.get_rank() == 0):
@@ -119,7 +152,8 @@ def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any], optimizer: Any,
               "training with AdamW\"). Under AdamW a per-step exchange ends above dense "
               "quality; to match it at a few % of the bytes use outer synchronisation: "
               "distk.ddp.enable(ddp_model, SparsityConfig.adamw_outer(), "
-              "optimizer=optimizer) (a sync every "
+              "optimizer=optimizer), distk's default on DDP when no config is given (a "
+              "sync every "
               f"{ADAMW_OUTER['sync_every']} steps, the first "
               f"{ADAMW_OUTER['dense_steps'] * ADAMW_OUTER['sync_every']} steps dense in "
               f"{ADAMW_OUTER['value_dtype']}), or distk.outer.enable(model, optimizer, "
