@@ -244,3 +244,81 @@ def test_check_same_config():
         assert same is None
         assert "density (rank 0: 0.01, rank 1: 0.02)" in differ
         assert "method" not in differ
+
+
+# -- coalesced exchanges ------------------------------------------------------------------
+
+def _coalesced_run(rank, world):
+    """The CASES through the all-gather, dense and shared schemes, each exchange launched
+    inside one coalesced block (unverified, so that nothing else runs), against the same
+    exchanges launched one by one; then a small cap, and a block that raises."""
+    from distk.comm import coalesced, launch_exchange
+
+    def launch_all(**options):
+        pending = []
+        for numel, k in CASES:
+            indices, values = _selection(rank, numel, k)
+            for scheme in ("allgather", "dense"):
+                pending.append(launch_exchange(indices, values, numel, scheme=scheme,
+                                               verify=False, **options))
+            dense = torch.zeros(numel, dtype=torch.float32)
+            dense[indices] = values.float()  # dense input: one all-reduce in float32
+            pending.append(launch_exchange(None, dense, numel, verify=False, **options))
+        return pending
+
+    alone = [p.wait().output.numpy() for p in launch_all()]
+    with coalesced():
+        pending = launch_all()
+        held_inside = [p.future.done() for p in pending]
+        try:  # waiting inside the block would never return: refused
+            pending[0].wait()
+        except RuntimeError as err:
+            held_inside.append("wait after the block" not in str(err))
+    together = [p.wait().output.numpy() for p in pending]
+    with coalesced(cap_bytes=1):  # every exchange reaches the cap: sent as it comes
+        capped = launch_all()
+        sent_inside = [p.future.wait() is None for p in capped]
+    capped = [p.wait().output.numpy() for p in capped]
+    raised = None
+    try:
+        with coalesced():
+            doomed = launch_all()
+            raise KeyError("stop")
+    except KeyError:
+        raised = [type(_error_of(p)).__name__ for p in doomed]
+    # Nothing of the abandoned block went out: the next collective still pairs up.
+    check = torch.tensor([float(rank + 1)])
+    dist.all_reduce(check)
+    return alone, together, held_inside, capped, sent_inside, raised, float(check)
+
+
+def _error_of(pending):
+    try:
+        pending.wait()
+    except Exception as err:  # noqa: BLE001 - the test reads its type
+        return err
+    return None
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3])
+def test_coalesced_exchanges_equal_separate_ones(world):
+    """Inside distk.comm.coalesced the exchanges are held until the block ends (their
+    futures not done) and then go out together; every result equals the one of the same
+    exchange launched alone (exact here: small integers), with a small cap too (then each
+    is sent as it comes, inside the block); waiting inside the block is refused (it would
+    never return); a block that raises sends nothing and fails its exchanges with that
+    error, and the ranks stay paired."""
+    from distk.comm import coalesced
+    with pytest.raises(ValueError, match="cap_bytes must be a positive int, got 0"), \
+            coalesced(cap_bytes=0):
+        pass
+    for alone, together, held_inside, capped, sent_inside, raised, check in \
+            run_distributed(_coalesced_run, world, timeout=90):
+        assert len(alone) == len(together) == len(capped) == 3 * len(CASES)
+        for a, b, c in zip(alone, together, capped, strict=True):
+            assert (a == b).all() and (a == c).all()
+        assert held_inside == [False] * (3 * len(CASES) + 1)
+        assert all(sent_inside)
+        assert raised == ["KeyError"] * 3 * len(CASES)
+        assert check == sum(range(1, world + 1))

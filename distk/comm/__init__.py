@@ -6,6 +6,9 @@
   1/2/4/8-bit values in per-bucket ranges and bit-packed indices);
 * :mod:`distk.comm.cost`: bytes per rank of each exchange scheme and the choice;
 * :mod:`distk.comm.group`: the collective device, ranks agreeing, digests, ring bytes;
+* :mod:`distk.comm.coalesce`: :func:`coalesced`, the exchanges launched inside one block
+  sent as one all-gather and one all-reduce per dtype (outer synchronisation's many
+  per-parameter exchanges);
 * :mod:`distk.comm.exchange`: :func:`sparse_allreduce`, :func:`exchange` (all-gather,
   reduce-scatter, dense and shared-mask schemes, metadata checks across ranks), its
   asynchronous halves :func:`launch` (an :class:`ExchangeRequest`) /
@@ -16,6 +19,7 @@
 This layer knows nothing of models: it moves ``(indices, values)`` of flat tensors.
 """
 
+from distk.comm.coalesce import coalesced
 from distk.comm.cost import LOCAL_SCHEMES, SCHEMES, choose_scheme, meta_bytes, scheme_bytes
 from distk.comm.exchange import (
     CollectiveError,
@@ -48,6 +52,7 @@ __all__ = [
     "check_same_config",
     "check_same_digest",
     "choose_scheme",
+    "coalesced",
     "dense_allreduce_bytes",
     "exchange",
     "launch",

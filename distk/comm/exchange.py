@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from distk._native import zero_
+from distk.comm.coalesce import all_gather_async, all_reduce_async, refuse_held
 from distk.comm.cost import (
     META_FIELDS,
     SCHEMES,
@@ -274,6 +275,7 @@ class PendingExchange:
         Raises :class:`CollectiveError` when a collective failed, and
         :class:`RankMismatchError` on every rank when the payload digests disagree."""
         if self._result is None:
+            refuse_held(self.future, self._what)
             with collective_errors(self._what, self._group):
                 self.future.value()  # re-raises the backend's error, if any
             self._result = self._finish()
@@ -281,6 +283,7 @@ class PendingExchange:
 
     def wait(self) -> ExchangeResult:
         """Block until the collectives are done, then :meth:`finish`."""
+        refuse_held(self.future, self._what)
         with collective_errors(self._what, self._group):
             self.future.wait()
         return self.finish()
@@ -556,13 +559,6 @@ def _verify_metadata(fields: list[int], indices: torch.Tensor, scheme: str, worl
     return rows
 
 
-def _launch(collective: Any, what: str, group: Any, *args: Any) -> torch.futures.Future:
-    """Enqueue ``collective(*args, group=group, async_op=True)``; its Work's future."""
-    with collective_errors(what, group):
-        work = collective(*args, group=group, async_op=True)
-    return work.get_future()
-
-
 def _launch_allgather(ctx: _Context, *, flag_slots: bool):
     """Every rank's packed entries to every rank; scatter-added in rank order."""
     del flag_slots  # the trailer (ctx.trailer) carries the flags of unverified steps
@@ -571,7 +567,7 @@ def _launch_allgather(ctx: _Context, *, flag_slots: bool):
     if trailer is not None:  # 8 bytes in front: the payload sections stay aligned
         payload = torch.cat([trailer.view(torch.uint8), payload])
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
-    future = all_gather_flat(gathered, payload, ctx.group, async_op=True).get_future()
+    future = all_gather_async(gathered, payload, ctx.group)
 
     def complete():
         rows = gathered.view(world, -1)
@@ -614,7 +610,7 @@ def _flagged_allreduce(ctx: _Context, dense: torch.Tensor, length: int, flag_slo
         dense[length + ctx.rank] = ctx.device_flag.to(device=dense.device, dtype=dense.dtype)
     elif flag_slots and ctx.request.nonfinite:
         dense[length + ctx.rank] = 1
-    future = _launch(dist.all_reduce, what, ctx.group, dense)
+    future = all_reduce_async(dense, ctx.group, what)
 
     def flagged() -> list[int] | None:
         if not flag_slots:

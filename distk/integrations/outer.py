@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from distk.comm import check_same_config, rank_and_world
+from distk.comm.coalesce import coalesced
 from distk.comm.group import all_gather_flat, collective_device, tensor_digest
 from distk.compressor import GradientCompressor, as_sparsity_config
 from distk.config import TILE_SIDE, SparsityConfig, optimizer_chain
@@ -204,11 +205,14 @@ class OuterSync(StepOwner):
             deltas.append(anchor - param.detach().reshape(-1).to(anchor.dtype))
         if cfg.outer_clip == "median":
             self.clip_scale = self._median_clip(deltas)
-        # Every exchange is launched before the first is waited on, so the collectives of
-        # one tensor overlap the selection and encoding of the next (the same order on
-        # every rank); in the parameter's shape: bucket_layout="tile" follows its 2-D layout.
-        works = [self.compressor.launch(delta.view(param.shape), name, step=step)
-                 for (name, param), delta in zip(self._params, deltas, strict=True)]
+        # Every exchange is selected and encoded (in the parameter's shape:
+        # bucket_layout="tile" follows its 2-D layout) before the first is waited on, in
+        # the same order on every rank, and they go out together (coalesced): one
+        # all-gather (dense syncs: one all-reduce) instead of one per parameter, each of
+        # which costs a round of messages and a few KB on the wire.
+        with coalesced(self.compressor.group):
+            works = [self.compressor.launch(delta.view(param.shape), name, step=step)
+                     for (name, param), delta in zip(self._params, deltas, strict=True)]
         for (name, param), work in zip(self._params, works, strict=True):
             anchor = self._anchors[name]
             update = work.wait().reshape(-1)
