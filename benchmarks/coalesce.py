@@ -42,18 +42,16 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import NETEM_INTERFACE, add_netem_part_args, tx_bytes  # noqa: E402
 
 from distk.comm.coalesce import all_gather_async, all_reduce_async, coalesced  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-INTERFACE = "veth0"
+INTERFACE = NETEM_INTERFACE
 KINDS = ("all_gather", "all_reduce")
 MODES = ("separate", "coalesced")
-
-
-def tx_bytes() -> int:
-    """This host's transmitted bytes (the interface netem.sh gives every rank)."""
-    return int(Path(f"/sys/class/net/{INTERFACE}/statistics/tx_bytes").read_text())
 
 
 def one_round(kind: str, mode: str, tensors: int, nbytes: int, world: int) -> None:
@@ -218,10 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="payload per tensor (a sparse sync's is about 1.7 KB per "
                              "parameter on the main job at 4 ranks, a dense bf16 one 32 KB)")
     parser.add_argument("--repeats", type=int, default=10, help="measured rounds")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per world size")
-    parser.add_argument("--out", default="coalesce", help="result name under benchmarks/results")
-    parser.add_argument("--part", default=None,
-                        help="run as one rank of a netem run and write the world's rows here")
+    add_netem_part_args(parser, "coalesce")
     args = parser.parse_args(argv)
     for name in ("tensors", "repeats"):
         if getattr(args, name) < 1:

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+NETEM_INTERFACE = "veth0"
+"""The interface ``launchers/netem.sh`` gives every emulated host."""
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -64,3 +66,19 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def tx_bytes(interface: str = NETEM_INTERFACE) -> int:
+    """This host's transmitted bytes on ``interface`` (every frame: Ethernet, IP and TCP
+    headers, ACKs)."""
+    return int(Path(f"/sys/class/net/{interface}/statistics/tx_bytes").read_text())
+
+
+def add_netem_part_args(parser: Any, out: str) -> None:
+    """The options every netem sweep script shares: ``--timeout`` (seconds per world
+    size), ``--out`` (the result name, default ``out``) and ``--part`` (run as one rank
+    of a netem run)."""
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per world size")
+    parser.add_argument("--out", default=out, help="result name under benchmarks/results")
+    parser.add_argument("--part", default=None,
+                        help="run as one rank of a netem run and write the world's rows here")

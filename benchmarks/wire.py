@@ -51,6 +51,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import NETEM_INTERFACE, add_netem_part_args, tx_bytes  # noqa: E402
 
 import distk  # noqa: E402
 from distk.comm import ring_allreduce_bytes, scheme_bytes  # noqa: E402
@@ -63,7 +66,7 @@ OUTER_H = 4
 """Inner steps per sync of the ``outer`` method (``--warmup`` and ``--steps`` must be
 multiples of it)."""
 DENSITY = 0.01
-INTERFACE = "veth0"
+INTERFACE = NETEM_INTERFACE
 
 
 def build_model() -> nn.Module:
@@ -71,11 +74,6 @@ def build_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(),
                          nn.Linear(2048, 512))
-
-
-def tx_bytes() -> int:
-    """This host's transmitted bytes (the interface netem.sh gives every rank)."""
-    return int(Path(f"/sys/class/net/{INTERFACE}/statistics/tx_bytes").read_text())
 
 
 def enable(method: str, ddp: DDP) -> Any:
@@ -325,10 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="untimed steps first (DDP's bucket rebuild, PowerSGD's start, "
                              "distk's first verified steps)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per world size")
-    parser.add_argument("--out", default="wire", help="result name under benchmarks/results")
-    parser.add_argument("--part", default=None,
-                        help="run as one rank of a netem run and write the world's rows here")
+    add_netem_part_args(parser, "wire")
     parser.add_argument("--replot", action="store_true",
                         help="no runs: rebuild table, model and plot from <out>.json's rows")
     args = parser.parse_args(argv)
