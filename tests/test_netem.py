@@ -328,3 +328,24 @@ def test_outer_sync_bytes_on_the_wire_match_the_count(netem, tmp_path):
         assert row["schemes"] == {"allgather": 6}
         assert 1.0 < row["wire_bytes_per_step"] / row["counted_bytes_per_step"] < 1.25, row
         assert 0.4 < row["counted_bits_per_param_per_sync"] < 0.5, row
+
+
+@needs_netns
+def test_coalesced_exchanges_send_less_on_the_wire(netem, tmp_path):
+    # benchmarks/coalesce.py at 3 ranks: 32 exchanges of 1 KB, one collective each or
+    # coalesced (distk.comm.coalesced), read on each host's veth0. One collective per
+    # tensor costs KBs of messages and headers beyond its payload; coalesced, the wire
+    # carries little more than the ring's payload.
+    part = tmp_path / "coalesce"
+    result = netem("run", "--timeout", "100", "3", "1gbit", "--", sys.executable,
+                   str(ROOT / "benchmarks" / "coalesce.py"), "--part", str(part),
+                   "--tensors", "32", "--bytes", "1024", "--repeats", "3", timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = {(r["kind"], r["mode"]): r for r in json.loads(part.with_suffix(".json").read_text())}
+    assert len(rows) == 4
+    for kind in ("all_gather", "all_reduce"):
+        separate, together = rows[kind, "separate"], rows[kind, "coalesced"]
+        assert separate["payload_bytes"] == together["payload_bytes"] > 0
+        assert separate["wire_bytes"] > 1.3 * separate["payload_bytes"], separate
+        assert together["wire_bytes"] < 1.25 * together["payload_bytes"], together
+        assert together["wire_bytes"] < 0.8 * separate["wire_bytes"], (separate, together)
