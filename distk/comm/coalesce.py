@@ -59,12 +59,18 @@ class _Batch:
     def flush(self) -> None:
         """Send everything held, in the order the kinds were first held (the same on
         every rank); each held future completes once its result is copied back."""
-        items, self.items, self.held = self.items, {}, 0
-        for (kind, _), held in items.items():
-            if kind == "all_gather":
-                _send_gathers(held, self.group)
-            else:
-                _send_reduces(held, self.group)
+        items, self.items, self.held = list(self.items.items()), {}, 0
+        for i, ((kind, _), held) in enumerate(items):
+            try:
+                if kind == "all_gather":
+                    _send_gathers(held, self.group)
+                else:
+                    _send_reduces(held, self.group)
+            except BaseException as err:  # what was not sent fails with the same error
+                for _, rest in items[i + 1:]:
+                    for *_, future, _what in rest:
+                        future.set_exception(err)
+                raise
 
     def abandon(self, err: BaseException) -> None:
         """The block raised: nothing held is sent; every held future fails with ``err``."""
@@ -81,10 +87,12 @@ _active: list[_Batch] = []
 def coalesced(group: Any = None, *, cap_bytes: int = COALESCE_CAP_BYTES) -> Iterator[None]:
     """Hold back the asynchronous exchanges launched on ``group`` inside the block and
     send them as one all-gather and one all-reduce per dtype when it ends (see the module
-    docstring). Wait on the exchanges after the block: a future waited on inside it would
-    never complete. If the block raises, nothing held is sent and the held exchanges fail
-    with the same error. ``cap_bytes`` (> 0): once what is held reaches it, it is sent
-    (inside the block; the same exchanges reach it at the same point on every rank)."""
+    docstring); the block's end waits for those collectives (on NCCL the stream waits,
+    not the host) and copies each result back. Wait on the exchanges after the block:
+    one waited on inside it is refused (it would never complete). If the block raises,
+    nothing held is sent and the held exchanges fail with the same error. ``cap_bytes``
+    (> 0): once what is held reaches it, it is sent (inside the block; the same exchanges
+    reach it at the same point on every rank)."""
     if not isinstance(cap_bytes, int) or cap_bytes <= 0:
         raise ValueError(f"coalesced: cap_bytes must be a positive int, got {cap_bytes!r}")
     batch = _Batch(group, cap_bytes)
@@ -147,37 +155,39 @@ def _whats(held: list[tuple[Any, ...]]) -> str:
     return f"{len(held)} coalesced exchanges ({', '.join(names)})"
 
 
-def _complete(work_future: torch.futures.Future, held: list[tuple[Any, ...]],
+def _complete(work: Any, held: list[tuple[Any, ...]], what: str, group: Any,
               copy_back: Callable[[], None]) -> None:
-    """When the combined collective is done: copy every result back, then complete each
-    held future (or fail each with the collective's error)."""
-    def done(fut: torch.futures.Future) -> None:
-        try:
-            fut.value()
-            copy_back()
-        except BaseException as err:  # noqa: BLE001 - handed to every waiting exchange
-            for *_, future, _what in held:
-                future.set_exception(err)
-            return
+    """Wait for the combined collective ``work`` (on NCCL: the current stream waits, the
+    host does not; on gloo: the host), copy every result back on the current stream,
+    then complete each held future; or fail each with the collective's error and raise
+    it. Sending happens when the caller would wait anyway (the block's end), so nothing
+    is lost by waiting here, and the copies are ordered after the collective by the
+    stream, with no callback thread involved."""
+    try:
+        with collective_errors(what, group):
+            work.wait()
+        copy_back()
+    except BaseException as err:
         for *_, future, _what in held:
-            future.set_result(None)
-
-    work_future.then(done)
+            future.set_exception(err)
+        raise
+    for *_, future, _what in held:
+        future.set_result(None)
 
 
 def _send_gathers(held: list[tuple[Any, ...]], group: Any) -> None:
     if len(held) == 1:
-        out, inp, future, what = held[0]
-        work = all_gather_flat(out, inp, group, what=what, async_op=True).get_future()
-        _complete(work, held, lambda: None)
+        out, inp, _, what = held[0]
+        work = all_gather_flat(out, inp, group, what=what, async_op=True)
+        _complete(work, held, what, group, lambda: None)
         return
     inputs = [inp.reshape(-1) for _, inp, _, _ in held]
     combined = torch.cat(inputs)
     world = dist.get_world_size(group)
     gathered = torch.empty(world * combined.numel(), dtype=combined.dtype,
                            device=combined.device)
-    work = all_gather_flat(gathered, combined, group, what=_whats(held),
-                           async_op=True).get_future()
+    what = _whats(held)
+    work = all_gather_flat(gathered, combined, group, what=what, async_op=True)
 
     def copy_back() -> None:
         rows = gathered.view(world, -1)
@@ -187,19 +197,20 @@ def _send_gathers(held: list[tuple[Any, ...]], group: Any) -> None:
             out.view(world, length).copy_(rows[:, offset:offset + length])
             offset += length
 
-    _complete(work, held, copy_back)
+    _complete(work, held, what, group, copy_back)
 
 
 def _send_reduces(held: list[tuple[Any, ...]], group: Any) -> None:
     if len(held) == 1:
-        tensor, _, future, what = held[0]
+        tensor, _, _, what = held[0]
         with collective_errors(what, group):
-            work = dist.all_reduce(tensor, group=group, async_op=True).get_future()
-        _complete(work, held, lambda: None)
+            work = dist.all_reduce(tensor, group=group, async_op=True)
+        _complete(work, held, what, group, lambda: None)
         return
     combined = torch.cat([tensor.reshape(-1) for tensor, _, _, _ in held])
-    with collective_errors(_whats(held), group):
-        work = dist.all_reduce(combined, group=group, async_op=True).get_future()
+    what = _whats(held)
+    with collective_errors(what, group):
+        work = dist.all_reduce(combined, group=group, async_op=True)
 
     def copy_back() -> None:
         offset = 0
@@ -208,4 +219,4 @@ def _send_reduces(held: list[tuple[Any, ...]], group: Any) -> None:
             tensor.view(-1).copy_(combined[offset:offset + length])
             offset += length
 
-    _complete(work, held, copy_back)
+    _complete(work, held, what, group, copy_back)
