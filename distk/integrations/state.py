@@ -36,9 +36,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distk.comm.group import rank_and_world
 from distk.compressor import GradientCompressor, NonFiniteGradientError, as_sparsity_config
 from distk.config import ADAMW_OUTER, SparsityConfig, is_adam_family, optimizer_chain
-from distk.integrations.owner import StepOwner, group_ready
+from distk.integrations.owner import StepOwner
 from distk.stats import StepStats
 
 __all__ = ["CompressionState", "refuse_outer_sync", "refuse_sparse_gradients",
@@ -90,7 +91,7 @@ def residuals_for_sharding(cfg: SparsityConfig | dict[str, Any], sharded: bool,
     if cfg.residual_dtype != "auto":
         return cfg
     resolved = cfg.replace(residual_dtype="bfloat16" if sharded else "float32")
-    if sharded and (not group_ready() or dist.get_rank() == 0):
+    if sharded and rank_and_world()[0] == 0:
         print(f"[distk] {entry}: the gradients are sharded, so residuals are kept in "
               "bfloat16 (2 bytes per parameter on every rank instead of 4; stochastic "
               "rounding). SparsityConfig.residual_dtype=\"float32\" keeps them exact.",
@@ -101,7 +102,7 @@ def residuals_for_sharding(cfg: SparsityConfig | dict[str, Any], sharded: bool,
 def _default_config(optimizer: Any, entry: str, outer_sync: bool) -> SparsityConfig:
     """:meth:`SparsityConfig.default_for`, with one line on rank 0 saying which it took."""
     chosen = SparsityConfig.default_for(optimizer, outer_sync=outer_sync)
-    if group_ready() and dist.get_rank() != 0:
+    if rank_and_world()[0] != 0:
         return chosen
     names = " -> ".join(type(o).__name__ for o in optimizer_chain(optimizer))
     if chosen.sync_every > 1:
@@ -138,7 +139,7 @@ def schedule_for_optimizer(cfg: SparsityConfig | dict[str, Any] | None, optimize
         cfg = _default_config(optimizer, entry, outer_sync)
     cfg = as_sparsity_config(cfg)
     scheduled = cfg.for_optimizer(optimizer)
-    if scheduled != cfg and (not group_ready() or dist.get_rank() == 0):
+    if scheduled != cfg and rank_and_world()[0] == 0:
         names = " -> ".join(type(o).__name__ for o in optimizer_chain(optimizer))
         changes = [f"{name} {getattr(cfg, name)} -> {getattr(scheduled, name)}"
                    for name in ("dense_steps", "warmup_steps", "value_dtype")
